@@ -1,0 +1,490 @@
+"""``prepare``: CT volumes → windowed, resized TFRecord slice shards and ``manifest.json``.
+
+One pass over the data. Each case is read once, in a worker process, and turned into a
+per-case TFRecord file under ``<out>/.work/`` together with a small JSON summary (class
+pixel counts, per-slice tumor area, the mergeable foreground statistics of
+:class:`~keras_livseg.data.preprocessing.ForegroundStatistics`). When every case is done,
+the per-case files are concatenated into shards of about ``shard_mb`` per split, the
+standardization statistics are merged from the **training split only**, and
+``manifest.json`` is written last, atomically. A folder without a manifest is an unfinished
+run; ``--resume`` reuses the per-case files whose sources and parameters are unchanged.
+
+Output is byte-identical for the same inputs and seed, whatever the number of workers.
+
+Example:
+    >>> from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
+    >>> manifest = prepare_dataset(PrepareOptions(src="phantom/", out="shards/"))  # doctest: +SKIP
+    >>> manifest["splits"]["train"]["slices"]  # doctest: +SKIP
+    412
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from keras_livseg import __version__
+from keras_livseg.data import shards
+from keras_livseg.data.preprocessing import ForegroundStatistics, Preprocessing, resize_bilinear, resize_nearest
+from keras_livseg.data.volumes import CaseFiles, DataError, discover_cases, load_case, parse_label_map
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+WORK_DIR = ".work"
+SPLITS = ("train", "val", "test")
+SLICE_SELECTIONS = ("all", "liver")
+_CHUNK_SLICES = 32  # slices windowed and resized at once: bounds float32 temporaries
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    """Everything ``prepare`` needs; the CLI and recipes fill it.
+
+    Attributes:
+        src: dataset folder (LiTS or MSD layout) or CSV of pairs.
+        out: output folder for shards and manifest.
+        window: HU window.
+        image_size: model input size (square int or ``(height, width)``).
+        context: adjacent slices stacked as channels (odd).
+        normalization: ``"foreground"`` (training-split foreground statistics), ``"volume"`` or ``"none"``.
+        slices: ``"all"`` or ``"liver"`` (slices with liver plus ``margin`` on each side).
+        margin: slices kept beyond the liver in ``"liver"`` mode.
+        split: fractions of cases for train, val, test (by patient).
+        seed: seed of the patient-level split.
+        label_map: ``"SRC:DST,..."`` remapping of foreign label maps.
+        compression: ``None`` or ``"GZIP"``.
+        shard_mb: target shard size in MB (uncompressed).
+        workers: worker processes (0 = one per CPU, at most 4).
+        on_error: ``"stop"`` on the first bad case, or ``"skip"`` it and record why in the manifest.
+        overwrite: replace an existing finished output.
+        resume: continue an interrupted run, redoing only missing cases.
+        progress: show a progress bar (on a terminal).
+    """
+
+    src: str | Path
+    out: str | Path
+    window: Sequence[float] = (-200.0, 250.0)
+    image_size: int | Sequence[int] = 256
+    context: int = 1
+    normalization: str = "foreground"
+    slices: str = "all"
+    margin: int = 5
+    split: Sequence[float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    label_map: str | None = None
+    compression: str | None = None
+    shard_mb: float = 150.0
+    workers: int = 0
+    on_error: str = "stop"
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(
+            window=tuple(self.window),
+            image_size=self.image_size,  # type: ignore[arg-type]
+            context=int(self.context),
+            normalization=self.normalization,
+        )
+
+    def validate(self) -> None:
+        if self.slices not in SLICE_SELECTIONS:
+            raise DataError(f"slices must be one of {SLICE_SELECTIONS}, got {self.slices!r}")
+        if self.margin < 0:
+            raise DataError(f"margin must be >= 0 slices, got {self.margin}")
+        if len(self.split) != 3 or any(f < 0 for f in self.split) or not self.split[0] > 0:
+            raise DataError(f"split must be three fractions train,val,test with train > 0, got {list(self.split)}")
+        if self.compression not in (None, "", "GZIP"):
+            raise DataError(f"compression must be none or GZIP, got {self.compression!r}")
+        if self.on_error not in ("stop", "skip"):
+            raise DataError(f"on_error must be 'stop' or 'skip', got {self.on_error!r}")
+        if self.shard_mb <= 0:
+            raise DataError(f"shard size must be positive, got {self.shard_mb} MB")
+        try:
+            self.preprocessing()
+        except ValueError as error:
+            raise DataError(str(error)) from None
+
+    def case_parameters(self) -> dict[str, Any]:
+        """The parameters a per-case file depends on (resume reuses it only if they match)."""
+        prep = self.preprocessing()
+        return {
+            "window": list(prep.window),
+            "image_size": list(prep.image_size),
+            "context": prep.context,
+            "slices": self.slices,
+            "margin": self.margin,
+            "label_map": parse_label_map(self.label_map),
+        }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_cases(case_ids: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Patient-level split: each case goes to exactly one of train, val, test.
+
+    Val and test get ``round(fraction * n)`` cases each, train at least one case; the
+    assignment depends only on the sorted ids and the seed.
+
+    Example:
+        >>> parts = split_cases([str(i) for i in range(10)], (0.8, 0.1, 0.1), seed=0)
+        >>> [len(parts[s]) for s in ("train", "val", "test")]
+        [8, 1, 1]
+    """
+    ids = sorted(case_ids)
+    total = sum(fractions)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = int(round(fractions[1] / total * len(ids)))
+    n_test = int(round(fractions[2] / total * len(ids)))
+    while n_val + n_test >= len(ids) and (n_val or n_test):
+        if n_val >= n_test and n_val:
+            n_val -= 1
+        else:
+            n_test -= 1
+    val = sorted((ids[i] for i in order[:n_val]), key=ids.index)
+    test = sorted((ids[i] for i in order[n_val : n_val + n_test]), key=ids.index)
+    train = [i for i in ids if i not in set(val) | set(test)]
+    return {"train": train, "val": val, "test": test}
+
+
+def _selected_slices(labels: np.ndarray, mode: str, margin: int) -> np.ndarray:
+    count = labels.shape[2]
+    if mode == "all":
+        return np.arange(count)
+    has_liver = np.flatnonzero(labels.reshape(-1, count).any(axis=0))
+    if has_liver.size == 0:
+        return has_liver
+    return np.arange(max(has_liver[0] - margin, 0), min(has_liver[-1] + margin + 1, count))
+
+
+def _window_resize_volume(image: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, float, float]:
+    """Window + resize every slice, chunk by chunk; also the volume's body statistics."""
+    rows, cols, count = image.shape
+    height, width = prep.image_size
+    resized = np.empty((height, width, count), dtype=np.float32)
+    low = prep.window[0]
+    total = total_sq = 0.0
+    voxels = 0
+    for start in range(0, count, _CHUNK_SLICES):
+        chunk = prep.window_hu(np.asarray(image[:, :, start : start + _CHUNK_SLICES]))
+        body = chunk[chunk > low]
+        total += float(body.sum(dtype=np.float64))
+        total_sq += float(np.square(body, dtype=np.float64).sum())
+        voxels += body.size
+        resized[:, :, start : start + _CHUNK_SLICES] = resize_bilinear(chunk, (height, width))
+    mean = total / voxels if voxels else 0.0
+    std = float(np.sqrt(max(total_sq / voxels - mean**2, 0.0))) if voxels else 1.0
+    return resized, mean, std or 1.0
+
+
+def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> dict[str, Any]:
+    """Read one case and write its examples to ``work_dir/<id>.tfrecord`` plus a summary JSON.
+
+    Returns the summary: sources with SHA-256, shapes, slices written, class pixel counts,
+    per-slice tumor/liver areas and the case's foreground statistics (with histogram).
+    """
+    prep = options.preprocessing()
+    case = load_case(files, parse_label_map(options.label_map))
+    if case.labels is None:
+        raise DataError(f"{files.image} has no segmentation; prepare needs labelled cases")
+    resized, volume_mean, volume_std = _window_resize_volume(case.image, prep)
+    stats = ForegroundStatistics(prep.window)
+    selected = _selected_slices(case.labels, options.slices, options.margin)
+    class_pixels = np.zeros(3, dtype=np.int64)
+    tumor_pixels: list[int] = []
+    liver_pixels: list[int] = []
+    record_path = work_dir / f"{files.case_id}.tfrecord"
+    with shards.TFRecordWriter(record_path) as writer:
+        for start in range(0, case.image.shape[2], _CHUNK_SLICES):
+            # Foreground statistics on the native grid (the voxels nnU-Net would sample).
+            stop = min(start + _CHUNK_SLICES, case.image.shape[2])
+            foreground = case.labels[:, :, start:stop] > 0
+            if foreground.any():
+                stats.update(prep.window_hu(np.asarray(case.image[:, :, start:stop])[foreground]))
+        half = prep.context // 2
+        for index in selected:
+            picks = np.clip(np.arange(index - half, index + half + 1), 0, resized.shape[2] - 1)
+            mask = resize_nearest(case.labels[:, :, index], prep.image_size)
+            counts = np.bincount(mask.ravel(), minlength=3)[:3]
+            class_pixels += counts
+            tumor_pixels.append(int(counts[2]))
+            liver_pixels.append(int(counts[1] + counts[2]))
+            writer.write(
+                shards.slice_example(resized[:, :, picks], mask, files.case_id, int(index), volume_mean, volume_std)
+            )
+    summary = {
+        "case_id": files.case_id,
+        "image": str(files.image),
+        "image_sha256": sha256_file(files.image),
+        "label": str(files.label),
+        "label_sha256": sha256_file(files.label) if files.label else None,
+        "parameters": options.case_parameters(),
+        "shape": list(case.image.shape),
+        "spacing": [round(float(s), 6) for s in case.spacing],
+        "slices_total": int(case.image.shape[2]),
+        "slice_indices": [int(i) for i in selected],
+        "tumor_pixels": tumor_pixels,
+        "liver_pixels": liver_pixels,
+        "class_pixels": [int(c) for c in class_pixels],
+        "record_bytes": record_path.stat().st_size,
+        "volume_statistics": {"mean": volume_mean, "std": volume_std},
+        "foreground": {
+            "count": stats.count,
+            "total": stats.total,
+            "total_sq": stats.total_sq,
+            "histogram": stats.histogram.tolist(),
+        },
+    }
+    _write_json_atomic(work_dir / f"{files.case_id}.json", summary)
+    return summary
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    temporary.replace(path)
+
+
+def _worker(arguments: tuple[CaseFiles, PrepareOptions, Path]) -> tuple[str, dict | None, str | None]:
+    files, options, work_dir = arguments
+    try:
+        return files.case_id, process_case(files, options, work_dir), None
+    except DataError as error:
+        return files.case_id, None, str(error)
+    except MemoryError:
+        return files.case_id, None, f"{files.image} does not fit in memory; use fewer --workers"
+
+
+def _reusable_summary(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> dict | None:
+    summary_path = work_dir / f"{files.case_id}.json"
+    record_path = work_dir / f"{files.case_id}.tfrecord"
+    if not (summary_path.is_file() and record_path.is_file()):
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (
+        summary.get("parameters") == json.loads(json.dumps(options.case_parameters()))
+        and summary.get("image_sha256") == sha256_file(files.image)
+        and summary.get("record_bytes") == record_path.stat().st_size
+    )
+    return summary if same else None
+
+
+def _check_output(out: Path, options: PrepareOptions) -> None:
+    manifest = out / MANIFEST_NAME
+    if manifest.exists():
+        if not options.overwrite:
+            raise DataError(f"{manifest} already exists; pass --overwrite to replace it or choose another --out")
+        # The manifest goes first: from now on the folder reads as unfinished, never as stale-but-finished.
+        manifest.unlink()
+        for old in out.glob("*-of-*.tfrecord*"):
+            old.unlink()
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    elif (out / WORK_DIR).exists() and not (options.resume or options.overwrite):
+        raise DataError(
+            f"{out} holds an unfinished prepare run; pass --resume to continue it or --overwrite to start again"
+        )
+    elif options.overwrite:
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+
+
+def _progress(iterable: Iterable, total: int, enabled: bool, description: str) -> Iterable:
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=description, unit="case")
+    return iterable
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # Forking a process that has TensorFlow loaded is unsafe; spawn then (prepare's own CLI never loads it).
+    return multiprocessing.get_context("spawn" if "tensorflow" in sys.modules else "fork")
+
+
+def _run_cases(todo: list[CaseFiles], options: PrepareOptions, work_dir: Path) -> Iterable[tuple]:
+    workers = options.workers or min(os.cpu_count() or 1, 4)
+    workers = max(1, min(workers, len(todo)))
+    jobs = [(files, options, work_dir) for files in todo]
+    if workers == 1:
+        yield from map(_worker, jobs)
+        return
+    with _pool_context().Pool(workers, maxtasksperchild=8) as pool:
+        yield from pool.imap(_worker, jobs, chunksize=1)
+
+
+def _assemble_split(
+    split: str, summaries: list[dict], out: Path, work_dir: Path, options: PrepareOptions
+) -> list[str]:
+    """Concatenate per-case record files into shards of about ``shard_mb`` (cases kept whole)."""
+    counts = shards.plan_shards([s["record_bytes"] for s in summaries], int(options.shard_mb * 1e6))
+    compression = options.compression or None
+    names = []
+    position = 0
+    for shard_index, count in enumerate(counts):
+        name = shards.shard_name(split, shard_index, len(counts), compression)
+        with shards.TFRecordWriter(out / name, compression) as writer:
+            for summary in summaries[position : position + count]:
+                for record in shards.read_records(work_dir / f"{summary['case_id']}.tfrecord"):
+                    writer.write(record)
+        position += count
+        names.append(name)
+    return names
+
+
+def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
+    """Run ``prepare`` and return the manifest (also written to ``<out>/manifest.json``).
+
+    Raises:
+        DataError: any bad input, with the file and the fix in the message.
+    """
+    options.validate()
+    out = Path(options.out)
+    all_cases = discover_cases(options.src)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; choose a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_output(out, options)
+    work_dir = out / WORK_DIR
+    work_dir.mkdir(exist_ok=True)
+
+    summaries: dict[str, dict] = {}
+    todo = []
+    for files in all_cases:
+        reused = _reusable_summary(files, options, work_dir) if options.resume else None
+        if reused is not None:
+            summaries[files.case_id] = reused
+        else:
+            todo.append(files)
+    if options.resume:
+        logger.info("resume: %d cases done before, %d to do", len(summaries), len(todo))
+
+    skipped: list[dict[str, str]] = []
+    for case_id, summary, error in _progress(_run_cases(todo, options, work_dir), len(todo), options.progress, "prepare"):
+        if error is not None:
+            if options.on_error == "stop":
+                raise DataError(error)
+            logger.warning("skipping case %s: %s", case_id, error)
+            skipped.append({"case_id": case_id, "reason": error})
+            continue
+        summaries[case_id] = summary
+
+    if not summaries:
+        raise DataError(f"every case in {options.src} was skipped; see the warnings above")
+    order = [c.case_id for c in all_cases if c.case_id in summaries]
+    splits = split_cases(order, options.split, options.seed)
+    by_id = {cid: summaries[cid] for cid in order}
+
+    foreground = ForegroundStatistics(options.preprocessing().window)
+    for case_id in splits["train"]:
+        part = by_id[case_id]["foreground"]
+        foreground.count += part["count"]
+        foreground.total += part["total"]
+        foreground.total_sq += part["total_sq"]
+        foreground.histogram += np.asarray(part["histogram"], dtype=np.int64)
+    prep = options.preprocessing()
+    if prep.normalization == "foreground":
+        if foreground.count == 0:
+            raise DataError(
+                "the training split has no foreground (label > 0) voxels; check the labels or --label-map"
+            )
+        prep = prep.with_statistics(foreground.mean, foreground.std)
+
+    split_info = {}
+    for split in SPLITS:
+        members = [by_id[cid] for cid in splits[split]]
+        names = _assemble_split(split, members, out, work_dir, options) if members else []
+        split_info[split] = {
+            "cases": splits[split],
+            "slices": int(sum(len(m["slice_indices"]) for m in members)),
+            "shards": names,
+            "class_pixels": [int(sum(m["class_pixels"][k] for m in members)) for k in range(3)],
+            "tumor_slices": int(sum(sum(1 for t in m["tumor_pixels"] if t > 0) for m in members)),
+        }
+
+    src = Path(options.src)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool": "keras_livseg",
+        "tool_version": __version__,
+        "source": str(src.resolve()),
+        "preprocessing": prep.to_dict(),
+        "selection": {"slices": options.slices, "margin": options.margin},
+        "label_map": parse_label_map(options.label_map),
+        "split": {"fractions": list(options.split), "seed": options.seed},
+        "compression": options.compression or None,
+        "statistics": {"computed_on": "train", "foreground": foreground.to_dict()},
+        "splits": split_info,
+        "cases": {
+            cid: {
+                key: by_id[cid][key]
+                for key in (
+                    "image",
+                    "image_sha256",
+                    "label",
+                    "label_sha256",
+                    "shape",
+                    "spacing",
+                    "slices_total",
+                    "slice_indices",
+                    "tumor_pixels",
+                    "liver_pixels",
+                    "class_pixels",
+                    "volume_statistics",
+                )
+            }
+            | {"split": next(s for s in SPLITS if cid in splits[s])}
+            for cid in order
+        },
+        "skipped": skipped,
+    }
+    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    logger.info(
+        "wrote %s: %s",
+        out / MANIFEST_NAME,
+        ", ".join(f"{s} {split_info[s]['slices']} slices / {len(split_info[s]['cases'])} cases" for s in SPLITS),
+    )
+    return manifest
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json`` from a shard folder (or the file itself), with a clear error."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME if path.is_dir() else path
+    if not manifest_path.is_file():
+        raise DataError(
+            f"{manifest_path} not found: {path} is not a finished prepare output; "
+            "run python -m keras_livseg.prepare --src DATA --out DIR (or --resume it)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{manifest_path} is not valid JSON ({error}); run prepare again with --overwrite") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{manifest_path} has format version {manifest.get('format_version')}, this tool reads "
+            f"{FORMAT_VERSION}; run prepare again with --overwrite"
+        )
+    manifest["_dir"] = str(manifest_path.parent)
+    return manifest

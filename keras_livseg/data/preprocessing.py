@@ -1,0 +1,292 @@
+"""CT preprocessing, defined once: HU window, resize, 2.5D context, standardization.
+
+The same steps run in four places: ``prepare`` (NumPy, writing shards), the tf.data
+pipeline (TensorFlow, standardizing parsed slices), the exported SavedModel (TensorFlow,
+raw HU in) and ``predict`` (NumPy). Train/serve skew is the classic bug of this field, so
+both implementations live side by side in this module and a test feeds one raw slice
+through every path and compares.
+
+Order of the steps, for raw HU slices ``[rows, cols, K]``:
+
+1. ``window_hu``: clip to the HU window (default [-200, 250], as H-DenseUNet on LiTS). This
+   also removes out-of-field padding (-1024 / -3024) and metal.
+2. ``resize``: bilinear to the model size (labels: nearest). The NumPy version reproduces
+   ``tf.image.resize`` (half-pixel centres, no antialiasing) to float rounding.
+3. ``standardize``: ``(x - mean) / std``. By default mean and std are the statistics of the
+   windowed foreground (label > 0) voxels of the training cases, as in nnU-Net's CT
+   normalization; ``normalization="volume"`` uses each volume's own windowed statistics and
+   ``"none"`` only rescales the window to [-1, 1].
+
+Shards store the result of steps 1 and 2 (float16, within 0.125 HU over the default window);
+step 3 runs in the input pipeline with the manifest's statistics, so the statistics can be
+computed in the same single pass that writes the shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+NORMALIZATIONS = ("foreground", "volume", "none")
+DEFAULT_WINDOW = (-200.0, 250.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Every parameter of the preprocessing, as stored in ``manifest.json``.
+
+    Attributes:
+        window: HU window ``(low, high)``.
+        image_size: model input ``(height, width)``.
+        context: number of adjacent slices stacked as channels (odd; 1 = plain 2D).
+        normalization: ``"foreground"``, ``"volume"`` or ``"none"``.
+        mean: standardization mean (HU, after windowing).
+        std: standardization standard deviation (HU).
+
+    Example:
+        >>> prep = Preprocessing(window=(-200.0, 250.0), image_size=(64, 64), mean=100.0, std=50.0)
+        >>> float(prep.standardize(np.array([150.0]))[0])
+        1.0
+    """
+
+    window: tuple[float, float] = DEFAULT_WINDOW
+    image_size: tuple[int, int] = (256, 256)
+    context: int = 1
+    normalization: str = "foreground"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        low, high = (float(v) for v in self.window)
+        if not low < high:
+            raise ValueError(f"HU window must be low < high, got {self.window}; e.g. --window -200,250")
+        object.__setattr__(self, "window", (low, high))
+        size = self.image_size
+        if isinstance(size, (int, np.integer)):
+            size = (int(size), int(size))
+        size = tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) < 8:
+            raise ValueError(f"image_size must be (height, width) of at least 8 pixels, got {self.image_size}")
+        object.__setattr__(self, "image_size", size)
+        if self.context < 1 or self.context % 2 == 0:
+            raise ValueError(f"context must be an odd number of slices (1, 3, 5...), got {self.context}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.normalization == "none":
+            # Map the window onto [-1, 1]: mean at the window's centre, std half its width.
+            object.__setattr__(self, "mean", (low + high) / 2.0)
+            object.__setattr__(self, "std", (high - low) / 2.0)
+        if not self.std > 0:
+            raise ValueError(f"standardization std must be positive, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window": list(self.window),
+            "image_size": list(self.image_size),
+            "context": self.context,
+            "normalization": self.normalization,
+            "mean": float(self.mean),
+            "std": float(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            window=tuple(config["window"]),
+            image_size=tuple(config["image_size"]),
+            context=int(config["context"]),
+            normalization=config["normalization"],
+            mean=float(config["mean"]),
+            std=float(config["std"]),
+        )
+
+    def with_statistics(self, mean: float, std: float) -> "Preprocessing":
+        return dataclasses.replace(self, mean=float(mean), std=float(std))
+
+    # -- NumPy path ---------------------------------------------------------------------
+    def window_hu(self, hu: np.ndarray) -> np.ndarray:
+        """Clip raw HU to the window, as float32."""
+        return np.clip(hu.astype(np.float32, copy=False), self.window[0], self.window[1])
+
+    def standardize(self, windowed: np.ndarray, mean: float | None = None, std: float | None = None) -> np.ndarray:
+        """Z-score windowed HU with the stored (or given per-volume) statistics."""
+        mean = self.mean if mean is None else mean
+        std = self.std if std is None else std
+        return ((windowed - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)
+
+    def slices_to_model_grid(self, hu_slices: np.ndarray) -> np.ndarray:
+        """Window and resize raw HU slices ``[rows, cols, N]`` to ``[H, W, N]`` (not standardized)."""
+        return resize_bilinear(self.window_hu(hu_slices), self.image_size)
+
+    def model_input(self, hu_volume: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+        """Raw canonical volume ``[rows, cols, slices]`` → standardized ``[n, H, W, context]``.
+
+        In ``"volume"`` mode the volume's own windowed statistics are used (see
+        :func:`volume_statistics`).
+        """
+        mean = std = None
+        if self.normalization == "volume":
+            mean, std = volume_statistics(self.window_hu(hu_volume))
+        stacks = [self.slices_to_model_grid(context_stack(hu_volume, int(i), self.context)) for i in indices]
+        return self.standardize(np.stack(stacks, axis=0), mean, std)
+
+    # -- TensorFlow path ------------------------------------------------------------------
+    def tf_model_input(self, hu_slices, mean=None, std=None):
+        """Raw HU ``[B, rows, cols, K]`` (any size) → standardized ``[B, H, W, K]`` float32, in TF."""
+        import tensorflow as tf  # only the data and export stages import TensorFlow
+
+        windowed = tf.clip_by_value(tf.cast(hu_slices, tf.float32), self.window[0], self.window[1])
+        resized = tf.image.resize(windowed, self.image_size, method="bilinear")
+        return self.tf_standardize(resized, mean, std)
+
+    def tf_standardize(self, windowed, mean=None, std=None):
+        import tensorflow as tf
+
+        mean = tf.constant(self.mean, tf.float32) if mean is None else tf.cast(mean, tf.float32)
+        std = tf.constant(self.std, tf.float32) if std is None else tf.cast(std, tf.float32)
+        return (tf.cast(windowed, tf.float32) - mean) / std
+
+
+def context_stack(volume: np.ndarray, index: int, context: int) -> np.ndarray:
+    """Slices ``index - context//2 .. index + context//2`` as channels, edges repeated.
+
+    Args:
+        volume: canonical ``[rows, cols, slices]`` array.
+        index: the centre slice.
+        context: odd number of slices.
+
+    Returns:
+        ``[rows, cols, context]``, channels ordered feet to head.
+
+    Example:
+        >>> v = np.arange(3)[None, None, :] * np.ones((2, 2, 1))
+        >>> context_stack(v, 0, 3)[0, 0].tolist()
+        [0.0, 0.0, 1.0]
+    """
+    half = context // 2
+    picks = np.clip(np.arange(index - half, index + half + 1), 0, volume.shape[2] - 1)
+    return volume[:, :, picks]
+
+
+def _linear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # tf.image.resize (bilinear, half-pixel centres): in = (out + 0.5) * scale - 0.5, in float32.
+    scale = np.float32(in_size) / np.float32(out_size)
+    position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(position)
+    lower = np.maximum(floor, 0).astype(np.intp)
+    upper = np.minimum(np.ceil(position), in_size - 1).astype(np.intp)
+    return lower, upper, (position - floor).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of ``[rows, cols, ...]`` to ``size``, matching ``tf.image.resize``.
+
+    Example:
+        >>> resize_bilinear(np.ones((4, 6, 2), np.float32), (2, 3)).shape
+        (2, 3, 2)
+    """
+    out_h, out_w = int(size[0]), int(size[1])
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape[0] == out_h and image.shape[1] == out_w:
+        return image.copy()
+    top_i, bottom_i, y_lerp = _linear_weights(image.shape[0], out_h)
+    left_i, right_i, x_lerp = _linear_weights(image.shape[1], out_w)
+    extra = (1,) * (image.ndim - 2)
+    x_lerp = x_lerp.reshape((1, out_w) + extra)
+    y_lerp = y_lerp.reshape((out_h, 1) + extra)
+    # Rows first (they are fewer after downsampling), then columns.
+    top_rows, bottom_rows = image[top_i], image[bottom_i]
+    top = top_rows[:, left_i] + (top_rows[:, right_i] - top_rows[:, left_i]) * x_lerp
+    bottom = bottom_rows[:, left_i] + (bottom_rows[:, right_i] - bottom_rows[:, left_i]) * x_lerp
+    return top + (bottom - top) * y_lerp
+
+
+def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of ``[rows, cols, ...]``, matching ``tf.image.resize(method="nearest")``."""
+    out_h, out_w = int(size[0]), int(size[1])
+    in_h, in_w = labels.shape[:2]
+    rows = np.minimum(
+        np.floor((np.arange(out_h, dtype=np.float32) + 0.5) * (np.float32(in_h) / np.float32(out_h))), in_h - 1
+    ).astype(np.intp)
+    cols = np.minimum(
+        np.floor((np.arange(out_w, dtype=np.float32) + 0.5) * (np.float32(in_w) / np.float32(out_w))), in_w - 1
+    ).astype(np.intp)
+    return labels[rows][:, cols]
+
+
+def volume_statistics(windowed: np.ndarray) -> tuple[float, float]:
+    """Mean and std of a windowed volume's voxels above the window's floor (the body, not air).
+
+    Used by ``normalization="volume"``; falls back to all voxels when the body is empty.
+    """
+    floor = windowed.min()
+    body = windowed[windowed > floor]
+    values = body if body.size > 0 else windowed.ravel()
+    std = float(values.std(dtype=np.float64))
+    return float(values.mean(dtype=np.float64)), std if std > 0 else 1.0
+
+
+class ForegroundStatistics:
+    """Mergeable statistics of windowed foreground HU: exact mean/std and 1-HU histogram.
+
+    One instance per case is computed in the worker that reads the case; the training
+    split's instances are merged into the manifest's standardization statistics.
+
+    Example:
+        >>> stats = ForegroundStatistics((-200.0, 250.0))
+        >>> stats.update(np.array([50.0, 70.0]))
+        >>> stats.mean, round(stats.std, 3)
+        (60.0, 10.0)
+    """
+
+    def __init__(self, window: Sequence[float]) -> None:
+        self.window = (float(window[0]), float(window[1]))
+        self.count = 0
+        self.total = 0.0
+        self.total_sq = 0.0
+        self.bins = int(np.ceil(self.window[1] - self.window[0])) + 1
+        self.histogram = np.zeros(self.bins, dtype=np.int64)
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if values.size == 0:
+            return
+        self.count += int(values.size)
+        self.total += float(values.sum())
+        self.total_sq += float(np.square(values).sum())
+        index = np.clip(np.round(values - self.window[0]).astype(np.int64), 0, self.bins - 1)
+        self.histogram += np.bincount(index, minlength=self.bins)
+
+    def merge(self, other: "ForegroundStatistics") -> None:
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.histogram += other.histogram
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        if not self.count:
+            return 1.0
+        variance = max(self.total_sq / self.count - self.mean**2, 0.0)
+        return float(np.sqrt(variance)) or 1.0
+
+    def percentile(self, q: float) -> float:
+        if not self.count:
+            return float("nan")
+        cumulative = np.cumsum(self.histogram)
+        return float(np.searchsorted(cumulative, q / 100.0 * self.count) + self.window[0])
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "voxels": self.count,
+            "mean": self.mean,
+            "std": self.std,
+            "percentile_00_5": self.percentile(0.5),
+            "percentile_99_5": self.percentile(99.5),
+        }

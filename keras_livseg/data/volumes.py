@@ -1,0 +1,467 @@
+"""Volumes in and out: case discovery, lazy NIfTI loading, canonical orientation, label maps.
+
+Three input layouts are understood:
+
+- **LiTS**: ``volume-N.nii[.gz]`` beside ``segmentation-N.nii[.gz]`` (any folder depth).
+- **Medical Segmentation Decathlon**: ``imagesTr/<case>.nii.gz`` with ``labelsTr/<case>.nii.gz``
+  (``imagesTs/`` without labels is ignored for training).
+- **CSV list of pairs**: a ``.csv`` file with the columns ``image,label`` and optionally
+  ``case_id``; relative paths are taken relative to the CSV file.
+
+Canonical orientation. Every volume is reoriented (by axis permutation and flips only, never
+resampled) so that its array axes run **posterior, patient-left, superior** (nibabel axis
+codes ``("P", "L", "S")``): ``array[row, col, slice]`` with rows from anterior to posterior,
+columns from the patient's right to left, slices from feet to head. An axial slice
+``array[:, :, k]`` shown with ``imshow`` is then the radiological view every CT viewer shows
+(anterior up, patient's right on the image's left). The original affine and shape are kept
+on :class:`Case` so that predictions go back onto the input's own grid with
+:func:`from_canonical`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import re
+import zlib
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+logger = logging.getLogger(__name__)
+
+CANONICAL_AXCODES: tuple[str, str, str] = ("P", "L", "S")
+NUM_CLASSES = 3  # 0 background, 1 liver, 2 tumor (the LiTS label map)
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_LITS_VOLUME = re.compile(r"^volume-(?P<id>.+?)\.nii(\.gz)?$")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file or value and says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseFiles:
+    """One case on disk: an image and (for training data) its label map.
+
+    Attributes:
+        case_id: unique id of the case (``"3"`` for ``volume-3.nii``).
+        image: path of the CT volume.
+        label: path of the label map, or ``None`` for unlabelled inference input.
+    """
+
+    case_id: str
+    image: Path
+    label: Path | None
+
+
+@dataclasses.dataclass
+class Case:
+    """A loaded case in canonical orientation.
+
+    Attributes:
+        case_id: the case id.
+        image: CT intensities in HU, shape ``[rows, cols, slices]`` in canonical orientation
+            (float32, or the file's integer dtype when the header has no scaling).
+        labels: uint8 label map of the same shape (``None`` if unlabelled).
+        spacing: voxel size in mm along the canonical axes ``(row, col, slice)``.
+        original_affine: the 4x4 affine of the file as read.
+        original_shape: the 3D shape of the file as read.
+        files: where the case came from.
+    """
+
+    case_id: str
+    image: np.ndarray
+    labels: np.ndarray | None
+    spacing: tuple[float, float, float]
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    files: CaseFiles
+
+
+def _strip_nifti_suffix(name: str) -> str:
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(_NIFTI_SUFFIXES)
+
+
+def _check_unique(cases: Sequence[CaseFiles]) -> None:
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise DataError(
+                f"two cases share the id {case.case_id!r}: {seen[case.case_id]} and {case.image}; "
+                "remove or rename one of them"
+            )
+        seen[case.case_id] = case.image
+
+
+def _discover_lits(src: Path, require_labels: bool) -> list[CaseFiles]:
+    cases = []
+    for image in sorted(src.rglob("volume-*.nii*")):
+        match = _LITS_VOLUME.match(image.name)
+        if not match or not image.is_file():
+            continue
+        case_id = match.group("id")
+        label = None
+        for suffix in _NIFTI_SUFFIXES:
+            candidate = image.with_name(f"segmentation-{case_id}{suffix}")
+            if candidate.is_file():
+                label = candidate
+                break
+        if label is None and require_labels:
+            raise DataError(
+                f"{image} has no segmentation-{case_id}.nii[.gz] beside it; "
+                "add the label file or move the volume out of the folder"
+            )
+        cases.append(CaseFiles(case_id, image, label))
+    return cases
+
+
+def _discover_msd(src: Path, require_labels: bool) -> list[CaseFiles]:
+    cases = []
+    for image in sorted((src / "imagesTr").iterdir()):
+        if not _is_nifti(image) or image.name.startswith("._"):
+            continue
+        # MSD images may carry a channel suffix (case_0000.nii.gz in nnU-Net's raw format).
+        case_id = re.sub(r"_0000$", "", _strip_nifti_suffix(image.name))
+        label = None
+        for suffix in _NIFTI_SUFFIXES:
+            candidate = src / "labelsTr" / f"{case_id}{suffix}"
+            if candidate.is_file():
+                label = candidate
+                break
+        if label is None and require_labels:
+            raise DataError(
+                f"{image} has no label {src / 'labelsTr' / (case_id + '.nii.gz')}; "
+                "add the label file or remove the image"
+            )
+        cases.append(CaseFiles(case_id, image, label))
+    return cases
+
+
+def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
+    base = csv_path.parent
+    cases = []
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "image" not in reader.fieldnames:
+            raise DataError(
+                f"{csv_path} needs a header row with the columns image,label[,case_id]; "
+                f"found {reader.fieldnames}"
+            )
+        for line_number, row in enumerate(reader, start=2):
+            image = Path(row["image"].strip())
+            image = image if image.is_absolute() else base / image
+            label_text = (row.get("label") or "").strip()
+            label = None
+            if label_text:
+                label = Path(label_text)
+                label = label if label.is_absolute() else base / label
+            case_id = (row.get("case_id") or "").strip() or _strip_nifti_suffix(image.name)
+            if not image.is_file():
+                raise DataError(f"{csv_path}:{line_number}: image {image} does not exist; fix the path")
+            if label is not None and not label.is_file():
+                raise DataError(f"{csv_path}:{line_number}: label {label} does not exist; fix the path")
+            if label is None and require_labels:
+                raise DataError(f"{csv_path}:{line_number}: {image} has no label; fill the label column")
+            cases.append(CaseFiles(case_id, image, label))
+    return cases
+
+
+def discover_cases(src: str | Path, require_labels: bool = True) -> list[CaseFiles]:
+    """Find the cases of a dataset in the LiTS, MSD or CSV layout.
+
+    Args:
+        src: a folder (LiTS or MSD layout) or a ``.csv`` file of image/label pairs.
+        require_labels: when True (training data) a volume without its label map is an error.
+
+    Returns:
+        The cases sorted by id (natural order, so ``2`` comes before ``10``).
+
+    Raises:
+        DataError: the folder does not exist or holds no case, a volume lacks its label map,
+            or two cases share an id.
+
+    Example:
+        >>> cases = discover_cases("../shared/data/real/dcmqi-ct-3slice")  # doctest: +SKIP
+        >>> cases[0].case_id
+        '3slice'
+    """
+    src = Path(src)
+    if not src.exists():
+        raise DataError(f"{src} does not exist; pass the folder that holds the volumes")
+    if src.is_file():
+        if src.suffix.lower() != ".csv":
+            raise DataError(f"{src} is a file but not a .csv list of image,label pairs")
+        cases = _discover_csv(src, require_labels)
+        layout = "csv"
+    elif (src / "imagesTr").is_dir():
+        cases = _discover_msd(src, require_labels)
+        layout = "msd"
+    else:
+        cases = _discover_lits(src, require_labels)
+        layout = "lits"
+    if not cases:
+        raise DataError(
+            f"no cases found in {src}; expected volume-N.nii[.gz] with segmentation-N.nii[.gz] "
+            "(LiTS), imagesTr/ with labelsTr/ (MSD), or a .csv of image,label pairs"
+        )
+    _check_unique(cases)
+    logger.info("found %d cases in %s (%s layout)", len(cases), src, layout)
+    return sorted(cases, key=lambda c: _natural_key(c.case_id))
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def parse_label_map(text: str | None) -> dict[int, int] | None:
+    """Parse ``"SRC:DST,SRC:DST"`` into a mapping; unlisted labels later become 0.
+
+    Example:
+        >>> parse_label_map("5:1,13:2")
+        {5: 1, 13: 2}
+    """
+    if text is None or not str(text).strip():
+        return None
+    mapping: dict[int, int] = {}
+    for item in str(text).split(","):
+        parts = item.strip().split(":")
+        try:
+            src, dst = (int(p) for p in parts)
+        except ValueError:
+            raise DataError(
+                f"bad --label-map entry {item.strip()!r}; write SRC:DST pairs such as 5:1,13:2"
+            ) from None
+        if not 0 <= dst < NUM_CLASSES:
+            raise DataError(
+                f"--label-map target {dst} in {item.strip()!r} is not a class; use 0, 1 (liver) or 2 (tumor)"
+            )
+        mapping[src] = dst
+    return mapping
+
+
+def apply_label_map(labels: np.ndarray, mapping: Mapping[int, int] | None, source: str = "labels") -> np.ndarray:
+    """Remap label values; without a mapping, check that labels are in ``0..2``.
+
+    Args:
+        labels: integer label array of any shape.
+        mapping: ``{source_label: class}``; every label not listed becomes 0.
+        source: the file name used in error messages.
+
+    Returns:
+        uint8 array of the same shape with values in ``{0, 1, 2}``.
+
+    Raises:
+        DataError: labels outside ``0..2`` and no mapping given.
+
+    Example:
+        >>> apply_label_map(np.array([0, 5, 7]), {5: 1}).tolist()
+        [0, 1, 0]
+    """
+    if mapping is None:
+        values = np.unique(labels)
+        bad = [int(v) for v in values if v < 0 or v >= NUM_CLASSES]
+        if bad:
+            shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+            raise DataError(
+                f"{source} holds labels {shown} outside 0 (background), 1 (liver), 2 (tumor); "
+                "remap them with --label-map SRC:DST,... (e.g. --label-map 5:1 for TotalSegmentator's liver)"
+            )
+        return labels.astype(np.uint8, copy=False)
+    lookup_size = int(max(int(labels.max(initial=0)), max(mapping, default=0))) + 1
+    if labels.min(initial=0) < 0:
+        raise DataError(f"{source} holds negative labels; a label map must be non-negative integers")
+    lookup = np.zeros(lookup_size, dtype=np.uint8)
+    for src, dst in mapping.items():
+        if src >= 0:
+            lookup[src] = dst
+    return lookup[labels]
+
+
+def canonical_transform(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform from a file's axes to the canonical ``P, L, S`` axes."""
+    current = orientations.io_orientation(affine)
+    target = orientations.axcodes2ornt(CANONICAL_AXCODES)
+    return orientations.ornt_transform(current, target)
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorient a 3D array from the file's grid to the canonical grid (a view where possible).
+
+    Example:
+        >>> affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # L, P, S as in DICOM-derived files
+        >>> to_canonical(np.zeros((4, 5, 2)), affine).shape
+        (5, 4, 2)
+    """
+    return orientations.apply_orientation(data, canonical_transform(affine))
+
+
+def from_canonical(data: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_canonical`: put a canonical array back on the file's own grid.
+
+    Works for arrays with trailing channel axes (``[rows, cols, slices, C]``) too.
+    """
+    inverse = orientations.ornt_transform(
+        orientations.axcodes2ornt(CANONICAL_AXCODES), orientations.io_orientation(original_affine)
+    )
+    return orientations.apply_orientation(data, inverse)
+
+
+def canonical_spacing(affine: np.ndarray, zooms: Sequence[float]) -> tuple[float, float, float]:
+    """Voxel spacing along the canonical axes, from the file's zooms."""
+    transform = canonical_transform(affine)
+    spacing = [0.0, 0.0, 0.0]
+    for source_axis, (target_axis, _flip) in enumerate(transform):
+        spacing[int(target_axis)] = float(zooms[source_axis])
+    return tuple(spacing)  # type: ignore[return-value]
+
+
+def load_nifti(path: Path, what: str = "volume") -> nib.Nifti1Image:
+    """Open a NIfTI file lazily (header only) with a clear error for unreadable files."""
+    try:
+        image = nib.load(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; check the path") from None
+    except Exception as error:  # nibabel raises many types for damaged headers
+        raise DataError(f"{path} is not a readable NIfTI {what} ({error}); re-export or remove it") from None
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:
+        pass
+    elif len(shape) != 3:
+        raise DataError(
+            f"{path} has shape {tuple(shape)}; a CT {what} must be 3D (a 4th axis of length 1 is accepted)"
+        )
+    return image
+
+
+def read_array(image: nib.Nifti1Image, path: Path, what: str = "volume", dtype=None) -> np.ndarray:
+    """Read a 3D array (decompressing now), squeezing a singleton 4th axis.
+
+    Integer data without header scaling keeps its dtype (int16 CT stays 2 bytes a voxel);
+    scaled or float data is returned as float32, never float64.
+    """
+    try:
+        proxy = image.dataobj
+        slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    except (EOFError, zlib.error, OSError, ValueError) as error:
+        raise DataError(
+            f"{path} is truncated or corrupt ({type(error).__name__}: {error}); re-download or re-export it"
+        ) from None
+    if raw.ndim == 4:
+        raw = raw[..., 0]
+    unscaled = (slope in (None, 1.0) or np.isnan(slope)) and (inter in (None, 0.0) or np.isnan(inter))
+    if unscaled and raw.dtype.kind in "iu":
+        data = raw
+    else:
+        data = raw.astype(np.float32, copy=False)
+        if not unscaled:
+            data = data * np.float32(slope) + np.float32(inter)
+        if not np.isfinite(data).all():
+            raise DataError(
+                f"{path} contains NaN or infinite voxels; replace them (e.g. with -1024 HU) before use"
+            )
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    return data
+
+
+def load_case(
+    files: CaseFiles,
+    label_map: Mapping[int, int] | None = None,
+    with_labels: bool = True,
+) -> Case:
+    """Load one case into canonical orientation, checking that image and labels agree.
+
+    Args:
+        files: the case's files, from :func:`discover_cases`.
+        label_map: optional remapping of foreign label values (see :func:`apply_label_map`).
+        with_labels: read the label map (when the case has one).
+
+    Returns:
+        The loaded :class:`Case`.
+
+    Raises:
+        DataError: unreadable file, 2D/4D data, NaN voxels, image/label shape or affine
+            mismatch, or label values outside the map.
+
+    Example:
+        >>> case = load_case(discover_cases("../shared/data/real/dcmqi-ct-3slice")[0])  # doctest: +SKIP
+        >>> case.image.shape, case.spacing
+        ((512, 512, 3), (0.810547, 0.810547, 1.0))
+    """
+    image_nii = load_nifti(files.image, "volume")
+    labels = None
+    if with_labels and files.label is not None:
+        label_nii = load_nifti(files.label, "segmentation")
+        if tuple(label_nii.shape[:3]) != tuple(image_nii.shape[:3]):
+            raise DataError(
+                f"{files.label} has shape {tuple(label_nii.shape[:3])} but {files.image} has "
+                f"{tuple(image_nii.shape[:3])}; they must be on the same grid (resample the segmentation)"
+            )
+        if not np.allclose(label_nii.affine, image_nii.affine, atol=1e-3, rtol=1e-4):
+            raise DataError(
+                f"{files.label} and {files.image} have different affines; resample the segmentation "
+                "onto the volume's grid (same origin, spacing and orientation)"
+            )
+        raw_labels = read_array(label_nii, files.label, "segmentation")
+        if raw_labels.dtype.kind == "f":
+            if not np.array_equal(raw_labels, np.round(raw_labels)):
+                raise DataError(f"{files.label} holds non-integer labels; save it as an integer label map")
+            raw_labels = raw_labels.astype(np.int32)
+        labels = to_canonical(apply_label_map(raw_labels, label_map, str(files.label)), image_nii.affine)
+    volume = read_array(image_nii, files.image, "volume")
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+        raise DataError(
+            f"{files.image} contains NaN or infinite voxels; replace them (e.g. with -1024 HU) before use"
+        )
+    return Case(
+        case_id=files.case_id,
+        image=to_canonical(volume, image_nii.affine),
+        labels=labels,
+        spacing=canonical_spacing(image_nii.affine, image_nii.header.get_zooms()[:3]),
+        original_affine=np.asarray(image_nii.affine, dtype=np.float64),
+        original_shape=tuple(int(s) for s in image_nii.shape[:3]),
+        files=files,
+    )
+
+
+def save_like(
+    data: np.ndarray,
+    reference_affine: np.ndarray,
+    path: str | Path,
+    reference_header: nib.Nifti1Header | None = None,
+) -> Path:
+    """Write a canonical-orientation array back on a reference grid as NIfTI, atomically.
+
+    The array is reoriented with :func:`from_canonical`, written to a temporary name and
+    renamed, so a half-written file never carries the final name.
+
+    Example:
+        >>> save_like(case.labels, case.original_affine, "out/segmentation-3.nii.gz")  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    native = np.ascontiguousarray(from_canonical(data, reference_affine))
+    image = nib.Nifti1Image(native, reference_affine, header=reference_header)
+    image.set_data_dtype(native.dtype)
+    if reference_header is not None:
+        image.header.set_qform(reference_affine, code=int(reference_header["qform_code"]) or 1)
+        image.header.set_sform(reference_affine, code=int(reference_header["sform_code"]) or 1)
+        image.header.set_slope_inter(1.0, 0.0)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    temporary = path.with_name(f".{path.name}.partial{suffix}")
+    nib.save(image, str(temporary))
+    temporary.replace(path)
+    return path

@@ -1,0 +1,73 @@
+"""Models: U-Net, TAM-U-Net and EfficientNetB0-PAN, built through one registry.
+
+>>> from keras_livseg.models import build_model
+>>> model = build_model("tam_unet", input_shape=(32, 32, 1), filters=4, depth=2)
+>>> model.input.name, model.output.name
+('ct_slices', 'probabilities')
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+
+from keras_livseg.models.efficientnet_pan import build_effb0_pan
+from keras_livseg.models.unet import build_tam_unet, build_unet
+
+MODEL_BUILDERS = {
+    "unet": build_unet,
+    "tam_unet": build_tam_unet,
+    "effb0_pan": build_effb0_pan,
+}
+
+
+def available_models() -> tuple[str, ...]:
+    """Names accepted by :func:`build_model`."""
+    return tuple(MODEL_BUILDERS)
+
+
+def build_model(name: str, input_shape=(256, 256, 1), num_classes: int = 3, **options) -> keras.Model:
+    """Build a segmentation model by name.
+
+    Args:
+        name: ``"unet"``, ``"tam_unet"`` or ``"effb0_pan"``.
+        input_shape: ``(height, width, channels)`` (``(C, H, W)`` under channels_first).
+            Defaults to ``(256, 256, 1)``.
+        num_classes: int. Defaults to 3 (background, liver, tumor).
+        **options: the builder's own arguments: see :func:`build_unet`,
+            :func:`build_tam_unet`, :func:`build_effb0_pan`.
+
+    Returns:
+        A ``keras.Model`` with input ``"ct_slices"`` and output ``"probabilities"``
+        ``(batch, H, W, num_classes)`` in float32.
+
+    Raises:
+        ValueError: an unknown name or option, or a bad option value.
+
+    Example:
+
+    >>> model = build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2)
+    >>> tuple(model.output.shape)
+    (None, 32, 32, 3)
+    """
+    builder = MODEL_BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown model name {name!r}; valid names are {available_models()}.")
+    accepted = set(inspect.signature(builder).parameters) - {"input_shape", "num_classes"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"build_model({name!r}): unknown option(s) {unknown}; valid options are {sorted(accepted)}."
+        )
+    return builder(input_shape=tuple(input_shape), num_classes=num_classes, **options)
+
+
+__all__ = [
+    "MODEL_BUILDERS",
+    "available_models",
+    "build_effb0_pan",
+    "build_model",
+    "build_tam_unet",
+    "build_unet",
+]

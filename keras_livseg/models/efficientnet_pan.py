@@ -1,0 +1,248 @@
+"""Enhanced PAN (Swapna, Sujatha): EfficientNet-B0 encoder, SE, ASPP, FPA and GAU decoder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from keras_livseg.models._heads import check_head, ct_input, probabilities
+from keras_livseg.models._utils import check_input_shape, check_positive_int, check_rate
+from keras_livseg.models.layers import (
+    ASPP,
+    FeaturePyramidAttention,
+    GlobalAttentionUpsample,
+    SqueezeExcitation,
+)
+
+logger = logging.getLogger(__name__)
+
+#: EfficientNet-B0 layers tapped for the pyramid, strides 4, 8, 16, 32 (24, 40, 112, 320 channels).
+PYRAMID_TAPS = {
+    "P2": "block2b_add",
+    "P3": "block3b_add",
+    "P4": "block5c_add",
+    "P5": "block7a_project_bn",
+}
+ENCODER_NAME = "efficientnetb0_encoder"
+#: First layer after keras.applications' Rescaling(1/255) + Normalization preprocessing.
+STEM_ENTRY = "stem_conv_pad"
+IMAGENET_NOTOP_FILE = "efficientnetb0_notop.h5"
+IMAGENET_NOTOP_URL = "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5"
+OUTPUT_STRIDE = 32
+
+
+def imagenet_weights_path() -> Path:
+    """Where ``encoder_weights="imagenet"`` looks: ``$KERAS_HOME/models/efficientnetb0_notop.h5``.
+
+    ``KERAS_HOME`` defaults to ``~/.keras``, the cache ``keras.applications`` itself uses.
+    """
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(keras_home) / "models" / IMAGENET_NOTOP_FILE
+
+
+def _resolve_weights(encoder_weights) -> Path | None:
+    if encoder_weights is None:
+        return None
+    if encoder_weights == "imagenet":
+        path = imagenet_weights_path()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"encoder_weights='imagenet' needs the Keras EfficientNetB0 no-top weights file "
+                f"{IMAGENET_NOTOP_FILE!r} in the folder {str(path.parent)!r} (looked for {str(path)!r}); "
+                f"there is no network here, so download it elsewhere from {IMAGENET_NOTOP_URL} and "
+                f"copy it to {str(path)!r}, pass its path as encoder_weights, or use "
+                f"encoder_weights=None to train from scratch."
+            )
+        return path
+    if isinstance(encoder_weights, (str, os.PathLike)):
+        path = Path(encoder_weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"encoder_weights={str(encoder_weights)!r}: no such file; pass the path of a Keras "
+                f"EfficientNetB0 include_top=False weights file (.h5 or .weights.h5), 'imagenet', or None."
+            )
+        return path
+    raise ValueError(
+        f"`encoder_weights` must be None, 'imagenet' or a path to an EfficientNetB0 no-top weights "
+        f"file, got encoder_weights={encoder_weights!r}."
+    )
+
+
+def build_efficientnet_encoder(input_shape) -> keras.Model:
+    """EfficientNet-B0 from ``keras.applications`` without its input preprocessing.
+
+    ``keras.applications.EfficientNetB0`` starts with ``Rescaling(1/255)`` and
+    ``Normalization``, made for 0–255 RGB; fed standardized CT they would silently
+    shrink it 255×. The encoder returned here is the same network cut at
+    ``stem_conv_pad``: its input goes straight into the stem convolution, and it
+    outputs the pyramid ``[P2, P3, P4, P5]`` (strides 4, 8, 16, 32; 24, 40, 112, 320
+    channels). The MBConv blocks keep their own squeeze-and-excitation.
+
+    Args:
+        input_shape: ``(H, W, C)`` (``(C, H, W)`` under channels_first), any C.
+
+    Returns:
+        A functional ``keras.Model`` named ``"efficientnetb0_encoder"``.
+
+    Example:
+
+    >>> encoder = build_efficientnet_encoder((64, 64, 1))
+    >>> [tuple(t.shape[1:]) for t in encoder.outputs]
+    [(16, 16, 24), (8, 8, 40), (4, 4, 112), (2, 2, 320)]
+    """
+    base = keras.applications.EfficientNetB0(
+        include_top=False, weights=None, input_shape=tuple(input_shape)
+    )
+    stem_entry = base.get_layer(STEM_ENTRY).input
+    taps = [base.get_layer(layer_name).output for layer_name in PYRAMID_TAPS.values()]
+    # A functional model from an intermediate tensor: Keras clones the graph from
+    # stem_conv_pad on, with a fresh input, so Rescaling/Normalization are not part of it.
+    return keras.Model(stem_entry, taps, name=ENCODER_NAME)
+
+
+def load_encoder_weights(encoder: keras.Model, encoder_weights) -> None:
+    """Load EfficientNetB0 no-top weights (path or ``"imagenet"``) into ``encoder``.
+
+    The file is read by a reference ``keras.applications.EfficientNetB0`` with 3
+    input channels, so any file that model accepts works (the official legacy
+    ``.h5`` or a ``.weights.h5`` saved by Keras 3); then every encoder layer takes
+    the weights of the layer with the same name. The file's ``Normalization``
+    statistics are not used (the encoder has no preprocessing; feed standardized CT).
+
+    Input channels: 3 uses the stem kernel as is; 1 sums the stem kernel over its 3
+    input channels, which gives exactly the response the RGB network has to a gray
+    image replicated into R, G and B. Other channel counts cannot take the weights.
+
+    Raises:
+        FileNotFoundError: the file (or, for "imagenet", the cached file) is missing.
+        ValueError: bad ``encoder_weights`` or an input with neither 1 nor 3 channels.
+    """
+    path = _resolve_weights(encoder_weights)
+    if path is None:
+        return
+    stem_kernel = encoder.get_layer("stem_conv").kernel
+    channels = stem_kernel.shape[2]
+    if channels not in (1, 3):
+        raise ValueError(
+            f"encoder_weights={str(encoder_weights)!r} are for 3-channel input; the input has "
+            f"{channels} channels. Use 1 (single slice) or 3 (three adjacent slices), or "
+            f"encoder_weights=None."
+        )
+    reference = keras.applications.EfficientNetB0(
+        include_top=False, weights=None, input_shape=(64, 64, 3)
+    )
+    reference.load_weights(str(path))
+    copied = 0
+    for layer in encoder.layers:
+        if not layer.weights:
+            continue
+        values = reference.get_layer(layer.name).get_weights()
+        if layer.name == "stem_conv" and channels == 1:
+            values = [values[0].sum(axis=2, keepdims=True)]
+        layer.set_weights(values)
+        copied += 1
+    logger.info("loaded EfficientNetB0 weights from %s into %d layers", path, copied)
+
+
+def build_effb0_pan(
+    input_shape=(256, 256, 1),
+    num_classes: int = 3,
+    decoder_filters: int = 64,
+    se_ratio: int = 4,
+    aspp_rates=(6, 12, 18),
+    aspp_dropout: float = 0.1,
+    encoder_weights=None,
+    encoder_trainable: bool = True,
+    head: str = "softmax",
+    name: str = "effb0_pan",
+) -> keras.Model:
+    """Enhanced Pyramid Attention Network with an EfficientNet-B0 encoder.
+
+    Swapna, Sujatha, "Medical Image Segmentation with Pyramid Attention Networks and a
+    Case Study on Liver Tumors" (Section 3, Algorithm 1), with the PAN decoder of Li
+    et al. 2018 as segmentation_models.pytorch builds it. The paper's text leaves
+    the wiring open; this reading::
+
+        P2, P3, P4, P5 = encoder(x)                       # 1/4, 1/8, 1/16, 1/32
+        P2, P3, P4 = SE(P2), SE(P3), SE(P4)               # channel attention on skips
+        c5 = ASPP(P5)                                     # rates 6, 12, 18 + image pool
+        d5 = c5 + FPA(c5)                                 # 1/32, residual
+        d4 = GAU([P4, d5])                                # 1/16 (adds upsampled d5)
+        d3 = GAU([P3, d4])                                # 1/8
+        d2 = GAU([P2, d3])                                # 1/4
+        probabilities = softmax(upsample4(Conv1x1(d2)))   # 1/1, float32
+
+    The encoder is ``keras.applications.EfficientNetB0`` without its
+    ``Rescaling(1/255)``/``Normalization`` preprocessing (see
+    :func:`build_efficientnet_encoder`): standardized CT reaches the stem as is.
+    EfficientNet has no dilated variant in Keras, so the FPA works at stride 32
+    (smp's PAN dilates to 16); no batch norm follows a global pooling anywhere, so
+    training at batch size 1 works.
+
+    Args:
+        input_shape: ``(H, W, C)``; H and W multiples of 32 (the error names the
+            nearest one); C = 1 (a slice) or 3 (three adjacent slices), or any C
+            without pretrained weights. Defaults to ``(256, 256, 1)``.
+        num_classes: int. Defaults to 3 (background, liver, tumor).
+        decoder_filters: int. Channels of ASPP, FPA and GAU. Defaults to 64.
+        se_ratio: int. SE reduction ratio on the skips (24, 40, 112 channels), at
+            most 24. Defaults to 4.
+        aspp_rates: dilation rates. Defaults to ``(6, 12, 18)``.
+        aspp_dropout: float in [0, 1). Defaults to 0.1.
+        encoder_weights: ``None`` (default, random init), ``"imagenet"`` (read from
+            ``~/.keras/models/efficientnetb0_notop.h5``, never downloaded) or a path
+            to an EfficientNetB0 no-top weights file. See :func:`load_encoder_weights`.
+        encoder_trainable: bool. False freezes the encoder. Defaults to True.
+        head: ``"softmax"`` (default) or ``"sigmoid"`` (per-class).
+        name: model name. Defaults to ``"effb0_pan"``.
+
+    Returns:
+        A ``keras.Model``: input ``"ct_slices"`` ``(batch, H, W, C)`` float32, output
+        ``"probabilities"`` ``(batch, H, W, num_classes)`` float32.
+
+    Example:
+
+    >>> model = build_effb0_pan(input_shape=(64, 64, 1), decoder_filters=8)
+    >>> tuple(model.output.shape)
+    (None, 64, 64, 3)
+    """
+    owner = name
+    check_head(head, num_classes, owner)
+    check_positive_int("decoder_filters", decoder_filters, owner)
+    check_positive_int("se_ratio", se_ratio, owner)
+    check_rate("aspp_dropout", aspp_dropout, owner)
+    check_input_shape(
+        input_shape, OUTPUT_STRIDE, owner, "EfficientNet-B0's pyramid reaches stride 32"
+    )
+    if encoder_weights is not None:
+        _resolve_weights(encoder_weights)  # fail before building anything
+    data_format = keras.config.image_data_format()
+
+    # Layers.
+    encoder = build_efficientnet_encoder(input_shape)
+    load_encoder_weights(encoder, encoder_weights)
+    encoder.trainable = bool(encoder_trainable)
+
+    # Functional model.
+    inputs = ct_input(input_shape)
+    p2, p3, p4, p5 = encoder(inputs)
+    p2 = SqueezeExcitation(se_ratio, name="se_p2")(p2)  # 1/4
+    p3 = SqueezeExcitation(se_ratio, name="se_p3")(p3)  # 1/8
+    p4 = SqueezeExcitation(se_ratio, name="se_p4")(p4)  # 1/16
+    c5 = ASPP(decoder_filters, rates=aspp_rates, dropout=aspp_dropout, name="aspp")(p5)  # 1/32
+    d5 = layers.Add(name="fpa_residual")(
+        [c5, FeaturePyramidAttention(decoder_filters, name="fpa")(c5)]
+    )  # 1/32
+    d4 = GlobalAttentionUpsample(decoder_filters, name="gau_p4")([p4, d5])  # 1/16
+    d3 = GlobalAttentionUpsample(decoder_filters, name="gau_p3")([p3, d4])  # 1/8
+    d2 = GlobalAttentionUpsample(decoder_filters, name="gau_p2")([p2, d3])  # 1/4
+    logits = layers.Conv2D(num_classes, 1, data_format=data_format, name="logits")(d2)
+    logits = layers.UpSampling2D(
+        4, interpolation="bilinear", data_format=data_format, name="logits_upsample"
+    )(logits)  # 1/1
+    outputs = probabilities(logits, head)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,115 @@
+"""``python -m keras_livseg.prepare``: CT volumes → TFRecord slice shards + manifest.json.
+
+Examples:
+    python -m keras_livseg.prepare --src data/LiTS --out shards/lits --image-size 256 --context 3
+    python -m keras_livseg.prepare --src ../shared/data/real/totalseg-example-ct/pairs.csv \\
+        --out shards/ts --label-map 5:1
+    python -m keras_livseg.prepare --pipeline pipelines/lits_tam_unet.toml --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from keras_livseg import cli
+from keras_livseg.config import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
+from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_livseg.prepare",
+        description="Window, standardize-statistics, resize and shard CT volumes into TFRecords.",
+        epilog=__doc__.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--src", help="dataset folder (LiTS or MSD layout) or a CSV of image,label pairs")
+    parser.add_argument("--out", help="output folder for shards and manifest.json")
+    parser.add_argument("--pipeline", help="recipe TOML (its [data] and [preprocessing] tables)")
+    parser.add_argument("--label-map", help="remap labels, SRC:DST,... (unlisted labels become 0)")
+    parser.add_argument("--window", type=_floats, help="HU window low,high (default -200,250)")
+    parser.add_argument("--image-size", type=int, help="model input size in pixels (default 256)")
+    parser.add_argument("--context", type=int, help="adjacent slices as channels: 1 (default) or 3, 5...")
+    parser.add_argument("--normalization", choices=["foreground", "volume", "none"])
+    parser.add_argument("--slices", choices=["all", "liver"], help="all slices or liver slices + margin")
+    parser.add_argument("--margin", type=int, help="slices kept beyond the liver with --slices liver")
+    parser.add_argument("--split", type=_floats, help="train,val,test fractions by patient (0.7,0.15,0.15)")
+    parser.add_argument("--seed", type=int, help="seed of the patient-level split (default 0)")
+    parser.add_argument("--gzip", action="store_true", default=None, help="GZIP-compress the shards")
+    parser.add_argument("--shard-mb", type=float, help="target shard size in MB (default 150)")
+    parser.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 4)")
+    parser.add_argument("--on-error", choices=["stop", "skip"], help="stop at a bad case (default) or skip it")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished output folder")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> PrepareOptions:
+    """Recipe values first, then the command line's."""
+    values: dict = {}
+    if args.pipeline:
+        recipe = load_recipe(args.pipeline)
+        data = dict(recipe.get("data", {}))
+        preprocessing = dict(recipe.get("preprocessing", {}))
+        check_keys(data, DATA_KEYS, "data")
+        check_keys(preprocessing, PREPROCESSING_KEYS, "preprocessing")
+        values.update({k: v for k, v in data.items() if k in PrepareOptions.__dataclass_fields__})
+        values.update(preprocessing)
+        if "compression" in values and str(values["compression"]).lower() in ("none", ""):
+            values["compression"] = None
+    overrides = {
+        "src": args.src,
+        "out": args.out,
+        "label_map": args.label_map,
+        "window": args.window,
+        "image_size": args.image_size,
+        "context": args.context,
+        "normalization": args.normalization,
+        "slices": args.slices,
+        "margin": args.margin,
+        "split": args.split,
+        "seed": args.seed,
+        "compression": "GZIP" if args.gzip else None,
+        "shard_mb": args.shard_mb,
+        "workers": args.workers,
+        "on_error": args.on_error,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for required in ("src", "out"):
+        if not values.get(required):
+            raise ValueError(f"--{required} is required (or give it in the recipe's [data] table)")
+    return PrepareOptions(
+        **values, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.configure_logging(args.verbose)
+
+    def body() -> int:
+        manifest = prepare_dataset(options_from_args(args))
+        splits = manifest["splits"]
+        print(
+            "prepared "
+            + ", ".join(f"{s}: {splits[s]['slices']} slices from {len(splits[s]['cases'])} cases" for s in splits)
+            + f" -> {manifest['_dir'] if '_dir' in manifest else args.out or 'recipe out'}"
+        )
+        return 0
+
+    return cli.run(body, "prepare")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
