@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "prepared "
             + ", ".join(f"{s}: {splits[s]['slices']} slices from {len(splits[s]['cases'])} cases" for s in splits)
-            + f" -> {manifest['_dir'] if '_dir' in manifest else args.out or 'recipe out'}"
+            + f" -> {manifest['_dir']}"
         )
         return 0
 

@@ -460,6 +460,7 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     }
     _write_json_atomic(out / MANIFEST_NAME, manifest)
     shutil.rmtree(work_dir, ignore_errors=True)
+    manifest["_dir"] = str(out)  # as load_manifest sets it; not part of the file
     logger.info(
         "wrote %s: %s",
         out / MANIFEST_NAME,

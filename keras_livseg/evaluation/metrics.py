@@ -3,10 +3,12 @@
 Everything here works on label maps or boolean masks already on the reference grid (same shape,
 same voxel spacing); no TensorFlow, Keras or medpy at runtime, so the evaluation runs anywhere the
 volumes can be read. The rule book is the LiTS challenge's scoring program
-(PatrickChrist/lits-challenge-scoring, ``program/evaluate.py`` and ``program/helpers/calc_metric.py``):
+(PatrickChrist/lits-challenge-scoring, ``program/evaluate.py`` and
+``program/helpers/calc_metric.py``):
 
 * Liver means label >= 1 (liver including tumor), tumor means label == 2.
-* Lesions are 3D connected components of the tumor mask (``scipy.ndimage.label``, face connectivity).
+* Lesions are 3D connected components of the tumor mask (``scipy.ndimage.label``, face
+  connectivity).
 * Surface distances are in millimetres from the voxel spacing, and agree with
   ``medpy.metric.binary`` (``hd``, ``hd95``, ``asd``, ``assd``) to floating-point rounding.
 
@@ -87,7 +89,8 @@ def _check_pair(
     if pred_mask.shape != ref_mask.shape:
         raise ValueError(
             f"{names[0]} has shape {pred_mask.shape} but {names[1]} has shape {ref_mask.shape}; "
-            "resample the prediction onto the reference grid (same shape and spacing) before scoring."
+            "resample the prediction onto the reference grid (same shape and spacing) "
+            "before scoring."
         )
     if pred_mask.ndim == 0:
         raise ValueError(f"{names[0]} and {names[1]} are scalars; pass 2D or 3D masks.")
@@ -102,7 +105,8 @@ def _check_labels(
     if pred.shape != ref.shape:
         raise ValueError(
             f"pred_labels has shape {pred.shape} but ref_labels has shape {ref.shape}; "
-            "resample the prediction onto the reference grid (same shape and spacing) before scoring."
+            "resample the prediction onto the reference grid (same shape and spacing) "
+            "before scoring."
         )
     if pred.ndim == 0:
         raise ValueError("pred_labels and ref_labels are scalars; pass 2D or 3D label maps.")
@@ -131,7 +135,8 @@ def _check_spacing(spacing: float | Sequence[float], ndim: int) -> tuple[float, 
         values = np.repeat(values, ndim)
     if values.size != ndim:
         raise ValueError(
-            f"spacing={tuple(spacing)} has {values.size} values but the masks have {ndim} axes; "  # type: ignore[arg-type]
+            f"spacing={tuple(values.tolist())} has {values.size} values but the masks have "
+            f"{ndim} axes; "
             f"pass one voxel size in mm per array axis (header.get_zooms()[:{ndim}])."
         )
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
@@ -146,7 +151,8 @@ def _check_connectivity(connectivity: int, ndim: int) -> int:
     if not isinstance(connectivity, (int, np.integer)) or not 1 <= connectivity <= ndim:
         raise ValueError(
             f"connectivity={connectivity!r} must be an integer in [1, {ndim}] for {ndim}D masks "
-            "(1: face neighbours as in medpy's default, 2: the 18-neighbourhood of the LiTS script)."
+            "(1: face neighbours as in medpy's default, 2: the 18-neighbourhood of the LiTS "
+            "script)."
         )
     return int(connectivity)
 
@@ -184,7 +190,8 @@ def _bounding_box(mask: NDArray[np.bool_], margin: int = 0) -> tuple[slice, ...]
         hits = np.flatnonzero(np.any(mask, axis=others) if others else mask)
         if hits.size == 0:
             return None
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+        start = max(int(hits[0]) - margin, 0)
+        box.append(slice(start, min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
     return tuple(box)
 
 
@@ -248,7 +255,9 @@ def overlap_from_counts(
     Example:
 
     >>> {k: round(v, 4) for k, v in overlap_from_counts(2, 5, 4).items()}
-    {'dice': 0.4444, 'iou': 0.2857, 'voe': 0.7143, 'rvd': 0.25, 'rvd_lits': -0.2, 'precision': 0.4, 'recall': 0.5, 'f1': 0.4444}
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'dice': 0.4444, 'iou': 0.2857, 'voe': 0.7143, 'rvd': 0.25, 'rvd_lits': -0.2,
+     'precision': 0.4, 'recall': 0.5, 'f1': 0.4444}
     """
     tp, n_pred, n_ref = int(intersection), int(pred_voxels), int(ref_voxels)
     if tp < 0 or tp > min(n_pred, n_ref):
@@ -280,7 +289,7 @@ def overlap_from_counts(
         "rvd_lits": (n_ref - n_pred) / n_pred if n_pred else float(empty_value),
         "precision": precision_value,
         "recall": recall_value,
-        # F1 over voxels is 2TP / (2TP + FP + FN), i.e. Dice; written from P and R for clarity.
+        # F1 = 2PR / (P + R) = 2TP / (2TP + FP + FN): on voxels it is the Dice coefficient.
         "f1": dice_value,
     }
 
@@ -379,7 +388,7 @@ def rvd(
 
 
 def rvd_lits(pred: ArrayLike, ref: ArrayLike, *, empty_value: float = math.nan) -> float:
-    """The LiTS script's relative volume difference, ``medpy.ravd(ref, pred)`` = (|G| − |P|) / |P|.
+    """The LiTS script's relative volume difference ``medpy.ravd(ref, pred)`` = (|G| − |P|)/|P|.
 
     Args:
         pred: Predicted mask, any shape; non-zero is foreground.
@@ -471,7 +480,7 @@ def surface_distances(
     spacing: float | Sequence[float],
     connectivity: int = 1,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Distances in mm from each surface voxel of one mask to the nearest surface voxel of the other.
+    """Distances in mm from each surface voxel of one mask to the other mask's nearest one.
 
     Reproduces ``medpy.metric.binary.__surface_distances``: the surface is the mask minus its
     binary erosion by ``generate_binary_structure(ndim, connectivity)``, and distances come from
@@ -776,12 +785,12 @@ def case_metrics(
 
     Liver is label >= 1, tumor label == 2. Keys are ``"<region>_<metric>"`` for region in
     ``liver``/``tumor`` and metric in ``dice, iou, voe, rvd, rvd_lits, precision, recall, f1``
-    (see :func:`overlap_from_counts`) and ``assd, assd_mean_of_means, asd, msd, hd95, rmsd`` in mm (see
-    :func:`surface_metrics`), plus the counts ``<region>_intersection``, ``<region>_pred_voxels``,
-    ``<region>_ref_voxels`` (for :func:`global_dice`), the volumes ``<region>_pred_volume_ml`` and
-    ``<region>_ref_volume_ml``, and ``<region>_empty``: ``"none"``, ``"both"``, ``"pred"`` or
-    ``"ref"``, which mask was empty, so that a report can count the cases whose surface distances
-    are ``empty_value``.
+    (see :func:`overlap_from_counts`) and ``assd, assd_mean_of_means, asd, msd, hd95, rmsd`` in
+    mm (see :func:`surface_metrics`), plus the counts ``<region>_intersection``,
+    ``<region>_pred_voxels``, ``<region>_ref_voxels`` (for :func:`global_dice`), the volumes
+    ``<region>_pred_volume_ml`` and ``<region>_ref_volume_ml``, and ``<region>_empty``:
+    ``"none"``, ``"both"``, ``"pred"`` or ``"ref"``, which mask was empty, so that a report can
+    count the cases whose surface distances are ``empty_value``.
 
     Args:
         pred_labels: Predicted label map, shape ``[d0, d1, d2]`` on the reference grid.
@@ -829,7 +838,7 @@ def case_metrics(
 
 
 def global_dice(cases: Iterable[Mapping[str, Any]], region: str = "tumor") -> float:
-    """Dataset-wide Dice 2·Σ|P ∩ G| / Σ(|P| + |G|) from accumulated counts (LiTS "Dice global").
+    """Dataset-wide Dice 2·Σ|P ∩ G| / Σ(|P| + |G|) from summed counts (LiTS "Dice global").
 
     Unlike the mean of per-case Dice, large lesions weigh by their size and a case without
     tumor in either mask adds nothing instead of a 1.0.
@@ -900,10 +909,13 @@ def lesion_size_stratum(
     ('small', 'large', 'large')
     """
     if not (math.isfinite(threshold_mm) and threshold_mm > 0):
-        raise ValueError(f"threshold_mm={threshold_mm} must be a positive diameter in mm (e.g. 10).")
+        raise ValueError(
+            f"threshold_mm={threshold_mm} must be a positive diameter in mm (e.g. 10)."
+        )
     if not (math.isfinite(equivalent_diameter_mm) and equivalent_diameter_mm >= 0):
         raise ValueError(
-            f"equivalent_diameter_mm={equivalent_diameter_mm} must be a finite non-negative diameter."
+            f"equivalent_diameter_mm={equivalent_diameter_mm} must be a finite non-negative "
+            "diameter in mm."
         )
     return "small" if equivalent_diameter_mm < threshold_mm else "large"
 
@@ -991,7 +1003,9 @@ class _UnionFind:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
 
 
-def _best_partner(keys: NDArray[np.int64], partners: NDArray[np.int64], counts: NDArray[np.int64]) -> dict[int, int]:
+def _best_partner(
+    keys: NDArray[np.int64], partners: NDArray[np.int64], counts: NDArray[np.int64]
+) -> dict[int, int]:
     """For each key, the partner with the largest count (ties: the lowest partner label)."""
     order = np.lexsort((partners, -counts, keys))
     keys, partners = keys[order], partners[order]
@@ -1166,13 +1180,16 @@ def detection_precision_recall(
     Example:
 
     >>> a = LesionDetection(2, 1, 1, 3, 0, 0, 3, 3, [], 0.1, 0.1, 0.5)
-    >>> detection_precision_recall([a, a])
-    {'tp': 4, 'fp': 2, 'fn': 2, 'precision': 0.6666666666666666, 'recall': 0.6666666666666666, 'f1': 0.6666666666666666}
+    >>> {k: round(v, 4) for k, v in detection_precision_recall([a, a]).items()}
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'tp': 4, 'fp': 2, 'fn': 2, 'precision': 0.6667, 'recall': 0.6667, 'f1': 0.6667}
     """
     tp = fp = fn = 0
     for result in results:
         if any_overlap:
-            tp, fp, fn = tp + result.tp_any_overlap, fp + result.fp_any_overlap, fn + result.fn_any_overlap
+            tp += result.tp_any_overlap
+            fp += result.fp_any_overlap
+            fn += result.fn_any_overlap
         else:
             tp, fp, fn = tp + result.tp, fp + result.fp, fn + result.fn
     if tp + fp + fn == 0:
@@ -1180,7 +1197,14 @@ def detection_precision_recall(
     precision_value = tp / (tp + fp) if tp + fp else 0.0
     recall_value = tp / (tp + fn) if tp + fn else 0.0
     f1_value = 2.0 * tp / (2 * tp + fp + fn)
-    return {"tp": tp, "fp": fp, "fn": fn, "precision": precision_value, "recall": recall_value, "f1": f1_value}
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": precision_value,
+        "recall": recall_value,
+        "f1": f1_value,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1240,7 +1264,13 @@ def tumor_dice_by_stratum(
         raise ValueError(f"margin_mm={margin_mm} must be a finite non-negative distance in mm.")
     lesion_size_stratum(0.0, threshold_mm)  # validates threshold_mm
     strata: dict[str, dict[str, Any]] = {
-        name: {"n_lesions": 0, "intersection": 0, "pred_voxels": 0, "ref_voxels": 0, "dice": math.nan}
+        name: {
+            "n_lesions": 0,
+            "intersection": 0,
+            "pred_voxels": 0,
+            "ref_voxels": 0,
+            "dice": math.nan,
+        }
         for name in ("small", "large")
     }
     ref_tumor = ref == TUMOR_LABEL
@@ -1384,9 +1414,12 @@ def slice_level_metrics(
     summary["hd95"] = float(np.mean(defined)) if defined else math.nan
     summary["hd95_undefined_slices"] = len(records) - len(defined)
     p_mean, r_mean = summary["precision"], summary["recall"]
-    summary["f1_of_means"] = (
-        2.0 * p_mean * r_mean / (p_mean + r_mean) if records and p_mean + r_mean > 0 else (0.0 if records else math.nan)
-    )
+    if not records:
+        summary["f1_of_means"] = math.nan
+    elif p_mean + r_mean > 0:
+        summary["f1_of_means"] = 2.0 * p_mean * r_mean / (p_mean + r_mean)
+    else:
+        summary["f1_of_means"] = 0.0
     summary["slices"] = records
     return summary
 
@@ -1429,7 +1462,8 @@ def coefficient_of_variation(
             "pass one value per epoch of a run with several epochs."
         )
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"values hold non-finite entries {array[~np.isfinite(array)].tolist()}; drop them first.")
+        bad = array[~np.isfinite(array)].tolist()
+        raise ValueError(f"values hold non-finite entries {bad}; drop those epochs first.")
     mean = float(array.mean())
     if mean == 0.0:
         logger.warning("coefficient_of_variation: the mean is 0, so the CV is undefined (NaN).")

@@ -1,0 +1,99 @@
+import nibabel as nib
+import numpy as np
+import pytest
+
+from keras_livseg.data.dataset import Augmentation, make_dataset
+from keras_livseg.data.prepare import PrepareOptions, load_manifest, prepare_dataset
+from keras_livseg.data.volumes import DataError
+
+from data_helpers import write_case
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    for i in range(6):
+        write_case(root / "src", str(i), seed=i, tumor=i % 3 != 2)
+    prepare_dataset(PrepareOptions(root / "src", root / "out", image_size=32, workers=1, progress=False, split=(4, 1, 1)))
+    return root / "out"
+
+
+def test_validation_mode_yields_every_slice_once_unaugmented(shard_dir):
+    manifest = load_manifest(shard_dir)
+    ds = make_dataset(manifest, "val", batch_size=5)
+    images, masks = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    assert sum(len(x) for x in images) == manifest["splits"]["val"]["slices"] == 12
+    assert images[0].shape == (5, 32, 32, 1) and images[-1].shape[0] == 2 and masks[0].dtype == np.int32
+    again = np.concatenate([x.numpy() for x, _ in make_dataset(manifest, "val", batch_size=5)])
+    np.testing.assert_array_equal(np.concatenate(images), again)
+    # Standardized with the manifest's statistics: the liver (60 HU + noise) sits near +-1 std of the foreground.
+    prep = manifest["preprocessing"]
+    liver_value = np.concatenate(images)[np.concatenate(masks) == 1].mean() * prep["std"] + prep["mean"]
+    assert liver_value == pytest.approx(60, abs=3)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_foreground_share_matches_request(shard_dir, fraction):
+    manifest = load_manifest(shard_dir)
+    ds = make_dataset(manifest, "train", batch_size=4, augmentation=Augmentation.none(), foreground_fraction=fraction, seed=3)
+    has_tumor = np.array([[(m == 2).any() for m in masks.numpy()] for _, masks in ds.take(60)])
+    natural = manifest["splits"]["train"]["tumor_slices"] / manifest["splits"]["train"]["slices"]
+    if fraction > 0:
+        # The first round(fraction * batch) slices of every batch carry tumor, always.
+        assert has_tumor[:, : int(round(fraction * 4))].all()
+        assert has_tumor.mean() >= fraction
+    else:
+        assert abs(has_tumor.mean() - natural) < 0.12
+
+
+def test_augmentation_moves_image_and_mask_together(tmp_path):
+    # A case whose label is the image thresholded: after augmentation it must still be.
+    src = tmp_path / "src"
+    src.mkdir()
+    hu = np.full((48, 48, 6), -150, np.int16)
+    r, c = np.meshgrid(np.arange(48), np.arange(48), indexing="ij")
+    blob = ((r - 20) / 9) ** 2 + ((c - 27) / 13) ** 2 < 1
+    hu[blob] = 200
+    nib.save(nib.Nifti1Image(hu, np.diag([-0.8, -0.8, 2.5, 1])), str(src / "volume-0.nii.gz"))
+    nib.save(nib.Nifti1Image(np.where(hu > 0, 1, 0).astype(np.uint8), np.diag([-0.8, -0.8, 2.5, 1])), str(src / "segmentation-0.nii.gz"))
+    manifest = prepare_dataset(PrepareOptions(src, tmp_path / "out", image_size=48, workers=1, progress=False, split=(1, 0, 0)))
+    strong = Augmentation(flip="horizontal_and_vertical", rotation=0.1, zoom=0.2, translation=0.15,
+                          intensity_scale=0, intensity_shift=0, gamma=0, noise_std=0)
+    ds = make_dataset(manifest, "train", batch_size=6, augmentation=strong, foreground_fraction=0, seed=5)
+    threshold = (0 - manifest["preprocessing"]["mean"]) / manifest["preprocessing"]["std"]
+    for images, masks in ds.take(4):
+        images, masks = images.numpy()[..., 0], masks.numpy()
+        agreement = ((images > threshold) == (masks == 1)).mean(axis=(1, 2))
+        assert agreement.min() > 0.97, agreement
+        assert set(np.unique(masks)) <= {0, 1}
+    # ...and the augmentation really moved things: masks differ from the untouched one.
+    plain = next(iter(make_dataset(manifest, "train", batch_size=6, training=False)))[1].numpy()
+    augmented = next(iter(ds))[1].numpy()
+    assert (plain != augmented).mean() > 0.01
+
+
+def test_deterministic_option_repeats_exactly(shard_dir):
+    first = [next(iter(make_dataset(shard_dir, "train", batch_size=4, deterministic=True, seed=11)))[0].numpy() for _ in range(2)]
+    np.testing.assert_array_equal(first[0], first[1])
+    other = next(iter(make_dataset(shard_dir, "train", batch_size=4, deterministic=True, seed=12)))[0].numpy()
+    assert not np.array_equal(first[0], other)
+
+
+def test_intensity_augmentation_changes_image_only(shard_dir):
+    only_intensity = Augmentation(rotation=0, zoom=0, translation=0, flip=None)
+    a = next(iter(make_dataset(shard_dir, "train", batch_size=4, augmentation=only_intensity, deterministic=True, seed=1)))
+    b = next(iter(make_dataset(shard_dir, "train", batch_size=4, augmentation=Augmentation.none(), deterministic=True, seed=1)))
+    np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+    assert np.abs(a[0].numpy() - b[0].numpy()).mean() > 0.01
+
+
+def test_cache_gives_the_same_data(shard_dir):
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(shard_dir, "val", batch_size=4)])
+    cached_ds = make_dataset(shard_dir, "val", batch_size=4, cache=True)
+    for _ in range(2):
+        np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in cached_ds]), plain)
+
+
+def test_folder_without_manifest_is_refused(tmp_path):
+    with pytest.raises(DataError, match="not a finished prepare output"):
+        make_dataset(tmp_path, "train", batch_size=2)

@@ -1,0 +1,195 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from keras_livseg import prepare as prepare_cli
+from keras_livseg.data import prepare as prepare_module
+from keras_livseg.data import shards
+from keras_livseg.data.prepare import PrepareOptions, prepare_dataset, split_cases
+from keras_livseg.data.preprocessing import Preprocessing, resize_nearest
+from keras_livseg.data.volumes import DataError, discover_cases, load_case
+
+from data_helpers import write_case
+
+
+def _options(src, out, **kw):
+    base = dict(src=src, out=out, image_size=32, workers=1, progress=False, split=(0.5, 0.25, 0.25))
+    base.update(kw)
+    return PrepareOptions(**base)
+
+
+def _parse_all(path):
+    import tensorflow as tf
+    from keras_livseg.data.dataset import FEATURE_SPEC
+
+    out = []
+    for record in shards.read_records(path):
+        p = tf.io.parse_single_example(record, FEATURE_SPEC)
+        ctx = int(p["context"])
+        out.append(
+            (
+                p["case_id"].numpy().decode(),
+                int(p["slice_index"]),
+                np.frombuffer(p["image"].numpy(), np.float16).reshape(32, 32, ctx),
+                np.frombuffer(p["mask"].numpy(), np.uint8).reshape(32, 32),
+            )
+        )
+    return out
+
+
+def test_manifest_splits_and_training_statistics(lits_dir, tmp_path):
+    manifest = prepare_dataset(_options(lits_dir, tmp_path / "out"))
+    splits = manifest["splits"]
+    members = [set(splits[s]["cases"]) for s in ("train", "val", "test")]
+    assert sum(map(len, members)) == 6 and set().union(*members) == {str(i) for i in range(6)}
+    assert not (members[0] & members[1] or members[0] & members[2] or members[1] & members[2])
+    # Standardization statistics: windowed foreground voxels of the training cases only.
+    values = []
+    for files in discover_cases(lits_dir):
+        if files.case_id in members[0]:
+            case = load_case(files)
+            values.append(np.clip(case.image[case.labels > 0].astype(np.float64), -200, 250))
+    values = np.concatenate(values)
+    assert manifest["preprocessing"]["mean"] == pytest.approx(values.mean(), rel=1e-9)
+    assert manifest["preprocessing"]["std"] == pytest.approx(values.std(), rel=1e-6)
+    everything = prepare_dataset(_options(lits_dir, tmp_path / "all", split=(1, 0, 0)))
+    assert everything["preprocessing"]["mean"] != pytest.approx(manifest["preprocessing"]["mean"], rel=1e-6)
+    assert (tmp_path / "out" / "manifest.json").is_file() and not (tmp_path / "out" / ".work").exists()
+    for split in ("train", "val", "test"):
+        assert manifest["splits"][split]["slices"] == 12 * len(members[("train", "val", "test").index(split)])
+    assert sum(manifest["splits"][s]["tumor_slices"] for s in splits) == 4 * 4  # 4 tumor cases, 4 slices each
+
+
+def test_shards_parse_back_to_the_arrays_written(lits_dir, tmp_path):
+    manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", context=3))
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    (shard,) = manifest["splits"]["train"]["shards"]
+    examples = _parse_all(tmp_path / "out" / shard)
+    case_id, index, image, mask = examples[5]
+    case = load_case(next(c for c in discover_cases(lits_dir) if c.case_id == case_id))
+    expected = prep.slices_to_model_grid(case.image[:, :, [index - 1, index, index + 1]]).astype(np.float16)
+    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(mask, resize_nearest(case.labels[:, :, index], (32, 32)))
+    assert manifest["cases"][case_id]["tumor_pixels"][5] == int((mask == 2).sum())
+
+
+def test_byte_identical_whatever_the_workers(lits_dir, tmp_path):
+    prepare_dataset(_options(lits_dir, tmp_path / "a", workers=1, compression="GZIP"))
+    prepare_dataset(_options(lits_dir, tmp_path / "b", workers=2, compression="GZIP"))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert any(n.endswith(".tfrecord.gz") for n in names)
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_split_is_by_patient_and_seeded():
+    ids = [str(i) for i in range(20)]
+    a, b = split_cases(ids, (0.7, 0.15, 0.15), 1), split_cases(ids, (0.7, 0.15, 0.15), 2)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [14, 3, 3]
+    assert a == split_cases(ids, (0.7, 0.15, 0.15), 1) and a != b
+    assert split_cases(["x"], (0.7, 0.15, 0.15), 0) == {"train": ["x"], "val": [], "test": []}
+
+
+def test_liver_slices_with_margin(lits_dir, tmp_path):
+    manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", slices="liver", margin=1))
+    # Liver on slices 2..9 of 12: with a margin of 1, slices 1..10.
+    assert manifest["cases"]["0"]["slice_indices"] == list(range(1, 11))
+
+
+def test_refuses_finished_output_without_overwrite(lits_dir, tmp_path):
+    prepare_dataset(_options(lits_dir, tmp_path / "out"))
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    with pytest.raises(DataError, match="already exists; pass --overwrite"):
+        prepare_dataset(_options(lits_dir, tmp_path / "out"))
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+    prepare_dataset(_options(lits_dir, tmp_path / "out", overwrite=True, image_size=16))
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["preprocessing"]["image_size"] == [16, 16]
+
+
+def test_interrupted_run_resumes_only_missing_cases(lits_dir, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    prepare_dataset(_options(lits_dir, reference))
+    out = tmp_path / "out"
+    real = prepare_module.process_case
+    calls = []
+
+    def dying(files, options, work_dir):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(files.case_id)
+        return real(files, options, work_dir)
+
+    monkeypatch.setattr(prepare_module, "process_case", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(_options(lits_dir, out))
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tfrecord"))
+    with pytest.raises(DataError, match="unfinished prepare run; pass --resume"):
+        prepare_dataset(_options(lits_dir, out))
+    calls.clear()
+    monkeypatch.setattr(prepare_module, "process_case", lambda f, o, w: (calls.append(f.case_id), real(f, o, w))[1])
+    prepare_dataset(_options(lits_dir, out, resume=True))
+    assert calls == ["3", "4", "5"]
+    for path in reference.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes()
+
+
+def test_skip_bad_case_is_recorded(lits_dir, tmp_path):
+    (lits_dir / "segmentation-2.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="segmentation-2.nii.gz"):
+        prepare_dataset(_options(lits_dir, tmp_path / "stop"))
+    assert not (tmp_path / "stop" / "manifest.json").exists()
+    manifest = prepare_dataset(_options(lits_dir, tmp_path / "skip", on_error="skip"))
+    assert [s["case_id"] for s in manifest["skipped"]] == ["2"] and "2" not in manifest["cases"]
+
+
+def test_real_scan_padding_is_clipped_by_the_window(real_data_dir, tmp_path):
+    manifest = prepare_dataset(_options(real_data_dir / "dcmqi-ct-3slice", tmp_path / "out", split=(1, 0, 0)))
+    (shard,) = manifest["splits"]["train"]["shards"]
+    images = np.stack([e[2] for e in _parse_all(tmp_path / "out" / shard)]).astype(np.float32)
+    assert images.min() == -200.0 and images.max() <= 250.0
+    assert manifest["cases"]["3slice"]["image_sha256"] == prepare_module.sha256_file(
+        real_data_dir / "dcmqi-ct-3slice" / "volume-3slice.nii.gz"
+    )
+
+
+def test_cli_label_map_on_totalsegmentator_csv(real_data_dir, tmp_path, capsys):
+    folder = real_data_dir / "totalseg-example-ct"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image,label\n{folder / 'example_ct_sm.nii.gz'},{folder / 'example_seg.nii.gz'}\n")
+    assert prepare_cli.main(["--src", str(pairs), "--out", str(tmp_path / "bad"), "--image-size", "32", "--no-progress"]) == 2
+    assert "--label-map" in capsys.readouterr().err
+    code = prepare_cli.main(
+        ["--src", str(pairs), "--out", str(tmp_path / "ok"), "--image-size", "32", "--label-map", "5:1", "--no-progress"]
+    )
+    assert code == 0
+    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["class_pixels"][1] > 0 and manifest["label_map"] == {"5": 1}
+
+
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_livseg.prepare", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [f"prepare: error: no cases found in {tmp_path / 'empty'}; expected volume-N.nii[.gz] with segmentation-N.nii[.gz] (LiTS), imagesTr/ with labelsTr/ (MSD), or a .csv of image,label pairs"]
+    assert "Traceback" not in result.stderr
+
+
+def test_recipe_values_and_unknown_keys(lits_dir, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[data]\nsrc = "{lits_dir}"\nout = "{tmp_path / "o"}"\nworkers = 1\n[preprocessing]\nimage_size = 16\n')
+    assert prepare_cli.main(["--pipeline", str(recipe), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["preprocessing"]["image_size"] == [16, 16]
+    recipe.write_text('[data]\nsorce = "x"\n')
+    with pytest.raises(ValueError, match="unknown key sorce in \\[data\\]; valid keys: .*src"):
+        prepare_cli.options_from_args(prepare_cli.build_parser().parse_args(["--pipeline", str(recipe)]))

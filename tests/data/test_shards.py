@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_livseg.data import shards
+
+
+@pytest.mark.parametrize("compression", [None, "GZIP"])
+def test_tensorflow_reads_what_we_write(tmp_path, compression):
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 100, (16, 12, 3)).astype(np.float16)
+    mask = rng.integers(0, 3, (16, 12)).astype(np.uint8)
+    path = tmp_path / shards.shard_name("train", 0, 1, compression)
+    with shards.TFRecordWriter(path, compression) as writer:
+        for k in range(3):
+            writer.write(shards.slice_example(image + k, mask, "case-7", k, -12.5, 80.0))
+    assert not list(tmp_path.glob(".*partial"))
+    from keras_livseg.data.dataset import FEATURE_SPEC
+
+    records = list(tf.data.TFRecordDataset(str(path), compression_type=compression or ""))
+    assert len(records) == 3
+    parsed = tf.io.parse_single_example(records[2], FEATURE_SPEC)
+    got = tf.reshape(tf.io.decode_raw(parsed["image"], tf.float16), [16, 12, 3]).numpy()
+    np.testing.assert_array_equal(got, image + 2)
+    np.testing.assert_array_equal(tf.reshape(tf.io.decode_raw(parsed["mask"], tf.uint8), [16, 12]).numpy(), mask)
+    assert parsed["case_id"].numpy() == b"case-7" and int(parsed["slice_index"]) == 2
+    assert int(parsed["tumor_pixels"]) == int((mask == 2).sum()) and int(parsed["liver_pixels"]) == int((mask > 0).sum())
+    assert float(parsed["volume_mean"]) == -12.5 and int(parsed["context"]) == 3
+    assert shards.read_records(path) == [r.numpy() for r in records]
+
+
+def test_negative_and_large_integers_round_trip():
+    record = shards.encode_example({"a": np.array([-5, 0, 2**40]), "b": "x"})
+    parsed = tf.io.parse_single_example(
+        record, {"a": tf.io.FixedLenFeature([3], tf.int64), "b": tf.io.FixedLenFeature([], tf.string)}
+    )
+    assert parsed["a"].numpy().tolist() == [-5, 0, 2**40]
+
+
+def test_writer_abort_leaves_nothing(tmp_path):
+    path = tmp_path / "x.tfrecord"
+    with pytest.raises(RuntimeError):
+        with shards.TFRecordWriter(path) as writer:
+            writer.write(b"abc")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_record_is_detected(tmp_path):
+    path = tmp_path / "x.tfrecord"
+    with shards.TFRecordWriter(path) as writer:
+        writer.write(b"abcdef")
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        shards.read_records(path)
+
+
+def test_plan_shards_keeps_target_size():
+    assert shards.plan_shards([40, 40, 40, 40, 200, 10], 100) == [2, 2, 1, 1]
+    assert shards.plan_shards([], 100) == []

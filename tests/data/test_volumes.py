@@ -1,0 +1,167 @@
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from keras_livseg.data.volumes import (
+    DataError,
+    apply_label_map,
+    discover_cases,
+    from_canonical,
+    load_case,
+    parse_label_map,
+    save_like,
+    to_canonical,
+)
+
+from data_helpers import write_case
+
+
+def test_discover_lits_layout_natural_order(tmp_path):
+    for case_id in ["10", "2", "1"]:
+        write_case(tmp_path, case_id)
+    write_case(tmp_path, "3", gz=False)
+    cases = discover_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["1", "2", "3", "10"]
+    assert cases[2].image.name == "volume-3.nii" and cases[2].label.name == "segmentation-3.nii"
+
+
+def test_discover_msd_layout(tmp_path):
+    image, label = write_case(tmp_path / "tmp", "0")
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    image.rename(tmp_path / "imagesTr" / "liver_7.nii.gz")
+    label.rename(tmp_path / "labelsTr" / "liver_7.nii.gz")
+    (cases,) = discover_cases(tmp_path)
+    assert cases.case_id == "liver_7" and cases.label == tmp_path / "labelsTr" / "liver_7.nii.gz"
+
+
+def test_discover_csv_relative_paths(tmp_path):
+    image, label = write_case(tmp_path / "d", "5")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,label,case_id\nd/volume-5.nii.gz,d/segmentation-5.nii.gz,patient5\n")
+    (case,) = discover_cases(csv)
+    assert case.case_id == "patient5" and case.image == image and case.label == label
+
+
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (lambda d: None, "no cases found"),
+        (lambda d: write_case(d, "1")[1].unlink(), "has no segmentation-1"),
+        (lambda d: (write_case(d, "1"), write_case(d, "1", gz=False)), "two cases share the id '1'"),
+    ],
+)
+def test_discover_errors(tmp_path, setup, fragment):
+    setup(tmp_path)
+    with pytest.raises(DataError, match=fragment):
+        discover_cases(tmp_path)
+
+
+def test_discover_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        discover_cases(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([-0.8, -0.8, 2.5, 1.0]),  # L, P, S (DICOM-derived, LiTS)
+        np.diag([0.8, 0.8, 2.5, 1.0]),  # R, A, S
+        np.array([[0, 0.7, 0, 0], [-0.9, 0, 0, 0], [0, 0, -2.0, 0], [0, 0, 0, 1.0]]),  # permuted and flipped
+    ],
+)
+def test_canonical_round_trip_voxel_for_voxel(tmp_path, affine):
+    image_path, _ = write_case(tmp_path, "1", shape=(10, 14, 6), affine=affine)
+    case = load_case(discover_cases(tmp_path)[0])
+    assert nib.aff2axcodes(case.original_affine) == nib.aff2axcodes(affine)
+    native = np.asarray(nib.load(str(image_path)).dataobj)
+    assert np.array_equal(from_canonical(case.image, case.original_affine), native)
+    out = save_like(case.labels, case.original_affine, tmp_path / "out" / "segmentation-1.nii.gz")
+    written = nib.load(str(out))
+    assert written.shape == native.shape and np.allclose(written.affine, affine)
+
+
+def test_canonical_orientation_is_PLS():
+    # Identity affine = RAS: indices grow toward the patient's Right, Anterior, Superior.
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    data = np.zeros((3, 4, 2))
+    data[0, 3, 0] = 1  # x=0: the patient's leftmost voxel; y=3: the most anterior
+    canonical = to_canonical(data, affine)
+    assert canonical.shape == (4, 3, 2)
+    # Canonical rows run anterior→posterior (most anterior = row 0) and columns run the
+    # patient's right→left (leftmost = last column).
+    assert canonical[0, 2, 0] == 1
+
+
+def test_spacing_follows_canonical_axes(tmp_path):
+    affine = np.array([[0, 0.7, 0, 0], [-0.9, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1.0]])
+    write_case(tmp_path, "1", shape=(10, 14, 6), affine=affine)
+    case = load_case(discover_cases(tmp_path)[0])
+    # File axis 0 runs posterior (0.9 mm), axis 1 runs right→... 0.7 mm; canonical rows are A→P.
+    assert case.spacing == pytest.approx((0.9, 0.7, 2.0))
+    assert case.image.shape == (10, 14, 6)
+
+
+def test_label_map_on_real_totalsegmentator(real_data_dir):
+    folder = real_data_dir / "totalseg-example-ct"
+    from keras_livseg.data.volumes import CaseFiles
+
+    files = CaseFiles("ts", folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz")
+    with pytest.raises(DataError, match="--label-map 5:1"):
+        load_case(files)
+    case = load_case(files, parse_label_map("5:1"))
+    raw = np.asarray(nib.load(str(folder / "example_seg.nii.gz")).dataobj)
+    assert set(np.unique(case.labels)) == {0, 1}
+    assert int(case.labels.sum()) == int((raw == 5).sum()) > 1000
+
+
+def test_apply_and_parse_label_map():
+    assert parse_label_map("5:1, 13:2") == {5: 1, 13: 2}
+    assert parse_label_map(None) is None
+    assert apply_label_map(np.array([0, 5, 7, 13]), {5: 1, 13: 2}).tolist() == [0, 1, 0, 2]
+    with pytest.raises(DataError, match="bad --label-map entry 'x'"):
+        parse_label_map("x")
+    with pytest.raises(DataError, match="not a class"):
+        parse_label_map("5:4")
+
+
+def _save(path: Path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda d: _save(d / "segmentation-1.nii.gz", np.zeros((5, 5, 5), np.uint8)), "same grid"),
+        (lambda d: _save(d / "segmentation-1.nii.gz", np.zeros((40, 48, 12), np.uint8), np.diag([2, 2, 2, 1.0])), "different affines"),
+        (lambda d: _save(d / "segmentation-1.nii.gz", np.full((40, 48, 12), 7, np.uint8), np.diag([-0.8, -0.8, 2.5, 1])), "outside 0"),
+        (lambda d: _save(d / "volume-1.nii.gz", np.full((40, 48, 12), np.nan, np.float32), np.diag([-0.8, -0.8, 2.5, 1])), "NaN"),
+        (lambda d: _save(d / "volume-1.nii.gz", np.zeros((40, 48), np.int16)), "must be 3D"),
+        (lambda d: _save(d / "volume-1.nii.gz", np.zeros((40, 48, 12, 2), np.int16)), "must be 3D"),
+        (lambda d: (d / "volume-1.nii.gz").write_bytes((d / "volume-1.nii.gz").read_bytes()[:3000]), "truncated or corrupt|not a readable"),
+        (lambda d: (d / "volume-1.nii.gz").write_bytes(b"not a nifti at all"), "not a readable NIfTI"),
+    ],
+)
+def test_bad_cases_name_the_file(tmp_path, damage, fragment):
+    write_case(tmp_path, "1")
+    damage(tmp_path)
+    with pytest.raises(DataError, match=fragment) as error:
+        load_case(discover_cases(tmp_path)[0])
+    assert "-1.nii.gz" in str(error.value)
+
+
+def test_singleton_fourth_axis_is_accepted(tmp_path):
+    write_case(tmp_path, "1")
+    hu = np.asarray(nib.load(str(tmp_path / "volume-1.nii.gz")).dataobj)
+    _save(tmp_path / "volume-1.nii.gz", hu[..., None], np.diag([-0.8, -0.8, 2.5, 1]))
+    case = load_case(discover_cases(tmp_path)[0])
+    assert case.image.shape == (48, 40, 12)
+
+
+def test_real_dcmqi_scan_loads(real_data_dir):
+    case = load_case(discover_cases(real_data_dir / "dcmqi-ct-3slice")[0])
+    assert case.image.shape == (512, 512, 3) and case.image.dtype == np.int16
+    assert case.image.min() == -3024 and set(np.unique(case.labels)) == {0, 1}
+    assert case.spacing == pytest.approx((0.8105, 0.8105, 1.0), abs=1e-3)
