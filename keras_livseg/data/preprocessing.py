@@ -290,3 +290,45 @@ class ForegroundStatistics:
             "percentile_00_5": self.percentile(0.5),
             "percentile_99_5": self.percentile(99.5),
         }
+
+
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def write_preprocessing_json(path, prep: Preprocessing, **metadata: Any) -> None:
+    """Write ``{"preprocessing": ..., **metadata}`` atomically (run folders, exports).
+
+    ``fit`` writes ``<run>/preprocessing.json`` beside ``checkpoints/``; the export copies it
+    into the SavedModel's ``assets.extra/``. ``predict`` finds it with :func:`find_preprocessing_json`.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(json.dumps({"preprocessing": prep.to_dict(), **metadata}, indent=1, sort_keys=True) + "\n")
+    temporary.replace(path)
+
+
+def read_preprocessing_json(path) -> tuple[Preprocessing, dict[str, Any]]:
+    """Read a file written by :func:`write_preprocessing_json`: ``(Preprocessing, metadata)``."""
+    import json
+    from pathlib import Path
+
+    payload = json.loads(Path(path).read_text())
+    return Preprocessing.from_dict(payload.pop("preprocessing")), payload
+
+
+def find_preprocessing_json(model_path):
+    """Locate the preprocessing of a model: a ``.keras`` file's folder or its parent (the run
+    folder), or a SavedModel's ``assets.extra/``. Returns the path or ``None``."""
+    from pathlib import Path
+
+    model_path = Path(model_path)
+    candidates = [
+        model_path / "assets.extra" / PREPROCESSING_FILE,
+        model_path.parent / PREPROCESSING_FILE,
+        model_path.parent.parent / PREPROCESSING_FILE,
+    ]
+    return next((c for c in candidates if c.is_file()), None)
