@@ -1,0 +1,985 @@
+"""Synthetic abdominal CT phantom in the LiTS layout: volumes, liver and tumor labels.
+
+The phantom is built so that no intensity threshold can segment the liver: the spleen,
+kidneys, heart, stomach contents and muscles share the liver's Hounsfield range, and only
+shape, position and context tell them apart, as in real CT. Tumors are hypo- or hyper-dense
+with blurred edges, from a few millimetres to several centimetres, and about one case in six
+has none.
+
+Geometry and orientation:
+    Arrays are indexed ``[i, j, k]`` with shape ``(X, Y, Z)`` like nibabel's, and the affine
+    is ``diag(-dx, -dy, dz)`` plus a translation, the orientation of DICOM-derived LiTS
+    volumes (nibabel axis codes ``("L", "P", "S")``): ``i`` runs toward the patient's left,
+    ``j`` toward the back, ``k`` toward the head. Shown with ``i`` as columns and ``j`` as
+    rows (radiological convention), the patient's right, where the liver is, is on the
+    image's left. World coordinates are RAS+ as nibabel defines them, so the liver lies at
+    larger world ``x`` than the body's centre.
+
+    In-plane spacing is drawn per case from a range given for a 512-pixel matrix
+    (default 0.6-1.0 mm, a 307-512 mm field of view, never smaller than the body needs) and
+    scaled by ``512 / size``, so every size shows the whole abdomen. Slice thickness is drawn
+    from 1-5 mm, narrowed so that the scan covers 150-450 mm where the slice count allows:
+    thin slices come with many slices, as in clinical series. Anatomy is laid out in
+    millimetres, so tumor diameters and volumes computed from the header are true ones.
+
+Intensities (HU): air -1000, subcutaneous fat about -100, visceral fat about -90, muscle
+45-60, liver 52-68 with smooth texture and faint vessels, spleen and kidneys within about
+15 HU of the liver, bone 250-1000, lung about -850, Gaussian noise of std 9-14 HU, and
+-1024 or -3024 outside the circular field of view.
+
+Example:
+    >>> from keras_livseg.data.phantom import make_phantom_case
+    >>> case = make_phantom_case(0, size=64, slices=(16, 16))
+    >>> case.volume_hu.shape, case.volume_hu.dtype.name, case.labels.dtype.name
+    ((64, 64, 16), 'int16', 'uint8')
+    >>> sorted(set(case.labels.ravel().tolist())) <= [0, 1, 2]
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit
+
+logger = logging.getLogger(__name__)
+
+LABEL_BACKGROUND = 0
+LABEL_LIVER = 1
+LABEL_TUMOR = 2
+
+AIR_HU = -1000
+PAD_VALUES_HU = (-1024, -3024)
+MIN_HU, MAX_HU = -1024, 3071
+
+DEFAULT_SIZE = 256
+DEFAULT_SLICES = (32, 64)
+DEFAULT_SPACING_MM = (0.6, 1.0)  # in-plane, for a 512 x 512 matrix
+DEFAULT_THICKNESS_MM = (1.0, 5.0)
+REFERENCE_MATRIX = 512
+# The scan covers the liver with margins, like the abdominal series of LiTS.
+COVERAGE_MM = (150.0, 450.0)
+TUMOR_FREE_PERIOD = 6  # one case in six without tumor in a written set
+
+SMALL_TUMOR_MAX_MM = 10.0
+LARGE_TUMOR_MIN_MM = 15.0
+
+_F32 = np.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TumorSpec:
+    """One lesion as placed in the phantom.
+
+    Attributes:
+        center_ijk: voxel index ``(i, j, k)`` of the lesion's centre.
+        diameter_mm: in-plane diameter in millimetres (before the blurred edge).
+        kind: ``"hypo"`` (darker than liver) or ``"hyper"`` (brighter).
+        contrast_hu: lesion minus liver intensity in HU at the lesion's core.
+        voxels: voxels labelled tumor for this lesion (0 only if a later lesion covers it).
+    """
+
+    center_ijk: tuple[int, int, int]
+    diameter_mm: float
+    kind: str
+    contrast_hu: float
+    voxels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomCase:
+    """One synthetic CT case.
+
+    Attributes:
+        volume_hu: int16 array ``(X, Y, Z)``, Hounsfield units.
+        labels: uint8 array ``(X, Y, Z)``: 0 background, 1 liver, 2 tumor.
+        affine: float64 ``(4, 4)`` voxel-to-world (RAS+, mm) matrix, ``diag(-dx, -dy, dz)``
+            plus a translation.
+        pad_hu: the out-of-field value, -1024 or -3024.
+        liver_hu: mean liver intensity before texture and noise.
+        noise_hu: standard deviation of the added Gaussian noise.
+        tumors: the lesions, largest first; empty for a tumor-free case.
+    """
+
+    volume_hu: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+    pad_hu: int
+    liver_hu: float
+    noise_hu: float
+    tumors: tuple[TumorSpec, ...]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size ``(dx, dy, dz)`` in mm, read from the affine."""
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+
+# ----------------------------------------------------------------------------------------
+# Small geometric helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _kernel_weights(x: np.ndarray, cell: float) -> np.ndarray:
+    """Rows of normalized Gaussian weights from positions ``x`` to nodes ``cell`` mm apart."""
+    nodes = np.arange(x.min() - 2 * cell, x.max() + 3 * cell, cell)
+    w = np.exp(-0.5 * ((x[:, None] - nodes[None, :]) / (0.7 * cell)) ** 2)
+    w[w < 1e-6] = 0.0  # tails would be float32 denormals, which make matmul 10x slower
+    w /= w.sum(axis=1, keepdims=True)
+    return w.astype(_F32)
+
+
+class _SmoothField:
+    """A band-limited random field of about unit variance on the slice grid.
+
+    Random values on a coarse lattice are interpolated with Gaussian weights, separably, so
+    a slice (or a box of it) costs two small matrix products instead of a 3D filter over the
+    whole volume.
+    """
+
+    def __init__(self, rng: np.random.Generator, u, v, z, cell_mm: float, cell_z_mm: float):
+        self._wu = _kernel_weights(u, cell_mm)
+        self._wv = _kernel_weights(v, cell_mm)
+        self._wz = _kernel_weights(z, cell_z_mm)
+        shape = (self._wu.shape[1], self._wv.shape[1], self._wz.shape[1])
+        self._values = rng.standard_normal(shape, dtype=_F32)
+        variance = (
+            (self._wu**2).sum(1).mean() * (self._wv**2).sum(1).mean() * (self._wz**2).sum(1).mean()
+        )
+        self._scale = _F32(1.0 / math.sqrt(variance))
+
+    def plane(self, k: int, box: tuple[slice, slice]) -> np.ndarray:
+        coarse = self._values @ self._wz[k]
+        return (self._wu[box[0]] @ coarse @ self._wv[box[1]].T) * self._scale
+
+
+def _rho2(U, V, cu, cv, au, av, angle=0.0):
+    """Squared normalized radius of a rotated ellipse: < 1 inside."""
+    c, s = math.cos(angle), math.sin(angle)
+    du, dv = U - cu, V - cv
+    x = (du * c + dv * s) / au
+    y = (dv * c - du * s) / av
+    return x * x + y * y
+
+
+def _profile(tau: float, peak: float = 0.5) -> float:
+    """Craniocaudal scale in [0, 1] for ``tau`` in [0, 1]: 0 at both ends, 1 at ``peak``."""
+    if tau <= 0.0 or tau >= 1.0:
+        return 0.0
+    power = math.log(0.5) / math.log(peak)
+    return math.sin(math.pi * tau**power) ** 0.5
+
+
+@dataclasses.dataclass
+class _Organ:
+    """An ellipsoid-like organ: an ellipse in plane whose size follows a profile along z."""
+
+    cu: float
+    cv: float
+    au: float
+    av: float
+    angle: float
+    z0: float
+    z1: float
+    hu: float
+    peak: float = 0.5
+    rim_mm: float = 0.0
+
+    def scale(self, z: float) -> float:
+        return _profile((z - self.z0) / (self.z1 - self.z0), self.peak)
+
+    def radius(self) -> float:
+        return max(self.au, self.av)
+
+
+# ----------------------------------------------------------------------------------------
+# The phantom builder
+# ----------------------------------------------------------------------------------------
+
+
+class _Builder:
+    """Draws one case's anatomy, then renders it slice by slice into int16/uint8 arrays."""
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        size: int,
+        slices: tuple[int, int],
+        spacing_mm: tuple[float, float],
+        thickness_mm: tuple[float, float],
+        tumor_free: bool | None,
+    ):
+        self.rng = rng
+        u = rng.uniform
+        self.nx = self.ny = size
+        self.nz = int(rng.integers(slices[0], slices[1] + 1))
+
+        # Body first: the field of view must fit it.
+        self.a = u(125.0, 165.0)
+        self.b = self.a * u(0.68, 0.8)
+        self.ub, self.vb = u(-10.0, 10.0), u(-5.0, 15.0)
+        needed = 2 * (max(self.a, self.b) * 1.08 + math.hypot(self.ub, self.vb) + 12.0) / size
+        ratio = REFERENCE_MATRIX / size
+        lo, hi = spacing_mm[0] * ratio, spacing_mm[1] * ratio
+        self.dx = self.dy = u(max(lo, needed), hi) if needed < hi else needed
+
+        lo, hi = thickness_mm
+        lo, hi = max(lo, COVERAGE_MM[0] / self.nz), min(hi, COVERAGE_MM[1] / self.nz)
+        if lo > hi:  # too few (or too many) slices for the coverage: keep the bound nearest
+            lo = hi = thickness_mm[1] if self.nz * thickness_mm[1] < COVERAGE_MM[0] else thickness_mm[0]
+        self.dz = u(lo, hi)
+
+        self.u = ((np.arange(self.nx) - (self.nx - 1) / 2) * self.dx).astype(_F32)
+        self.v = ((np.arange(self.ny) - (self.ny - 1) / 2) * self.dy).astype(_F32)
+        self.z = (np.arange(self.nz) * self.dz).astype(_F32)
+        coverage = self.nz * self.dz
+
+        self.pad_hu = int(rng.choice(PAD_VALUES_HU))
+        self.noise_hu = u(9.0, 14.0)
+        self.blur_px = u(0.5, 0.8)
+
+        # Tissue intensities; the soft organs deliberately overlap the liver's range.
+        self.liver_hu = u(52.0, 68.0)
+        self.hu = {
+            "subq_fat": u(-115.0, -90.0),
+            "visceral_fat": u(-105.0, -80.0),
+            "muscle": u(45.0, 60.0),
+            "spleen": self.liver_hu + u(-8.0, 8.0),
+            "kidney": self.liver_hu + u(-12.0, 10.0),
+            "stomach_wall": u(40.0, 55.0),
+            "stomach_lumen": u(5.0, 20.0) if rng.random() < 0.5 else u(35.0, 55.0),
+            "heart": u(35.0, 50.0),
+            "bowel": u(20.0, 45.0),
+            "lung": u(-880.0, -820.0),
+            "vessel": u(40.0, 170.0),
+            "cortical": u(700.0, 1000.0),
+            "cancellous": u(250.0, 350.0),
+            "rib_cortex": u(500.0, 850.0),
+            "disc": u(70.0, 100.0),
+            "csf": u(5.0, 15.0),
+            "sinus": u(-60.0, -20.0),
+        }
+        self.liver_texture_hu = u(3.0, 6.0)
+        self.vessel_delta_hu = float(np.clip((self.hu["vessel"] - self.liver_hu) * 0.4, -12.0, 25.0))
+
+        # Liver: a right lobe and a left lobe that appear, grow and shrink along z.
+        a, b, ub, vb = self.a, self.b, self.ub, self.vb
+        length = min(u(130.0, 180.0), 0.7 * coverage)
+        margin = 0.06 * coverage
+        self.zl0 = u(margin, max(margin, coverage - length - margin))
+        self.zl1 = self.zl0 + length
+        zl0, lz = self.zl0, length
+        self.liver_right = _Organ(
+            ub - u(0.45, 0.55) * a, vb - u(0.0, 0.1) * b, u(0.42, 0.5) * a, u(0.55, 0.65) * b,
+            u(-0.25, 0.25), zl0, self.zl1, self.liver_hu, peak=u(0.5, 0.65),
+        )
+        self.liver_left = _Organ(
+            ub + u(0.0, 0.15) * a, vb - u(0.4, 0.5) * b, u(0.28, 0.4) * a, u(0.18, 0.26) * b,
+            u(-0.3, 0.1), zl0 + u(0.3, 0.45) * lz, self.zl1 - u(0.0, 0.05) * lz, self.liver_hu,
+        )
+        self.liver_warp = u(0.08, 0.14)
+
+        # Spine and what hangs on it.
+        self.f_lat, self.f_ant, self.f_post = u(10.0, 35.0), u(10.0, 35.0), u(8.0, 18.0)
+        self.muscle_mm = u(8.0, 14.0)
+        self.rvb = u(15.0, 20.0)
+        self.v_spine = vb + 0.92 * b - self.f_post - 50.0 - self.rvb
+        self.disc_period, self.disc_phase = u(28.0, 34.0), u(0.0, 34.0)
+        self.paraspinal = [(ub + side * u(28.0, 35.0), u(22.0, 28.0), u(20.0, 26.0)) for side in (-1, 1)]
+        self.aorta = (ub + u(8.0, 20.0), self.v_spine - self.rvb - u(10.0, 14.0), u(10.0, 13.0))
+        self.ivc = (ub - u(18.0, 28.0), self.v_spine - self.rvb - u(8.0, 14.0), u(11.0, 15.0), u(8.0, 11.0))
+
+        # Neighbours of liver-like density.
+        kz = zl0 + u(0.1, 0.3) * lz
+        self.kidneys = []
+        for side, z_shift in ((-1, 0.0), (1, u(10.0, 20.0))):
+            half = u(45.0, 60.0)
+            self.kidneys.append(
+                _Organ(
+                    ub + side * u(55.0, 75.0), self.v_spine + u(-5.0, 10.0), u(25.0, 32.0), u(20.0, 26.0),
+                    -side * u(0.4, 0.8), kz + z_shift - half, kz + z_shift + half, self.hu["kidney"],
+                    rim_mm=u(3.0, 6.0),
+                )
+            )
+        zs, hs = zl0 + u(0.6, 0.8) * lz, u(45.0, 60.0)
+        self.spleen = _Organ(
+            ub + u(0.55, 0.65) * a, vb + u(0.15, 0.35) * b, u(0.18, 0.24) * a, u(0.38, 0.48) * b,
+            u(-0.7, -0.3), zs - hs, zs + hs, self.hu["spleen"], rim_mm=u(2.0, 5.0),
+        )
+        zs, hs = zl0 + u(0.5, 0.7) * lz, u(45.0, 60.0)
+        self.stomach = _Organ(
+            ub + u(0.25, 0.4) * a, vb - u(0.25, 0.4) * b, u(0.22, 0.3) * a, u(0.22, 0.32) * b,
+            u(-0.5, 0.5), zs - hs, zs + hs, self.hu["stomach_wall"], rim_mm=u(2.0, 5.0),
+        )
+        self.stomach_gas = rng.random() < 0.7
+
+        # Lungs above the two diaphragm domes, the heart on the left one.
+        self.dome_right = (self.zl1 + u(1.0, 4.0), self.liver_right.cu, self.liver_right.cv)
+        self.dome_left = (self.zl1 - u(5.0, 20.0), ub + u(0.3, 0.45) * a, vb + u(0.0, 0.2) * b)
+        self.dome_drop_mm = u(25.0, 35.0)
+        zh, hh = self.dome_left[0] + u(30.0, 45.0), u(50.0, 65.0)
+        self.heart = _Organ(
+            ub + u(0.1, 0.2) * a, vb - u(0.15, 0.3) * b, u(0.35, 0.45) * a, u(0.3, 0.4) * b,
+            u(-0.4, 0.0), zh - hh, zh + hh, self.hu["heart"], rim_mm=u(3.0, 6.0),
+        )
+
+        # Ribs: cross-sections along the wall, each seen in some slices only.
+        self.rib_z_min = zl0 + u(0.3, 0.4) * lz
+        self.rib_period = u(25.0, 32.0)
+        left = np.linspace(-1.0, 1.15, 6) + rng.uniform(-0.08, 0.08, 6)
+        self.ribs = [(float(t), float(u(0.0, 32.0))) for t in left] + [
+            (float(math.pi - t), float(u(0.0, 32.0))) for t in left
+        ]
+
+        # Body outline: an ellipse with gentle lobulation and a back flattened by the table.
+        self.body_wobble = [(m, u(0.0, 0.02), u(0.0, 2 * math.pi)) for m in (2, 3, 4)]
+        self.body_zwave = (u(0.0, 0.03), u(200.0, 400.0), u(0.0, 2 * math.pi))
+
+        # Smooth random fields for shapes and texture (cell sizes set the grain).
+        def field(cell, cell_z):
+            return _SmoothField(rng, self.u, self.v, self.z, cell, cell_z)
+
+        self.f_liver_shape = field(35.0, 40.0)
+        self.f_liver_texture = field(8.0, 10.0)
+        self.f_vessels = field(14.0, 18.0)
+        self.f_organ_shape = field(30.0, 35.0)
+        self.f_tissue = field(6.0, 8.0)
+        self.f_bowel = field(22.0, 25.0)
+        self.f_gas = field(10.0, 12.0)
+
+        self._static_arrays()
+        # Drawn either way, so that forcing ``tumor_free`` leaves the rest of the case alone.
+        drawn_free = bool(rng.random() < 1 / TUMOR_FREE_PERIOD)
+        self.tumor_free = drawn_free if tumor_free is None else bool(tumor_free)
+        plan = self._plan_tumors()
+        self.tumor_plan = [] if self.tumor_free else plan
+
+    # -- static per-case arrays -------------------------------------------------------------
+
+    def _surface_radius(self, theta):
+        """Body-outline radius (mm) along direction ``theta`` from the body centre."""
+        c, s = np.cos(theta), np.sin(theta)
+        r = 1.0 / np.sqrt((c / self.a) ** 2 + (s / self.b) ** 2)
+        for m, amp, phase in self.body_wobble:
+            r = r * (1.0 + amp * np.cos(m * theta + phase))
+        return r * (1.0 - 0.08 * np.clip(s, 0.0, None) ** 2)  # supine: back flattened
+
+    def _wall_mm(self, theta):
+        """Subcutaneous fat thickness (mm) along ``theta``."""
+        c, s = np.cos(theta), np.sin(theta)
+        return self.f_lat * c**2 + np.where(s < 0, self.f_ant, self.f_post) * s**2
+
+    def _static_arrays(self) -> None:
+        du = self.u[:, None] - _F32(self.ub)
+        dv = self.v[None, :] - _F32(self.vb)
+        self.r = np.sqrt(du * du + dv * dv).astype(_F32)
+        theta = np.arctan2(dv, du)
+        self.r_surface = self._surface_radius(theta).astype(_F32)
+        self.fat_mm = self._wall_mm(theta).astype(_F32)
+        radius_fov = (self.nx / 2) * self.dx
+        self.fov = (self.u[:, None] ** 2 + self.v[None, :] ** 2) < _F32(radius_fov**2)
+        # Diaphragm domes: the lung begins where z exceeds apex - drop * q(u, v).
+        self.dome_q = []
+        for apex, cu, cv in (self.dome_right, self.dome_left):
+            q = _rho2(self.u[:, None], self.v[None, :], cu, cv, 0.55 * self.a, 0.75 * self.b)
+            self.dome_q.append(q.astype(_F32))
+        self.left_side = (self.u[:, None] > _F32(self.ub)) & np.ones((1, self.ny), bool)
+
+    def _box(self, cu: float, cv: float, radius: float) -> tuple[slice, slice] | None:
+        """Index box covering a disc of ``radius`` mm around ``(cu, cv)``; None if outside."""
+        i0 = int(math.floor((cu - radius - self.u[0]) / self.dx))
+        i1 = int(math.ceil((cu + radius - self.u[0]) / self.dx)) + 1
+        j0 = int(math.floor((cv - radius - self.v[0]) / self.dy))
+        j1 = int(math.ceil((cv + radius - self.v[0]) / self.dy)) + 1
+        i0, i1, j0, j1 = max(i0, 0), min(i1, self.nx), max(j0, 0), min(j1, self.ny)
+        if i0 >= i1 or j0 >= j1:
+            return None
+        return slice(i0, i1), slice(j0, j1)
+
+    def _grid(self, box):
+        return self.u[box[0], None], self.v[None, box[1]]
+
+    # -- anatomy, one slice ---------------------------------------------------------------
+
+    def render_anatomy(self, k: int, hu: np.ndarray, liver: np.ndarray) -> None:
+        """Noise-free anatomy of slice ``k`` into ``hu`` (float32) and ``liver`` (bool)."""
+        z = float(self.z[k])
+        H = self.hu
+        amp, period, phase = self.body_zwave
+        depth = self.r_surface * _F32(1.0 + amp * math.sin(2 * math.pi * z / period + phase)) - self.r
+        body = depth > 0
+        hu.fill(AIR_HU)
+        hu[body] = H["subq_fat"]
+        wall = self.fat_mm
+        hu[depth > wall] = H["muscle"]
+        cavity = depth > wall + _F32(self.muscle_mm)
+        hu[cavity] = H["visceral_fat"]
+        liver.fill(False)
+        everything = (slice(None), slice(None))
+
+        # Bowel loops, more of them low in the abdomen, with gas pockets.
+        tau = (z - self.zl0) / (self.zl1 - self.zl0)
+        threshold = 0.2 + 1.2 * float(np.clip(tau, 0.0, 1.0))
+        bowel = cavity & (self.f_bowel.plane(k, everything) > threshold)
+        hu[bowel] = H["bowel"]
+        hu[bowel & (self.f_gas.plane(k, everything) > 1.7)] = AIR_HU
+
+        self._paint_liver(k, z, hu, liver, cavity, depth)
+        for kidney in self.kidneys:
+            self._paint_kidney(kidney, z, hu, liver, cavity)
+        self._paint_organ(self.spleen, k, z, hu, liver, cavity, warp=0.1)
+        self._paint_stomach(k, z, hu, liver, cavity)
+        self._paint_lungs(z, hu, liver, cavity)
+        self._paint_organ(self.heart, k, z, hu, liver, cavity, warp=0.0)
+        self._paint_vessels(hu, liver)
+        self._paint_spine(z, hu, liver, body)
+        self._paint_ribs(z, hu, liver)
+        hu[body] += self.f_tissue.plane(k, everything)[body] * _F32(3.0)
+
+    def _paint_liver(self, k, z, hu, liver, cavity, depth) -> None:
+        parts = []
+        for lobe in (self.liver_right, self.liver_left):
+            s = lobe.scale(z)
+            if s > 0.03:
+                parts.append((lobe, s))
+        if not parts:
+            return
+        right = self.liver_right
+        box = self._box(self.ub - 0.1 * self.a, self.vb, 1.1 * max(self.a, self.b))
+        if box is None:
+            return
+        U, V = self._grid(box)
+        rho = None
+        for lobe, s in parts:
+            # The inferior tip of the right lobe drifts lateral and anterior.
+            drift = (1.0 - (z - right.z0) / (right.z1 - right.z0)) if lobe is right else 0.0
+            r2 = _rho2(U, V, lobe.cu - 0.1 * self.a * drift, lobe.cv - 0.05 * self.b * drift,
+                       lobe.au * s, lobe.av * s, lobe.angle)
+            rho = r2 if rho is None else np.minimum(rho, r2)
+        rho = np.sqrt(rho) + self.f_liver_shape.plane(k, box) * _F32(self.liver_warp)
+        mask = (rho < 1.0) & cavity[box] & (depth[box] > self.fat_mm[box] + _F32(self.muscle_mm + 2.0))
+        values = _F32(self.liver_hu) + self.f_liver_texture.plane(k, box) * _F32(self.liver_texture_hu)
+        vessels = np.abs(self.f_vessels.plane(k, box)) < 0.07
+        values += vessels * _F32(self.vessel_delta_hu)
+        hu[box][mask] = values[mask]
+        liver[box] |= mask
+
+    def _paint(self, hu, liver, box, mask, value) -> None:
+        hu[box][mask] = value
+        liver[box][mask] = False
+
+    def _paint_organ(self, organ: _Organ, k, z, hu, liver, cavity, warp: float) -> None:
+        s = organ.scale(z)
+        if s <= 0.03:
+            return
+        box = self._box(organ.cu, organ.cv, organ.radius() * s * 1.2 + organ.rim_mm + 5)
+        if box is None:
+            return
+        U, V = self._grid(box)
+        rho = np.sqrt(_rho2(U, V, organ.cu, organ.cv, organ.au * s, organ.av * s, organ.angle))
+        if warp:
+            rho = rho + self.f_organ_shape.plane(k, box) * _F32(warp)
+        inside = cavity[box]
+        rim = 1.0 + organ.rim_mm / (min(organ.au, organ.av) * s)
+        self._paint(hu, liver, box, (rho < rim) & inside, self.hu["visceral_fat"])
+        self._paint(hu, liver, box, (rho < 1.0) & inside, organ.hu)
+
+    def _paint_kidney(self, kidney: _Organ, z, hu, liver, cavity) -> None:
+        s = kidney.scale(z)
+        if s <= 0.03:
+            return
+        box = self._box(kidney.cu, kidney.cv, kidney.radius() * s + kidney.rim_mm + 5)
+        if box is None:
+            return
+        U, V = self._grid(box)
+        r2 = _rho2(U, V, kidney.cu, kidney.cv, kidney.au * s, kidney.av * s, kidney.angle)
+        rim = (1.0 + kidney.rim_mm / (min(kidney.au, kidney.av) * s)) ** 2
+        inside = cavity[box]
+        self._paint(hu, liver, box, (r2 < rim) & inside, self.hu["visceral_fat"])
+        self._paint(hu, liver, box, (r2 < 1.0) & inside, kidney.hu)
+        if s > 0.8:  # renal sinus at the hilum, facing the spine
+            side = 1.0 if kidney.cu < self.ub else -1.0
+            sinus = _rho2(U, V, kidney.cu + side * 0.45 * kidney.au, kidney.cv - 0.1 * kidney.av,
+                          0.45 * kidney.au, 0.35 * kidney.av, kidney.angle)
+            self._paint(hu, liver, box, (sinus < 1.0) & (r2 < 1.0) & inside, self.hu["sinus"])
+
+    def _paint_stomach(self, k, z, hu, liver, cavity) -> None:
+        st = self.stomach
+        s = st.scale(z)
+        if s <= 0.03:
+            return
+        box = self._box(st.cu, st.cv, st.radius() * s * 1.2 + st.rim_mm + 5)
+        if box is None:
+            return
+        U, V = self._grid(box)
+        rho = np.sqrt(_rho2(U, V, st.cu, st.cv, st.au * s, st.av * s, st.angle))
+        rho = rho + self.f_organ_shape.plane(k, box) * _F32(0.08)
+        inside = cavity[box]
+        minor = min(st.au, st.av) * s
+        self._paint(hu, liver, box, (rho < 1.0 + st.rim_mm / minor) & inside, self.hu["visceral_fat"])
+        self._paint(hu, liver, box, (rho < 1.0) & inside, st.hu)
+        lumen = (rho < 1.0 - 4.0 / minor) & inside
+        self._paint(hu, liver, box, lumen, self.hu["stomach_lumen"])
+        if self.stomach_gas:  # gas rises to the front in a supine patient
+            gas = lumen & (V < _F32(st.cv - 0.35 * st.av * s))
+            self._paint(hu, liver, box, gas, AIR_HU)
+
+    def _paint_lungs(self, z, hu, liver, cavity) -> None:
+        drop = self.dome_drop_mm
+        lowest = min(self.dome_right[0], self.dome_left[0]) - drop * 3.0
+        if z < lowest:
+            return
+        lung = np.zeros_like(liver)
+        band = np.zeros_like(liver)
+        for (apex, _, _), q, side in zip((self.dome_right, self.dome_left), self.dome_q, (False, True)):
+            level = _F32((apex - z) / drop)
+            half = self.left_side if side else ~self.left_side
+            lung |= half & (q > level)
+            band |= half & (q > level - _F32(3.0 / drop)) & (q <= level)
+        mediastinum = np.abs(self.u[:, None] - _F32(self.ub)) < _F32(15.0)
+        lung &= cavity & ~mediastinum
+        band &= cavity & ~mediastinum
+        box = (slice(None), slice(None))
+        self._paint(hu, liver, box, band, self.hu["muscle"])
+        self._paint(hu, liver, box, lung, self.hu["lung"])
+
+    def _paint_vessels(self, hu, liver) -> None:
+        cu, cv, r = self.aorta
+        box = self._box(cu, cv, r + 4)
+        if box is not None:
+            U, V = self._grid(box)
+            r2 = _rho2(U, V, cu, cv, r, r)
+            self._paint(hu, liver, box, r2 < ((r + 2.0) / r) ** 2, self.hu["visceral_fat"])
+            self._paint(hu, liver, box, r2 < 1.0, self.hu["vessel"])
+        cu, cv, au, av = self.ivc
+        box = self._box(cu, cv, max(au, av) + 2)
+        if box is not None:
+            U, V = self._grid(box)
+            # Unenhanced blood mixes in the IVC: a little darker than the aorta.
+            self._paint(hu, liver, box, _rho2(U, V, cu, cv, au, av) < 1.0, 0.8 * self.hu["vessel"] + 8.0)
+
+    def _paint_spine(self, z, hu, liver, body) -> None:
+        H = self.hu
+        for cu, au, av in self.paraspinal:
+            cv = self.v_spine + self.rvb + 22.0
+            box = self._box(cu, cv, max(au, av) + 1)
+            if box is not None:
+                U, V = self._grid(box)
+                self._paint(hu, liver, box, (_rho2(U, V, cu, cv, au, av) < 1.0) & body[box], H["muscle"])
+        cu, cv, rv = self.ub, self.v_spine, self.rvb
+        disc = (z + self.disc_phase) % self.disc_period < 7.0
+        box = self._box(cu, cv, rv + 45.0)
+        if box is None:
+            return
+        U, V = self._grid(box)
+        r = np.sqrt(_rho2(U, V, cu, cv, 1.0, 1.0))
+        if disc:
+            self._paint(hu, liver, box, r < rv, H["disc"])
+        else:
+            self._paint(hu, liver, box, r < rv, H["cortical"])
+            self._paint(hu, liver, box, r < rv - 2.0, H["cancellous"])
+        canal_v = cv + rv + 9.0
+        rc = np.sqrt(_rho2(U, V, cu, canal_v, 1.0, 1.0))
+        if not disc:
+            arch = (rc < 14.0) & (V > _F32(canal_v - 3.0))
+            spinous = _rho2(U, V, cu, canal_v + 24.0, 5.0, 13.0) < 1.0
+            self._paint(hu, liver, box, arch | spinous, H["cortical"])
+            self._paint(hu, liver, box, (rc < 12.0) & (V > _F32(canal_v + 2.0)), H["cancellous"])
+        self._paint(hu, liver, box, rc < 8.0, H["csf"])
+
+    def _paint_ribs(self, z, hu, liver) -> None:
+        if z < self.rib_z_min:
+            return
+        scale = 1.0 + self.body_zwave[0] * math.sin(2 * math.pi * z / self.body_zwave[1] + self.body_zwave[2])
+        for theta, phase in self.ribs:
+            # Ribs run obliquely, so each angle shows a rib in some slices only.
+            if (z + phase + 8.0 * theta) % self.rib_period > 0.55 * self.rib_period:
+                continue
+            depth = float(self._wall_mm(theta)) + 0.5 * self.muscle_mm
+            r = float(self._surface_radius(theta)) * scale - depth
+            cu, cv = self.ub + r * math.cos(theta), self.vb + r * math.sin(theta)
+            box = self._box(cu, cv, 9.0)
+            if box is None:
+                continue
+            U, V = self._grid(box)
+            r2 = _rho2(U, V, cu, cv, 4.5, 7.5, theta)
+            self._paint(hu, liver, box, r2 < 1.0, self.hu["rib_cortex"])
+            self._paint(hu, liver, box, r2 < 0.45, self.hu["cancellous"])
+
+    # -- tumors --------------------------------------------------------------------------
+
+    def _plan_tumors(self) -> list[tuple[float, str, float]]:
+        """Diameters (mm), kinds and contrasts; most cases get one lesion of >= 15 mm."""
+        rng, u = self.rng, self.rng.uniform
+        case_kind = "hypo" if rng.random() < 0.6 else "hyper"
+        diameters = [u(LARGE_TUMOR_MIN_MM, 55.0) if rng.random() < 0.85 else u(SMALL_TUMOR_MAX_MM, LARGE_TUMOR_MIN_MM)]
+        for _ in range(int(rng.choice(5, p=[0.35, 0.25, 0.18, 0.12, 0.10]))):
+            category = rng.random()
+            if category < 0.45:
+                diameters.append(u(4.0, SMALL_TUMOR_MAX_MM))
+            elif category < 0.75:
+                diameters.append(u(SMALL_TUMOR_MAX_MM, 20.0))
+            else:
+                diameters.append(u(20.0, 45.0))
+        plan = []
+        for diameter in sorted(diameters, reverse=True):
+            kind = case_kind if rng.random() < 0.75 else ("hyper" if case_kind == "hypo" else "hypo")
+            contrast = -u(20.0, 60.0) if kind == "hypo" else u(30.0, 60.0)
+            plan.append((diameter, kind, contrast))
+        return plan
+
+    def place_tumors(self, labels: np.ndarray) -> list[dict]:
+        """Put each planned lesion's centre on a liver voxel deep enough to hold most of it."""
+        placed: list[dict] = []
+        if not self.tumor_plan:
+            return placed
+        liver_flat = np.flatnonzero(labels.ravel(order="F") == LABEL_LIVER)
+        if liver_flat.size == 0:
+            logger.warning("phantom liver is empty; case written without tumors")
+            return placed
+        rng, u = self.rng, self.rng.uniform
+        spacing = np.array([self.dx, self.dy, self.dz])
+        shape = np.array(labels.shape)
+        for diameter, kind, contrast in self.tumor_plan:
+            center = None
+            for _ in range(4):
+                radius = diameter / 2
+                rz = radius * u(0.8, 1.2)
+                reach = np.array([radius, radius, rz]) * 0.7 / spacing
+                offsets = np.rint(np.diag(reach)).astype(int)
+                offsets = np.concatenate([offsets, -offsets, np.zeros((1, 3), int)])
+                picks = rng.choice(liver_flat, size=min(96, liver_flat.size))
+                ijk = np.stack(np.unravel_index(picks, labels.shape, order="F"), axis=1)
+                points = ijk[:, None, :] + offsets[None]
+                inb = ((points >= 0) & (points < shape)).all(axis=2)
+                clipped = np.clip(points, 0, shape - 1)
+                deep = inb & (labels[clipped[..., 0], clipped[..., 1], clipped[..., 2]] == LABEL_LIVER)
+                ok = deep.all(axis=1)
+                for p in placed:  # lesions side by side, not inside each other
+                    gap = np.linalg.norm((ijk - p["ijk"]) * spacing, axis=1)
+                    ok &= gap > 0.9 * (radius + p["radius"])
+                if ok.any():
+                    center = ijk[int(np.argmax(ok))]
+                    break
+                diameter *= 0.75
+            if center is None:
+                logger.debug("no room for a %.1f mm lesion; skipped", diameter)
+                continue
+            big = radius >= 12.0
+            placed.append(
+                {
+                    "ijk": center, "radius": radius, "rz": rz, "kind": kind, "contrast": contrast,
+                    "diameter": diameter, "angle": u(0.0, math.pi), "aspect": u(0.8, 1.25),
+                    "edge": u(0.8, min(2.5, max(0.9, radius / 2))),
+                    "lobes": (int(rng.integers(2, 6)), u(0.0, 0.12), u(0.0, 2 * math.pi)),
+                    "core": -u(10.0, 20.0) if (big and kind == "hypo" and rng.random() < 0.5) else 0.0,
+                    "voxels": 0,
+                }
+            )
+        return placed
+
+    def render_tumors(self, k: int, hu: np.ndarray, labels: np.ndarray, tumors: list[dict]) -> None:
+        """Blend lesions into slice ``k`` (liver voxels only) and label them."""
+        z = float(self.z[k])
+        for t in tumors:
+            i, j, kc = t["ijk"]
+            dzn = (z - float(self.z[kc])) / t["rz"]
+            if abs(dzn) >= 1.0 + 3.0 * t["edge"] / t["rz"]:
+                continue
+            cu, cv = float(self.u[i]), float(self.v[j])
+            radius = t["radius"]
+            box = self._box(cu, cv, radius * 1.5 + 3.0 * t["edge"])
+            if box is None:
+                continue
+            U, V = self._grid(box)
+            in_plane = _rho2(U, V, cu, cv, radius * t["aspect"], radius / t["aspect"], t["angle"])
+            m, amp, phase = t["lobes"]
+            if amp:  # lobulated outline; in plane only, so the lesion's poles stay round
+                in_plane = in_plane * (
+                    1.0 + _F32(amp) * np.cos(m * np.arctan2(V - _F32(cv), U - _F32(cu)) + _F32(phase))
+                ) ** 2
+            d = np.sqrt(in_plane + _F32(dzn * dzn))
+            # A soft edge a few millimetres wide: (1 - d) * radius is roughly the depth in mm.
+            weight = expit((1.0 - d) * _F32(radius / t["edge"])).astype(_F32)
+            in_liver = labels[box] >= LABEL_LIVER
+            delta = weight * _F32(t["contrast"])
+            if t["core"]:
+                delta += expit((0.5 - d) * _F32(radius / t["edge"])).astype(_F32) * _F32(t["core"])
+            hu[box] += np.where(in_liver, delta, _F32(0.0))
+            lesion = in_liver & (weight > 0.5)
+            labels[box][lesion] = LABEL_TUMOR
+            t["voxels"] += int(lesion.sum())
+
+    # -- whole case -----------------------------------------------------------------------
+
+    def affine(self) -> np.ndarray:
+        """``diag(-dx, -dy, dz)`` with the origin placed like a scanner's table coordinates."""
+        aff = np.diag([-self.dx, -self.dy, self.dz, 1.0])
+        aff[:3, 3] = [
+            (self.nx - 1) / 2 * self.dx + self.rng.uniform(-20.0, 20.0),
+            (self.ny - 1) / 2 * self.dy + self.rng.uniform(100.0, 250.0),
+            -self.rng.uniform(300.0, 800.0),
+        ]
+        return aff
+
+    def build(self) -> PhantomCase:
+        shape = (self.nx, self.ny, self.nz)
+        # Fortran order: a slice [:, :, k] is contiguous, and NIfTI stores this order on disk.
+        volume = np.empty(shape, np.int16, order="F")
+        labels = np.zeros(shape, np.uint8, order="F")
+        hu = np.empty((self.nx, self.ny), _F32)
+        liver = np.empty((self.nx, self.ny), bool)
+        # Pass 1: noise-free anatomy, so lesions can then be placed on real liver voxels.
+        for k in range(self.nz):
+            self.render_anatomy(k, hu, liver)
+            volume[:, :, k] = np.rint(np.clip(hu, MIN_HU, MAX_HU))
+            labels[:, :, k] = liver
+        tumors = self.place_tumors(labels)
+        # Pass 2: lesions, partial-volume blur, noise, out-of-field padding.
+        blurred = np.empty_like(hu)
+        noise = _F32(self.noise_hu)
+        outside = ~self.fov
+        for k in range(self.nz):
+            hu[...] = volume[:, :, k]
+            lab = labels[:, :, k]
+            self.render_tumors(k, hu, lab, tumors)
+            ndimage.gaussian_filter(hu, self.blur_px, output=blurred, mode="nearest")
+            blurred += self.rng.standard_normal(blurred.shape, dtype=_F32) * noise
+            np.clip(blurred, MIN_HU, MAX_HU, out=blurred)
+            blurred[outside] = self.pad_hu
+            volume[:, :, k] = np.rint(blurred)
+        specs = tuple(
+            TumorSpec(
+                center_ijk=tuple(int(c) for c in t["ijk"]), diameter_mm=round(float(t["diameter"]), 2),
+                kind=t["kind"], contrast_hu=round(float(t["contrast"]), 2), voxels=int(t["voxels"]),
+            )
+            for t in tumors
+        )
+        return PhantomCase(
+            volume_hu=volume, labels=labels, affine=self.affine(), pad_hu=self.pad_hu,
+            liver_hu=float(self.liver_hu), noise_hu=float(self.noise_hu), tumors=specs,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+
+
+def _check_range(name: str, value: Sequence[float], minimum: float, integer: bool = False) -> tuple:
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (min, max) pair, got {value!r}") from None
+    if integer and (int(lo) != lo or int(hi) != hi):
+        raise ValueError(f"{name} must be whole numbers, got {value!r}")
+    if not (minimum <= lo <= hi):
+        raise ValueError(f"{name} must satisfy {minimum} <= min <= max, got {value!r}")
+    return (int(lo), int(hi)) if integer else (float(lo), float(hi))
+
+
+def make_phantom_case(
+    seed: int | np.random.SeedSequence,
+    *,
+    size: int = DEFAULT_SIZE,
+    slices: tuple[int, int] = DEFAULT_SLICES,
+    spacing_mm: tuple[float, float] = DEFAULT_SPACING_MM,
+    thickness_mm: tuple[float, float] = DEFAULT_THICKNESS_MM,
+    tumor_free: bool | None = None,
+) -> PhantomCase:
+    """Makes one synthetic abdominal CT case with liver and tumor labels.
+
+    Args:
+        seed: int or ``numpy.random.SeedSequence``; the same seed gives byte-identical arrays.
+        size: in-plane matrix size (``X = Y = size``), at least 32. Default 256.
+        slices: ``(min, max)`` slice count, drawn per case, inclusive. Default ``(32, 64)``.
+        spacing_mm: ``(min, max)`` in-plane spacing for a 512 matrix, scaled by ``512 / size``
+            and raised where the body would not fit. Default ``(0.6, 1.0)``.
+        thickness_mm: ``(min, max)`` slice thickness, narrowed to cover 150-450 mm where the
+            slice count allows. Default ``(1.0, 5.0)``.
+        tumor_free: True for no lesion, False for at least one planned lesion, None to draw
+            (one case in six is tumor-free). Default None.
+
+    Returns:
+        A :class:`PhantomCase`: ``volume_hu`` int16 ``(size, size, Z)``, ``labels`` uint8 of
+        the same shape (0 background, 1 liver, 2 tumor), ``affine`` float64 ``(4, 4)``
+        (``diag(-dx, -dy, dz)`` plus a translation), and the lesions placed.
+
+    Raises:
+        ValueError: for a size below 32 or an invalid range.
+
+    Example:
+        >>> case = make_phantom_case(7, size=64, slices=(16, 16), tumor_free=False)
+        >>> case.labels.shape, bool((case.labels == 2).any())
+        ((64, 64, 16), True)
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 32:
+        raise ValueError(f"size must be an integer >= 32, got {size!r}")
+    slices = _check_range("slices", slices, 1, integer=True)
+    spacing_mm = _check_range("spacing_mm", spacing_mm, 1e-3)
+    thickness_mm = _check_range("thickness_mm", thickness_mm, 1e-3)
+    sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    rng = np.random.default_rng(sequence)
+    return _Builder(rng, int(size), slices, spacing_mm, thickness_mm, tumor_free).build()
+
+
+def _nifti(array: np.ndarray, affine: np.ndarray):
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    # Scanner-anchored, as DICOM converters write them; zooms follow from the affine.
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return image
+
+
+def _save_atomic(image, path: Path) -> None:
+    """Write under a temporary name with the same extension, then rename into place."""
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    tmp = path.with_name(f".{path.name[: -len(suffix)]}.tmp-{os.getpid()}{suffix}")
+    try:
+        image.to_filename(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def tumor_free_cases(cases: int, seed: int) -> list[bool]:
+    """Which cases of a set are tumor-free: one in six, at seed-dependent positions.
+
+    Case ``i`` gets the same answer whatever the set's size, so a set grown later keeps its
+    first cases.
+
+    Example:
+        >>> sum(tumor_free_cases(12, seed=0))
+        2
+    """
+    offset = int(np.random.SeedSequence(seed).generate_state(1)[0]) % TUMOR_FREE_PERIOD
+    return [(i + offset) % TUMOR_FREE_PERIOD == 0 for i in range(cases)]
+
+
+def iter_phantom_cases(
+    cases: int, seed: int = 0, **case_kwargs
+) -> Iterator[tuple[int, PhantomCase]]:
+    """Yields ``(index, case)`` for a set; case ``i`` depends only on ``seed`` and ``i``.
+
+    Args:
+        cases: number of cases, at least 1.
+        seed: seed of the set; each case is seeded from ``SeedSequence(seed).spawn``.
+        **case_kwargs: passed to :func:`make_phantom_case` (not ``tumor_free``).
+
+    Example:
+        >>> [i for i, _ in iter_phantom_cases(2, seed=1, size=32, slices=(8, 8))]
+        [0, 1]
+    """
+    if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
+        raise ValueError(f"cases must be a positive integer, got {cases!r}")
+    children = np.random.SeedSequence(seed).spawn(cases)
+    for index, (child, free) in enumerate(zip(children, tumor_free_cases(cases, seed))):
+        yield index, make_phantom_case(child, tumor_free=free, **case_kwargs)
+
+
+def write_phantom_dataset(
+    out_dir: str | os.PathLike,
+    cases: int = 12,
+    seed: int = 0,
+    *,
+    size: int = DEFAULT_SIZE,
+    slices: tuple[int, int] = DEFAULT_SLICES,
+    spacing_mm: tuple[float, float] = DEFAULT_SPACING_MM,
+    thickness_mm: tuple[float, float] = DEFAULT_THICKNESS_MM,
+    gzip: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> list[Path]:
+    """Writes a phantom set in the LiTS layout and a ``phantom.json`` describing it.
+
+    Files are ``volume-<i>.nii[.gz]`` (int16 HU) and ``segmentation-<i>.nii[.gz]`` (uint8,
+    0/1/2) for ``i = 0 .. cases - 1``, each written under a temporary name and renamed, so an
+    interrupted run never leaves a half-written file under a final name. ``phantom.json``
+    (written last) lists every case's shape, spacing, pad value and lesions.
+
+    Args:
+        out_dir: output folder, created if missing.
+        cases: number of cases, at least 1. Default 12.
+        seed: seed of the set. Default 0.
+        size, slices, spacing_mm, thickness_mm: as in :func:`make_phantom_case`.
+        gzip: write ``.nii.gz`` (True, default) or ``.nii``.
+        overwrite: replace existing case files; without it an existing file is an error.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        Paths written: volume and segmentation of each case in order, then ``phantom.json``.
+
+    Raises:
+        ValueError: for invalid arguments.
+        FileExistsError: when a case file exists and ``overwrite`` is False.
+        OSError: when the folder cannot be created or written.
+
+    Example:
+        >>> import tempfile
+        >>> paths = write_phantom_dataset(tempfile.mkdtemp(), cases=1, size=32, slices=(8, 8))
+        >>> [p.name for p in paths]
+        ['volume-0.nii.gz', 'segmentation-0.nii.gz', 'phantom.json']
+    """
+    if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
+        raise ValueError(f"cases must be a positive integer, got {cases!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {out}; choose a writable --out")
+    ext = ".nii.gz" if gzip else ".nii"
+    names = [(out / f"volume-{i}{ext}", out / f"segmentation-{i}{ext}") for i in range(cases)]
+    if not overwrite:
+        existing = [p for pair in names for p in pair if p.exists()]
+        if existing:
+            raise FileExistsError(f"{existing[0]} already exists; pass overwrite=True (--overwrite) to replace it")
+
+    from tqdm import tqdm
+
+    written: list[Path] = []
+    described = []
+    kwargs = dict(size=size, slices=slices, spacing_mm=spacing_mm, thickness_mm=thickness_mm)
+    bar = tqdm(total=cases, desc="phantom", unit="case", disable=not progress)
+    try:
+        for index, case in iter_phantom_cases(cases, seed, **kwargs):
+            volume_path, label_path = names[index]
+            _save_atomic(_nifti(case.volume_hu, case.affine), volume_path)
+            _save_atomic(_nifti(case.labels, case.affine), label_path)
+            written += [volume_path, label_path]
+            described.append(
+                {
+                    "id": index, "volume": volume_path.name, "segmentation": label_path.name,
+                    "shape": list(case.volume_hu.shape), "spacing_mm": [round(s, 4) for s in case.spacing],
+                    "pad_hu": case.pad_hu, "liver_hu": round(case.liver_hu, 2), "noise_hu": round(case.noise_hu, 2),
+                    "tumors": [dataclasses.asdict(t) for t in case.tumors],
+                }
+            )
+            logger.info(
+                "case %d: %s, spacing %s mm, %d lesion(s)", index, case.volume_hu.shape,
+                "x".join(f"{s:.2f}" for s in case.spacing), len(case.tumors),
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+    meta = {"generator": "keras_livseg.data.phantom", "seed": seed, "cases": described, **{
+        k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    meta_path = out / "phantom.json"
+    tmp = meta_path.with_name(f".phantom.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, meta_path)
+    written.append(meta_path)
+    return written

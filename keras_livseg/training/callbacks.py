@@ -1,0 +1,178 @@
+"""Training callbacks: learning rate in the logs, NaN stop, TensorBoard prediction grids.
+
+The rest of the callback list (TensorBoard, ModelCheckpoint, BackupAndRestore, CSVLogger,
+EarlyStopping) is Keras's own; :func:`standard_callbacks` assembles it for a run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# RGBA overlay colours: liver green, tumor red.
+_CLASS_COLOURS = np.array([[0, 0, 0], [0, 200, 0], [230, 0, 0]], dtype=np.float32) / 255.0
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds ``learning_rate`` to the epoch logs (so TensorBoard and the CSV history show it).
+
+    Placed before TensorBoard and CSVLogger in the callback list. Under a schedule the
+    value is the rate at the epoch's last step.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        optimizer = self.model.optimizer
+        rate = optimizer.learning_rate
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            rate = rate(optimizer.iterations)
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(rate))
+
+
+class NaNStop(keras.callbacks.Callback):
+    """Stop at the first NaN or infinite loss and remember where it happened.
+
+    Unlike ``TerminateOnNaN`` it records the epoch and batch so that ``fit`` can report
+    them with the last good checkpoint. Checkpoints are only written at epoch ends with
+    a finite ``val_tumor_dice``, so the best checkpoint on disk is never a NaN model.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped_at: tuple[int, int] | None = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.stopped_at = (self._epoch, batch)
+            self.model.stop_training = True
+
+
+def overlay(ct: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """CT slice ``[H, W]`` (any range) with labels ``[H, W]`` blended in colour → RGB ``[H, W, 3]`` in [0, 1].
+
+    Example:
+        >>> overlay(np.zeros((4, 4)), np.full((4, 4), 2)).shape
+        (4, 4, 3)
+    """
+    low, high = np.percentile(ct, [1, 99])
+    grey = np.clip((ct - low) / max(high - low, 1e-6), 0, 1)[..., None].repeat(3, axis=-1)
+    colour = _CLASS_COLOURS[np.clip(labels, 0, 2)]
+    weight = (labels > 0)[..., None] * alpha
+    return grey * (1 - weight) + colour * weight
+
+
+def prediction_grid(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Rows of (CT, ground truth overlay, prediction overlay) → one RGB image ``[n*H, 3*W, 3]``."""
+    rows = []
+    for image, true_labels, pred_labels in zip(images, truth, predicted):
+        ct = image[..., image.shape[-1] // 2]
+        grey = overlay(ct, np.zeros_like(true_labels))
+        rows.append(np.concatenate([grey, overlay(ct, true_labels), overlay(ct, pred_labels)], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+class PredictionImages(keras.callbacks.Callback):
+    """Every ``every`` epochs, write a CT / ground truth / prediction grid to TensorBoard.
+
+    Args:
+        images: fixed validation slices ``[n, H, W, C]`` (standardized), chosen to contain tumor.
+        masks: their labels ``[n, H, W]``.
+        log_dir: TensorBoard folder (the grid goes to ``<log_dir>/images``).
+        every: epochs between grids.
+    """
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, log_dir: str | Path, every: int = 1) -> None:
+        super().__init__()
+        self.images = np.asarray(images, dtype=np.float32)
+        self.masks = np.asarray(masks)
+        self.log_dir = Path(log_dir) / "images"
+        self.every = max(1, int(every))
+        self._writer = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if (epoch + 1) % self.every or len(self.images) == 0:
+            return
+        import tensorflow as tf  # TensorBoard's summary writer is TensorFlow's
+
+        probabilities = self.model.predict(self.images, verbose=0)
+        predicted = np.argmax(np.asarray(probabilities), axis=-1)
+        grid = prediction_grid(self.images, self.masks, predicted)
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        with self._writer.as_default():
+            tf.summary.image("validation/ct_truth_prediction", grid[None].astype(np.float32), step=epoch)
+        self._writer.flush()
+
+
+def pick_tumor_slices(dataset, count: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` slices with the most tumor from a finite (validation) dataset."""
+    best: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for images, masks in dataset:
+        images, masks = np.asarray(images), np.asarray(masks)
+        for image, mask in zip(images, masks):
+            tumor = int((mask == 2).sum())
+            if tumor > 0:
+                best.append((tumor, image, mask))
+        best = sorted(best, key=lambda item: -item[0])[: count * 4]
+    chosen = best[:count]
+    if not chosen:
+        return np.zeros((0,)), np.zeros((0,))
+    return np.stack([c[1] for c in chosen]), np.stack([c[2] for c in chosen])
+
+
+def best_value_in_history(history_csv: Path, monitor: str) -> float | None:
+    """The best (max) value of ``monitor`` in a CSV history, for resuming a checkpoint's threshold."""
+    if not history_csv.is_file():
+        return None
+    import csv
+
+    with history_csv.open() as handle:
+        values = [float(row[monitor]) for row in csv.DictReader(handle) if row.get(monitor) not in (None, "", "nan")]
+    values = [v for v in values if math.isfinite(v)]
+    return max(values) if values else None
+
+
+def standard_callbacks(
+    run_dir: Path,
+    monitor: str = "val_tumor_dice",
+    resume: bool = False,
+    early_stopping_patience: int | None = None,
+    extra: Sequence[keras.callbacks.Callback] = (),
+) -> tuple[list[keras.callbacks.Callback], NaNStop]:
+    """The run's callbacks, in order: LR logger, NaN stop, extras, checkpoints, backup, CSV, TensorBoard."""
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    nan_stop = NaNStop()
+    threshold = best_value_in_history(run_dir / "history.csv", monitor) if resume else None
+    callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(), nan_stop, *extra]
+    callbacks.append(
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoints / "best.keras"),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=threshold,
+        )
+    )
+    callbacks.append(keras.callbacks.ModelCheckpoint(str(checkpoints / "last.keras")))
+    callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch", delete_checkpoint=True))
+    callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume))
+    if early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(early_stopping_patience))
+        )
+    callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
+    return callbacks, nan_stop

@@ -1,0 +1,228 @@
+"""Tests of the synthetic CT phantom (library and command), on tiny volumes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from keras_livseg import phantom as phantom_cli
+from keras_livseg.data.phantom import (
+    LARGE_TUMOR_MIN_MM,
+    PAD_VALUES_HU,
+    SMALL_TUMOR_MAX_MM,
+    iter_phantom_cases,
+    make_phantom_case,
+    tumor_free_cases,
+    write_phantom_dataset,
+)
+
+TINY = dict(size=64, slices=(16, 16))
+
+
+@pytest.fixture(scope="module")
+def case_set():
+    """A 12-case set at 96 x 96 x 16: big enough for a few-mm lesion to show."""
+    return [case for _, case in iter_phantom_cases(12, seed=0, size=96, slices=(16, 20))]
+
+
+def best_threshold_dice(volume: np.ndarray, liver: np.ndarray) -> float:
+    """Best Dice of ``lo <= HU <= hi`` against the liver, over all 2-HU intervals in [-200, 300]."""
+    edges = np.arange(-200, 302, 2)
+    inside = np.histogram(volume[liver], edges)[0]
+    outside = np.histogram(volume[~liver], edges)[0]
+    cin = np.concatenate([[0], np.cumsum(inside)])
+    cout = np.concatenate([[0], np.cumsum(outside)])
+    lo, hi = np.triu_indices(len(edges), k=1)
+    tp = cin[hi] - cin[lo]
+    predicted = tp + cout[hi] - cout[lo]
+    return float((2 * tp / (liver.sum() + predicted)).max())
+
+
+def test_same_seed_same_bytes_and_different_seed_differs():
+    a, b, c = make_phantom_case(5, **TINY), make_phantom_case(5, **TINY), make_phantom_case(6, **TINY)
+    assert a.volume_hu.tobytes() == b.volume_hu.tobytes()
+    assert a.labels.tobytes() == b.labels.tobytes()
+    np.testing.assert_array_equal(a.affine, b.affine)
+    assert a.volume_hu.shape != c.volume_hu.shape or a.volume_hu.tobytes() != c.volume_hu.tobytes()
+
+
+def test_dtypes_shape_and_label_values():
+    case = make_phantom_case(1, **TINY)
+    assert case.volume_hu.dtype == np.int16 and case.labels.dtype == np.uint8
+    assert case.volume_hu.shape == case.labels.shape == (64, 64, 16)
+    assert set(np.unique(case.labels).tolist()) <= {0, 1, 2}
+    assert case.affine.shape == (4, 4)
+
+
+def test_affine_is_lps_with_the_case_spacing():
+    case = make_phantom_case(2, **TINY)
+    assert nib.aff2axcodes(case.affine) == ("L", "P", "S")
+    dx, dy, dz = case.spacing
+    np.testing.assert_allclose(np.diag(case.affine)[:3], [-dx, -dy, dz])
+
+
+def test_tumor_lies_inside_the_liver(case_set):
+    checked = 0
+    for case in case_set:
+        tumor = case.labels == 2
+        if not tumor.any():
+            continue
+        components, count = ndimage.label(tumor)
+        for index in range(1, count + 1):
+            lesion = components == index
+            shell = ndimage.binary_dilation(lesion) & ~lesion
+            # Surrounded mostly by liver: a lesion at the liver's edge may touch background.
+            assert (case.labels[shell] == 1).mean() >= 0.5
+            checked += 1
+    assert checked > 0
+
+
+def test_liver_on_the_patients_right_by_the_affine(case_set):
+    for case in case_set:
+        ijk_liver = np.argwhere(case.labels >= 1).mean(axis=0)
+        ijk_body = np.argwhere(case.volume_hu > -500).mean(axis=0)
+        x_liver = nib.affines.apply_affine(case.affine, ijk_liver)[0]
+        x_body = nib.affines.apply_affine(case.affine, ijk_body)[0]
+        assert x_liver > x_body + 10.0  # RAS+: larger x is the patient's right
+
+
+def test_liver_hu_and_that_no_threshold_segments_it(case_set):
+    for case in case_set[:4]:
+        liver = case.labels == 1
+        assert 40.0 <= case.volume_hu[liver].mean() <= 80.0
+        assert best_threshold_dice(case.volume_hu, case.labels >= 1) < 0.8
+
+
+def test_some_slices_have_no_liver(case_set):
+    for case in case_set:
+        per_slice = (case.labels >= 1).any(axis=(0, 1))
+        assert per_slice.any() and not per_slice.all()
+
+
+def test_set_has_hypo_hyper_small_large_and_tumor_free_cases(case_set):
+    lesions = [t for case in case_set for t in case.tumors if t.voxels > 0]
+    kinds = {t.kind for t in lesions}
+    assert kinds == {"hypo", "hyper"}
+    assert any(t.diameter_mm < SMALL_TUMOR_MAX_MM for t in lesions)
+    assert any(t.diameter_mm >= LARGE_TUMOR_MIN_MM for t in lesions)
+    free = [not (case.labels == 2).any() for case in case_set]
+    assert free == tumor_free_cases(12, seed=0) and 1 <= sum(free) <= 3
+    with_tumor = [case for case in case_set if case.tumors]
+    with_large = [c for c in with_tumor if max(t.diameter_mm for t in c.tumors) >= LARGE_TUMOR_MIN_MM]
+    assert len(with_large) >= len(with_tumor) / 2
+
+
+def test_lesion_contrast_against_liver(case_set):
+    for case in case_set:
+        for lesion in case.tumors:
+            if lesion.kind == "hypo":
+                assert -60.0 <= lesion.contrast_hu <= -20.0
+            else:
+                assert 30.0 <= lesion.contrast_hu <= 60.0
+
+
+def test_air_padding_and_bone(case_set):
+    for case in case_set[:4]:
+        volume = case.volume_hu
+        assert case.pad_hu in PAD_VALUES_HU
+        assert volume[0, 0, 0] == case.pad_hu and (volume == case.pad_hu).mean() > 0.1
+        in_field_air = volume[volume.shape[0] // 2, 2:6, :]  # in the field, in front of the body
+        assert abs(float(np.median(in_field_air)) + 1000.0) < 20.0
+        assert volume.max() >= 300
+    assert {case.pad_hu for case in case_set} == set(PAD_VALUES_HU)
+
+
+def test_spacing_varies_across_cases():
+    cases = [case for _, case in iter_phantom_cases(4, seed=3, size=32, slices=(40, 64))]
+    in_plane = {round(c.spacing[0], 3) for c in cases}
+    thickness = {round(c.spacing[2], 3) for c in cases}
+    counts = {c.volume_hu.shape[2] for c in cases}
+    assert len(in_plane) == len(thickness) == 4 and len(counts) > 1
+    assert all(0.6 * 16 <= c.spacing[0] <= 1.0 * 16 + 1e-6 for c in cases)  # 512 / 32 = 16
+    assert all(1.0 <= c.spacing[2] <= 5.0 for c in cases)
+
+
+def test_case_depends_only_on_seed_and_index():
+    first = [c for _, c in iter_phantom_cases(3, seed=9, **TINY)]
+    again = [c for _, c in iter_phantom_cases(1, seed=9, **TINY)]
+    assert first[0].volume_hu.tobytes() == again[0].volume_hu.tobytes()
+
+
+@pytest.mark.parametrize("bad", [dict(size=16), dict(slices=(5, 2)), dict(spacing_mm=(1.0,))])
+def test_bad_arguments_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        make_phantom_case(0, **{**TINY, **bad})
+
+
+def test_written_files_round_trip(tmp_path):
+    paths = write_phantom_dataset(tmp_path, cases=2, seed=4, **TINY)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["phantom.json", "segmentation-0.nii.gz", "segmentation-1.nii.gz", "volume-0.nii.gz", "volume-1.nii.gz"]
+    assert [p.name for p in paths][:2] == ["volume-0.nii.gz", "segmentation-0.nii.gz"]
+    expected = make_phantom_case(np.random.SeedSequence(4).spawn(2)[1], tumor_free=tumor_free_cases(2, 4)[1], **TINY)
+    volume, labels = nib.load(tmp_path / "volume-1.nii.gz"), nib.load(tmp_path / "segmentation-1.nii.gz")
+    assert volume.get_data_dtype() == np.int16 and labels.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(volume.dataobj), expected.volume_hu)
+    np.testing.assert_array_equal(np.asanyarray(labels.dataobj), expected.labels)
+    np.testing.assert_allclose(volume.affine, expected.affine, atol=1e-5)
+    np.testing.assert_allclose(volume.header.get_zooms(), expected.spacing, rtol=1e-5)
+    assert volume.header["sform_code"] == 1 and volume.header["qform_code"] == 1
+    meta = json.loads((tmp_path / "phantom.json").read_text())
+    assert [c["volume"] for c in meta["cases"]] == ["volume-0.nii.gz", "volume-1.nii.gz"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_existing_files_need_overwrite(tmp_path):
+    write_phantom_dataset(tmp_path, cases=1, seed=0, **TINY)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_phantom_dataset(tmp_path, cases=1, seed=0, **TINY)
+    write_phantom_dataset(tmp_path, cases=1, seed=0, overwrite=True, gzip=False, **TINY)
+    assert (tmp_path / "volume-0.nii").is_file()
+
+
+def test_cli_writes_files_and_returns_zero(tmp_path, capsys):
+    out = tmp_path / "ph"
+    status = phantom_cli.main(["--out", str(out), "--cases", "2", "--seed", "1", "--size", "48", "--slices", "12:14"])
+    assert status == 0
+    assert {p.name for p in out.glob("*.nii.gz")} == {
+        "volume-0.nii.gz", "volume-1.nii.gz", "segmentation-0.nii.gz", "segmentation-1.nii.gz",
+    }
+    assert "wrote 2 phantom case(s)" in capsys.readouterr().out
+    assert phantom_cli.main(["--out", str(out), "--cases", "1", "--size", "48", "--slices", "12", "--no-gzip"]) == 0
+    assert nib.load(out / "volume-0.nii").shape == (48, 48, 12)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cases", "0"], "cases must be a positive integer"),
+        (["--size", "8"], "size must be an integer >= 32"),
+        (["--out", "/proc/phantom-here"], "phantom-here"),
+    ],
+)
+def test_cli_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
+    args = ["--out", str(tmp_path / "x"), "--size", "32", "--slices", "8"] + argv
+    status = phantom_cli.main(args)
+    err = capsys.readouterr().err
+    assert status != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_cli_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert phantom_cli.main(["--out", str(target), "--size", "32", "--slices", "8"]) != 0
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_bad_slice_range(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        phantom_cli.main(["--out", "x", "--slices", "9:3"])
+    assert exit_info.value.code == 2
+    assert "MIN:MAX" in capsys.readouterr().err
