@@ -116,16 +116,22 @@ class JointAugmenter:
         self.augmentation = augmentation
         self.seed = seed
         a = augmentation
+        # float32 whatever the global mixed-precision policy: this is input data, not model compute.
+        common = {"dtype": "float32"}
         spatial: list[keras.layers.Layer] = []
         if a.flip:
-            spatial.append(keras.layers.RandomFlip(a.flip, seed=seed))
+            spatial.append(keras.layers.RandomFlip(a.flip, seed=seed, **common))
         if a.rotation > 0:
-            spatial.append(keras.layers.RandomRotation(a.rotation, fill_mode="constant", seed=_offset(seed, 1)))
+            spatial.append(
+                keras.layers.RandomRotation(a.rotation, fill_mode="constant", seed=_offset(seed, 1), **common)
+            )
         if a.zoom > 0:
-            spatial.append(keras.layers.RandomZoom(a.zoom, fill_mode="constant", seed=_offset(seed, 2)))
+            spatial.append(keras.layers.RandomZoom(a.zoom, fill_mode="constant", seed=_offset(seed, 2), **common))
         if a.translation > 0:
             spatial.append(
-                keras.layers.RandomTranslation(a.translation, a.translation, fill_mode="constant", seed=_offset(seed, 3))
+                keras.layers.RandomTranslation(
+                    a.translation, a.translation, fill_mode="constant", seed=_offset(seed, 3), **common
+                )
             )
         self.spatial = spatial
         self._generator = tf.random.Generator.from_seed(seed) if seed is not None else tf.random.Generator.from_non_deterministic_state()

@@ -1,0 +1,129 @@
+"""``python -m keras_livseg.fit``: train, evaluate and export, from a recipe.
+
+With no arguments it runs the built-in demo, ``pipelines/phantom_demo.toml``: a phantom
+dataset is generated (or reused from ``.cache/``), prepared into shards, a small TAM-U-Net is
+trained, scored on held-out phantom cases and exported to ``saved_models/``.
+
+Examples:
+    python -m keras_livseg.fit
+    python -m keras_livseg.fit --pipeline pipelines/lits_tam_unet.toml --data /data/LiTS
+    python -m keras_livseg.fit --model effb0_pan --epochs 50 --batch-size 16 --set training.learning_rate=3e-4
+    python -m keras_livseg.fit --name tam_unet-phantom_demo --resume --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from keras_livseg import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_livseg.fit",
+        description="Train a liver/tumor segmentation model from a recipe, evaluate it and export a SavedModel.",
+        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--pipeline", help="recipe TOML (default: pipelines/phantom_demo.toml)")
+    parser.add_argument("--data", help="dataset folder or CSV (LiTS/MSD layout) instead of the phantom")
+    parser.add_argument("--shards", help="where prepared shards go (default: a cache folder keyed by the settings)")
+    parser.add_argument("--model", help="unet, tam_unet or effb0_pan")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="per replica")
+    parser.add_argument("--steps-per-epoch", type=int, help="0 = one pass over the training slices")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"])
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--name", help="run name (folder under runs/)")
+    parser.add_argument("--runs-dir", help="parent of run folders (default runs/)")
+    parser.add_argument("--export-dir", help="TF Serving base folder for the export (default saved_models/livseg)")
+    parser.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any recipe value, e.g. --set training.foreground_fraction=0.5 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run --name where it stopped")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, dict]:
+    from keras_livseg.training.fit import parse_override
+
+    overrides: dict[str, dict] = {}
+
+    def put(section: str, key: str, value) -> None:
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+
+    put("data", "src", args.data)
+    put("data", "out", args.shards)
+    put("model", "name", args.model)
+    put("training", "epochs", args.epochs)
+    put("training", "batch_size", args.batch_size)
+    put("training", "steps_per_epoch", args.steps_per_epoch)
+    put("training", "learning_rate", args.learning_rate)
+    put("training", "precision", args.precision)
+    put("preprocessing", "image_size", args.image_size)
+    put("run", "name", args.name)
+    put("run", "runs_dir", args.runs_dir)
+    put("export", "out", args.export_dir)
+    if args.no_export:
+        put("export", "enabled", False)
+    for item in args.set:
+        section, key, value = parse_override(item)
+        put(section, key, value)
+    return overrides
+
+
+def format_summary(result) -> str:
+    """The end-of-run summary: Dice per class, where everything is, how to watch it."""
+    metrics = result.test_metrics
+    lines = [
+        "",
+        f"finished {result.epochs_done} epochs in {result.seconds / 60:.1f} min",
+        f"held-out ({metrics.get('split', 'test')}) Dice: liver {metrics.get('liver_dice', float('nan')):.4f}, "
+        f"tumor {metrics.get('tumor_dice', float('nan')):.4f}; IoU: liver {metrics.get('liver_iou', float('nan')):.4f}, "
+        f"tumor {metrics.get('tumor_iou', float('nan')):.4f}; mean IoU {metrics.get('mean_iou', float('nan')):.4f}",
+        f"run folder:      {result.run_dir}",
+        f"best checkpoint: {result.best_checkpoint}",
+        f"export:          {result.export_dir or '(none)'}",
+        f"watch it:        tensorboard --logdir {result.run_dir / 'tensorboard'}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.configure_logging(args.verbose)
+
+    def body() -> int:
+        from keras_livseg.training.fit import resolve_config, train
+
+        config = resolve_config(args.pipeline, overrides_from_args(args))
+        try:
+            result = train(config, resume=args.resume)
+        except KeyboardInterrupt:
+            print(
+                "fit: interrupted; checkpoints and the backup of the last finished epoch are intact. "
+                "Continue with: python -m keras_livseg.fit --resume --name <run name> (see runs/)",
+                file=sys.stderr,
+            )
+            return cli.EXIT_INTERRUPTED
+        if result.stopped_on_nan is not None:
+            epoch, batch = result.stopped_on_nan
+            print(
+                f"fit: error: the loss became NaN at epoch {epoch + 1}, batch {batch}; the last good checkpoint "
+                f"is {result.best_checkpoint or '(none yet)'}. Lower the learning rate or use --precision float32.",
+                file=sys.stderr,
+            )
+            return 3
+        print(format_summary(result))
+        return 0
+
+    return cli.run(body, "fit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

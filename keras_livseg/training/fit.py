@@ -1,0 +1,349 @@
+"""``fit``: recipe → data (phantom or real) → shards → model → ``model.fit`` → test metrics → export.
+
+:func:`resolve_config` merges the recipe (``pipelines/<name>.toml``) with command-line
+overrides into one fully resolved dict (saved as ``<run>/config.json``); :func:`train`
+runs everything and returns a :class:`FitResult`.
+
+A run folder ``runs/<name>/`` holds ``config.json``, ``preprocessing.json``, ``history.csv``,
+``tensorboard/``, ``checkpoints/best.keras`` (best ``val_tumor_dice``) and ``last.keras``,
+``backup/`` (``BackupAndRestore``: a killed run continues with ``--resume`` at the right
+epoch and learning-rate step) and ``eval/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from keras_livseg.config import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RECIPE = "phantom_demo.toml"
+RUN_KEYS = frozenset({"name", "runs_dir", "seed"})
+TRAINING_KEYS = frozenset(
+    {
+        "epochs", "batch_size", "steps_per_epoch", "optimizer", "learning_rate", "weight_decay", "schedule",
+        "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
+        "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
+        "shuffle_buffer", "monitor",
+    }
+)
+EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
+MODEL_FIXED_KEYS = frozenset({"name"})  # everything else in [model] goes to build_model
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "run": {"name": "", "runs_dir": "runs", "seed": 0},
+    "data": {},
+    "preprocessing": {},
+    "model": {"name": "tam_unet"},
+    "training": {
+        "epochs": 20,
+        "batch_size": 8,
+        "steps_per_epoch": 0,
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "weight_decay": 1e-4,
+        "schedule": "none",
+        "warmup_fraction": 0.3,
+        "div_factor": 25.0,
+        "final_div_factor": 1e4,
+        "loss": "ce_dice",
+        "ce_weight": 1.0,
+        "dice_weight": 1.0,
+        "class_weights": [],
+        "foreground_fraction": 0.33,
+        "augmentation": {},
+        "precision": "auto",
+        "image_every": 1,
+        "early_stopping_patience": 0,
+        "cache": True,
+        "shuffle_buffer": 2048,
+        "monitor": "val_tumor_dice",
+    },
+    "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},
+}
+
+
+def recipe_path(name_or_path: str | Path | None) -> Path:
+    """Find a recipe: a path, or a file name under the project's ``pipelines/`` folder."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_RECIPE
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in (Path.cwd() / "pipelines", Path(__file__).resolve().parents[2] / "pipelines"):
+        candidate = folder / path.name
+        if candidate.is_file():
+            return candidate
+    return path  # load_recipe reports it with the available recipes
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` (value parsed as TOML, else a string) → ``(section, key, value)``.
+
+    Example:
+        >>> parse_override("training.epochs=3")
+        ('training', 'epochs', 3)
+    """
+    import tomllib
+
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"--set expects section.key=value (e.g. training.epochs=3), got {text!r}")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section.strip(), key.strip(), value
+
+
+def resolve_config(recipe: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+    """Defaults ← recipe ← overrides, with every key checked.
+
+    Raises:
+        ValueError: an unknown section or key (named, with the valid ones).
+    """
+    path = recipe_path(recipe)
+    loaded = load_recipe(path)
+    config = copy.deepcopy(DEFAULTS)
+    for layer in (loaded, overrides or {}):
+        for section, values in layer.items():
+            if section not in config:
+                raise ValueError(f"unknown recipe section [{section}]; valid sections: {', '.join(config)}")
+            config[section].update(values)
+    check_keys(config["run"], RUN_KEYS, "run")
+    check_keys(config["data"], DATA_KEYS, "data")
+    check_keys(config["preprocessing"], PREPROCESSING_KEYS, "preprocessing")
+    check_keys(config["training"], TRAINING_KEYS, "training")
+    check_keys(config["export"], EXPORT_KEYS, "export")
+    config["recipe"] = str(path)
+    return config
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What a finished run produced: paths and numbers for the summary."""
+
+    run_dir: Path
+    best_checkpoint: Path | None
+    export_dir: Path | None
+    test_metrics: dict[str, float]
+    epochs_done: int
+    seconds: float
+    stopped_on_nan: tuple[int, int] | None = None
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("KERAS_LIVSEG_CACHE", ".cache/keras_livseg"))
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_data(config: dict) -> Path:
+    """Make (or reuse from the cache) the phantom and the shards; return the shard folder.
+
+    With ``data.src`` set, real volumes are prepared into ``data.out`` (or a cache folder keyed
+    by the parameters); without it a phantom dataset is generated first.
+    """
+    from keras_livseg.data.prepare import MANIFEST_NAME, PrepareOptions, prepare_dataset
+
+    data = config["data"]
+    prep_keys = {k: v for k, v in data.items() if k in PrepareOptions.__dataclass_fields__}
+    if not data.get("src"):
+        from keras_livseg.data.phantom import write_phantom_dataset
+
+        phantom = {
+            "cases": int(data.get("phantom_cases", 12)),
+            "seed": int(data.get("phantom_seed", 0)),
+            "size": int(data.get("phantom_size", 256)),
+            "slices": tuple(data.get("phantom_slices", (32, 64))),
+        }
+        phantom_dir = _cache_root() / f"phantom-{_digest(phantom)}"
+        if not (phantom_dir / "phantom.json").is_file():
+            logger.info("generating %d phantom cases in %s", phantom["cases"], phantom_dir)
+            write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
+                                  slices=phantom["slices"], overwrite=True)
+        prep_keys["src"] = str(phantom_dir)
+    prep_keys.update(config["preprocessing"])
+    out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest(prep_keys)}"
+    out = Path(out)
+    if (out / MANIFEST_NAME).is_file():
+        logger.info("reusing shards in %s", out)
+        return out
+    # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
+    prepare_dataset(PrepareOptions(out=out, resume=True, **prep_keys))
+    return out
+
+
+def new_run_dir(config: dict, resume: bool) -> Path:
+    """``runs/<name>``: a fresh name (``-2``, ``-3``...) unless resuming an existing run."""
+    runs = Path(config["run"]["runs_dir"])
+    name = config["run"]["name"] or f"{config['model']['name']}-{Path(config['recipe']).stem}"
+    run_dir = runs / name
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(f"--resume: no run to resume at {run_dir} (missing config.json); check --name")
+        return run_dir
+    suffix = 2
+    while run_dir.exists():
+        run_dir = runs / f"{name}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def build_optimizer(training: Mapping[str, Any], total_steps: int):
+    import keras
+
+    from keras_livseg.training.schedules import OneCycle
+
+    rate: Any = float(training["learning_rate"])
+    if training["schedule"] == "onecycle":
+        rate = OneCycle(max_lr=rate, total_steps=max(total_steps, 1), warmup_fraction=training["warmup_fraction"],
+                        div_factor=training["div_factor"], final_div_factor=training["final_div_factor"])
+    elif training["schedule"] != "none":
+        raise ValueError(f"training.schedule must be 'none' or 'onecycle', got {training['schedule']!r}")
+    if training["optimizer"] == "adam":
+        return keras.optimizers.Adam(learning_rate=rate)
+    if training["optimizer"] == "adamw":
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=float(training["weight_decay"]))
+    raise ValueError(f"training.optimizer must be 'adam' or 'adamw', got {training['optimizer']!r}")
+
+
+def build_loss(training: Mapping[str, Any], head: str):
+    from keras_livseg.training.losses import BCEDiceLoss, CombinedCEDiceLoss
+
+    if training["loss"] == "ce_dice":
+        if head != "softmax":
+            raise ValueError("training.loss 'ce_dice' needs the softmax head; use loss 'bce_dice' with head 'sigmoid'")
+        return CombinedCEDiceLoss(ce_weight=training["ce_weight"], dice_weight=training["dice_weight"],
+                                  class_weights=training["class_weights"] or None)
+    if training["loss"] == "bce_dice":
+        return BCEDiceLoss(bce_weight=training["ce_weight"], dice_weight=training["dice_weight"])
+    raise ValueError(f"training.loss must be 'ce_dice' or 'bce_dice', got {training['loss']!r}")
+
+
+def check_model_matches_data(model_input_shape, prep) -> None:
+    """The model's input (H, W, C) must equal the shards' (image_size, context)."""
+    height, width, channels = (int(d) if d is not None else None for d in model_input_shape[1:])
+    want = (*prep.image_size, prep.context)
+    if (height, width, channels) != want:
+        raise ValueError(
+            f"the model takes {height}x{width}x{channels} slices but the shards hold "
+            f"{want[0]}x{want[1]}x{want[2]}; build the model with the shards' size (preprocessing.image_size "
+            f"{want[0]}, preprocessing.context {want[2]}) or prepare the data again with the model's size"
+        )
+
+
+def train(config: dict, resume: bool = False, verbose: int | str | None = None) -> FitResult:
+    """Run a whole training job from a resolved config (see :func:`resolve_config`).
+
+    Example:
+        >>> result = train(resolve_config("pipelines/phantom_demo.toml"))  # doctest: +SKIP
+        >>> result.test_metrics["tumor_dice"]  # doctest: +SKIP
+    """
+    import keras
+    import numpy as np
+
+    from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
+    from keras_livseg.data.prepare import load_manifest
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+    from keras_livseg.training.callbacks import PredictionImages, pick_tumor_slices, standard_callbacks
+    from keras_livseg.training.metrics import default_metrics
+    from keras_livseg.training.precision import apply_precision
+    from keras_livseg.training.strategy import choose_strategy
+
+    started = time.perf_counter()
+    if verbose is None:
+        import sys
+
+        # A live progress bar on a terminal; one line per epoch in logs and CI.
+        verbose = 1 if sys.stdout.isatty() else 2
+    training = config["training"]
+    if resume:
+        run_dir = new_run_dir(config, resume=True)
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved["training"]["epochs"] = training["epochs"]  # the one value a resume may extend
+        config = saved
+        training = config["training"]
+    else:
+        run_dir = new_run_dir(config, resume=False)
+    keras.utils.set_random_seed(int(config["run"]["seed"]))
+    shard_dir = ensure_data(config)
+    manifest = load_manifest(shard_dir)
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    config["data"]["shards"] = str(shard_dir)
+    policy = apply_precision(training["precision"])
+    config["training"]["resolved_precision"] = policy
+    (run_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
+    write_preprocessing_json(run_dir / "preprocessing.json", prep, model=config["model"]["name"],
+                             classes=["background", "liver", "tumor"])
+
+    strategy = choose_strategy()
+    replicas = strategy.num_replicas_in_sync
+    global_batch = int(training["batch_size"]) * replicas
+    steps = int(training["steps_per_epoch"]) or steps_per_epoch(manifest, "train", global_batch)
+    epochs = int(training["epochs"])
+    val_split = "val" if manifest["splits"]["val"]["slices"] else "train"
+    augmentation = Augmentation.from_config(training["augmentation"])
+    train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation,
+                            foreground_fraction=float(training["foreground_fraction"]),
+                            cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
+                            shuffle_buffer=int(training["shuffle_buffer"]))
+    val_ds = make_dataset(manifest, val_split, global_batch, training=False, cache=bool(training["cache"]))
+
+    model_options = {k: v for k, v in config["model"].items() if k not in MODEL_FIXED_KEYS}
+    head = model_options.get("head", "softmax")
+    with strategy.scope():
+        model = build_model(config["model"]["name"], input_shape=(*prep.image_size, prep.context), **model_options)
+        check_model_matches_data(model.input_shape, prep)
+        model.compile(optimizer=build_optimizer(training, steps * epochs), loss=build_loss(training, head),
+                      metrics=default_metrics(head=head))
+    logger.info("model %s: %s parameters; %d steps/epoch x %d epochs, global batch %d",
+                config["model"]["name"], f"{model.count_params():,}", steps, epochs, global_batch)
+
+    images, masks = pick_tumor_slices(val_ds, count=4)
+    extra = [PredictionImages(images, masks, run_dir / "tensorboard", every=int(training["image_every"]))] if len(images) else []
+    callbacks, nan_stop = standard_callbacks(run_dir, monitor=training["monitor"], resume=resume,
+                                             early_stopping_patience=int(training["early_stopping_patience"]) or None,
+                                             extra=extra)
+    history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
+                        callbacks=callbacks, verbose=verbose)
+    epochs_done = len(history.epoch) and history.epoch[-1] + 1
+
+    best = run_dir / "checkpoints" / "best.keras"
+    if nan_stop.stopped_at is not None:
+        return FitResult(run_dir, best if best.is_file() else None, None, {}, epochs_done,
+                         time.perf_counter() - started, stopped_on_nan=nan_stop.stopped_at)
+    if best.is_file():
+        model.load_weights(best)
+    test_split = "test" if manifest["splits"]["test"]["slices"] else val_split
+    test_ds = make_dataset(manifest, test_split, global_batch, training=False)
+    scores = model.evaluate(test_ds, verbose=0, return_dict=True)
+    test_metrics = {k: float(v) for k, v in scores.items()}
+    test_metrics["split"] = test_split  # type: ignore[assignment]
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "test_metrics.json").write_text(json.dumps(test_metrics, indent=1, sort_keys=True) + "\n")
+
+    export_dir = None
+    if config["export"]["enabled"] and best.is_file():
+        from keras_livseg.serving import export_saved_model
+
+        export = config["export"]
+        export_dir = export_saved_model(best, export["out"], prep, version=int(export["version"]) or None,
+                                        overwrite=bool(export["overwrite"]),
+                                        metadata={"model": config["model"]["name"], "run": str(run_dir)})
+    return FitResult(run_dir, best if best.is_file() else None, export_dir, test_metrics, epochs_done,
+                     time.perf_counter() - started)
