@@ -1,0 +1,99 @@
+"""``python -m keras_livseg.export``: a ``.keras`` checkpoint → SavedModel for TF Serving.
+
+The SavedModel's ``serving_default`` takes raw HU slices of any size and returns class
+probabilities and the label mask at the input's size (see :mod:`keras_livseg.serving`).
+
+Examples:
+    python -m keras_livseg.export --model runs/demo/checkpoints/best.keras --out saved_models/livseg
+    python -m keras_livseg.export --model runs/demo/checkpoints/best.keras --out saved_models/livseg \\
+        --version 3 --overwrite
+    python -m keras_livseg.export --model best.keras --out saved_models/livseg \\
+        --preprocessing runs/demo/preprocessing.json
+
+    tensorflow_model_server --rest_api_port=8501 --model_name=livseg \\
+        --model_base_path=$PWD/saved_models/livseg
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from keras_livseg import cli
+from keras_livseg.data.preprocessing import PREPROCESSING_FILE, find_preprocessing_json, read_preprocessing_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_livseg.export",
+        description="Export a trained .keras model as a SavedModel (TF Serving layout <out>/<version>/) "
+        "whose serving_default signature takes raw Hounsfield units.",
+        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="the .keras checkpoint, e.g. RUN/checkpoints/best.keras")
+    parser.add_argument("--out", required=True, help="model base folder, e.g. saved_models/livseg")
+    parser.add_argument("--version", type=int, help="version number (default: 1 + the largest existing one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
+    parser.add_argument(
+        "--preprocessing",
+        help=f"the run's {PREPROCESSING_FILE} (default: found beside the checkpoint or in its run folder)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def resolve_preprocessing(model_path: str, preprocessing: str | None):
+    """The ``(Preprocessing, metadata)`` for a model: the given file, or the run's."""
+    if preprocessing:
+        path = Path(preprocessing)
+        if not path.is_file():
+            raise FileNotFoundError(f"preprocessing file {path} does not exist")
+    else:
+        path = find_preprocessing_json(model_path)
+        if path is None:
+            model = Path(model_path)
+            looked = ", ".join(str(p / PREPROCESSING_FILE) for p in (model.parent, model.parent.parent))
+            raise FileNotFoundError(
+                f"no {PREPROCESSING_FILE} found for {model} (looked in {looked}); "
+                f"pass --preprocessing RUN/{PREPROCESSING_FILE}"
+            )
+    try:
+        return read_preprocessing_json(path)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is not a valid {PREPROCESSING_FILE} ({error!r}); pass the run's file") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.configure_logging(args.verbose)
+
+    def body() -> int:
+        model_path = Path(args.model)
+        if model_path.suffix != ".keras":
+            raise ValueError(
+                f"{model_path} is not a .keras model file; pass a checkpoint such as RUN/checkpoints/best.keras"
+            )
+        if not model_path.is_file():
+            raise FileNotFoundError(f"model file {model_path} does not exist")
+        prep, _ = resolve_preprocessing(args.model, args.preprocessing)
+        # TensorFlow is imported only once the arguments are known to be good.
+        from keras_livseg.serving import export_saved_model
+
+        target = export_saved_model(
+            model_path, args.out, prep, version=args.version, overwrite=args.overwrite
+        )
+        print(f"exported {model_path} -> {target}")
+        print(
+            "serve it with: tensorflow_model_server --rest_api_port=8501 "
+            f"--model_name={target.parent.name} --model_base_path={target.parent.resolve()}"
+        )
+        return 0
+
+    return cli.run(body, "export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
