@@ -1,0 +1,101 @@
+"""``python -m keras_livseg.predict``: CT volumes → uint8 label maps on each input's own grid.
+
+Examples:
+    python -m keras_livseg.predict --model runs/tam_unet/checkpoints/best.keras \\
+        ../shared/data/real/dcmqi-ct-3slice --out predictions
+    python -m keras_livseg.predict --model saved_models/tam_unet data/LiTS/volume-3.nii \\
+        --out predictions --tta --save-probabilities
+    python -m keras_livseg.predict --model saved_models/tam_unet/1 scans/ --out out \\
+        --no-postprocess --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from keras_livseg import cli
+from keras_livseg.data.volumes import DataError
+
+
+def parse_output_label_map(text: str | None) -> dict[int, int] | None:
+    """``"1:6,2:7"`` → ``{1: 6, 2: 7}``: the value written for each model class (0..2).
+
+    Classes not listed are written as 0.
+
+    Example:
+        >>> parse_output_label_map("1:6,2:7")
+        {1: 6, 2: 7}
+    """
+    if text is None or not text.strip():
+        return None
+    mapping = {}
+    for item in text.split(","):
+        try:
+            src, dst = (int(part) for part in item.strip().split(":"))
+        except ValueError:
+            raise DataError(f"bad --label-map entry {item.strip()!r}; write CLASS:VALUE pairs such as 1:6,2:7") from None
+        if src not in (0, 1, 2) or not 0 <= dst <= 255:
+            raise DataError(
+                f"--label-map entry {item.strip()!r}: the class must be 0, 1 or 2 and the value 0..255"
+            )
+        mapping[src] = dst
+    return mapping
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_livseg.predict",
+        description="Segment liver and liver tumors in CT volumes (NIfTI) with a trained model.",
+        epilog=__doc__.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="a NIfTI file, a folder of them, a LiTS/MSD dataset or a .csv list")
+    parser.add_argument("--model", required=True,
+                        help=".keras checkpoint (with its run's preprocessing.json) or SavedModel folder")
+    parser.add_argument("--out", required=True, help="output folder for the label maps")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
+    parser.add_argument("--tta", action="store_true", help="average with the left-right-flipped prediction")
+    parser.add_argument("--no-postprocess", action="store_true",
+                        help="no largest-liver-component, tumor-in-liver or minimum-lesion clean-up")
+    parser.add_argument("--min-lesion-mm3", type=float, default=10.0,
+                        help="tumor components below this volume become liver (default 10 mm³; 0: off)")
+    parser.add_argument("--liver-margin-mm", type=float, default=5.0,
+                        help="tumor farther than this from the liver is removed (default 5 mm)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write 4D uint8 probability maps (0-255 per class)")
+    parser.add_argument("--label-map", help="values written per class, CLASS:VALUE,... (default 0,1,2)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.configure_logging(args.verbose)
+
+    def body() -> int:
+        from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths
+
+        postprocess = None if args.no_postprocess else PostProcessing(
+            min_lesion_mm3=args.min_lesion_mm3, liver_margin_mm=args.liver_margin_mm
+        )
+        label_map = parse_output_label_map(args.label_map)
+        model = SegmentationModel.load(args.model)
+        written = predict_paths(
+            model, args.inputs, args.out, batch_size=args.batch_size, tta_flip=args.tta,
+            postprocess=postprocess, save_probabilities=args.save_probabilities,
+            label_map=label_map, progress=not args.no_progress,
+        )
+        for record in written:
+            print(f"{record.input} -> {record.output}")
+        print(f"predicted {len(written)} case(s) into {args.out}")
+        return 0
+
+    return cli.run(body, "predict")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The evaluation report: matching, numbers in metrics.json / per_case.csv / report.md, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from keras_livseg import evaluate as evaluate_cli
+from keras_livseg.data.volumes import DataError
+from keras_livseg.evaluation import metrics as core
+from keras_livseg.evaluation.report import (
+    evaluate_folders,
+    evaluate_model,
+    match_cases,
+    one_vs_rest_curves,
+)
+
+AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])
+SPACING = (0.8, 0.8, 2.5)
+SHAPE = (40, 40, 10)
+
+
+def reference(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hu, labels): a liver block with a large (14×14×4) and a small (2×2×2) lesion."""
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[4:36, 4:36, 1:9] = 1
+    labels[8:22, 8:22, 2:6] = 2  # 1254 mm³: large
+    labels[28 + seed % 3:30 + seed % 3, 28:30, 5:7] = 2  # 12.8 mm³: small
+    hu = np.where(labels == 0, -100, np.where(labels == 1, 60, 20)).astype(np.int16)
+    return hu, labels
+
+
+def prediction(labels: np.ndarray, seed: int) -> np.ndarray:
+    pred = labels.copy()
+    if seed == 0:
+        pred[pred == 2] = 1
+        pred[8:21, 9:22, 2:6] = 2  # large lesion shifted a little; small one missed
+    elif seed == 1:
+        pred[30:34, 10:14, 3:5] = 2  # a false-positive lesion
+        pred[4:8, 4:36, 1:9] = 0  # liver under-segmented
+    return pred
+
+
+def save(path: Path, array: np.ndarray, affine=AFFINE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+@pytest.fixture
+def folders(tmp_path):
+    ref_dir, pred_dir = tmp_path / "lits", tmp_path / "pred"
+    pairs = {}
+    for seed in range(3):
+        hu, labels = reference(seed)
+        save(ref_dir / f"volume-{seed}.nii.gz", hu)
+        save(ref_dir / f"segmentation-{seed}.nii.gz", labels)
+        pred = prediction(labels, seed)
+        save(pred_dir / f"segmentation-{seed}.nii.gz", pred)
+        pairs[str(seed)] = (pred, labels)
+    save(pred_dir / "segmentation-99.nii.gz", np.zeros(SHAPE, np.uint8))  # no reference
+    return pred_dir, ref_dir, pairs
+
+
+def write_history(path: Path) -> Path:
+    rows = ["epoch,loss,val_loss,tumor_dice,val_tumor_dice,liver_dice,liver_iou,pixel_accuracy"]
+    for epoch, dice in enumerate([0.5, 0.6, 0.7, 0.72]):
+        rows.append(f"{epoch},{1 - dice},{1.1 - dice},{dice},{dice - 0.05},{dice + 0.2},{dice + 0.1},0.9")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def table_row(report: str, title_start: str, first_cells: list[str]) -> list[str]:
+    """The cells after ``first_cells`` of a row in the table under the heading ``title_start``."""
+    section = report.split(f"### {title_start}", 1)[1].split("###", 1)[0]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[: len(first_cells)] == first_cells:
+            return cells[len(first_cells):]
+    raise AssertionError(f"no row {first_cells} under {title_start!r}")
+
+
+def test_report_holds_the_metric_core_numbers(folders, tmp_path):
+    pred_dir, ref_dir, pairs = folders
+    out = tmp_path / "eval"
+    rng = np.random.default_rng(0)
+    samples_y = rng.integers(0, 3, 3000)
+    samples_p = np.eye(3)[samples_y] * 0.6 + rng.random((3000, 3)) * 0.4
+    summary = evaluate_folders(
+        pred_dir, ref_dir, out, model_name="TAM-U-Net", history=write_history(tmp_path / "history.csv"),
+        probability_samples=(samples_p, samples_y),
+    )
+    for name in ("metrics.json", "per_case.csv", "report.md", "figures/roc_curves.png",
+                 "figures/pr_curves.png", "figures/overlays.png", "figures/training_curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    assert metrics["cases"] == ["0", "1", "2"]
+    assert metrics["unmatched_predictions"] == [str(pred_dir / "segmentation-99.nii.gz")]
+
+    # Volume metrics: the metric core's numbers, averaged and pooled.
+    cases = [core.case_metrics(p, r, SPACING) for p, r in pairs.values()]
+    for region in ("liver", "tumor"):
+        assert metrics["volume"][region]["dice"] == pytest.approx(np.mean([c[f"{region}_dice"] for c in cases]))
+        assert metrics["volume"][region]["hd95"] == pytest.approx(np.mean([c[f"{region}_hd95"] for c in cases]))
+        assert metrics["volume"][region]["dice_global"] == pytest.approx(core.global_dice(cases, region))
+    detections = [core.lesion_detection(p, r, SPACING) for p, r in pairs.values()]
+    assert metrics["detection"]["iou"] == pytest.approx(core.detection_precision_recall(detections))
+    assert metrics["detection"]["iou"]["fn"] >= 1 and metrics["detection"]["iou"]["fp"] >= 1
+    records = [rec for p, r in pairs.values() for rec in core.slice_level_metrics(p, r, SPACING, "tumor")["slices"]]
+    small = [rec["dice"] for rec in records if rec["stratum"] == "small"]
+    large = [rec["dice"] for rec in records if rec["stratum"] == "large"]
+    assert small and large
+    assert metrics["slice_level"]["overall"]["tumor"]["dice"] == pytest.approx(np.mean([r["dice"] for r in records]))
+    assert metrics["slice_level"]["small"]["tumor"]["dice"] == pytest.approx(np.mean(small))
+    assert metrics["slice_level"]["large"]["tumor"]["dice"] == pytest.approx(np.mean(large))
+    assert metrics["stability"]["val_tumor_dice"]["cv"] == pytest.approx(
+        core.coefficient_of_variation([0.45, 0.55, 0.65, 0.67])
+    )
+    assert metrics["curves"]["tumor"]["auc_roc"] > 0.9
+
+    # report.md: the tables show those numbers (4 decimals), rows class × model.
+    report = (out / "report.md").read_text()
+    row = table_row(report, "Table I.", ["tumor", "TAM-U-Net"])
+    assert float(row[0]) == pytest.approx(metrics["volume"]["tumor"]["dice"], abs=5e-5)
+    assert float(row[6]) == pytest.approx(metrics["volume"]["tumor"]["hd95"], abs=5e-5)
+    row = table_row(report, "Table II.", ["liver", "TAM-U-Net"])
+    assert float(row[1]) == pytest.approx(metrics["slice_level"]["overall"]["liver"]["iou"], abs=5e-5)
+    assert float(table_row(report, "Table III.", ["tumor", "TAM-U-Net"])[0]) == pytest.approx(np.mean(small), abs=5e-5)
+    assert float(table_row(report, "Table IV.", ["tumor", "TAM-U-Net"])[0]) == pytest.approx(np.mean(large), abs=5e-5)
+    row = table_row(report, "LiTS measures", ["tumor", "TAM-U-Net"])
+    assert float(row[1]) == pytest.approx(core.global_dice(cases, "tumor"), abs=5e-5)
+    row = table_row(report, "Lesion detection", ["TAM-U-Net", "IoU > 0.5"])
+    assert [int(v) for v in row[:3]] == [metrics["detection"]["iou"][k] for k in ("tp", "fp", "fn")]
+    assert "segmentation-99.nii.gz" in report
+
+    # per_case.csv: one row per scored case, the core's values.
+    with (out / "per_case.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["case_id"] for r in rows] == ["0", "1", "2"]
+    for row, case in zip(rows, cases):
+        assert float(row["tumor_dice"]) == pytest.approx(case["tumor_dice"])
+        assert float(row["liver_assd"]) == pytest.approx(case["liver_assd"])
+
+
+def test_compare_sets_models_side_by_side(folders, tmp_path):
+    pred_dir, ref_dir, _ = folders
+    evaluate_folders(pred_dir, ref_dir, tmp_path / "runs" / "unet" / "eval", model_name="U-Net", figures=False)
+    summary = evaluate_folders(pred_dir, ref_dir, tmp_path / "tam", model_name="TAM-U-Net",
+                               compare=[tmp_path / "runs" / "unet"], figures=False)
+    report = (tmp_path / "tam" / "report.md").read_text()
+    for model in ("TAM-U-Net", "U-Net"):
+        cells = table_row(report, "Table I.", ["liver", model])
+        assert float(cells[0]) == pytest.approx(summary["volume"]["liver"]["dice"], abs=5e-5)
+
+
+def test_same_file_names_in_both_folders_and_missing_predictions(tmp_path):
+    _, labels = reference(0)
+    for name in ("a.nii.gz", "b.nii.gz"):
+        save(tmp_path / "ref" / name, labels)
+    save(tmp_path / "pred" / "a.nii.gz", labels)
+    save(tmp_path / "pred" / "a_probabilities.nii.gz", np.zeros(SHAPE + (3,), np.uint8))
+    matched, unmatched, missing = match_cases(tmp_path / "pred", tmp_path / "ref")
+    assert [m.case_id for m in matched] == ["a"] and unmatched == [] and missing == ["b"]
+
+
+def test_grid_mismatch_names_both_shapes_and_spacings(tmp_path):
+    _, labels = reference(0)
+    save(tmp_path / "ref" / "segmentation-1.nii.gz", labels)
+    save(tmp_path / "pred" / "segmentation-1.nii.gz", labels[:, :, :8], np.diag([-0.7, -0.8, 2.5, 1.0]))
+    with pytest.raises(DataError, match=r"\(40, 40, 8\).*0\.7.*\(40, 40, 10\).*0\.8"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "out")
+
+
+def test_curves_hand_computed():
+    p = np.array([[0.1, 0.0, 0.9], [0.2, 0.0, 0.8], [0.3, 0.0, 0.7], [0.4, 0.0, 0.6]])
+    curves = one_vs_rest_curves(p, np.array([2, 0, 2, 0]))
+    # Tumor scores 0.9, 0.8, 0.7, 0.6 for positive, negative, positive, negative: 3 of 4 pairs ordered.
+    assert curves["tumor"]["auc_roc"] == pytest.approx(0.75)
+    assert curves["tumor"]["average_precision"] == pytest.approx(0.5 * 1.0 + 0.5 * (2 / 3))
+    assert math.isnan(curves["liver"]["auc_roc"])  # no liver voxel in the sample
+
+
+def run_cli(argv, capsys):
+    code = evaluate_cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_scores_folders_and_lists_predictions_without_reference(folders, tmp_path, capsys):
+    pred_dir, ref_dir, _ = folders
+    code, out, err = run_cli(["--pred", pred_dir, "--ref", ref_dir, "--out", tmp_path / "e", "--no-figures"], capsys)
+    assert code == 0, err
+    assert "3 case(s)" in out and "segmentation-99.nii.gz" in out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    _, labels = reference(0)
+    save(tmp_path / "ref" / "segmentation-1.nii.gz", labels)
+    save(tmp_path / "pred" / "segmentation-1.nii.gz", labels[:, :, :8])
+    (tmp_path / "empty").mkdir()
+    hu, _ = reference(0)
+    save(tmp_path / "lits" / "volume-1.nii.gz", hu)
+    save(tmp_path / "lits" / "segmentation-1.nii.gz", labels)
+    (tmp_path / "model.h5").write_text("not a model")
+    for argv, expected in (
+        (["--pred", tmp_path / "pred", "--ref", tmp_path / "ref"], "not on the same grid"),
+        (["--pred", tmp_path / "empty", "--ref", tmp_path / "ref"], "no cases found"),
+        (["--model", tmp_path / "model.h5", "--data", tmp_path / "lits"], "neither a .keras"),
+        (["--pred", tmp_path / "pred"], "--pred needs --ref"),
+    ):
+        code, _, err = run_cli(argv + ["--out", tmp_path / "out"], capsys)
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+        assert err.startswith("evaluate: error:") and "Traceback" not in err
+
+
+def test_evaluate_model_predicts_then_scores_with_curves(folders, tmp_path):
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+
+    _, ref_dir, _ = folders
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(str(run / "checkpoints" / "last.keras"))
+    write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=40.0, std=50.0))
+    summary = evaluate_model(run / "checkpoints" / "last.keras", ref_dir, tmp_path / "eval",
+                             sample_voxels=3000, progress=False)
+    assert summary["model"] == "run" and summary["n_cases"] == 3
+    assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [
+        f"segmentation-{i}.nii.gz" for i in range(3)
+    ]
+    assert summary["curves_sampled_voxels"] == pytest.approx(3000, abs=10)
+    assert (tmp_path / "eval" / "figures" / "roc_curves.png").is_file()
+    assert re.search(r"\| background \| [0-9.]+ \|", (tmp_path / "eval" / "report.md").read_text())

@@ -1,0 +1,304 @@
+"""Whole-volume inference: grid and orientation, post-processing, batching, loading, CLI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from keras_livseg import predict as predict_cli
+from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+from keras_livseg.data.volumes import CaseFiles, load_case
+from keras_livseg.inference import (
+    PostProcessing,
+    SegmentationModel,
+    check_hounsfield,
+    output_names,
+    postprocess_labels,
+    predict_paths,
+    predict_volume,
+)
+
+# A permuted and flipped grid: array axis 0 runs head-ward, axis 1 to the patient's right,
+# axis 2 anterior-ward; nothing like the canonical P, L, S.
+ODD_AFFINE = np.array(
+    [[0.0, -0.8, 0.0, 10.0], [0.0, 0.0, -0.9, 20.0], [2.5, 0.0, 0.0, -30.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def threshold_labels(hu: np.ndarray) -> np.ndarray:
+    """The fake model's rule: liver above 50 HU, tumor above 150 HU."""
+    return (hu > 50).astype(np.uint8) + (hu > 150).astype(np.uint8)
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+
+
+def fake_model(calls: Calls | None = None, context: int = 1) -> SegmentationModel:
+    """A SegmentationModel whose probabilities are a one-hot threshold of the centre slice."""
+
+    def forward(raw: np.ndarray, statistics) -> np.ndarray:
+        if calls is not None:
+            calls.batch_sizes.append(raw.shape[0])
+        labels = threshold_labels(raw[..., raw.shape[-1] // 2])
+        return np.eye(3, dtype=np.float32)[labels]
+
+    prep = Preprocessing(image_size=(32, 32), context=context, normalization="none")
+    return SegmentationModel(Path("fake.keras"), "keras", prep, forward, context, "fake")
+
+
+def write_volume(path: Path, hu: np.ndarray, affine: np.ndarray = ODD_AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), str(path))
+    return path
+
+
+def planted_volume(shape=(10, 24, 20)) -> np.ndarray:
+    hu = np.full(shape, -1000, np.int16)
+    hu[2:8, 4:16, 3:15] = 100  # liver
+    hu[4:6, 8:11, 6:9] = 200  # tumor
+    return hu
+
+
+def test_prediction_lands_on_the_input_grid_with_a_permuted_flipped_affine(tmp_path):
+    hu = planted_volume()
+    source = write_volume(tmp_path / "in" / "volume-7.nii.gz", hu)
+    written = predict_paths(fake_model(), [source], tmp_path / "out", postprocess=None, progress=False)
+    assert [w.output.name for w in written] == ["segmentation-7.nii.gz"]
+    image = nib.load(str(written[0].output))
+    assert image.shape == hu.shape
+    np.testing.assert_allclose(image.affine, ODD_AFFINE)
+    assert image.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(image.dataobj), threshold_labels(hu))
+
+
+def test_flip_tta_keeps_voxel_positions_and_doubles_forward_calls(tmp_path):
+    hu = planted_volume()
+    case = load_case(CaseFiles("7", write_volume(tmp_path / "v.nii.gz", hu), None))
+    calls = Calls()
+    plain = predict_volume(fake_model(calls), case, batch_size=4, postprocess=None, progress=False)
+    tta = predict_volume(fake_model(calls), case, batch_size=4, tta_flip=True, postprocess=None, progress=False)
+    np.testing.assert_array_equal(plain.labels, tta.labels)
+    slices = case.image.shape[2]
+    assert plain.forward_calls == -(-slices // 4) and tta.forward_calls == 2 * plain.forward_calls
+
+
+def test_volume_is_streamed_in_bounded_batches(tmp_path):
+    hu = np.full((12, 16, 11), -1000, np.int16)
+    hu[3:9, 4:12, 2:9] = 100
+    # Identity affine: canonical slices are the last axis, so 11 slices in batches of 4.
+    case = load_case(CaseFiles("a", write_volume(tmp_path / "a.nii.gz", hu, np.eye(4)), None))
+    calls = Calls()
+    result = predict_volume(fake_model(calls), case, batch_size=4, postprocess=None, progress=False)
+    assert calls.batch_sizes == [4, 4, 3]
+    assert result.probabilities is None and result.labels.dtype == np.uint8
+
+
+def test_context_model_gets_neighbouring_slices(tmp_path):
+    hu = planted_volume()
+    case = load_case(CaseFiles("c", write_volume(tmp_path / "c.nii.gz", hu), None))
+    seen = []
+    model = fake_model(context=3)
+    inner = model._forward
+
+    def spy(raw, statistics):
+        seen.append(raw.shape)
+        return inner(raw, statistics)
+
+    model._forward = spy
+    result = predict_volume(model, case, batch_size=5, postprocess=None, progress=False)
+    assert all(shape[-1] == 3 for shape in seen)
+    np.testing.assert_array_equal(result.labels, threshold_labels(case.image))
+
+
+def test_probability_maps_are_uint8_4d_on_the_input_grid(tmp_path):
+    hu = planted_volume()
+    source = write_volume(tmp_path / "scan.nii.gz", hu)
+    written = predict_paths(
+        fake_model(), [source], tmp_path / "out", postprocess=None, save_probabilities=True, progress=False
+    )
+    assert written[0].output.name == "scan.nii.gz"
+    image = nib.load(str(written[0].probabilities))
+    assert image.shape == hu.shape + (3,)
+    np.testing.assert_allclose(image.affine, ODD_AFFINE)
+    data = np.asarray(image.dataobj)
+    assert data.dtype == np.uint8
+    np.testing.assert_array_equal(np.argmax(data, axis=-1), threshold_labels(hu))
+    assert set(np.unique(data.sum(axis=-1)).tolist()) == {255}
+
+
+def test_postprocessing_removes_an_island_and_tumor_outside_the_liver():
+    labels = np.zeros((30, 30, 10), np.uint8)
+    labels[5:20, 5:20, 2:8] = 1  # liver
+    labels[10:13, 10:13, 4:6] = 2  # lesion inside: 18 voxels = 18 mm³
+    labels[25:28, 25:28, 3:6] = 1  # false-positive island
+    labels[19:29, 8:11, 4] = 2  # tumor stripe leaving the liver (touching it: one component)
+    options = PostProcessing(liver_margin_mm=3.0, min_lesion_mm3=0.0)
+    cleaned = postprocess_labels(labels.copy(), (1.0, 1.0, 1.0), options)
+    assert not cleaned[25:28, 25:28, 3:6].any()  # island gone
+    assert (cleaned[10:13, 10:13, 4:6] == 2).all()  # lesion kept
+    # Nearest parenchyma of (r, 9): (18, 9) or (19, 7); within 3 mm up to row 21.
+    assert (cleaned[19:22, 8:11, 4] == 2).all()
+    assert not cleaned[22:29, 8:11, 4].any()
+    assert (cleaned[5:20, 5:20, 2:8] >= 1).all()
+
+
+def test_postprocessing_minimum_lesion_size_in_mm3():
+    labels = np.zeros((20, 20, 6), np.uint8)
+    labels[2:18, 2:18, 1:5] = 1
+    labels[5, 5, 2] = 2  # 1 voxel = 2 mm³
+    labels[10:12, 10:12, 2:4] = 2  # 8 voxels = 16 mm³
+    cleaned = postprocess_labels(labels.copy(), (1.0, 1.0, 2.0), PostProcessing(min_lesion_mm3=10.0))
+    assert cleaned[5, 5, 2] == 1 and (cleaned[10:12, 10:12, 2:4] == 2).all()
+    untouched = postprocess_labels(labels.copy(), (1.0, 1.0, 2.0), PostProcessing.disabled())
+    np.testing.assert_array_equal(untouched, labels)
+
+
+def test_postprocessing_is_applied_by_predict_volume(tmp_path):
+    hu = planted_volume()
+    hu[0, 20:23, 16:19] = 100  # a liver-like island far from the liver
+    case = load_case(CaseFiles("p", write_volume(tmp_path / "p.nii.gz", hu), None))
+    raw = predict_volume(fake_model(), case, postprocess=None, progress=False)
+    clean = predict_volume(fake_model(), case, progress=False)
+    from scipy import ndimage
+
+    assert ndimage.label(raw.labels >= 1)[1] == 2
+    assert ndimage.label(clean.labels >= 1)[1] == 1
+
+
+def test_output_names_follow_the_input():
+    assert output_names(CaseFiles("12", Path("volume-12.nii"), None))[0] == "segmentation-12.nii"
+    assert output_names(CaseFiles("liver_3", Path("liver_3.nii.gz"), None))[0] == "liver_3.nii.gz"
+
+
+def test_non_hu_intensities_warn_with_the_file_name(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert not check_hounsfield(np.array([0, 17, 255]), "photo.nii.gz")
+        assert check_hounsfield(np.array([-1024, 40, 1200]), "ct.nii.gz")
+    assert len(caplog.records) == 1 and "photo.nii.gz" in caplog.records[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models on disk
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keras_checkpoint(tmp_path_factory) -> Path:
+    from keras_livseg.models import build_model
+
+    run = tmp_path_factory.mktemp("run")
+    model = build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2)
+    (run / "checkpoints").mkdir()
+    path = run / "checkpoints" / "best.keras"
+    model.save(str(path))
+    write_preprocessing_json(
+        run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=50.0, std=80.0)
+    )
+    return path
+
+
+def test_keras_checkpoint_predicts_on_the_real_scan(keras_checkpoint, real_data_dir, tmp_path):
+    model = SegmentationModel.load(keras_checkpoint)
+    assert model.kind == "keras" and model.name.startswith("run")
+    source = real_data_dir / "dcmqi-ct-3slice" / "volume-3slice.nii.gz"
+    written = predict_paths(model, [real_data_dir / "dcmqi-ct-3slice"], tmp_path, batch_size=2, progress=False)
+    assert [w.output.name for w in written] == ["segmentation-3slice.nii.gz"]
+    reference = nib.load(str(source))
+    output = nib.load(str(written[0].output))
+    assert output.shape == reference.shape == (512, 512, 3)
+    np.testing.assert_allclose(output.affine, reference.affine)
+    assert set(np.unique(np.asarray(output.dataobj)).tolist()) <= {0, 1, 2}
+    probabilities = model.predict_slices(np.full((2, 40, 48), -1000.0))
+    assert probabilities.shape == (2, 40, 48, 3)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-4)
+
+
+def test_keras_checkpoint_on_the_totalsegmentator_crop(keras_checkpoint, real_data_dir, tmp_path):
+    source = real_data_dir / "totalseg-example-ct" / "example_ct_sm.nii.gz"
+    written = predict_paths(SegmentationModel.load(keras_checkpoint), [source], tmp_path, progress=False)
+    reference, output = nib.load(str(source)), nib.load(str(written[0].output))
+    assert written[0].output.name == "example_ct_sm.nii.gz"
+    assert output.shape == reference.shape
+    np.testing.assert_allclose(output.affine, reference.affine)
+
+
+def test_checkpoint_without_preprocessing_json_is_refused(tmp_path, keras_checkpoint):
+    lonely = tmp_path / "alone" / "model.keras"
+    lonely.parent.mkdir()
+    lonely.write_bytes(keras_checkpoint.read_bytes())
+    with pytest.raises(ValueError, match="preprocessing.json"):
+        SegmentationModel.load(lonely)
+
+
+@pytest.mark.slow
+def test_saved_model_base_folder_uses_the_highest_version(tmp_path):
+    import tensorflow as tf
+
+    class Threshold(tf.Module):
+        def __init__(self, offset: float) -> None:
+            super().__init__()
+            self.offset = tf.Variable(offset)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="ct_slices")])
+        def serve(self, ct_slices):
+            labels = tf.cast(ct_slices > 50.0 + self.offset, tf.int32) + tf.cast(ct_slices > 150.0, tf.int32)
+            return {"probabilities": tf.one_hot(labels, 3), "mask": tf.cast(labels, tf.uint8)}
+
+    base = tmp_path / "saved_models" / "fake"
+    for version, offset in ((1, 1000.0), (2, 0.0)):
+        module = Threshold(offset)
+        tf.saved_model.save(module, str(base / str(version)), signatures={"serving_default": module.serve})
+    model = SegmentationModel.load(base)
+    assert model.kind == "saved_model" and model.path.name == "2" and model.name == "fake"
+    hu = planted_volume()
+    written = predict_paths(model, [write_volume(tmp_path / "volume-1.nii", hu)], tmp_path / "out",
+                            postprocess=None, progress=False)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(written[0].output)).dataobj), threshold_labels(hu))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(argv, capsys):
+    code = predict_cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_model_neither_keras_nor_saved_model(tmp_path, capsys):
+    bogus = tmp_path / "model.h5"
+    bogus.write_text("not a model")
+    volume = write_volume(tmp_path / "v.nii.gz", planted_volume())
+    code, _, err = run_cli(["--model", bogus, volume, "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "predict: error:" in err and "model.h5" in err
+    assert "Traceback" not in err
+
+
+def test_cli_folder_without_cases(tmp_path, capsys, keras_checkpoint):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(["--model", keras_checkpoint, empty, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "no cases found" in err and err.count("\n") == 1
+
+
+def test_cli_predicts_with_a_checkpoint(tmp_path, capsys, keras_checkpoint):
+    volume = write_volume(tmp_path / "data" / "volume-4.nii.gz", planted_volume())
+    code, out, err = run_cli(
+        ["--model", keras_checkpoint, tmp_path / "data", "--out", tmp_path / "out", "--tta",
+         "--batch-size", "3", "--no-progress", "--label-map", "1:6,2:7"],
+        capsys,
+    )
+    assert code == 0, err
+    written = tmp_path / "out" / "segmentation-4.nii.gz"
+    assert written.is_file() and str(written) in out
+    values = set(np.unique(np.asarray(nib.load(str(written)).dataobj)).tolist())
+    assert values <= {0, 6, 7}
