@@ -35,7 +35,7 @@ import numpy as np
 
 from keras_livseg import __version__
 from keras_livseg.data import shards
-from keras_livseg.data.preprocessing import ForegroundStatistics, Preprocessing, resize_bilinear, resize_nearest
+from keras_livseg.data.preprocessing import ForegroundStatistics, Preprocessing, resize_nearest, resize_stack
 from keras_livseg.data.volumes import CaseFiles, DataError, discover_cases, load_case, parse_label_map
 
 logger = logging.getLogger(__name__)
@@ -176,24 +176,33 @@ def _selected_slices(labels: np.ndarray, mode: str, margin: int) -> np.ndarray:
     return np.arange(max(has_liver[0] - margin, 0), min(has_liver[-1] + margin + 1, count))
 
 
-def _window_resize_volume(image: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, float, float]:
-    """Window + resize every slice, chunk by chunk; also the volume's body statistics."""
-    rows, cols, count = image.shape
+def _window_resize_volume(
+    image: np.ndarray, labels: np.ndarray, prep: Preprocessing
+) -> tuple[np.ndarray, float, float, ForegroundStatistics]:
+    """Window + resize every slice, chunk by chunk, in one pass over the volume.
+
+    Returns the resized volume ``[n_slices, H, W]``, the volume's body statistics (on the
+    model grid, for per-volume normalization) and the foreground statistics (on the native
+    grid: the voxels nnU-Net samples).
+    """
+    count = image.shape[2]
     height, width = prep.image_size
-    resized = np.empty((height, width, count), dtype=np.float32)
+    resized = np.empty((count, height, width), dtype=np.float32)
     low = prep.window[0]
-    total = total_sq = 0.0
-    voxels = 0
+    stats = ForegroundStatistics(prep.window)
+    # Slices first: NIfTI data is Fortran-ordered, so each canonical slice is contiguous.
+    slices_first = np.moveaxis(image, 2, 0)
+    labels_first = np.moveaxis(labels, 2, 0)
     for start in range(0, count, _CHUNK_SLICES):
-        chunk = prep.window_hu(np.asarray(image[:, :, start : start + _CHUNK_SLICES]))
-        body = chunk[chunk > low]
-        total += float(body.sum(dtype=np.float64))
-        total_sq += float(np.square(body, dtype=np.float64).sum())
-        voxels += body.size
-        resized[:, :, start : start + _CHUNK_SLICES] = resize_bilinear(chunk, (height, width))
-    mean = total / voxels if voxels else 0.0
-    std = float(np.sqrt(max(total_sq / voxels - mean**2, 0.0))) if voxels else 1.0
-    return resized, mean, std or 1.0
+        chunk = prep.window_hu(slices_first[start : start + _CHUNK_SLICES])
+        foreground = labels_first[start : start + _CHUNK_SLICES] > 0
+        if foreground.any():
+            stats.update(chunk[foreground])
+        resized[start : start + _CHUNK_SLICES] = resize_stack(chunk, (height, width))
+    body = resized[resized > low]
+    mean = float(body.mean(dtype=np.float64)) if body.size else 0.0
+    std = float(body.std(dtype=np.float64)) if body.size else 1.0
+    return resized, mean, std or 1.0, stats
 
 
 def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> dict[str, Any]:
@@ -206,30 +215,24 @@ def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> d
     case = load_case(files, parse_label_map(options.label_map))
     if case.labels is None:
         raise DataError(f"{files.image} has no segmentation; prepare needs labelled cases")
-    resized, volume_mean, volume_std = _window_resize_volume(case.image, prep)
-    stats = ForegroundStatistics(prep.window)
+    resized, volume_mean, volume_std, stats = _window_resize_volume(case.image, case.labels, prep)
     selected = _selected_slices(case.labels, options.slices, options.margin)
+    count = case.image.shape[2]
     class_pixels = np.zeros(3, dtype=np.int64)
     tumor_pixels: list[int] = []
     liver_pixels: list[int] = []
     record_path = work_dir / f"{files.case_id}.tfrecord"
     with shards.TFRecordWriter(record_path) as writer:
-        for start in range(0, case.image.shape[2], _CHUNK_SLICES):
-            # Foreground statistics on the native grid (the voxels nnU-Net would sample).
-            stop = min(start + _CHUNK_SLICES, case.image.shape[2])
-            foreground = case.labels[:, :, start:stop] > 0
-            if foreground.any():
-                stats.update(prep.window_hu(np.asarray(case.image[:, :, start:stop])[foreground]))
         half = prep.context // 2
         for index in selected:
-            picks = np.clip(np.arange(index - half, index + half + 1), 0, resized.shape[2] - 1)
+            picks = np.clip(np.arange(index - half, index + half + 1), 0, count - 1)
             mask = resize_nearest(case.labels[:, :, index], prep.image_size)
             counts = np.bincount(mask.ravel(), minlength=3)[:3]
             class_pixels += counts
             tumor_pixels.append(int(counts[2]))
             liver_pixels.append(int(counts[1] + counts[2]))
             writer.write(
-                shards.slice_example(resized[:, :, picks], mask, files.case_id, int(index), volume_mean, volume_std)
+                shards.slice_example(np.moveaxis(resized[picks], 0, -1), mask, files.case_id, int(index), volume_mean, volume_std)
             )
     summary = {
         "case_id": files.case_id,

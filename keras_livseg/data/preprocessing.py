@@ -187,20 +187,40 @@ def resize_bilinear(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
         >>> resize_bilinear(np.ones((4, 6, 2), np.float32), (2, 3)).shape
         (2, 3, 2)
     """
-    out_h, out_w = int(size[0]), int(size[1])
     image = np.asarray(image, dtype=np.float32)
-    if image.shape[0] == out_h and image.shape[1] == out_w:
-        return image.copy()
-    top_i, bottom_i, y_lerp = _linear_weights(image.shape[0], out_h)
-    left_i, right_i, x_lerp = _linear_weights(image.shape[1], out_w)
-    extra = (1,) * (image.ndim - 2)
-    x_lerp = x_lerp.reshape((1, out_w) + extra)
-    y_lerp = y_lerp.reshape((out_h, 1) + extra)
-    # Rows first (they are fewer after downsampling), then columns.
-    top_rows, bottom_rows = image[top_i], image[bottom_i]
-    top = top_rows[:, left_i] + (top_rows[:, right_i] - top_rows[:, left_i]) * x_lerp
-    bottom = bottom_rows[:, left_i] + (bottom_rows[:, right_i] - bottom_rows[:, left_i]) * x_lerp
-    return top + (bottom - top) * y_lerp
+    if image.ndim == 2:
+        return resize_stack(image[None], size)[0]
+    # Slices first: CT slices are contiguous in NIfTI's (Fortran) order, so the gathers
+    # below then read memory in order.
+    moved = np.moveaxis(image.reshape(image.shape[:2] + (-1,)), -1, 0)
+    out = resize_stack(moved, size)
+    return np.moveaxis(out, 0, -1).reshape(out.shape[1:] + image.shape[2:])
+
+
+def resize_stack(slices: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of a stack ``[n, rows, cols]`` → ``[n, H, W]`` (tf.image.resize semantics)."""
+    out_h, out_w = int(size[0]), int(size[1])
+    slices = np.asarray(slices, dtype=np.float32)
+    if slices.shape[1] == out_h and slices.shape[2] == out_w:
+        return slices.copy()
+    top_i, bottom_i, y_lerp = _linear_weights(slices.shape[1], out_h)
+    left_i, right_i, x_lerp = _linear_weights(slices.shape[2], out_w)
+    # Rows first (fewer after downsampling), then columns; bilinear is separable.
+    top_rows, bottom_rows = _take(slices, top_i, 1), _take(slices, bottom_i, 1)
+    rows = top_rows + (bottom_rows - top_rows) * y_lerp[None, :, None]
+    left, right = _take(rows, left_i, 2), _take(rows, right_i, 2)
+    return left + (right - left) * x_lerp[None, None, :]
+
+
+def _take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    # Evenly spaced indices (integer zoom factors: 512 -> 256) become a strided view, not a gather copy.
+    if index.size > 1:
+        steps = np.diff(index)
+        if steps[0] > 0 and np.all(steps == steps[0]):
+            picker = [slice(None)] * array.ndim
+            picker[axis] = slice(int(index[0]), int(index[-1]) + 1, int(steps[0]))
+            return array[tuple(picker)]
+    return np.take(array, index, axis=axis)
 
 
 def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -270,6 +270,9 @@ def apply_label_map(labels: np.ndarray, mapping: Mapping[int, int] | None, sourc
         [0, 1, 0]
     """
     if mapping is None:
+        # min/max first: np.unique sorts the whole volume, seconds for a LiTS scan.
+        if labels.size == 0 or (labels.min() >= 0 and labels.max() < NUM_CLASSES):
+            return labels.astype(np.uint8, copy=False)
         values = np.unique(labels)
         bad = [int(v) for v in values if v < 0 or v >= NUM_CLASSES]
         if bad:

@@ -1,0 +1,92 @@
+"""prepare's wall time and peak memory against merely loading the same volumes with nibabel.
+
+Goals (DESIGN.md): wall time <= 1.5x the nibabel load floor (decompress + read); peak RSS
+per worker <= 2.5x one decompressed volume. Volumes: phantom CT of 512x512 and 200-300
+slices, written once to the cache.
+
+The floor is measured in a fresh process that reads every volume and its segmentation once
+with nibabel, one after another (what prepare must read at least); prepare runs with its default workers (one per core) and with one worker.
+Worker memory is the peak RSS of the worker processes (``RUSAGE_CHILDREN``), reported both
+raw and above the worker's baseline after imports.
+
+    python benchmarks/bench_prepare.py [--cases 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import phantom_volumes, table, write_json  # noqa: E402
+
+_LOAD = """
+import resource, sys, time, glob
+import nibabel as nib, numpy as np
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter(); nbytes = 0
+for path in sorted(glob.glob(sys.argv[1] + '/volume-*.nii.gz') + glob.glob(sys.argv[1] + '/segmentation-*.nii.gz')):
+    nbytes = max(nbytes, np.asarray(nib.load(path).dataobj).nbytes)
+print(time.perf_counter() - t, nbytes, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+_PREPARE = """
+import resource, sys, time
+from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+prepare_dataset(PrepareOptions(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False, image_size=256))
+wall = time.perf_counter() - t
+child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(wall, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, child)
+"""
+
+
+def run(code: str, *args: str) -> list[float]:
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout
+    return [float(v) for v in out.split()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=4)
+    args = parser.parse_args()
+    src = phantom_volumes(args.cases)
+    run(_LOAD, str(src))  # warm the page cache so both sides read from memory
+    load_s, volume_bytes, load_base_kb, load_peak_kb = run(_LOAD, str(src))
+    rows = [{"what": "nibabel load (floor)", "wall s": f"{load_s:.2f}", "x floor": "1.00",
+             "peak RSS MB": f"{load_peak_kb / 1024:.0f}", "RSS / volume": f"{load_peak_kb * 1024 / volume_bytes:.2f}"}]
+    results = {"cases": args.cases, "volume_mb": volume_bytes / 1e6, "load_s": load_s}
+    for workers in (0, 1):
+        out = Path(tempfile.mkdtemp())
+        try:
+            wall, base_kb, parent_kb, child_kb = run(_PREPARE, str(src), str(out / "shards"), str(workers))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        worker_kb = child_kb if workers != 1 else parent_kb
+        label = "prepare, 1 worker (in process)" if workers == 1 else "prepare, default workers (2 here)"
+        rows.append({
+            "what": label,
+            "wall s": f"{wall:.2f}",
+            "x floor": f"{wall / load_s:.2f}",
+            "peak RSS MB": f"{worker_kb / 1024:.0f} per worker",
+            "RSS / volume": f"{worker_kb * 1024 / volume_bytes:.2f} ({(worker_kb - base_kb) * 1024 / volume_bytes:.2f} above imports)",
+        })
+        results[f"prepare_workers_{workers or 'default'}"] = {
+            "wall_s": wall, "x_floor": wall / load_s, "worker_peak_rss_mb": worker_kb / 1024,
+            "rss_over_volume": worker_kb * 1024 / volume_bytes,
+            "rss_above_imports_over_volume": (worker_kb - base_kb) * 1024 / volume_bytes,
+        }
+    print(f"{args.cases} phantom volumes, largest {volume_bytes / 1e6:.0f} MB decompressed (int16)\n")
+    print(table(rows, ["what", "wall s", "x floor", "peak RSS MB", "RSS / volume"]))
+    print(f"\ngoals: wall <= 1.5x floor; peak RSS per worker <= 2.5x one volume -> {write_json('prepare', results)}")
+
+
+if __name__ == "__main__":
+    main()
