@@ -46,7 +46,8 @@ def test_foreground_share_matches_request(shard_dir, fraction):
         assert abs(has_tumor.mean() - natural) < 0.12
 
 
-def test_augmentation_moves_image_and_mask_together(tmp_path):
+@pytest.mark.parametrize("fused", [True, False])
+def test_augmentation_moves_image_and_mask_together(tmp_path, fused):
     # A case whose label is the image thresholded: after augmentation it must still be.
     src = tmp_path / "src"
     src.mkdir()
@@ -58,7 +59,7 @@ def test_augmentation_moves_image_and_mask_together(tmp_path):
     nib.save(nib.Nifti1Image(np.where(hu > 0, 1, 0).astype(np.uint8), np.diag([-0.8, -0.8, 2.5, 1])), str(src / "segmentation-0.nii.gz"))
     manifest = prepare_dataset(PrepareOptions(src, tmp_path / "out", image_size=48, workers=1, progress=False, split=(1, 0, 0)))
     strong = Augmentation(flip="horizontal_and_vertical", rotation=0.1, zoom=0.2, translation=0.15,
-                          intensity_scale=0, intensity_shift=0, gamma=0, noise_std=0)
+                          intensity_scale=0, intensity_shift=0, gamma=0, noise_std=0, fused=fused, probability=1.0)
     ds = make_dataset(manifest, "train", batch_size=6, augmentation=strong, foreground_fraction=0, seed=5)
     threshold = (0 - manifest["preprocessing"]["mean"]) / manifest["preprocessing"]["std"]
     for images, masks in ds.take(4):
@@ -97,3 +98,13 @@ def test_cache_gives_the_same_data(shard_dir):
 def test_folder_without_manifest_is_refused(tmp_path):
     with pytest.raises(DataError, match="not a finished prepare output"):
         make_dataset(tmp_path, "train", batch_size=2)
+
+
+def test_augmentation_probability_is_the_share_of_changed_samples(shard_dir):
+    spatial_only = Augmentation(intensity_scale=0, intensity_shift=0, gamma=0, noise_std=0, probability=0.25)
+    augmented = make_dataset(shard_dir, "train", batch_size=8, augmentation=spatial_only, deterministic=True, seed=4)
+    plain = make_dataset(shard_dir, "train", batch_size=8, augmentation=Augmentation.none(), deterministic=True, seed=4)
+    changed = []
+    for (a, _), (b, _) in zip(augmented.take(40), plain.take(40)):
+        changed.extend(np.abs(a.numpy() - b.numpy()).max(axis=(1, 2, 3)) > 1e-6)
+    assert 0.15 < np.mean(changed) < 0.35
