@@ -38,26 +38,38 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class NaNStop(keras.callbacks.Callback):
-    """Stop at the first NaN or infinite loss and remember where it happened.
+    """Stop at the first NaN or infinite loss, keeping the model's last good weights.
 
-    Unlike ``TerminateOnNaN`` it records the epoch and batch so that ``fit`` can report
-    them with the last good checkpoint. Checkpoints are only written at epoch ends with
-    a finite ``val_tumor_dice``, so the best checkpoint on disk is never a NaN model.
+    Unlike ``TerminateOnNaN`` it records the epoch and batch so that ``fit`` can report them,
+    puts back the weights from the start of the failing epoch (Keras still runs validation
+    and the checkpoint callbacks after ``stop_training``), and marks that epoch's validation
+    results NaN so that ``save_best_only`` never picks it. The optimizer's moments may be
+    NaN too: continue from ``best.keras``, not from the backup.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.stopped_at: tuple[int, int] | None = None
         self._epoch = 0
+        self._good_weights: list | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
+        self._good_weights = self.model.get_weights()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
+        if self.stopped_at is None and loss is not None and not math.isfinite(float(loss)):
             self.stopped_at = (self._epoch, batch)
+            if self._good_weights is not None:
+                self.model.set_weights(self._good_weights)
             self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.stopped_at is not None and logs is not None:
+            for key in list(logs):
+                if key.startswith("val_"):
+                    logs[key] = float("nan")
 
 
 def overlay(ct: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:

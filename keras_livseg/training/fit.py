@@ -304,7 +304,12 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                             shuffle_buffer=int(training["shuffle_buffer"]))
     val_ds = make_dataset(manifest, val_split, global_batch, training=False, cache=bool(training["cache"]))
 
-    model_options = {k: v for k, v in config["model"].items() if k not in MODEL_FIXED_KEYS}
+    # TOML has no null: the string "none" stands for None (e.g. model.encoder_weights = "none").
+    model_options = {
+        k: (None if isinstance(v, str) and v.lower() == "none" else v)
+        for k, v in config["model"].items()
+        if k not in MODEL_FIXED_KEYS
+    }
     head = model_options.get("head", "softmax")
     with strategy.scope():
         model = build_model(config["model"]["name"], input_shape=(*prep.image_size, prep.context), **model_options)

@@ -1,0 +1,525 @@
+"""Tests for the training stage: ``keras_livseg.training.fit`` and ``python -m keras_livseg.fit``.
+
+One tiny phantom run (6 cases, 64x64 phantom, 32x32 slices, a depth-2 TAM-U-Net with 8 filters,
+2 epochs) is shared by the run-folder, summary and TensorBoard tests; the resume, NaN and
+MirroredStrategy tests make their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from keras_livseg import fit as fit_cli
+from keras_livseg.training import fit
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PIPELINES = PROJECT_ROOT / "pipelines"
+LITS_RECIPES = ("lits_unet.toml", "lits_tam_unet.toml", "lits_effb0_pan.toml")
+
+NO_AUGMENTATION = "training.augmentation={rotation=0.0,zoom=0.0,translation=0.0,intensity_scale=0.0,intensity_shift=0.0,gamma=0.0,noise_std=0.0}"
+# Tumor is ~0.2 % of the tiny phantom's pixels: foreground oversampling, class weights and a high rate
+# make two short epochs enough to find it for every seed tried (0, 1, 2), augmentation off.
+TINY_ARGS = [
+    "--no-export", "--precision", "float32", "--image-size", "32", "--epochs", "2", "--batch-size", "8",
+    "--steps-per-epoch", "60", "--learning-rate", "1e-2",
+    "--set", "data.phantom_cases=6", "--set", "data.phantom_size=64", "--set", "data.phantom_slices=[12, 16]",
+    "--set", "data.split=[0.5, 0.25, 0.25]", "--set", "data.workers=1",
+    "--set", "model.filters=8", "--set", "model.depth=2",
+    "--set", "training.foreground_fraction=0.6", "--set", "training.class_weights=[1.0, 5.0, 20.0]",
+    "--set", NO_AUGMENTATION, "--set", "training.image_every=1",
+]
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = fit_cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_history(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+# Our own recipe, so the tests never depend on the demo recipe's tuning (context, schedule, size).
+TINY_RECIPE = """
+[run]
+seed = 0
+[data]
+slices = "all"
+[preprocessing]
+window = [-200.0, 250.0]
+image_size = 32
+context = 1
+normalization = "foreground"
+[model]
+name = "tam_unet"
+[training]
+optimizer = "adam"
+schedule = "none"
+loss = "ce_dice"
+[export]
+enabled = false
+"""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """The phantom/shard cache of this module (``KERAS_LIVSEG_CACHE``), shared by its runs."""
+    path = tmp_path_factory.mktemp("cache")
+    (path / "tiny.toml").write_text(TINY_RECIPE)
+    TINY_ARGS[:0] = ["--pipeline", str(path / "tiny.toml")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_LIVSEG_CACHE", str(path))
+        yield path
+    del TINY_ARGS[:2]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cache_dir, tmp_path_factory):
+    """A finished 2-epoch CLI run: ``(exit code, stdout, stderr, run folder)``."""
+    runs = tmp_path_factory.mktemp("runs")
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(runs), "--name", "tiny"])
+    assert code == 0, err[-3000:]
+    return types.SimpleNamespace(code=code, stdout=out, stderr=err, run_dir=runs / "tiny", runs=runs)
+
+
+# --- a whole run ---------------------------------------------------------------------------------
+
+
+def test_tiny_fit_beats_chance_and_fills_the_run_folder(tiny_run):
+    run_dir = tiny_run.run_dir
+    config = json.loads((run_dir / "config.json").read_text())
+    assert {"run", "data", "preprocessing", "model", "training", "export", "recipe"} <= set(config)
+    assert set(fit.TRAINING_KEYS) <= set(config["training"])  # fully resolved: defaults included
+    assert config["training"]["resolved_precision"] == "float32"
+    assert config["preprocessing"]["image_size"] == 32
+
+    metrics = json.loads((run_dir / "eval" / "test_metrics.json").read_text())
+    manifest = json.loads((Path(config["data"]["shards"]) / "manifest.json").read_text())
+    background, liver, tumor = manifest["splits"][metrics["split"]]["class_pixels"]
+    assert tumor > 0, "the held-out split must contain tumor for the Dice to mean anything"
+    # Chance: Dice of predicting tumor everywhere, 2T / (N + T) (~0.003 here); tumor share is T / N.
+    everywhere = 2 * tumor / (background + liver + tumor + tumor)
+    assert metrics["tumor_dice"] > 10 * everywhere, (metrics, everywhere)
+    assert metrics["liver_dice"] > 0.2, metrics
+
+    history = read_history(run_dir)
+    assert [int(row["epoch"]) for row in history] == [0, 1]
+    assert all(float(row["learning_rate"]) == pytest.approx(1e-2) for row in history)
+    assert {"loss", "tumor_dice", "val_tumor_dice", "val_liver_dice"} <= set(history[0])
+
+    for name in ("best.keras", "last.keras"):
+        assert (run_dir / "checkpoints" / name).stat().st_size > 0
+    best = keras.saving.load_model(run_dir / "checkpoints" / "best.keras", compile=False)
+    assert best.input_shape == (None, 32, 32, 1)
+    for part in ("train", "validation", "images"):
+        assert list((run_dir / "tensorboard" / part).glob("events.out.tfevents.*")), part
+    prep = json.loads((run_dir / "preprocessing.json").read_text())
+    assert "window" in json.dumps(prep) and "tam_unet" in json.dumps(prep)
+
+
+def test_cli_summary_prints_dice_folder_checkpoint_and_tensorboard(tiny_run):
+    out = tiny_run.stdout
+    metrics = json.loads((tiny_run.run_dir / "eval" / "test_metrics.json").read_text())
+    assert f"Dice: liver {metrics['liver_dice']:.4f}, tumor {metrics['tumor_dice']:.4f}" in out
+    assert f"run folder:      {tiny_run.run_dir}" in out
+    assert f"best checkpoint: {tiny_run.run_dir / 'checkpoints' / 'best.keras'}" in out
+    assert f"tensorboard --logdir {tiny_run.run_dir / 'tensorboard'}" in out
+    assert "finished 2 epochs" in out
+
+
+def test_existing_run_name_gets_a_suffix(tmp_path):
+    config = {"run": {"name": "exp", "runs_dir": str(tmp_path)}, "model": {"name": "unet"}, "recipe": "x.toml"}
+    assert fit.new_run_dir(config, resume=False) == tmp_path / "exp"
+    assert fit.new_run_dir(config, resume=False) == tmp_path / "exp-2"
+    assert fit.new_run_dir(config, resume=False) == tmp_path / "exp-3"
+    config["run"]["name"] = ""
+    assert fit.new_run_dir(config, resume=False) == tmp_path / "unet-x"
+
+
+# --- recipes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["phantom_demo.toml", *LITS_RECIPES])
+def test_shipped_recipe_resolves_and_builds_its_model(recipe):
+    from keras_livseg.models import build_model
+
+    config = fit.resolve_config(PIPELINES / recipe)
+    assert set(fit.DEFAULTS) <= set(config)
+    options = {k: v for k, v in config["model"].items() if k not in fit.MODEL_FIXED_KEYS}
+    options.update({"filters": 4, "depth": 2} if "filters" in options else {})
+    options.update({"decoder_filters": 8, "encoder_weights": None} if config["model"]["name"] == "effb0_pan" else {})
+    context = int(config["preprocessing"].get("context", 1))
+    model = build_model(config["model"]["name"], input_shape=(32, 32, context), **options)
+    assert model.output_shape == (None, 32, 32, 3)
+    # The optimizer and loss the recipe names can be built too.
+    fit.build_optimizer(config["training"], total_steps=10)
+    fit.build_loss(config["training"], options.get("head", "softmax"))
+
+
+def test_lits_recipes_follow_the_papers():
+    tam = fit.resolve_config(PIPELINES / "lits_tam_unet.toml")
+    unet = fit.resolve_config(PIPELINES / "lits_unet.toml")
+    pan = fit.resolve_config(PIPELINES / "lits_effb0_pan.toml")
+    for config in (tam, unet):  # Khimta et al.: 256x256 slices, z-score, Adam, CE + Dice
+        assert config["preprocessing"]["image_size"] == 256 and config["preprocessing"]["context"] == 1
+        assert config["training"]["optimizer"] == "adam" and config["training"]["loss"] == "ce_dice"
+    assert (tam["model"]["name"], unet["model"]["name"]) == ("tam_unet", "unet")
+    # The baseline differs from TAM-U-Net by the model alone.
+    assert tam["training"] == unet["training"] and tam["preprocessing"] == unet["preprocessing"]
+    assert pan["model"]["name"] == "effb0_pan" and pan["preprocessing"]["context"] == 3
+    assert (pan["training"]["optimizer"], pan["training"]["schedule"]) == ("adamw", "onecycle")
+    assert list(pan["model"]["aspp_rates"]) == [6, 12, 18]
+    for config in (tam, unet, pan):
+        assert config["data"]["src"], "a LiTS recipe must never fall back to the phantom"
+
+
+# --- bad input and faults ------------------------------------------------------------------------
+
+
+def test_unknown_recipe_key_names_it_and_the_valid_keys(tmp_path, capsys):
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.epochz=3"])
+    assert code == 2
+    assert "epochz" in err and "[training]" in err and "epochs" in err and "learning_rate" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "trainin.epochs=3"])
+    assert code == 2 and "[trainin]" in err and "training" in err and "valid sections" in err
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "epochs"])
+    assert code == 2 and "section.key=value" in err
+    assert not list(tmp_path.iterdir()), "a bad option must fail before making a run folder"
+
+
+def test_data_folder_without_volumes_is_one_line_and_exit_2(tmp_path, cache_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), "--data", str(empty),
+                              "--shards", str(tmp_path / "shards")])
+    assert code == 2, err
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and str(empty) in error_lines[0], err
+
+
+def test_shard_folder_without_manifest_says_how_to_fix(tiny_run, tmp_path):
+    import shutil
+
+    from keras_livseg.data.dataset import make_dataset
+    from keras_livseg.data.volumes import DataError
+
+    shards = Path(json.loads((tiny_run.run_dir / "config.json").read_text())["data"]["shards"])
+    for path in shards.glob("*.tfrecord*"):
+        shutil.copy(path, tmp_path)
+    assert list(tmp_path.glob("train-*"))
+    with pytest.raises(DataError, match=r"manifest\.json not found.*keras_livseg\.prepare"):
+        make_dataset(tmp_path, "train", 4)
+
+
+def test_model_data_mismatch_names_both_shapes_and_the_fix():
+    prep = types.SimpleNamespace(image_size=(64, 64), context=3)
+    with pytest.raises(ValueError) as error:
+        fit.check_model_matches_data((None, 32, 32, 1), prep)
+    message = str(error.value)
+    assert "32x32x1" in message and "64x64x3" in message
+    assert "preprocessing.image_size 64" in message and "preprocessing.context 3" in message
+    fit.check_model_matches_data((None, 64, 64, 3), prep)  # a match passes
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path):
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--name", "never-ran", "--resume", "--no-export"])
+    assert code == 2
+    assert "no run to resume" in err and "never-ran" in err and "--name" in err
+    assert "Traceback" not in err
+
+
+@keras.saving.register_keras_serializable(package="keras_livseg_tests")
+class _BlowUpAfter(keras.optimizers.schedules.LearningRateSchedule):
+    """A sane rate for ``steps`` steps, then NaN: the weights (and the loss) turn NaN in epoch 2."""
+
+    def __init__(self, steps: int, rate: float = 1e-2):
+        self.steps = steps
+        self.rate = rate
+
+    def __call__(self, step):
+        return keras.ops.where(keras.ops.less(step, self.steps), self.rate, float("nan"))
+
+    def get_config(self):
+        return {"steps": self.steps, "rate": self.rate}
+
+
+@pytest.fixture(scope="module")
+def nan_run(cache_dir, tmp_path_factory):
+    """A run whose loss turns NaN early in epoch 2 (the rate becomes NaN after one good epoch)."""
+    steps = 60
+    runs = tmp_path_factory.mktemp("nan-runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit, "build_optimizer", lambda training, total: keras.optimizers.Adam(_BlowUpAfter(steps)))
+        code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(runs), "--name", "nan", "--epochs", "3"])
+    return types.SimpleNamespace(code=code, stdout=out, stderr=err, run_dir=runs / "nan")
+
+
+def _finite_model(path: Path) -> bool:
+    model = keras.saving.load_model(path, compile=False)
+    probabilities = np.asarray(model.predict(np.zeros((2, 32, 32, 1), "float32"), verbose=0))
+    return all(np.isfinite(w).all() for w in model.get_weights()) and bool(np.isfinite(probabilities).all())
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_good_checkpoint(nan_run):
+    assert nan_run.code == 3, nan_run.stderr[-2000:]
+    run_dir = nan_run.run_dir
+    assert "the loss became NaN at epoch 2, batch" in nan_run.stderr
+    assert str(run_dir / "checkpoints" / "best.keras") in nan_run.stderr and "Lower the learning rate" in nan_run.stderr
+    history = read_history(run_dir)
+    assert [int(row["epoch"]) for row in history] == [0, 1]  # stopped in epoch 2, never started epoch 3
+    assert np.isfinite(float(history[0]["loss"]))
+    assert _finite_model(run_dir / "checkpoints" / "best.keras")
+
+
+def test_nan_stop_leaves_last_checkpoint_finite(nan_run):
+    assert nan_run.code == 3
+    assert _finite_model(nan_run.run_dir / "checkpoints" / "last.keras")
+
+
+def test_nan_stop_records_epoch_and_batch():
+    from keras_livseg.training.callbacks import NaNStop
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.stop_training = False  # as fit sets it
+    stop = NaNStop()
+    stop.set_model(model)
+    stop.on_epoch_begin(4)
+    stop.on_train_batch_end(6, {"loss": 0.5})
+    assert stop.stopped_at is None and not model.stop_training
+    stop.on_train_batch_end(7, {"loss": float("inf")})
+    assert stop.stopped_at == (4, 7) and model.stop_training
+
+
+# --- precision and distribution ------------------------------------------------------------------
+
+CPU_PLAIN = "processor : 0\nflags : fpu sse sse2 avx avx2 fma avx512f avx512bw\n"
+CPU_BF16 = "processor : 0\nflags : fpu sse sse2 avx avx2 avx512f avx512_bf16\n"
+CPU_AMX = "processor : 0\nflags : fpu avx2 amx_bf16 amx_tile\n"
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [(CPU_PLAIN, "float32"), (CPU_BF16, "mixed_bfloat16"),
+                                               (CPU_AMX, "mixed_bfloat16"), ("", "float32")])
+def test_auto_precision_on_cpu_never_picks_float16(cpuinfo, expected):
+    policy = fit_resolve_precision("auto", gpus=0, cpuinfo=cpuinfo)
+    assert policy == expected and "float16" not in policy.replace("bfloat16", "")
+
+
+def test_auto_precision_on_gpu_picks_mixed_float16():
+    assert fit_resolve_precision("auto", gpus=1, cpuinfo=CPU_PLAIN) == "mixed_float16"
+    assert fit_resolve_precision("auto", gpus=4, cpuinfo=CPU_BF16) == "mixed_float16"
+    assert fit_resolve_precision("float32", gpus=1) == "float32"  # explicit choices are kept
+    with pytest.raises(ValueError, match="float64"):
+        fit_resolve_precision("float64", gpus=0)
+
+
+def fit_resolve_precision(*args, **kwargs):
+    from keras_livseg.training.precision import resolve_precision
+
+    return resolve_precision(*args, **kwargs)
+
+
+MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    import numpy as np
+    from keras_livseg.models import build_model
+    from keras_livseg.training.fit import DEFAULTS, build_loss, build_optimizer
+    from keras_livseg.training.metrics import default_metrics
+    from keras_livseg.training.strategy import choose_strategy
+
+    strategy = choose_strategy(devices=["/cpu:0", "/cpu:1"])
+    per_replica = 2
+    global_batch = per_replica * strategy.num_replicas_in_sync
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4 * global_batch, 32, 32, 1)).astype("float32")
+    masks = rng.integers(0, 3, size=(4 * global_batch, 32, 32)).astype("int32")
+    dataset = tf.data.Dataset.from_tensor_slices((images, masks)).batch(global_batch).repeat()
+    with strategy.scope():
+        model = build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2)
+        model.compile(optimizer=build_optimizer(DEFAULTS["training"], 2),
+                      loss=build_loss(DEFAULTS["training"], "softmax"), metrics=default_metrics())
+    history = model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "strategy": type(strategy).__name__,
+                      "global_batch": global_batch, "loss": history.history["loss"][-1],
+                      "iterations": int(model.optimizer.iterations.numpy()),
+                      "tumor_dice": history.history["tumor_dice"][-1]}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_over_two_logical_cpus_trains():
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, timeout=240,
+                          cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["strategy"] == "MirroredStrategy" and result["replicas"] == 2
+    assert result["global_batch"] == 4 and result["iterations"] == 2
+    assert np.isfinite(result["loss"]) and np.isfinite(result["tumor_dice"])
+
+
+# --- resume after a kill -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_saved_epoch_and_learning_rate_step(tmp_path, cache_dir):
+    from keras_livseg.training.schedules import OneCycle
+
+    steps, epochs, max_lr = 6, 4, 1e-2
+    args = [sys.executable, "-m", "keras_livseg.fit", *TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "killed",
+            "--epochs", str(epochs), "--steps-per-epoch", str(steps), "--learning-rate", str(max_lr),
+            "--set", "training.schedule=\"onecycle\"", "--set", "training.image_every=100"]
+    env = {**os.environ, "KERAS_LIVSEG_CACHE": str(cache_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and process.poll() is None:
+            history = run_dir / "history.csv"
+            if history.is_file() and len(history.read_text().strip().splitlines()) >= 2:  # header + 1 epoch
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, "the run finished (or died) before it could be killed: " + \
+            process.stdout.read().decode()[-2000:]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    done_before = len(read_history(run_dir))
+    assert 1 <= done_before < epochs
+    assert (run_dir / "backup").is_dir()
+
+    resumed = subprocess.run([sys.executable, "-m", "keras_livseg.fit", "--runs-dir", str(tmp_path),
+                              "--name", "killed", "--resume", "--epochs", str(epochs), "--no-export"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Epoch 1/4" not in resumed.stdout  # never starts over
+    assert f"Epoch {done_before + 1}/{epochs}" in resumed.stdout
+    assert f"finished {epochs} epochs" in resumed.stdout
+
+    history = read_history(run_dir)
+    assert [int(row["epoch"]) for row in history] == list(range(epochs))  # continues, no repeats
+    # The rate is logged at each epoch's last step: OneCycle at (epoch + 1) * steps only if the
+    # optimizer's iteration count survived the kill (a reset count would log the rate of step `steps`).
+    schedule = OneCycle(max_lr=max_lr, total_steps=steps * epochs, warmup_fraction=0.3)
+    logged = [float(row["learning_rate"]) for row in history]
+    expected = [float(schedule((epoch + 1) * steps)) for epoch in range(epochs)]
+    np.testing.assert_allclose(logged, expected, rtol=1e-4)
+    assert len(set(np.round(expected, 8))) == epochs  # the schedule tells the epochs apart
+    assert (run_dir / "checkpoints" / "last.keras").is_file()
+
+
+# --- TensorBoard ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read().decode())
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_the_runs_scalars_and_images(tiny_run):
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    if not tensorboard.is_file():
+        pytest.skip(f"tensorboard is not installed beside {sys.executable}")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(tensorboard), "--logdir", str(tiny_run.run_dir / "tensorboard"), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        scalars = images = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read().decode()[-2000:]
+            try:
+                scalars = _get_json(f"{base}/data/plugin/scalars/tags")
+                images = _get_json(f"{base}/data/plugin/images/tags")
+            except OSError:
+                time.sleep(0.5)
+                continue
+            if "train" in scalars and "images" in images:
+                break
+            time.sleep(0.5)
+        assert scalars and "train" in scalars and "validation" in scalars, scalars
+        assert {"epoch_loss", "epoch_tumor_dice", "epoch_learning_rate"} <= set(scalars["train"]), scalars["train"]
+        assert "epoch_tumor_dice" in scalars["validation"]
+        assert images and "validation/ct_truth_prediction" in images.get("images", {}), images
+
+        points = _get_json(f"{base}/data/plugin/scalars/scalars?run=train&tag=epoch_learning_rate")
+        assert [step for _, step, _ in points] == [0, 1]
+        assert [value for _, _, value in points] == pytest.approx([1e-2, 1e-2])
+        grid = _get_json(f"{base}/data/plugin/images/images?run=images&tag=validation/ct_truth_prediction")
+        assert [entry["step"] for entry in grid] == [0, 1]
+        query = grid[-1]["query"]
+        with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{query}", timeout=5) as response:
+            png = response.read()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        # Rows of (CT, truth, prediction) for each chosen slice: three 32-pixel columns.
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        assert width == 3 * 32 and height % 32 == 0 and height >= 32, (width, height)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode is not None
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fit_exports_a_saved_model(tmp_path, cache_dir):
+    try:
+        import keras_livseg.serving  # noqa: F401
+        from keras_livseg.serving import export_saved_model  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"keras_livseg.serving is not importable yet ({error}); the export is being written")
+    args = [arg for arg in TINY_ARGS if arg != "--no-export"]
+    code, out, err = run_cli([*args, "--runs-dir", str(tmp_path / "runs"), "--name", "exported", "--epochs", "1",
+                              "--steps-per-epoch", "5", "--export-dir", str(tmp_path / "saved"),
+                              "--set", "export.enabled=true"])
+    assert code == 0, err[-3000:]
+    versions = [p for p in (tmp_path / "saved").iterdir() if p.is_dir()]
+    assert len(versions) == 1 and (versions[0] / "saved_model.pb").is_file()
+    assert f"export:          {versions[0]}" in out
