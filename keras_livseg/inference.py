@@ -23,9 +23,10 @@ Post-processing (:class:`PostProcessing`), in this order, each step optional:
 
 1. **Largest liver component**: only the largest 3D connected component (face connectivity) of
    the liver (label >= 1, tumor included, as LiTS) is kept; every other island becomes 0.
-2. **Tumor inside the liver**: tumor voxels farther than ``liver_margin_mm`` from the liver
-   parenchyma (label 1) become background: a lesion is by definition in the liver, and a
-   "tumor" blob outside it is a false positive (bowel, kidney cyst).
+2. **Tumor inside the liver**: tumor components (lesions) whose nearest voxel is farther than
+   ``liver_margin_mm`` from the liver parenchyma (label 1) become background: a lesion is by
+   definition in the liver, and a "tumor" blob outside it is a false positive (bowel, kidney
+   cyst). Judged per lesion, so a large lesion keeps its centre and an exophytic one its bulge.
 3. **Minimum lesion size**: tumor components smaller than ``min_lesion_mm3`` (in mm³ from the
    voxel spacing) or ``min_lesion_voxels`` become liver (label 1): they sit inside the liver, so
    the likeliest truth is parenchyma. The default, 10 mm³, is below the volume of a 3 mm sphere
@@ -57,7 +58,6 @@ from keras_livseg.data.preprocessing import (
     context_stack,
     find_preprocessing_json,
     read_preprocessing_json,
-    resize_bilinear,
 )
 from keras_livseg.data.volumes import (
     Case,
@@ -193,6 +193,7 @@ class SegmentationModel:
                 f"context={preprocessing.context}; use the preprocessing.json of the same run"
             )
         prep = preprocessing
+        padding: dict[str, int] = {}
 
         def forward(raw: np.ndarray, statistics: tuple[float, float] | None) -> np.ndarray:
             batch, rows, cols, k = raw.shape
@@ -203,7 +204,12 @@ class SegmentationModel:
             x = np.transpose(gridded.reshape(height, width, batch, k), (2, 0, 1, 3))
             mean, std = statistics if statistics is not None else (None, None)
             x = prep.standardize(x, mean, std)
-            probabilities = np.asarray(network.predict_on_batch(x), dtype=np.float32)
+            # A volume's last batch is usually short; padding it to the first batch's size
+            # spares a second trace of the whole network (seconds for a U-Net).
+            full = padding.setdefault("batch", batch)
+            if batch < full:
+                x = np.concatenate([x, np.zeros((full - batch,) + x.shape[1:], x.dtype)])
+            probabilities = network.predict_on_batch(x)[:batch]
             return _resize_probabilities(probabilities, (rows, cols))
 
         name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
@@ -292,14 +298,22 @@ def _saved_model_dir(path: Path) -> Path | None:
     return chosen
 
 
-def _resize_probabilities(probabilities: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of ``[B, H, W, C]`` probabilities to ``[B, rows, cols, C]``."""
-    batch, height, width, classes = probabilities.shape
+def _resize_probabilities(probabilities, size: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of ``[B, H, W, C]`` probabilities to ``[B, rows, cols, C]`` (float32).
+
+    ``keras.ops.image.resize`` runs in the backend's multithreaded kernels (``tf.image.resize``
+    under TensorFlow, the function the exported signature uses): several times faster than
+    NumPy at 512x512 and identical to the SavedModel path.
+    """
+    import keras
+
+    height, width = probabilities.shape[1:3]
     if (height, width) == tuple(size):
-        return probabilities
-    stacked = np.transpose(probabilities, (1, 2, 0, 3)).reshape(height, width, batch * classes)
-    resized = resize_bilinear(stacked, size).reshape(size[0], size[1], batch, classes)
-    return np.ascontiguousarray(np.transpose(resized, (2, 0, 1, 3)))
+        return np.asarray(probabilities, dtype=np.float32)
+    resized = keras.ops.image.resize(
+        keras.ops.cast(probabilities, "float32"), tuple(int(s) for s in size), interpolation="bilinear"
+    )
+    return np.asarray(keras.ops.convert_to_numpy(resized), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +327,7 @@ class PostProcessing:
 
     Attributes:
         largest_liver_component: Keep only the largest 3D component of label >= 1 (default True).
-        tumor_in_liver: Drop tumor farther than ``liver_margin_mm`` from label 1 (default True).
+        tumor_in_liver: Drop lesions farther than ``liver_margin_mm`` from label 1 (default True).
         liver_margin_mm: The dilation of the liver parenchyma, in mm (default 5).
         min_lesion_mm3: Tumor components below this volume in mm³ become liver (default 10;
             0 disables).
@@ -362,6 +376,30 @@ def _bounding_box(mask: np.ndarray, margins: Sequence[int] = (0, 0, 0)) -> tuple
     return tuple(box)
 
 
+def _drop_lesions_away_from_liver(view: np.ndarray, spacing: Sequence[float], margin_mm: float) -> None:
+    """Remove tumor components farther than ``margin_mm`` from the liver parenchyma.
+
+    Judged per lesion, by its nearest voxel: a large lesion inside the liver keeps its
+    centre however far that is from parenchyma. Lesions touching parenchyma (the usual
+    case) are kept without computing any distance.
+    """
+    parenchyma = view == 1
+    if not parenchyma.any():
+        view[view == 2] = 0
+        return
+    lesions, count = ndimage.label(view == 2)
+    touching = np.unique(lesions[ndimage.binary_dilation(parenchyma) & (lesions > 0)])
+    detached = np.setdiff1d(np.arange(1, count + 1), touching)
+    if detached.size == 0:
+        return
+    distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
+    nearest = ndimage.minimum(distance, lesions, index=detached)
+    far = detached[np.asarray(nearest) > margin_mm]
+    if far.size:
+        view[np.isin(lesions, far)] = 0
+        logger.debug("post-processing: removed %d lesions beyond %.1f mm of the liver", far.size, margin_mm)
+
+
 def postprocess_labels(
     labels: np.ndarray, spacing: Sequence[float], options: PostProcessing = PostProcessing()
 ) -> np.ndarray:
@@ -398,13 +436,7 @@ def postprocess_labels(
             logger.debug("post-processing: removed %d liver islands", count - 1)
         del components
     if options.tumor_in_liver and (view == 2).any():
-        parenchyma = view == 1
-        if not parenchyma.any():
-            view[view == 2] = 0
-        else:
-            distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
-            view[(view == 2) & (distance > options.liver_margin_mm)] = 0
-            del distance
+        _drop_lesions_away_from_liver(view, spacing, options.liver_margin_mm)
     min_voxels = max(options.min_lesion_voxels, 0)
     if options.min_lesion_mm3 > 0:
         min_voxels = max(min_voxels, int(math.ceil(options.min_lesion_mm3 / float(np.prod(spacing)) - 1e-9)))

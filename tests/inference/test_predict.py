@@ -137,15 +137,18 @@ def test_postprocessing_removes_an_island_and_tumor_outside_the_liver():
     labels[5:20, 5:20, 2:8] = 1  # liver
     labels[10:13, 10:13, 4:6] = 2  # lesion inside: 18 voxels = 18 mm³
     labels[25:28, 25:28, 3:6] = 1  # false-positive island
-    labels[19:29, 8:11, 4] = 2  # tumor stripe leaving the liver (touching it: one component)
-    options = PostProcessing(liver_margin_mm=3.0, min_lesion_mm3=0.0)
+    labels[19:25, 8:11, 4] = 2  # lesion bulging out of the liver: touches it, kept whole
+    labels[22:24, 15:17, 4] = 2  # detached, 3 mm from the liver (row 19): within the margin
+    labels[27:29, 15:17, 8] = 2  # detached, 8 mm away: removed
+    options = PostProcessing(largest_liver_component=False, liver_margin_mm=3.0, min_lesion_mm3=0.0)
     cleaned = postprocess_labels(labels.copy(), (1.0, 1.0, 1.0), options)
-    assert not cleaned[25:28, 25:28, 3:6].any()  # island gone
     assert (cleaned[10:13, 10:13, 4:6] == 2).all()  # lesion kept
-    # Nearest parenchyma of (r, 9): (18, 9) or (19, 7); within 3 mm up to row 21.
-    assert (cleaned[19:22, 8:11, 4] == 2).all()
-    assert not cleaned[22:29, 8:11, 4].any()
+    assert (cleaned[19:25, 8:11, 4] == 2).all()
+    assert (cleaned[22:24, 15:17, 4] == 2).all()
+    assert not cleaned[27:29, 15:17, 8].any()
     assert (cleaned[5:20, 5:20, 2:8] >= 1).all()
+    cleaned = postprocess_labels(labels.copy(), (1.0, 1.0, 1.0), PostProcessing(liver_margin_mm=3.0, min_lesion_mm3=0.0))
+    assert not cleaned[25:28, 25:28, 3:6].any()  # island gone with the largest component
 
 
 def test_postprocessing_minimum_lesion_size_in_mm3():
@@ -302,3 +305,16 @@ def test_cli_predicts_with_a_checkpoint(tmp_path, capsys, keras_checkpoint):
     assert written.is_file() and str(written) in out
     values = set(np.unique(np.asarray(nib.load(str(written)).dataobj)).tolist())
     assert values <= {0, 6, 7}
+
+
+def test_postprocessing_keeps_the_centre_of_a_large_lesion_inside_the_liver():
+    from keras_livseg.inference import PostProcessing, postprocess_labels
+
+    labels = np.zeros((60, 60, 30), np.uint8)
+    labels[5:55, 5:55, 2:28] = 1
+    labels[10:50, 10:50, 5:25] = 2  # 40 mm lesion: its centre lies 20 mm from any parenchyma
+    labels[58, 58, 29] = 2  # a detached speck far from the liver
+    expected = labels.copy()
+    expected[58, 58, 29] = 0
+    out = postprocess_labels(labels, (1.0, 1.0, 1.0), PostProcessing(largest_liver_component=False, min_lesion_mm3=0))
+    np.testing.assert_array_equal(out, expected)
