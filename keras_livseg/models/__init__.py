@@ -2,8 +2,8 @@
 
 >>> from keras_livseg.models import build_model
 >>> model = build_model("tam_unet", input_shape=(32, 32, 1), filters=4, depth=2)
->>> model.input.name, model.output.name
-('ct_slices', 'probabilities')
+>>> model.inputs[0].name, model.output_names
+('ct_slices', ['probabilities'])
 """
 
 from __future__ import annotations

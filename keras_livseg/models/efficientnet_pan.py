@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import keras
@@ -94,13 +95,23 @@ def build_efficientnet_encoder(input_shape) -> keras.Model:
     >>> [tuple(t.shape[1:]) for t in encoder.outputs]
     [(16, 16, 24), (8, 8, 40), (4, 4, 112), (2, 2, 320)]
     """
-    base = keras.applications.EfficientNetB0(
-        include_top=False, weights=None, input_shape=tuple(input_shape)
-    )
+    with warnings.catch_warnings():
+        # keras.applications warns for channel counts other than 1 or 3 (2.5D stacks).
+        warnings.filterwarnings("ignore", message="This model usually expects 1 or 3 input channels")
+        base = keras.applications.EfficientNetB0(
+            include_top=False, weights=None, input_shape=tuple(input_shape)
+        )
     stem_entry = base.get_layer(STEM_ENTRY).input
+    preprocessing = base.layers[1 : base.layers.index(base.get_layer(STEM_ENTRY))]
+    if any(type(layer).__name__ not in ("Rescaling", "Normalization") for layer in preprocessing):
+        raise RuntimeError(  # a keras.applications change this module must follow
+            f"unexpected EfficientNetB0 layout: {[layer.name for layer in base.layers[:5]]}"
+        )
     taps = [base.get_layer(layer_name).output for layer_name in PYRAMID_TAPS.values()]
     # A functional model from an intermediate tensor: Keras clones the graph from
-    # stem_conv_pad on, with a fresh input, so Rescaling/Normalization are not part of it.
+    # stem_conv_pad on behind a fresh input, so Rescaling/Normalization and the head
+    # after block7a are not part of it (and the layers are built once, which matters
+    # under JAX, where every new variable shape compiles its initializer).
     return keras.Model(stem_entry, taps, name=ENCODER_NAME)
 
 

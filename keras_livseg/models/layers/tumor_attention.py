@@ -91,6 +91,8 @@ class TumorAttention(layers.Layer):
 
     def compute_attention(self, inputs):
         """The gate ``A = sigmoid(W_a * F + b_a)``: ``(..., C)`` or ``(..., 1)`` in [0, 1]."""
+        if not self.built:
+            self.build(tuple(inputs.shape))
         return ops.sigmoid(self.gate(inputs))
 
     def call(self, inputs):
