@@ -348,13 +348,22 @@ def make_dataset(
         num_parallel_calls=autotune,
         deterministic=options.deterministic,
     )
-    examples = records.map(
-        lambda r: standardized(parse_example(r, prep.context, prep.image_size)),
-        num_parallel_calls=autotune,
-        deterministic=options.deterministic,
-    )
-    if cache:
-        examples = examples.cache("" if cache is True else str(cache))
+    def parsed(only_tumor: bool = False) -> tf.data.Dataset:
+        examples = records.map(
+            lambda r: standardized(parse_example(r, prep.context, prep.image_size)),
+            num_parallel_calls=autotune,
+            deterministic=options.deterministic,
+        )
+        if only_tumor:
+            examples = examples.filter(lambda e: e["tumor_pixels"] > 0)
+        if cache:
+            # One cache per stream: two iterators sharing a cache that is still being
+            # filled can cut an epoch short ("Your input ran out of data").
+            suffix = ".tumor" if only_tumor else ""
+            examples = examples.cache("" if cache is True else f"{cache}{suffix}")
+        return examples
+
+    examples = parsed()
 
     def pair(example: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         return example["image"], example["mask"]
@@ -374,7 +383,7 @@ def make_dataset(
     everything = examples.repeat().shuffle(buffer, seed=seed).map(pair)
     if n_foreground:
         tumor = (
-            examples.filter(lambda e: e["tumor_pixels"] > 0)
+            parsed(only_tumor=True)
             .repeat()
             .shuffle(max(1, min(shuffle_buffer, tumor_slices)), seed=_offset(seed, 7))
             .map(pair)

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -324,8 +325,11 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     callbacks, nan_stop = standard_callbacks(run_dir, monitor=training["monitor"], resume=resume,
                                              early_stopping_patience=int(training["early_stopping_patience"]) or None,
                                              extra=extra)
+    # Exact batch counts of the finite splits: Keras otherwise learns them by running out of
+    # data, and warns "Your input ran out of data" on every first pass.
+    val_steps = math.ceil(manifest["splits"][val_split]["slices"] / global_batch)
     history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                        callbacks=callbacks, verbose=verbose)
+                        validation_steps=val_steps, callbacks=callbacks, verbose=verbose)
     epochs_done = len(history.epoch) and history.epoch[-1] + 1
 
     best = run_dir / "checkpoints" / "best.keras"
@@ -336,7 +340,8 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         model.load_weights(best)
     test_split = "test" if manifest["splits"]["test"]["slices"] else val_split
     test_ds = make_dataset(manifest, test_split, global_batch, training=False)
-    scores = model.evaluate(test_ds, verbose=0, return_dict=True)
+    test_steps = math.ceil(manifest["splits"][test_split]["slices"] / global_batch)
+    scores = model.evaluate(test_ds, steps=test_steps, verbose=0, return_dict=True)
     test_metrics = {k: float(v) for k, v in scores.items()}
     test_metrics["split"] = test_split  # type: ignore[assignment]
     (run_dir / "eval").mkdir(exist_ok=True)
