@@ -473,6 +473,36 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     return manifest
 
 
+def prepare_in_fresh_process(options: PrepareOptions) -> dict[str, Any]:
+    """Run :func:`prepare_dataset` in a new interpreter and return its manifest.
+
+    For callers that have TensorFlow loaded (``fit``, notebooks, scripts): forking such a
+    process is unsafe, and spawned workers would re-run the caller's ``__main__`` script.
+    A fresh ``python -c`` process without TensorFlow forks its workers safely.
+
+    Raises:
+        DataError: prepare refused the input (its one-line message is passed on).
+    """
+    import subprocess
+
+    payload = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(options).items()})
+    code = (
+        "import json, sys\n"
+        "from keras_livseg.data.prepare import PrepareOptions, prepare_dataset\n"
+        "from keras_livseg.data.volumes import DataError\n"
+        "try:\n"
+        "    prepare_dataset(PrepareOptions(**json.loads(sys.argv[1])))\n"
+        "except DataError as error:\n"
+        "    print(error, file=sys.stderr)\n"
+        "    sys.exit(2)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, payload], stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        raise DataError(lines[-1] if lines else f"prepare failed with exit status {result.returncode}")
+    return load_manifest(options.out)
+
+
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read ``manifest.json`` from a shard folder (or the file itself), with a clear error."""
     path = Path(path)

@@ -157,7 +157,7 @@ def ensure_data(config: dict) -> Path:
     With ``data.src`` set, real volumes are prepared into ``data.out`` (or a cache folder keyed
     by the parameters); without it a phantom dataset is generated first.
     """
-    from keras_livseg.data.prepare import MANIFEST_NAME, PrepareOptions, prepare_dataset
+    from keras_livseg.data.prepare import MANIFEST_NAME, PrepareOptions, prepare_in_fresh_process
 
     data = config["data"]
     prep_keys = {k: v for k, v in data.items() if k in PrepareOptions.__dataclass_fields__}
@@ -183,7 +183,7 @@ def ensure_data(config: dict) -> Path:
         logger.info("reusing shards in %s", out)
         return out
     # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
-    prepare_dataset(PrepareOptions(out=out, resume=True, **prep_keys))
+    prepare_in_fresh_process(PrepareOptions(out=out, resume=True, **prep_keys))
     return out
 
 
