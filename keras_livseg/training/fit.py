@@ -329,7 +329,8 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     # data, and warns "Your input ran out of data" on every first pass.
     val_steps = math.ceil(manifest["splits"][val_split]["slices"] / global_batch)
     history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                        validation_steps=val_steps, callbacks=callbacks, verbose=verbose)
+                        validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
+                        shuffle=False)  # the dataset shuffles itself
     epochs_done = len(history.epoch) and history.epoch[-1] + 1
 
     best = run_dir / "checkpoints" / "best.keras"

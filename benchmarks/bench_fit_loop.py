@@ -1,0 +1,100 @@
+"""Training-loop overhead: ``fit`` from TFRecord shards (augmentation, oversampling, metrics)
+against the same model's step rate on in-memory random tensors, side by side.
+
+Goal (DESIGN.md): shards ≥ 0.85× in-memory: the input pipeline and the metrics must not
+starve the model. Model and data: the demo's (TAM-U-Net base 16, 128×128×3, batch 8).
+
+    python benchmarks/bench_fit_loop.py [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write_json  # noqa: E402
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self):
+        import keras
+
+        timer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                timer.times.append(time.perf_counter())
+
+        return Callback()
+
+
+def steps_per_second(model, data, steps: int, warmup: int) -> float:
+    timer = _Timer()
+    model.fit(data, epochs=1, steps_per_epoch=steps + warmup, verbose=0, callbacks=[timer()])
+    spans = timer.times[warmup:]
+    return (len(spans) - 1) / (spans[-1] - spans[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_livseg.data.dataset import make_dataset
+    from keras_livseg.data.prepare import load_manifest
+    from keras_livseg.models import build_model
+    from keras_livseg.training.fit import ensure_data, resolve_config
+    from keras_livseg.training.losses import CombinedCEDiceLoss
+    from keras_livseg.training.metrics import default_metrics
+    from keras_livseg.training.precision import apply_precision
+
+    config = resolve_config("phantom_demo.toml")
+    manifest = load_manifest(ensure_data(config))
+    height, width = manifest["preprocessing"]["image_size"]
+    context = manifest["preprocessing"]["context"]
+    batch = int(config["training"]["batch_size"])
+    policy = apply_precision(config["training"]["precision"])
+    options = {k: v for k, v in config["model"].items() if k != "name"}
+
+    def compiled(with_metrics: bool):
+        keras.utils.set_random_seed(0)
+        model = build_model(config["model"]["name"], input_shape=(height, width, context), **options)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=CombinedCEDiceLoss(),
+                      metrics=default_metrics() if with_metrics else None)
+        return model
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(batch * 4, height, width, context)).astype("float32")
+    masks = rng.integers(0, 3, size=(batch * 4, height, width)).astype("int32")
+    in_memory = tf.data.Dataset.from_tensor_slices((images, masks)).batch(batch).repeat().prefetch(2)
+    shards = make_dataset(manifest, "train", batch, cache=True, seed=0,
+                          foreground_fraction=float(config["training"]["foreground_fraction"]))
+
+    memory_rate = steps_per_second(compiled(False), in_memory, args.steps, args.warmup)
+    shard_rate = steps_per_second(compiled(True), shards, args.steps, args.warmup)
+    rows = [
+        {"input": "in-memory random tensors, no metrics", "steps/s": f"{memory_rate:.2f}",
+         "slices/s": f"{memory_rate * batch:.1f}", "ratio": "1.00"},
+        {"input": "TFRecord shards, augmentation, oversampling, all metrics", "steps/s": f"{shard_rate:.2f}",
+         "slices/s": f"{shard_rate * batch:.1f}", "ratio": f"{shard_rate / memory_rate:.2f}"},
+    ]
+    print(f"{config['model']['name']} at {height}x{width}x{context}, batch {batch}, {policy}\n")
+    print(table(rows, ["input", "steps/s", "slices/s", "ratio"]))
+    path = write_json("fit_loop", {"in_memory_steps_per_s": memory_rate, "shards_steps_per_s": shard_rate,
+                                   "ratio": shard_rate / memory_rate, "policy": policy, "batch": batch})
+    print(f"\ngoal: ratio >= 0.85 -> {path}")
+
+
+if __name__ == "__main__":
+    main()
