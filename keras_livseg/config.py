@@ -49,6 +49,6 @@ def check_keys(section: Mapping[str, Any], valid: set[str] | frozenset[str], whe
 PREPARE_DATA_KEYS = frozenset(
     {"src", "out", "label_map", "split", "seed", "slices", "margin", "compression", "shard_mb", "workers", "on_error"}
 )
-PHANTOM_DATA_KEYS = frozenset({"phantom_cases", "phantom_seed", "phantom_size", "phantom_slices"})
+PHANTOM_DATA_KEYS = frozenset({"phantom_cases", "phantom_seed", "phantom_size", "phantom_slices", "phantom_spacing_mm"})
 DATA_KEYS = PREPARE_DATA_KEYS | PHANTOM_DATA_KEYS
 PREPROCESSING_KEYS = frozenset({"window", "image_size", "context", "normalization"})

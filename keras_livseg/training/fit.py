@@ -169,12 +169,13 @@ def ensure_data(config: dict) -> Path:
             "seed": int(data.get("phantom_seed", 0)),
             "size": int(data.get("phantom_size", 256)),
             "slices": tuple(data.get("phantom_slices", (32, 64))),
+            "spacing_mm": tuple(data.get("phantom_spacing_mm", (0.6, 1.0))),
         }
         phantom_dir = _cache_root() / f"phantom-{_digest(phantom)}"
         if not (phantom_dir / "phantom.json").is_file():
             logger.info("generating %d phantom cases in %s", phantom["cases"], phantom_dir)
             write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
-                                  slices=phantom["slices"], overwrite=True)
+                                  slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True)
         prep_keys["src"] = str(phantom_dir)
     prep_keys.update(config["preprocessing"])
     out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest(prep_keys)}"

@@ -523,3 +523,20 @@ def test_fit_exports_a_saved_model(tmp_path, cache_dir):
     versions = [p for p in (tmp_path / "saved").iterdir() if p.is_dir()]
     assert len(versions) == 1 and (versions[0] / "saved_model.pb").is_file()
     assert f"export:          {versions[0]}" in out
+
+
+def test_phantom_spacing_recipe_key_reaches_the_phantom(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_LIVSEG_CACHE", str(tmp_path / "cache"))
+
+    def spacings(spacing_mm):
+        config = fit.resolve_config(None, {
+            "data": {"phantom_cases": 3, "phantom_size": 64, "phantom_slices": [8, 8], "phantom_spacing_mm": spacing_mm},
+            "preprocessing": {"image_size": 32, "context": 1},
+        })
+        shards = fit.ensure_data(config)
+        manifest = json.loads((shards / "manifest.json").read_text())
+        return np.array([case["spacing"][0] for case in manifest["cases"].values()])
+
+    wide, tight = spacings([0.6, 1.0]), spacings([0.3, 0.35])
+    # A tighter field of view never widens a case's pixels, and narrows them on average.
+    assert (tight <= wide + 1e-6).all() and tight.mean() < wide.mean()
