@@ -178,7 +178,12 @@ def ensure_data(config: dict) -> Path:
                                   slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True)
         prep_keys["src"] = str(phantom_dir)
     prep_keys.update(config["preprocessing"])
-    out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest(prep_keys)}"
+    # The cache key covers the source files' names, sizes and times: added or edited cases
+    # give new shards instead of silently reusing old ones.
+    source = Path(prep_keys["src"])
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    stamp = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
+    out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp])}"
     out = Path(out)
     if (out / MANIFEST_NAME).is_file():
         logger.info("reusing shards in %s", out)

@@ -540,3 +540,19 @@ def test_phantom_spacing_recipe_key_reaches_the_phantom(tmp_path, monkeypatch):
     wide, tight = spacings([0.6, 1.0]), spacings([0.3, 0.35])
     # A tighter field of view never widens a case's pixels, and narrows them on average.
     assert (tight <= wide + 1e-6).all() and tight.mean() < wide.mean()
+
+
+def test_cached_shards_follow_changes_of_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_LIVSEG_CACHE", str(tmp_path / "cache"))
+    from keras_livseg.data.phantom import write_phantom_dataset
+
+    source = tmp_path / "src"
+    write_phantom_dataset(source, 3, 0, size=64, slices=(8, 8))
+    config = fit.resolve_config(None, {"data": {"src": str(source)}, "preprocessing": {"image_size": 32, "context": 1}})
+    first = fit.ensure_data(config)
+    assert fit.ensure_data(config) == first  # unchanged source: reused
+    write_phantom_dataset(tmp_path / "more", 4, 1, size=64, slices=(8, 8))
+    for path in (tmp_path / "more").glob("*-3.nii.gz"):
+        path.rename(source / path.name)
+    second = fit.ensure_data(config)
+    assert second != first and len(json.loads((second / "manifest.json").read_text())["cases"]) == 4
