@@ -318,3 +318,23 @@ def test_postprocessing_keeps_the_centre_of_a_large_lesion_inside_the_liver():
     expected[58, 58, 29] = 0
     out = postprocess_labels(labels, (1.0, 1.0, 1.0), PostProcessing(largest_liver_component=False, min_lesion_mm3=0))
     np.testing.assert_array_equal(out, expected)
+
+
+def test_short_last_batch_is_padded_so_the_network_sees_one_shape(keras_checkpoint, monkeypatch):
+    import keras
+
+    shapes = []
+    original = keras.Model.predict_on_batch
+
+    def recording(self, x):
+        shapes.append(tuple(np.shape(x)))
+        return original(self, x)
+
+    monkeypatch.setattr(keras.Model, "predict_on_batch", recording)
+    model = SegmentationModel.load(keras_checkpoint)
+    hu = np.random.default_rng(0).normal(40, 300, (3, 40, 48)).astype("float32")
+    full = model.predict_slices(np.concatenate([hu, hu, hu[:2]]))  # a batch of 8
+    short = model.predict_slices(hu)  # then 3: padded to 8, cut back to 3
+    assert shapes == [(8, 32, 32, 1), (8, 32, 32, 1)]
+    assert short.shape == (3, 40, 48, 3)
+    np.testing.assert_allclose(short, full[:3], atol=1e-5)
