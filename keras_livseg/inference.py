@@ -54,7 +54,9 @@ import numpy as np
 from scipy import ndimage
 
 from keras_livseg.data.preprocessing import (
+    BodyStatistics,
     Preprocessing,
+    body_floor,
     context_stack,
     find_preprocessing_json,
     read_preprocessing_json,
@@ -480,22 +482,12 @@ class VolumePrediction:
 
 
 def _streaming_volume_statistics(volume: np.ndarray, window: Sequence[float], chunk: int = 16) -> tuple[float, float]:
-    """:func:`~keras_livseg.data.preprocessing.volume_statistics` chunk by chunk (no float32
-    copy of the whole volume): mean and std of windowed voxels above the windowed minimum."""
-    low, high = float(window[0]), float(window[1])
-    floor = min(max(float(volume.min()), low), high)
-    count, total, squares = 0, 0.0, 0.0
+    """Per-volume statistics chunk by chunk (no float32 copy of the whole volume), with the
+    same :class:`~keras_livseg.data.preprocessing.BodyStatistics` that ``prepare`` uses."""
+    stats = BodyStatistics(body_floor(volume, window))
     for start in range(0, volume.shape[2], chunk):
-        values = np.clip(volume[:, :, start:start + chunk].astype(np.float64), low, high)
-        values = values[values > floor]
-        count += values.size
-        total += float(values.sum())
-        squares += float(np.square(values).sum())
-    if count == 0:
-        return floor, 1.0
-    mean = total / count
-    std = math.sqrt(max(squares / count - mean * mean, 0.0))
-    return mean, std if std > 0 else 1.0
+        stats.update(np.clip(volume[:, :, start:start + chunk].astype(np.float32), window[0], window[1]))
+    return stats.result()
 
 
 def _progress(total: int, description: str, enabled: bool):

@@ -411,9 +411,3 @@ def make_dataset(
 def steps_per_epoch(manifest: Mapping[str, Any], split: str, batch_size: int) -> int:
     """Batches that cover the split's slices once (at least 1)."""
     return max(1, int(manifest["splits"][split]["slices"]) // batch_size)
-
-
-def class_frequencies(manifest: Mapping[str, Any], split: str = "train") -> np.ndarray:
-    """Pixel share of background, liver and tumor in a split (for class weights)."""
-    pixels = np.asarray(manifest["splits"][split]["class_pixels"], dtype=np.float64)
-    return pixels / max(pixels.sum(), 1.0)

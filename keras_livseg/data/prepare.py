@@ -35,7 +35,14 @@ import numpy as np
 
 from keras_livseg import __version__
 from keras_livseg.data import shards
-from keras_livseg.data.preprocessing import ForegroundStatistics, Preprocessing, resize_nearest, resize_stack
+from keras_livseg.data.preprocessing import (
+    BodyStatistics,
+    ForegroundStatistics,
+    Preprocessing,
+    body_floor,
+    resize_nearest,
+    resize_stack,
+)
 from keras_livseg.data.volumes import CaseFiles, DataError, discover_cases, load_case, parse_label_map
 
 logger = logging.getLogger(__name__)
@@ -181,15 +188,15 @@ def _window_resize_volume(
 ) -> tuple[np.ndarray, float, float, ForegroundStatistics]:
     """Window + resize every slice, chunk by chunk, in one pass over the volume.
 
-    Returns the resized volume ``[n_slices, H, W]`` (float16), the volume's body statistics (on the
-    model grid, for per-volume normalization) and the foreground statistics (on the native
-    grid: the voxels nnU-Net samples).
+    Returns the resized volume ``[n_slices, H, W]`` (float16), the volume's body statistics
+    (for per-volume normalization, exactly as ``predict`` computes them) and the foreground
+    statistics (the voxels nnU-Net samples), both on the native grid.
     """
     count = image.shape[2]
     height, width = prep.image_size
     # float16 as in the shards: the same bytes get written, at half the memory of float32.
     resized = np.empty((count, height, width), dtype=shards.IMAGE_DTYPE)
-    low = prep.window[0]
+    body = BodyStatistics(body_floor(image, prep.window))
     stats = ForegroundStatistics(prep.window)
     # Slices first: NIfTI data is Fortran-ordered, so each canonical slice is contiguous.
     slices_first = np.moveaxis(image, 2, 0)
@@ -199,11 +206,10 @@ def _window_resize_volume(
         foreground = labels_first[start : start + _CHUNK_SLICES] > 0
         if foreground.any():
             stats.update(chunk[foreground])
+        body.update(chunk)
         resized[start : start + _CHUNK_SLICES] = resize_stack(chunk, (height, width))
-    body = resized[resized > low]
-    mean = float(body.mean(dtype=np.float64)) if body.size else 0.0
-    std = float(body.std(dtype=np.float64)) if body.size else 1.0
-    return resized, mean, std or 1.0, stats
+    mean, std = body.result()
+    return resized, mean, std, stats
 
 
 def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> dict[str, Any]:

@@ -237,15 +237,53 @@ def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def volume_statistics(windowed: np.ndarray) -> tuple[float, float]:
-    """Mean and std of a windowed volume's voxels above the window's floor (the body, not air).
+    """Mean and std of a windowed volume's voxels above its minimum (the body, not air).
 
-    Used by ``normalization="volume"``; falls back to all voxels when the body is empty.
+    Used by ``normalization="volume"``; a volume with no voxel above its minimum gives
+    ``(minimum, 1.0)``. :class:`BodyStatistics` computes the same chunk by chunk.
     """
-    floor = windowed.min()
-    body = windowed[windowed > floor]
-    values = body if body.size > 0 else windowed.ravel()
-    std = float(values.std(dtype=np.float64))
-    return float(values.mean(dtype=np.float64)), std if std > 0 else 1.0
+    stats = BodyStatistics(float(windowed.min()))
+    stats.update(windowed)
+    return stats.result()
+
+
+class BodyStatistics:
+    """Running mean and std of windowed voxels above ``floor``, in float64, chunk by chunk.
+
+    The one definition of per-volume statistics: ``prepare`` feeds it the chunks it windows
+    anyway, ``predict`` streams a volume through it, :func:`volume_statistics` takes a whole
+    array. ``floor`` is the windowed volume's minimum (see :func:`body_floor`).
+
+    Example:
+        >>> stats = BodyStatistics(floor=-200.0)
+        >>> stats.update(np.array([-200.0, 40.0, 60.0]))
+        >>> stats.result()
+        (50.0, 10.0)
+    """
+
+    def __init__(self, floor: float) -> None:
+        self.floor = float(floor)
+        self.count = 0
+        self.total = 0.0
+        self.total_sq = 0.0
+
+    def update(self, windowed: np.ndarray) -> None:
+        body = np.asarray(windowed)[np.asarray(windowed) > self.floor].astype(np.float64)
+        self.count += body.size
+        self.total += float(body.sum())
+        self.total_sq += float(np.square(body).sum())
+
+    def result(self) -> tuple[float, float]:
+        if self.count == 0:
+            return self.floor, 1.0
+        mean = self.total / self.count
+        std = float(np.sqrt(max(self.total_sq / self.count - mean * mean, 0.0)))
+        return mean, std if std > 0 else 1.0
+
+
+def body_floor(volume: np.ndarray, window: Sequence[float]) -> float:
+    """The windowed minimum of a raw HU volume, without windowing all of it."""
+    return float(min(max(float(volume.min()), window[0]), window[1]))
 
 
 class ForegroundStatistics:

@@ -261,7 +261,6 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         >>> result.test_metrics["tumor_dice"]  # doctest: +SKIP
     """
     import keras
-    import numpy as np
 
     from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
     from keras_livseg.data.prepare import load_manifest

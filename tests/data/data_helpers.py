@@ -6,7 +6,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 
 def make_volume(shape=(40, 48, 12), seed=0, tumor=True):

@@ -1,9 +1,7 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -14,7 +12,6 @@ from keras_livseg.data.prepare import PrepareOptions, prepare_dataset, split_cas
 from keras_livseg.data.preprocessing import Preprocessing, resize_nearest
 from keras_livseg.data.volumes import DataError, discover_cases, load_case
 
-from data_helpers import write_case
 
 
 def _options(src, out, **kw):
@@ -193,3 +190,17 @@ def test_recipe_values_and_unknown_keys(lits_dir, tmp_path):
     recipe.write_text('[data]\nsorce = "x"\n')
     with pytest.raises(ValueError, match="unknown key sorce in \\[data\\]; valid keys: .*src"):
         prepare_cli.options_from_args(prepare_cli.build_parser().parse_args(["--pipeline", str(recipe)]))
+
+
+def test_per_volume_statistics_match_what_predict_computes(lits_dir, tmp_path):
+    from keras_livseg.data.preprocessing import volume_statistics
+    from keras_livseg.inference import _streaming_volume_statistics
+
+    manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", normalization="volume"))
+    for files in discover_cases(lits_dir):
+        case = load_case(files)
+        stored = manifest["cases"][files.case_id]["volume_statistics"]
+        whole = volume_statistics(Preprocessing().window_hu(case.image))
+        streamed = _streaming_volume_statistics(case.image, (-200.0, 250.0), chunk=5)
+        assert (stored["mean"], stored["std"]) == pytest.approx(whole, rel=1e-9)
+        assert streamed == pytest.approx(whole, rel=1e-9)

@@ -294,7 +294,7 @@ def test_cli_folder_without_cases(tmp_path, capsys, keras_checkpoint):
 
 
 def test_cli_predicts_with_a_checkpoint(tmp_path, capsys, keras_checkpoint):
-    volume = write_volume(tmp_path / "data" / "volume-4.nii.gz", planted_volume())
+    write_volume(tmp_path / "data" / "volume-4.nii.gz", planted_volume())
     code, out, err = run_cli(
         ["--model", keras_checkpoint, tmp_path / "data", "--out", tmp_path / "out", "--tta",
          "--batch-size", "3", "--no-progress", "--label-map", "1:6,2:7"],
