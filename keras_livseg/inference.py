@@ -79,6 +79,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MIN_LESION_MM3 = 10.0
 #: Default distance (mm) from the liver parenchyma within which tumor is kept.
 DEFAULT_LIVER_MARGIN_MM = 5.0
+#: The export's second signature input when the model resamples to a fixed pixel spacing.
+SPACING_INPUT = "pixel_spacing_mm"
 _LITS_NAME = re.compile(r"^(?:volume|segmentation)-(?P<id>.+?)(?P<suffix>\.nii(?:\.gz)?)$")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -109,7 +111,7 @@ class SegmentationModel:
         path: Path,
         kind: str,
         preprocessing: Preprocessing | None,
-        forward: Callable[[np.ndarray, tuple[float, float] | None], np.ndarray],
+        forward: Callable[[np.ndarray, tuple[float, float] | None, tuple[float, float] | None], np.ndarray],
         context: int,
         name: str,
     ) -> None:
@@ -197,11 +199,12 @@ class SegmentationModel:
         prep = preprocessing
         padding: dict[str, int] = {}
 
-        def forward(raw: np.ndarray, statistics: tuple[float, float] | None) -> np.ndarray:
+        def forward(raw: np.ndarray, statistics: tuple[float, float] | None,
+                    spacing: tuple[float, float] | None) -> np.ndarray:
             batch, rows, cols, k = raw.shape
             # [B, rows, cols, K] → [rows, cols, B*K]: the shared resize works on trailing axes.
             stacked = np.transpose(raw, (1, 2, 0, 3)).reshape(rows, cols, batch * k)
-            gridded = prep.slices_to_model_grid(stacked)
+            gridded = prep.slices_to_model_grid(stacked, spacing)
             height, width = gridded.shape[:2]
             x = np.transpose(gridded.reshape(height, width, batch, k), (2, 0, 1, 3))
             mean, std = statistics if statistics is not None else (None, None)
@@ -212,6 +215,7 @@ class SegmentationModel:
             if batch < full:
                 x = np.concatenate([x, np.zeros((full - batch,) + x.shape[1:], x.dtype)])
             probabilities = network.predict_on_batch(x)[:batch]
+            probabilities = prep.model_grid_to_slices(np.asarray(probabilities, np.float32), (rows, cols), spacing)
             return _resize_probabilities(probabilities, (rows, cols))
 
         name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
@@ -244,11 +248,18 @@ class SegmentationModel:
         context = preprocessing.context if preprocessing is not None else 1
         if rank == 4 and spec.shape[-1] is not None:
             context = int(spec.shape[-1])
+        takes_spacing = SPACING_INPUT in signature.structured_input_signature[1]
 
-        def forward(raw: np.ndarray, statistics: tuple[float, float] | None) -> np.ndarray:
+        def forward(raw: np.ndarray, statistics: tuple[float, float] | None,
+                    spacing: tuple[float, float] | None) -> np.ndarray:
             del statistics  # the exported graph standardizes with its own statistics
             x = raw[..., 0] if (rank != 4 and raw.shape[-1] == 1) else raw
-            outputs = signature(ct_slices=tf.constant(x, tf.float32))
+            inputs = {"ct_slices": tf.constant(x, tf.float32)}
+            if takes_spacing:
+                if spacing is None:
+                    raise ValueError(f"{path} resamples to a fixed pixel spacing and needs the slices' spacing in mm")
+                inputs[SPACING_INPUT] = tf.constant([float(v) for v in spacing[:2]], tf.float32)
+            outputs = signature(**inputs)
             return outputs["probabilities"].numpy().astype(np.float32, copy=False)
 
         forward.keep_alive = loaded  # the signature needs its object's variables alive
@@ -257,7 +268,10 @@ class SegmentationModel:
 
     # -- prediction ------------------------------------------------------------------------
     def predict_slices(
-        self, raw_hu_slices: np.ndarray, statistics: tuple[float, float] | None = None
+        self,
+        raw_hu_slices: np.ndarray,
+        statistics: tuple[float, float] | None = None,
+        spacing: Sequence[float] | None = None,
     ) -> np.ndarray:
         """Class probabilities of raw HU slices, at the slices' own size.
 
@@ -266,6 +280,8 @@ class SegmentationModel:
                 units (any numeric dtype, any size; canonical orientation as in training).
             statistics: ``(mean, std)`` for ``normalization="volume"`` models (the volume's own
                 windowed statistics); ignored otherwise and by SavedModels.
+            spacing: the slices' ``(row, col)`` pixel spacing in mm; required by models that
+                resample to a fixed spacing (``preprocessing.spacing_mm``), ignored by others.
 
         Returns:
             float32 ``[B, rows, cols, 3]``, softmax probabilities (background, liver, tumor).
@@ -282,7 +298,8 @@ class SegmentationModel:
                 f"predict_slices takes [B, rows, cols] or [B, rows, cols, {self.context}] raw HU, "
                 f"got shape {tuple(np.shape(raw_hu_slices))}; this model has context={self.context}"
             )
-        return self._forward(raw.astype(np.float32, copy=False), statistics)
+        pixel = None if spacing is None else (float(spacing[0]), float(spacing[1]))
+        return self._forward(raw.astype(np.float32, copy=False), statistics, pixel)
 
 
 def _saved_model_dir(path: Path) -> Path | None:
@@ -553,10 +570,10 @@ def predict_volume(
         for start in range(0, n_slices, batch_size):
             stop = min(start + batch_size, n_slices)
             raw = np.stack([context_stack(image, k, model.context) for k in range(start, stop)], axis=0)
-            batch_p = model.predict_slices(raw, statistics)
+            batch_p = model.predict_slices(raw, statistics, case.spacing[:2])
             calls += 1
             if tta_flip:
-                flipped = model.predict_slices(raw[:, :, ::-1], statistics)[:, :, ::-1]
+                flipped = model.predict_slices(raw[:, :, ::-1], statistics, case.spacing[:2])[:, :, ::-1]
                 calls += 1
                 batch_p += flipped
                 batch_p *= 0.5

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="model input size in pixels (default 256)")
     parser.add_argument("--context", type=int, help="adjacent slices as channels: 1 (default) or 3, 5...")
     parser.add_argument("--normalization", choices=["foreground", "volume", "none"])
+    parser.add_argument("--spacing-mm", type=float,
+                        help="resample slices in-plane to this pixel spacing (mm), then crop/pad to --image-size "
+                        "(field of view = size x spacing); default: resize ignoring spacing")
     parser.add_argument("--slices", choices=["all", "liver"], help="all slices or liver slices + margin")
     parser.add_argument("--margin", type=int, help="slices kept beyond the liver with --slices liver")
     parser.add_argument("--split", type=_floats, help="train,val,test fractions by patient (0.7,0.15,0.15)")
@@ -76,6 +79,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         "image_size": args.image_size,
         "context": args.context,
         "normalization": args.normalization,
+        "spacing_mm": args.spacing_mm,
         "slices": args.slices,
         "margin": args.margin,
         "split": args.split,

@@ -16,11 +16,17 @@ input's height × width; the mask is the argmax of the resized probabilities. Ke
 preprocessing inside the graph is what makes train/serve skew impossible: a client sends
 the CT as it comes from the scanner and never needs to know the window or statistics.
 
-With ``normalization="volume"`` (each volume standardized with its own statistics) the
-statistics are those of the request: the mean and std of all its windowed voxels above the
-window's floor, pooled over every slice (and context channel) sent. Send a whole volume, or
-a large part of it, in one request for the statistics to match training; one slice alone
-gives that slice's statistics.
+Models that resample to a fixed pixel spacing (``preprocessing.spacing_mm``) need the spacing
+of the slices sent: their signature has a second input, ``pixel_spacing_mm: float32 [2]``
+(row and column spacing in mm, from the DICOM PixelSpacing or the NIfTI header), and the
+graph resamples, crops/pads, and maps the probabilities back exactly as ``prepare`` and
+``predict`` do.
+
+Models trained with ``normalization="volume"`` (each volume standardized with its own
+statistics) are refused: a request holds slices, not the volume, and statistics of the slices
+sent would differ from those of training. Retrain with ``normalization="foreground"`` (the
+default) to serve, or predict whole volumes with the ``.keras`` checkpoint
+(``python -m keras_livseg.predict``), which computes them per volume.
 
 The SavedModel is written in TF Serving's layout ``<out_base>/<version>/``, into a hidden
 temporary folder beside it first and renamed when complete, so the server (which polls the
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 INPUT_NAME = "ct_slices"
 PROBABILITIES = "probabilities"
 MASK = "mask"
+SPACING_INPUT = "pixel_spacing_mm"
 SIGNATURES = ("serving_default", "serve")
 CLASSES = ("background", "liver", "tumor")
 # Sigmoid heads have one channel per nested LiTS region; the decoding below assumes this order.
@@ -157,23 +164,6 @@ def _model_geometry(model: keras.Model, prep: Preprocessing) -> tuple[bool, int,
     return channels_first, int(num_classes), head
 
 
-def _request_statistics(windowed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Mean and std of the request's windowed voxels above their minimum (the body, not air).
-
-    The TF twin of :func:`keras_livseg.data.preprocessing.volume_statistics`, pooled over
-    every slice of the request.
-    """
-    values = tf.reshape(windowed, [-1])
-    body = tf.boolean_mask(values, values > tf.reduce_min(values))
-    values = tf.cond(tf.size(body) > 0, lambda: body, lambda: values)
-    # float64 sums, as the NumPy version: a 512×512×300 volume has 8e7 voxels.
-    values = tf.cast(values, tf.float64)
-    mean = tf.reduce_mean(values)
-    std = tf.sqrt(tf.reduce_mean(tf.square(values - mean)))
-    std = tf.where(std > 0, std, tf.ones_like(std))
-    return tf.cast(mean, tf.float32), tf.cast(std, tf.float32)
-
-
 def make_serving_function(model: keras.Model, prep: Preprocessing) -> tf.types.experimental.GenericFunction:
     """The raw-HU serving function of ``model``, as a ``tf.function`` with its input signature.
 
@@ -198,19 +188,23 @@ def make_serving_function(model: keras.Model, prep: Preprocessing) -> tf.types.e
         >>> tuple(out["probabilities"].shape), out["mask"].dtype.name
         ((2, 50, 40, 3), 'uint8')
     """
+    if prep.normalization == "volume":
+        raise ValueError(
+            "this model was trained with normalization='volume' (statistics of each whole volume), which a "
+            "serving request of slices cannot reproduce; retrain with preprocessing.normalization='foreground' "
+            "to serve it, or predict volumes with the .keras checkpoint (python -m keras_livseg.predict)"
+        )
     channels_first, num_classes, head = _model_geometry(model, prep)
     context = prep.context
     spec_shape = [None, None, None] if context == 1 else [None, None, None, context]
+    signature = [tf.TensorSpec(spec_shape, tf.float32, name=INPUT_NAME)]
+    if prep.spacing_mm is not None:
+        signature.append(tf.TensorSpec([2], tf.float32, name=SPACING_INPUT))
 
-    @tf.function(input_signature=[tf.TensorSpec(spec_shape, tf.float32, name=INPUT_NAME)])
-    def serve(ct_slices):
+    def serve_slices(ct_slices, pixel_spacing_mm=None):
         hu = ct_slices[..., tf.newaxis] if context == 1 else ct_slices
         size = tf.shape(hu)[1:3]
-        mean = std = None
-        if prep.normalization == "volume":
-            windowed = tf.clip_by_value(tf.cast(hu, tf.float32), prep.window[0], prep.window[1])
-            mean, std = _request_statistics(windowed)
-        inputs = prep.tf_model_input(hu, mean, std)
+        inputs = prep.tf_model_input(hu, spacing=pixel_spacing_mm)
         if channels_first:
             inputs = tf.transpose(inputs, [0, 3, 1, 2])
         # The model casts to its compute dtype (bfloat16/float16 under mixed precision) itself;
@@ -218,7 +212,7 @@ def make_serving_function(model: keras.Model, prep: Preprocessing) -> tf.types.e
         probabilities = tf.cast(model(inputs, training=False), tf.float32)
         if channels_first:
             probabilities = tf.transpose(probabilities, [0, 2, 3, 1])
-        probabilities = tf.image.resize(probabilities, size, method="bilinear")
+        probabilities = prep.tf_model_grid_to_slices(probabilities, size, pixel_spacing_mm)
         if head == "softmax":
             # Bilinear weights are convex, so the sum stays 1 up to rounding; renormalize anyway
             # so that clients can rely on it.
@@ -230,7 +224,9 @@ def make_serving_function(model: keras.Model, prep: Preprocessing) -> tf.types.e
             labels = label_map(probabilities, head="sigmoid", channels=SIGMOID_CHANNELS[num_classes])
         return {PROBABILITIES: probabilities, MASK: tf.cast(labels, tf.uint8)}
 
-    return serve
+    if prep.spacing_mm is None:
+        return tf.function(lambda ct_slices: serve_slices(ct_slices), input_signature=signature)
+    return tf.function(serve_slices, input_signature=signature)
 
 
 def export_saved_model(
@@ -317,6 +313,7 @@ def export_saved_model(
                 "classes": list(CLASSES),
                 "input_name": INPUT_NAME,
                 "input_shape": ["batch", "height", "width"] + (["context"] if prep.context > 1 else []),
+                "spacing_input": SPACING_INPUT if prep.spacing_mm is not None else None,
                 "output_names": [PROBABILITIES, MASK],
                 "signatures": list(SIGNATURES),
                 "keras_livseg_version": keras_livseg.__version__,

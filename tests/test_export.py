@@ -162,16 +162,37 @@ def test_context_3_takes_stacks_of_adjacent_slices(tmp_path):
         signature(ct_slices=tf.constant(request[..., 0]))
 
 
-def test_volume_normalization_uses_the_request_statistics():
+def test_volume_normalization_is_refused_with_the_alternative(tmp_path):
     prep = Preprocessing(image_size=(32, 32), normalization="volume")
+    with pytest.raises(ValueError, match="normalization='volume'.*foreground.*keras_livseg.predict"):
+        export_saved_model(tiny_model(), tmp_path / "livseg", prep)
+    assert not (tmp_path / "livseg").exists()
+
+
+def spacing_reference(model: keras.Model, prep: Preprocessing, hu: np.ndarray, spacing) -> np.ndarray:
+    """The NumPy path of a spacing-resampling model: model grid, network, back to the slices."""
+    volume = np.transpose(hu, (1, 2, 0))
+    probabilities = model.predict(prep.model_input(volume, range(hu.shape[0]), spacing), verbose=0)
+    restored = prep.model_grid_to_slices(probabilities, hu.shape[1:3], spacing)
+    resized = np.stack([resize_bilinear(p, hu.shape[1:3]) for p in restored])
+    return resized / resized.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("spacing", [(0.7, 0.7), (3.0, 2.5)])
+def test_spacing_model_takes_the_pixel_spacing_and_matches_numpy(tmp_path, spacing):
+    # 32 px at 4 mm: a 128 mm field; 300x280 px at 0.7 mm (210x196 mm) is cropped, at 3 mm padded.
+    prep = Preprocessing(image_size=(32, 32), mean=60.0, std=40.0, spacing_mm=4.0)
     model = tiny_model()
-    hu = raw_hu_slices(batch=3, rows=48, cols=40, seed=2)
-    out = make_serving_function(model, prep)(tf.constant(hu))
-    assert_same_prediction(keras_reference(model, prep, hu), out["probabilities"].numpy(), out["mask"].numpy())
-    # Shifting every voxel shifts the statistics too: the same prediction (within the window).
-    shifted = make_serving_function(model, prep)(tf.constant(np.clip(hu, -200, 150) + 50.0))
-    clipped = make_serving_function(model, prep)(tf.constant(np.clip(hu, -200, 150)))
-    np.testing.assert_allclose(shifted["probabilities"].numpy(), clipped["probabilities"].numpy(), atol=1e-4)
+    hu = raw_hu_slices(batch=2)
+    version_dir = export_saved_model(model, tmp_path / "livseg", prep)
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    assert sorted(signature.structured_input_signature[1]) == ["ct_slices", "pixel_spacing_mm"]
+    out = signature(ct_slices=tf.constant(hu), pixel_spacing_mm=tf.constant(spacing, tf.float32))
+    assert out["probabilities"].shape == (2, ROWS, COLS, 3)
+    assert_same_prediction(spacing_reference(model, prep, hu, spacing), out["probabilities"].numpy(), out["mask"].numpy())
+    if spacing[0] < 1.0:
+        # Cropped away: the corners of a 210 mm slice lie outside the 128 mm field, so background.
+        np.testing.assert_allclose(out["probabilities"].numpy()[:, 0, 0], [[1.0, 0.0, 0.0]] * 2, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from keras_livseg.data.preprocessing import (
     ForegroundStatistics,
     Preprocessing,
     body_floor,
-    resize_nearest,
+    crop_or_pad,
     resize_stack,
 )
 from keras_livseg.data.volumes import CaseFiles, DataError, discover_cases, load_case, parse_label_map
@@ -66,6 +66,8 @@ class PrepareOptions:
         image_size: model input size (square int or ``(height, width)``).
         context: adjacent slices stacked as channels (odd).
         normalization: ``"foreground"`` (training-split foreground statistics), ``"volume"`` or ``"none"``.
+        spacing_mm: resample slices in-plane to this pixel spacing (mm) before the centre
+            crop/pad to ``image_size``; ``None`` resizes whatever the spacing.
         slices: ``"all"`` or ``"liver"`` (slices with liver plus ``margin`` on each side).
         margin: slices kept beyond the liver in ``"liver"`` mode.
         split: fractions of cases for train, val, test (by patient).
@@ -86,6 +88,7 @@ class PrepareOptions:
     image_size: int | Sequence[int] = 256
     context: int = 1
     normalization: str = "foreground"
+    spacing_mm: float | None = None
     slices: str = "all"
     margin: int = 5
     split: Sequence[float] = (0.7, 0.15, 0.15)
@@ -105,6 +108,7 @@ class PrepareOptions:
             image_size=self.image_size,  # type: ignore[arg-type]
             context=int(self.context),
             normalization=self.normalization,
+            spacing_mm=self.spacing_mm,
         )
 
     def validate(self) -> None:
@@ -132,6 +136,7 @@ class PrepareOptions:
             "window": list(prep.window),
             "image_size": list(prep.image_size),
             "context": prep.context,
+            "spacing_mm": prep.spacing_mm,
             "slices": self.slices,
             "margin": self.margin,
             "label_map": parse_label_map(self.label_map),
@@ -184,9 +189,13 @@ def _selected_slices(labels: np.ndarray, mode: str, margin: int) -> np.ndarray:
 
 
 def _window_resize_volume(
-    image: np.ndarray, labels: np.ndarray, prep: Preprocessing
+    image: np.ndarray, labels: np.ndarray, prep: Preprocessing, spacing: Sequence[float] | None = None
 ) -> tuple[np.ndarray, float, float, ForegroundStatistics]:
     """Window + resize every slice, chunk by chunk, in one pass over the volume.
+
+    With ``prep.spacing_mm`` the slices are resampled to that spacing from ``spacing`` (the
+    volume's ``(row, col)`` mm) and centre-cropped/padded, exactly as
+    :meth:`Preprocessing.slices_to_model_grid` does.
 
     Returns the resized volume ``[n_slices, H, W]`` (float16), the volume's body statistics
     (for per-volume normalization, exactly as ``predict`` computes them) and the foreground
@@ -198,6 +207,7 @@ def _window_resize_volume(
     resized = np.empty((count, height, width), dtype=shards.IMAGE_DTYPE)
     body = BodyStatistics(body_floor(image, prep.window))
     stats = ForegroundStatistics(prep.window)
+    grid = prep.resampled_size(image.shape[0], image.shape[1], spacing)
     # Slices first: NIfTI data is Fortran-ordered, so each canonical slice is contiguous.
     slices_first = np.moveaxis(image, 2, 0)
     labels_first = np.moveaxis(labels, 2, 0)
@@ -207,7 +217,10 @@ def _window_resize_volume(
         if foreground.any():
             stats.update(chunk[foreground])
         body.update(chunk)
-        resized[start : start + _CHUNK_SLICES] = resize_stack(chunk, (height, width))
+        gridded = resize_stack(chunk, grid)
+        if prep.spacing_mm is not None:
+            gridded = np.moveaxis(crop_or_pad(np.moveaxis(gridded, 0, -1), (height, width), prep.window[0]), -1, 0)
+        resized[start : start + _CHUNK_SLICES] = gridded
     mean, std = body.result()
     return resized, mean, std, stats
 
@@ -222,7 +235,7 @@ def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> d
     case = load_case(files, parse_label_map(options.label_map))
     if case.labels is None:
         raise DataError(f"{files.image} has no segmentation; prepare needs labelled cases")
-    resized, volume_mean, volume_std, stats = _window_resize_volume(case.image, case.labels, prep)
+    resized, volume_mean, volume_std, stats = _window_resize_volume(case.image, case.labels, prep, case.spacing)
     selected = _selected_slices(case.labels, options.slices, options.margin)
     count = case.image.shape[2]
     class_pixels = np.zeros(3, dtype=np.int64)
@@ -233,7 +246,7 @@ def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> d
         half = prep.context // 2
         for index in selected:
             picks = np.clip(np.arange(index - half, index + half + 1), 0, count - 1)
-            mask = resize_nearest(case.labels[:, :, index], prep.image_size)
+            mask = prep.labels_to_model_grid(case.labels[:, :, index], case.spacing)
             counts = np.bincount(mask.ravel(), minlength=3)[:3]
             class_pixels += counts
             tumor_pixels.append(int(counts[2]))

@@ -12,6 +12,13 @@ Order of the steps, for raw HU slices ``[rows, cols, K]``:
    also removes out-of-field padding (-1024 / -3024) and metal.
 2. ``resize``: bilinear to the model size (labels: nearest). The NumPy version reproduces
    ``tf.image.resize`` (half-pixel centres, no antialiasing) to float rounding.
+   With ``spacing_mm`` set (nnU-Net's approach, in-plane only), each slice is first
+   resampled to that pixel spacing from its own header spacing, then centre-cropped or
+   padded (with the window's low end, i.e. air) to the model size: a model then always sees
+   the same millimetres per pixel, so a liver scanned at 0.57 mm and one at 3 mm have the
+   same size in pixels. The field of view is ``image_size × spacing_mm``. Predictions go back
+   through the inverse (crop undone with background, pad removed, bilinear back to the
+   slice's own size).
 3. ``standardize``: ``(x - mean) / std``. By default mean and std are the statistics of the
    windowed foreground (label > 0) voxels of the training cases, as in nnU-Net's CT
    normalization; ``normalization="volume"`` uses each volume's own windowed statistics and
@@ -44,6 +51,8 @@ class Preprocessing:
         normalization: ``"foreground"``, ``"volume"`` or ``"none"``.
         mean: standardization mean (HU, after windowing).
         std: standardization standard deviation (HU).
+        spacing_mm: target in-plane pixel spacing in mm, or ``None`` (default) to resize every
+            slice to ``image_size`` whatever its spacing.
 
     Example:
         >>> prep = Preprocessing(window=(-200.0, 250.0), image_size=(64, 64), mean=100.0, std=50.0)
@@ -57,6 +66,7 @@ class Preprocessing:
     normalization: str = "foreground"
     mean: float = 0.0
     std: float = 1.0
+    spacing_mm: float | None = None
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.window)
@@ -80,6 +90,19 @@ class Preprocessing:
             object.__setattr__(self, "std", (high - low) / 2.0)
         if not self.std > 0:
             raise ValueError(f"standardization std must be positive, got {self.std}")
+        if isinstance(self.spacing_mm, str) and self.spacing_mm.strip().lower() in ("none", ""):
+            object.__setattr__(self, "spacing_mm", None)  # TOML has no null: recipes write "none"
+        if self.spacing_mm is not None:
+            try:
+                spacing = float(self.spacing_mm)
+            except (TypeError, ValueError):
+                spacing = float("nan")
+            if not (np.isfinite(spacing) and spacing > 0):
+                raise ValueError(
+                    f"spacing_mm must be a positive number of millimetres per pixel (e.g. 1.5) or none, "
+                    f"got {self.spacing_mm}"
+                )
+            object.__setattr__(self, "spacing_mm", spacing)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +112,7 @@ class Preprocessing:
             "normalization": self.normalization,
             "mean": float(self.mean),
             "std": float(self.std),
+            "spacing_mm": self.spacing_mm,
         }
 
     @classmethod
@@ -100,6 +124,7 @@ class Preprocessing:
             normalization=config["normalization"],
             mean=float(config["mean"]),
             std=float(config["std"]),
+            spacing_mm=config.get("spacing_mm"),  # absent in files written before resampling existed
         )
 
     def with_statistics(self, mean: float, std: float) -> "Preprocessing":
@@ -116,30 +141,120 @@ class Preprocessing:
         std = self.std if std is None else std
         return ((windowed - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)
 
-    def slices_to_model_grid(self, hu_slices: np.ndarray) -> np.ndarray:
-        """Window and resize raw HU slices ``[rows, cols, N]`` to ``[H, W, N]`` (not standardized)."""
-        return resize_bilinear(self.window_hu(hu_slices), self.image_size)
+    def resampled_size(self, rows: int, cols: int, spacing: Sequence[float] | None) -> tuple[int, int]:
+        """The size a ``rows × cols`` slice of pixel ``spacing`` (mm) takes before the crop/pad.
 
-    def model_input(self, hu_volume: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+        Without ``spacing_mm`` this is ``image_size``. Computed in float32 as the TF twin does.
+
+        Example:
+            >>> Preprocessing(image_size=64, spacing_mm=2.0).resampled_size(512, 512, (0.5, 0.5))
+            (128, 128)
+        """
+        if self.spacing_mm is None:
+            return self.image_size
+        if spacing is None:
+            raise ValueError(
+                "this model resamples to a pixel spacing of "
+                f"{self.spacing_mm} mm and needs each slice's spacing; pass the volume's header spacing"
+            )
+        row_mm, col_mm = (float(v) for v in spacing[:2])
+        if not (np.isfinite(row_mm) and np.isfinite(col_mm) and row_mm > 0 and col_mm > 0):
+            raise ValueError(
+                f"pixel spacing {row_mm} x {col_mm} mm is not positive; fix the file's header (pixdim) "
+                "or prepare without preprocessing.spacing_mm"
+            )
+        target = np.float32(self.spacing_mm)
+        height = np.round(np.float32(rows) * np.float32(row_mm) / target)
+        width = np.round(np.float32(cols) * np.float32(col_mm) / target)
+        return max(int(height), 1), max(int(width), 1)
+
+    def slices_to_model_grid(self, hu_slices: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+        """Window and resize raw HU slices ``[rows, cols, N]`` to ``[H, W, N]`` (not standardized).
+
+        With ``spacing_mm`` set, ``spacing`` (the slices' ``(row, col)`` mm) is required: the
+        slices are resampled to ``spacing_mm`` and centre-cropped/padded with air to ``H × W``.
+        """
+        windowed = self.window_hu(hu_slices)
+        if self.spacing_mm is None:
+            return resize_bilinear(windowed, self.image_size)
+        resampled = resize_bilinear(windowed, self.resampled_size(*windowed.shape[:2], spacing))
+        return crop_or_pad(resampled, self.image_size, fill=self.window[0])
+
+    def labels_to_model_grid(self, labels: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+        """Nearest-neighbour twin of :meth:`slices_to_model_grid` for label maps ``[rows, cols, ...]``."""
+        if self.spacing_mm is None:
+            return resize_nearest(labels, self.image_size)
+        resampled = resize_nearest(labels, self.resampled_size(*labels.shape[:2], spacing))
+        return crop_or_pad(resampled, self.image_size, fill=0)
+
+    def model_grid_to_slices(self, probabilities: np.ndarray, size: Sequence[int],
+                             spacing: Sequence[float] | None = None) -> np.ndarray:
+        """Undo the crop/pad of :meth:`slices_to_model_grid` on ``[B, H, W, C]`` probabilities.
+
+        Returns ``[B, h, w, C]`` on the resampled grid (``h, w`` = :meth:`resampled_size` of
+        ``size``); pixels the model never saw (cropped away) are background. The caller resizes
+        bilinearly to ``size``. Without ``spacing_mm`` the input comes back unchanged.
+        """
+        if self.spacing_mm is None:
+            return probabilities
+        height, width = self.resampled_size(int(size[0]), int(size[1]), spacing)
+        background = np.zeros(probabilities.shape[-1], np.float32)
+        background[0] = 1.0
+        moved = np.moveaxis(np.asarray(probabilities, np.float32), 0, 2)  # [H, W, B, C]
+        restored = crop_or_pad(moved - background, (height, width), fill=0.0) + background
+        return np.moveaxis(restored, 2, 0)
+
+    def model_input(self, hu_volume: np.ndarray, indices: Sequence[int],
+                    spacing: Sequence[float] | None = None) -> np.ndarray:
         """Raw canonical volume ``[rows, cols, slices]`` → standardized ``[n, H, W, context]``.
 
         In ``"volume"`` mode the volume's own windowed statistics are used (see
-        :func:`volume_statistics`).
+        :func:`volume_statistics`). ``spacing`` is the volume's ``(row, col[, slice])`` mm,
+        required with ``spacing_mm``.
         """
         mean = std = None
         if self.normalization == "volume":
             mean, std = volume_statistics(self.window_hu(hu_volume))
-        stacks = [self.slices_to_model_grid(context_stack(hu_volume, int(i), self.context)) for i in indices]
+        stacks = [self.slices_to_model_grid(context_stack(hu_volume, int(i), self.context), spacing) for i in indices]
         return self.standardize(np.stack(stacks, axis=0), mean, std)
 
     # -- TensorFlow path ------------------------------------------------------------------
-    def tf_model_input(self, hu_slices, mean=None, std=None):
-        """Raw HU ``[B, rows, cols, K]`` (any size) → standardized ``[B, H, W, K]`` float32, in TF."""
+    def tf_model_input(self, hu_slices, mean=None, std=None, spacing=None):
+        """Raw HU ``[B, rows, cols, K]`` (any size) → standardized ``[B, H, W, K]`` float32, in TF.
+
+        ``spacing``: the slices' ``(row, col)`` pixel spacing in mm (a tensor), required with
+        ``spacing_mm``.
+        """
         import tensorflow as tf  # only the data and export stages import TensorFlow
 
         windowed = tf.clip_by_value(tf.cast(hu_slices, tf.float32), self.window[0], self.window[1])
-        resized = tf.image.resize(windowed, self.image_size, method="bilinear")
+        if self.spacing_mm is None:
+            resized = tf.image.resize(windowed, self.image_size, method="bilinear")
+        else:
+            resized = tf.image.resize(windowed, self.tf_resampled_size(tf.shape(windowed)[1:3], spacing),
+                                      method="bilinear")
+            # resize_with_crop_or_pad pads with zeros: shift so that zero is the window's low end (air).
+            low = tf.constant(self.window[0], tf.float32)
+            resized = tf.image.resize_with_crop_or_pad(resized - low, *self.image_size) + low
         return self.tf_standardize(resized, mean, std)
+
+    def tf_resampled_size(self, size, spacing):
+        """TF twin of :meth:`resampled_size`: ``size`` int32 ``[2]``, ``spacing`` float ``[2]`` mm."""
+        import tensorflow as tf
+
+        scaled = tf.round(tf.cast(size, tf.float32) * tf.cast(spacing, tf.float32)[:2] / tf.constant(self.spacing_mm, tf.float32))
+        return tf.maximum(tf.cast(scaled, tf.int32), 1)
+
+    def tf_model_grid_to_slices(self, probabilities, size, spacing):
+        """TF twin of :meth:`model_grid_to_slices` followed by the bilinear resize to ``size``."""
+        import tensorflow as tf
+
+        if self.spacing_mm is not None:
+            resampled = self.tf_resampled_size(size, spacing)
+            background = tf.one_hot(0, tf.shape(probabilities)[-1], dtype=tf.float32)
+            probabilities = tf.image.resize_with_crop_or_pad(probabilities - background, resampled[0], resampled[1])
+            probabilities = probabilities + background
+        return tf.image.resize(probabilities, size, method="bilinear")
 
     def tf_standardize(self, windowed, mean=None, std=None):
         import tensorflow as tf
@@ -168,6 +283,26 @@ def context_stack(volume: np.ndarray, index: int, context: int) -> np.ndarray:
     half = context // 2
     picks = np.clip(np.arange(index - half, index + half + 1), 0, volume.shape[2] - 1)
     return volume[:, :, picks]
+
+
+def crop_or_pad(array: np.ndarray, size: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """Centre-crop or pad the first two axes of ``array`` to ``size``, as
+    ``tf.image.resize_with_crop_or_pad`` does (offset ``(larger - smaller) // 2``).
+
+    Example:
+        >>> crop_or_pad(np.arange(4.0).reshape(4, 1), (2, 3), fill=-1.0).tolist()
+        [[-1.0, 1.0, -1.0], [-1.0, 2.0, -1.0]]
+    """
+    out = np.full(tuple(int(s) for s in size[:2]) + array.shape[2:], fill, dtype=array.dtype)
+    source, target = [], []
+    for have, want in zip(array.shape[:2], out.shape[:2]):
+        length = min(have, want)
+        start_in = max(have - want, 0) // 2
+        start_out = max(want - have, 0) // 2
+        source.append(slice(start_in, start_in + length))
+        target.append(slice(start_out, start_out + length))
+    out[tuple(target)] = array[tuple(source)]
+    return out
 
 
 def _linear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -321,6 +321,29 @@ def from_canonical(data: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
     return orientations.apply_orientation(data, inverse)
 
 
+def affine_zooms(affine: np.ndarray, source: str | Path = "volume") -> tuple[float, float, float]:
+    """Voxel size in mm along the file's axes, from the affine (the voxel-to-world map).
+
+    The affine is what places voxels in the patient, so spacing is read from it (as ITK does)
+    rather than from ``pixdim``, which nibabel silently sets to 1 when a header has 0 there.
+
+    Raises:
+        DataError: a zero, missing or non-finite spacing (a singular affine), naming ``source``.
+
+    Example:
+        >>> affine_zooms(np.diag([-0.8, -0.8, 2.5, 1.0]))
+        (0.8, 0.8, 2.5)
+    """
+    zooms = tuple(float(z) for z in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+    if not all(np.isfinite(z) and z > 1e-6 for z in zooms):
+        raise DataError(
+            f"{source} has voxel spacing {tuple(round(z, 6) for z in zooms)} mm in its header (a zero or "
+            "missing pixdim/sform scale); write the scanner's true spacing into the header (e.g. nibabel's "
+            "img.set_sform / set_qform with the voxel sizes) and try again"
+        )
+    return zooms  # type: ignore[return-value]
+
+
 def canonical_spacing(affine: np.ndarray, zooms: Sequence[float]) -> tuple[float, float, float]:
     """Voxel spacing along the canonical axes, from the file's zooms."""
     transform = canonical_transform(affine)
@@ -405,6 +428,7 @@ def load_case(
         ((512, 512, 3), (0.810547, 0.810547, 1.0))
     """
     image_nii = load_nifti(files.image, "volume")
+    affine_zooms(image_nii.affine, files.image)  # a header without spacing fails before any read
     labels = None
     if with_labels and files.label is not None:
         label_nii = load_nifti(files.label, "segmentation")
@@ -429,11 +453,12 @@ def load_case(
         raise DataError(
             f"{files.image} contains NaN or infinite voxels; replace them (e.g. with -1024 HU) before use"
         )
+    spacing = canonical_spacing(image_nii.affine, affine_zooms(image_nii.affine, files.image))
     return Case(
         case_id=files.case_id,
         image=to_canonical(volume, image_nii.affine),
         labels=labels,
-        spacing=canonical_spacing(image_nii.affine, image_nii.header.get_zooms()[:3]),
+        spacing=spacing,
         original_affine=np.asarray(image_nii.affine, dtype=np.float64),
         original_shape=tuple(int(s) for s in image_nii.shape[:3]),
         files=files,

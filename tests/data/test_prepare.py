@@ -75,6 +75,38 @@ def test_shards_parse_back_to_the_arrays_written(lits_dir, tmp_path):
     assert manifest["cases"][case_id]["tumor_pixels"][5] == int((mask == 2).sum())
 
 
+def test_spacing_resampling_is_what_the_shards_hold(lits_dir, tmp_path):
+    # 0.8 mm pixels at 1.5 mm: a 40x48 slice becomes 21x26, then padded with air to 32x32.
+    manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", spacing_mm=1.5))
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    assert prep.spacing_mm == 1.5 and manifest["cases"]["0"]["spacing"][:2] == [0.8, 0.8]
+    (shard,) = manifest["splits"]["train"]["shards"]
+    case_id, index, image, mask = _parse_all(tmp_path / "out" / shard)[5]
+    case = load_case(next(c for c in discover_cases(lits_dir) if c.case_id == case_id))
+    expected = prep.slices_to_model_grid(case.image[:, :, [index]], case.spacing).astype(np.float16)
+    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(mask, prep.labels_to_model_grid(case.labels[:, :, index], case.spacing))
+    assert image[0, 0, 0] == -200.0  # padding is air (the window's low end)
+    # The liver keeps its size in millimetres: 0.8 mm -> 1.5 mm scales its pixel count by (0.8/1.5)^2.
+    native = int((case.labels[:, :, index] > 0).sum())
+    assert abs(int((mask > 0).sum()) - native * (0.8 / 1.5) ** 2) <= 0.15 * native * (0.8 / 1.5) ** 2
+
+
+def test_zero_spacing_in_a_header_is_one_clear_error(tmp_path):
+    import nibabel as nib
+    from data_helpers import write_case
+
+    image_path, _ = write_case(tmp_path / "src", "0")
+    image = nib.load(str(image_path))
+    header = image.header.copy()
+    header.set_qform(None, code=0)
+    header.set_sform(np.diag([0.0, -0.8, 2.5, 1.0]), code=1)  # an export that lost its pixel spacing
+    header["pixdim"][1] = 0.0
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, header=header), str(image_path))
+    with pytest.raises(DataError, match=r"volume-0\.nii\.gz has voxel spacing .* header"):
+        prepare_dataset(_options(tmp_path / "src", tmp_path / "out", split=(1, 0, 0)))
+
+
 def test_byte_identical_whatever_the_workers(lits_dir, tmp_path):
     prepare_dataset(_options(lits_dir, tmp_path / "a", workers=1, compression="GZIP"))
     prepare_dataset(_options(lits_dir, tmp_path / "b", workers=2, compression="GZIP"))

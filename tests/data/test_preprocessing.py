@@ -75,3 +75,60 @@ def test_foreground_statistics_merge_equals_pooled():
     assert left.mean == pytest.approx(everything.mean()) == pooled.mean
     assert left.std == pytest.approx(everything.std())
     assert abs(left.percentile(99.5) - np.percentile(everything, 99.5)) <= 1.0
+
+
+# -- resampling to a fixed pixel spacing ---------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, spacing", [((300, 280), (0.57, 0.57)), ((122, 101), (3.0, 3.0)), ((90, 200), (1.0, 2.0))])
+def test_spacing_paths_agree_numpy_and_tensorflow(shape, spacing):
+    rng = np.random.default_rng(3)
+    raw = rng.normal(40, 300, shape + (3,)).astype(np.float32)
+    prep = Preprocessing(image_size=(64, 64), context=3, mean=60.0, std=40.0, spacing_mm=3.2)
+    numpy_path = prep.model_input(raw, [1], spacing)[0]
+    export_path = prep.tf_model_input(raw[None], spacing=tf.constant(spacing, tf.float32)).numpy()[0]
+    np.testing.assert_allclose(numpy_path, export_path, atol=1e-4)
+    probabilities = rng.dirichlet(np.ones(3), (2, 64, 64)).astype(np.float32)
+    back = tf.image.resize(prep.model_grid_to_slices(probabilities, shape, spacing), shape).numpy()
+    tf_back = prep.tf_model_grid_to_slices(tf.constant(probabilities), shape, tf.constant(spacing, tf.float32)).numpy()
+    np.testing.assert_allclose(back, tf_back, atol=1e-5)
+
+
+def test_spacing_keeps_millimetres_per_pixel():
+    """A 100 mm disc is 50 px across on a 2 mm grid whether scanned at 0.5 mm or 1.25 mm."""
+    prep = Preprocessing(image_size=(96, 96), spacing_mm=2.0)
+    widths = []
+    for pixel_mm, size in ((0.5, 512), (1.25, 160)):
+        centre = (size - 1) / 2.0
+        yy, xx = np.mgrid[0:size, 0:size]
+        disc = (((yy - centre) * pixel_mm) ** 2 + ((xx - centre) * pixel_mm) ** 2 < 50.0**2).astype(np.uint8)
+        gridded = prep.labels_to_model_grid(disc, (pixel_mm, pixel_mm))
+        assert gridded.shape == (96, 96)
+        widths.append(int(gridded[48].sum()))
+    assert all(abs(w - 50) <= 1 for w in widths), widths
+
+
+def test_spacing_crop_pad_round_trip_puts_labels_back_on_their_voxels():
+    """Model grid → back to the slice: a one-hot map returns onto the same voxels."""
+    prep = Preprocessing(image_size=(40, 40), spacing_mm=1.0)
+    labels = np.zeros((60, 30), np.uint8)  # at 1 mm: cropped in rows (60 > 40), padded in columns
+    labels[25:35, 5:15] = 1
+    labels[28:31, 8:11] = 2
+    gridded = prep.labels_to_model_grid(labels, (1.0, 1.0))
+    one_hot = np.eye(3, dtype=np.float32)[gridded][None]
+    restored = prep.model_grid_to_slices(one_hot, labels.shape, (1.0, 1.0))[0]
+    assert restored.shape == (60, 30, 3)
+    np.testing.assert_array_equal(restored.argmax(-1), labels)  # the cropped rows held background
+    assert restored[:10, :, 0].min() == 1.0  # rows the model never saw are background
+
+
+def test_spacing_needs_the_slice_spacing_and_a_positive_value():
+    prep = Preprocessing(image_size=(32, 32), spacing_mm=1.5)
+    with pytest.raises(ValueError, match="needs each slice's spacing"):
+        prep.slices_to_model_grid(np.zeros((40, 40, 1), np.float32))
+    with pytest.raises(ValueError, match="not positive"):
+        prep.slices_to_model_grid(np.zeros((40, 40, 1), np.float32), (0.0, 1.0))
+    with pytest.raises(ValueError, match="spacing_mm must be a positive"):
+        Preprocessing(spacing_mm=0.0)
+    assert Preprocessing(spacing_mm="none").spacing_mm is None
+    assert Preprocessing.from_dict(prep.to_dict()).spacing_mm == 1.5

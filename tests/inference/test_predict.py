@@ -42,7 +42,7 @@ class Calls:
 def fake_model(calls: Calls | None = None, context: int = 1) -> SegmentationModel:
     """A SegmentationModel whose probabilities are a one-hot threshold of the centre slice."""
 
-    def forward(raw: np.ndarray, statistics) -> np.ndarray:
+    def forward(raw: np.ndarray, statistics, spacing=None) -> np.ndarray:
         if calls is not None:
             calls.batch_sizes.append(raw.shape[0])
         labels = threshold_labels(raw[..., raw.shape[-1] // 2])
@@ -106,9 +106,9 @@ def test_context_model_gets_neighbouring_slices(tmp_path):
     model = fake_model(context=3)
     inner = model._forward
 
-    def spy(raw, statistics):
+    def spy(raw, statistics, spacing):
         seen.append(raw.shape)
-        return inner(raw, statistics)
+        return inner(raw, statistics, spacing)
 
     model._forward = spy
     result = predict_volume(model, case, batch_size=5, postprocess=None, progress=False)
@@ -338,3 +338,39 @@ def test_short_last_batch_is_padded_so_the_network_sees_one_shape(keras_checkpoi
     assert shapes == [(8, 32, 32, 1), (8, 32, 32, 1)]
     assert short.shape == (3, 40, 48, 3)
     np.testing.assert_allclose(short, full[:3], atol=1e-5)
+
+
+def threshold_checkpoint(folder: Path, prep: Preprocessing) -> Path:
+    """A real ``.keras`` model with fixed weights: liver where the standardized CT is above 0."""
+    import keras
+
+    inputs = keras.Input((*prep.image_size, prep.context), name="ct_slices")
+    head = keras.layers.Conv2D(3, 1, activation="softmax", name="probabilities")
+    outputs = head(inputs)
+    head.set_weights([np.array([[[[0.0, 20.0, -20.0]]]], np.float32), np.array([0.0, 0.0, -100.0], np.float32)])
+    (folder / "checkpoints").mkdir(parents=True)
+    keras.Model(inputs, outputs).save(folder / "checkpoints" / "best.keras")
+    write_preprocessing_json(folder / "preprocessing.json", prep)
+    return folder / "checkpoints" / "best.keras"
+
+
+def test_spacing_model_writes_labels_on_the_input_voxels(tmp_path):
+    """A model on a 2 mm grid predicts a 0.7 mm scan on an odd affine: same shape, affine, voxels."""
+    prep = Preprocessing(image_size=(64, 64), mean=0.0, std=50.0, spacing_mm=2.0)  # 128 mm field
+    model = SegmentationModel.load(threshold_checkpoint(tmp_path / "run", prep))
+    shape = (4, 200, 220)  # ODD_AFFINE's axes: slices, then in-plane 0.8 x 0.9 mm (160 x 198 mm)
+    hu = np.full(shape, -1000, np.int16)
+    hu[:, 60:140, 70:150] = 100  # a 'liver' inside the 128 mm field around the centre
+    hu[:, :6, :6] = 100  # a corner 16+ mm outside the field: the model never sees it
+    path = write_volume(tmp_path / "in" / "volume-5.nii.gz", hu)
+    written = predict_paths(model, [path], tmp_path / "out", postprocess=None, progress=False)
+    output = nib.load(str(written[0].output))
+    assert output.shape == shape
+    np.testing.assert_allclose(output.affine, ODD_AFFINE)
+    labels = np.asarray(output.dataobj)
+    truth = (hu > 0).astype(np.uint8)
+    truth[:, :6, :6] = 0
+    inside = labels[:, 60:140, 70:150] == 1
+    assert inside.mean() > 0.95  # bilinear 2 mm → 0.8 mm smooths only the rim
+    assert np.mean(labels == truth) > 0.99
+    assert labels[:, :6, :6].max() == 0
