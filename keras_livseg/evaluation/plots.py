@@ -1,8 +1,10 @@
 """Figures of the evaluation report, drawn with matplotlib's Agg backend (no display needed).
 
 - :func:`plot_curves`: ROC and precision–recall curves per class, one-vs-rest, with AUC.
-- :func:`plot_overlays`: a qualitative grid, one row per case (best and worst by Dice), columns
-  CT, CT + ground truth, CT + prediction, on the slice with the most reference tumor (or liver).
+- :func:`plot_overlays`: the best and worst cases by Dice, each on the slice with the most
+  reference tumour (or liver): the windowed CT with the reference contours (solid) and the
+  predicted ones (dashed), titled with the case, the slice and why both were chosen; one PNG per
+  case and a grid of them.
 - :func:`plot_history`: training curves from a run's ``history.csv`` (loss, Dice, IoU, accuracy
   per epoch), with the coefficient of variation of validation Dice in the legend.
 
@@ -28,6 +30,11 @@ logger = logging.getLogger(__name__)
 
 _WINDOW = (-200.0, 250.0)  # display window for the CT panels (HU), the training default
 _CLASS_COLOURS = {"background": "tab:gray", "liver": "tab:green", "tumor": "tab:red"}
+#: Contour colours: reference solid, prediction dashed.
+_CONTOUR_COLOURS = {
+    ("liver", "solid"): "lime", ("tumor", "solid"): "red",
+    ("liver", "dashed"): "cyan", ("tumor", "dashed"): "yellow",
+}
 
 
 def _pyplot():
@@ -98,6 +105,79 @@ def _pick_cases(rows: Sequence[Mapping[str, Any]], per_side: int) -> list[tuple[
     return [("best", i) for i in best] + [("worst", i) for i in worst]
 
 
+def overlay_slice(pred: np.ndarray, ref: np.ndarray) -> tuple[int, str]:
+    """The axial slice (last axis) an overlay shows, and why it was chosen.
+
+    In order of preference: the slice with the largest tumour area in the reference; else the
+    largest predicted tumour area (a false alarm); else the largest liver area in the reference;
+    else in the prediction; else the middle slice.
+
+    Example:
+        >>> ref = np.zeros((4, 4, 3), np.uint8); ref[1:3, 1:3, 2] = 2
+        >>> overlay_slice(ref, ref)
+        (2, 'largest tumour area in the reference')
+    """
+    for labels, test, reason in (
+        (ref, lambda a: a == 2, "largest tumour area in the reference"),
+        (pred, lambda a: a == 2, "largest predicted tumour area (no tumour in the reference)"),
+        (ref, lambda a: a >= 1, "largest liver area in the reference (no tumour)"),
+        (pred, lambda a: a >= 1, "largest predicted liver area (empty reference)"),
+    ):
+        area = test(labels).sum(axis=(0, 1))
+        if area.any():
+            return int(np.argmax(area)), reason
+    return ref.shape[2] // 2, "middle slice (both masks empty)"
+
+
+def _case_reason(side: str, row: Mapping[str, Any]) -> str:
+    region = "tumour" if row.get("tumor_ref_voxels") else "liver"
+    value = row.get("tumor_dice" if region == "tumour" else "liver_dice")
+    score = f", Dice {value:.3f}" if value is not None and math.isfinite(value) else ""
+    return f"{side} {region} Dice case{score}"
+
+
+def _ct_slice(case: Any, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The windowed CT slice ``k`` of a case in canonical orientation, or None without a CT."""
+    from keras_livseg.data.volumes import load_nifti, read_array, to_canonical
+
+    if getattr(case, "image", None) is None:
+        return None
+    image_nii = load_nifti(case.image)
+    if tuple(image_nii.shape[:3]) != tuple(shape):
+        logger.warning(
+            "case %s: CT %s has shape %s but the reference %s; overlay drawn without the CT",
+            case.case_id, case.image, tuple(image_nii.shape[:3]), tuple(shape),
+        )
+        return None
+    volume = to_canonical(read_array(image_nii, case.image), image_nii.affine)
+    return np.clip(np.asarray(volume[:, :, k], dtype=np.float32), *_WINDOW)
+
+
+def _draw_overlay(axis, ct: np.ndarray | None, ref_slice: np.ndarray, pred_slice: np.ndarray, title: str) -> None:
+    """CT (or black) with the reference contours (solid) and the predicted ones (dashed)."""
+    background = ct if ct is not None else np.full(ref_slice.shape, _WINDOW[0], np.float32)
+    # Canonical arrays are [rows=x, cols=y]; transpose so that the image reads as an axial view.
+    axis.imshow(background.T, cmap="gray", vmin=_WINDOW[0], vmax=_WINDOW[1], origin="lower")
+    for labels, style in ((ref_slice, "solid"), (pred_slice, "dashed")):
+        for region, test in (("liver", labels >= 1), ("tumor", labels == 2)):
+            if test.any() and not test.all():
+                colour = _CONTOUR_COLOURS[(region, style)]
+                axis.contour(test.T.astype(np.float32), levels=[0.5], colors=[colour],
+                             linewidths=1.2, linestyles=style)
+    axis.set_title(title, fontsize=8)
+    axis.axis("off")
+
+
+def _legend_handles():
+    from matplotlib.lines import Line2D
+
+    return [
+        Line2D([0], [0], color=_CONTOUR_COLOURS[(region, style)], linestyle=style, label=f"{who} {region}")
+        for who, style in (("reference", "solid"), ("predicted", "dashed"))
+        for region in ("liver", "tumor")
+    ]
+
+
 def plot_overlays(
     matched: Sequence[Any],
     rows: Sequence[Mapping[str, Any]],
@@ -105,53 +185,63 @@ def plot_overlays(
     label_map: Mapping[int, int] | None = None,
     per_side: int = 2,
 ) -> dict[str, Path]:
-    """Qualitative grid: CT, CT + ground truth, CT + prediction for the best and worst cases.
+    """CT slices with the reference and predicted contours, for the best and worst cases.
+
+    For each picked case (best and worst by tumour Dice, by liver Dice where the reference has
+    no tumour) the slice with the largest reference tumour area (:func:`overlay_slice`) is shown
+    with the CT in the window [-200, 250] HU, reference contours solid and predicted contours
+    dashed (liver green/cyan, tumour red/yellow). A case without a CT (a plain folder of label
+    maps, no ``--images``) is drawn on black. One PNG per case (``overlay_<side>_<case>.png``)
+    plus the grid of all of them (``overlays.png``).
 
     Args:
         matched: :class:`~keras_livseg.evaluation.report.MatchedCase` list, aligned with ``rows``.
         rows: The per-case rows (``tumor_dice``, ``liver_dice``, ``tumor_ref_voxels``).
-        figure_dir: Folder of ``overlays.png``.
+        figure_dir: Folder of the PNGs.
         label_map: Reference label remapping.
         per_side: Best and worst cases shown (default 2 each).
 
     Returns:
-        ``{"Qualitative overlays": path}`` (empty when there is no case).
+        ``{title: path}``: ``"Qualitative overlays"`` for the grid, and for each case its title,
+        e.g. ``"case 7, slice 64: largest tumour area in the reference (worst tumour Dice case,
+        Dice 0.412)"`` (empty when there is no case).
     """
-    from keras_livseg.data.volumes import load_nifti, read_array, to_canonical
     from keras_livseg.evaluation.report import load_pair
 
     if not matched:
         return {}
     plt = _pyplot()
     picks = _pick_cases(rows, per_side)
-    figure, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
-    colours = np.array([[0, 0, 0, 0], [0.1, 0.8, 0.2, 0.35], [1.0, 0.1, 0.1, 0.6]], dtype=np.float32)
-    for row_axes, (side, index) in zip(axes, picks):
+    written: dict[str, Path] = {}
+    panels = []
+    for side, index in picks:
         case = matched[index]
         pred, ref, _ = load_pair(case, label_map)
-        tumor_area = (ref == 2).sum(axis=(0, 1))
-        area = tumor_area if tumor_area.any() else (ref >= 1).sum(axis=(0, 1))
-        k = int(np.argmax(area)) if area.any() else ref.shape[2] // 2
-        if case.image is not None:
-            image_nii = load_nifti(case.image)
-            ct = to_canonical(read_array(image_nii, case.image), image_nii.affine)[:, :, k]
-            ct = np.clip(ct.astype(np.float32), *_WINDOW)
-        else:
-            ct = np.zeros(ref.shape[:2], np.float32)
-        dice = rows[index].get("tumor_dice") if rows[index].get("tumor_ref_voxels") else rows[index].get("liver_dice")
-        titles = (f"{side}: case {case.case_id}, slice {k}", "ground truth",
-                  f"prediction (Dice {dice:.3f})" if dice is not None and math.isfinite(dice) else "prediction")
-        for axis, overlay, title in zip(row_axes, (None, ref[:, :, k], pred[:, :, k]), titles):
-            axis.imshow(ct, cmap="gray", vmin=_WINDOW[0], vmax=_WINDOW[1])
-            if overlay is not None:
-                axis.imshow(colours[np.clip(overlay, 0, 2)], interpolation="nearest")
-            axis.set_title(title, fontsize=9)
-            axis.axis("off")
+        k, why = overlay_slice(pred, ref)
+        ct = _ct_slice(case, k, ref.shape)
+        title = f"case {case.case_id}, slice {k}: {why} ({_case_reason(side, rows[index])})"
+        if ct is None:
+            title += " [no CT]"
+        panels.append((title, ct, ref[:, :, k].copy(), pred[:, :, k].copy()))
         del pred, ref
-    figure.suptitle("green: liver, red: tumor", fontsize=9)
-    path = _save(figure, figure_dir / "overlays.png")
+        figure, axis = plt.subplots(figsize=(5.5, 5.8))
+        _draw_overlay(axis, ct, panels[-1][2], panels[-1][3], title)
+        axis.legend(handles=_legend_handles(), loc="lower center", bbox_to_anchor=(0.5, -0.12),
+                    ncol=2, fontsize=7, frameon=False)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(case.case_id))
+        written[title] = _save(figure, figure_dir / f"overlay_{side}_{safe}.png")
+        plt.close(figure)
+    columns = min(2, len(panels))
+    grid_rows = int(math.ceil(len(panels) / columns))
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(5.5 * columns, 5.2 * grid_rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, (title, ct, ref_slice, pred_slice) in zip(axes.ravel(), panels):
+        _draw_overlay(axis, ct, ref_slice, pred_slice, title)
+    figure.legend(handles=_legend_handles(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    grid = _save(figure, figure_dir / "overlays.png")
     plt.close(figure)
-    return {"Qualitative overlays": path}
+    return {"Qualitative overlays": grid, **written}
 
 
 def plot_history(

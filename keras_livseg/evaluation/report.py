@@ -8,7 +8,10 @@ tumor label 2) and writes, into ``out_dir``:
   as the TAM-U-Net paper reports them, small/large strata, lesion detection summed over the
   dataset, tumor burden error, curve AUCs, stability of a training run), NaN written as ``null``;
 - ``per_case.csv``: one row per case, every metric of :func:`~keras_livseg.evaluation.metrics.case_metrics`
-  plus detection counts and the stratum Dice;
+  plus detection counts, the stratum Dice and the means of its detected lesions' metrics
+  (``lesion_dice``, ``lesion_assd``, ...);
+- ``per_lesion.csv``: one row per reference lesion: size, detection, and the LiTS per-lesion
+  Dice, Jaccard, VOE, RVD, ASSD, RMSD and MSD of its match group when detected;
 - ``report.md``: tables shaped like the papers' (class × model × Dice, IoU, F1, precision,
   recall, VOE, HD95; overall, small tumors, large tumors), the LiTS measures, lesion detection,
   and the figures (``figures/*.png``, see :mod:`keras_livseg.evaluation.plots`).
@@ -20,8 +23,22 @@ Policies, stated once:
 - A prediction with no reference is listed (``unmatched_predictions``) and not scored; a
   reference with no prediction is listed (``missing_predictions``) and not scored either (score
   it as an empty prediction by writing one, if that is the protocol you need).
-- Surface distances with exactly one empty mask are undefined (NaN): means skip them and
-  ``<metric>_undefined`` counts them (the metric core's policy).
+- Surfaces are found as the LiTS script finds them, by erosion with the 18-neighbourhood
+  (``connectivity=2``, the default here); ``connectivity=1`` gives medpy's 6-neighbourhood.
+- Empty masks: both empty gives Dice 1 and surface distances 0 (LiTS). Exactly one empty gives
+  every surface distance a penalty, by default the diagonal of the volume's physical extent in
+  mm (``EvaluationOptions.empty_surface``; ``"lits"`` for 9001, ``"nan"`` to leave them out), and
+  the case **stays in the means**; ``volume.<region>.surface_penalized`` counts such cases.
+  RVD with an empty reference is undefined (NaN, ``empty_rvd``): left out of the RVD mean and
+  counted in ``rvd_undefined``.
+- Per-lesion metrics (LiTS): for each detected lesion (IoU > 0.5 after merging), on its
+  reference lesion(s) and merged predicted components; averaged over the detected lesions of the
+  whole dataset (``lesion_segmentation`` in metrics.json).
+- A prepared shard folder (``manifest.json``) as reference: only the cases of ``split`` are
+  scored, from the source NIfTI files the manifest names.
+- Training cases: given the training manifest of the model's run, every scored case that was in
+  its train or val split (same resolved path or same SHA-256) is listed in
+  ``scored_training_cases`` and flagged by a warning in report.md.
 - Small versus large: lesions (3D components of the reference tumor) by equivalent-sphere
   diameter against ``threshold_mm`` (default 10 mm); slices (for the slice-level tables) by the
   equivalent-circle diameter of the reference tumor area in the slice.
@@ -46,6 +63,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from keras_livseg.data.volumes import (
+    CaseFiles,
     DataError,
     apply_label_map,
     canonical_spacing,
@@ -68,6 +86,13 @@ LITS_COLUMNS = (
     ("dice", "Dice per case"), ("dice_global", "Dice global"), ("voe", "VOE"), ("rvd", "RVD"),
     ("assd", "ASSD (mm)"), ("msd", "MSD (mm)"), ("hd95", "HD95 (mm)"),
 )
+#: Per-lesion metrics (LiTS), in metrics.json's ``lesion_segmentation`` and per_case.csv's
+#: ``lesion_<key>``: (key, header).
+LESION_COLUMNS = (
+    ("dice", "Dice"), ("jaccard", "Jaccard"), ("voe", "VOE"), ("rvd", "RVD"),
+    ("assd", "ASSD (mm)"), ("rmsd", "RMSD (mm)"), ("msd", "MSD (mm)"),
+)
+LESION_COLUMNS_KEYS = tuple(key for key, _ in LESION_COLUMNS) + ("rvd_lits",)
 _VOLUME_METRICS = ("dice", "iou", "f1", "precision", "recall", "voe", "rvd", "assd", "msd", "hd95", "rmsd")
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(?:\.gz)?$")
 _LITS = re.compile(r"^(?:segmentation|volume)-(?P<id>.+)$")
@@ -117,24 +142,37 @@ def _nifti_files(folder: Path) -> list[Path]:
     )
 
 
-def match_cases(pred_dir: str | Path, ref: str | Path) -> tuple[list[MatchedCase], list[Path], list[str]]:
+def match_cases(
+    pred_dir: str | Path,
+    ref: str | Path,
+    *,
+    images: str | Path | None = None,
+    split: str | None = None,
+) -> tuple[list[MatchedCase], list[Path], list[str]]:
     """Pair prediction files with reference label maps by case.
 
     Args:
         pred_dir: Folder of predicted label maps (``segmentation-N.nii[.gz]`` or ``<case>.nii.gz``;
             probability maps are skipped).
         ref: A dataset (LiTS folder, MSD folder, ``.csv``; its CT volumes then feed the overlay
-            figure) or a plain folder of reference label maps.
+            figure), a plain folder of reference label maps (``volume-N`` files beside
+            ``segmentation-N`` are taken as the CT), or a prepared shard folder holding
+            ``manifest.json`` (then ``split`` picks the cases, read from their source files).
+        images: Folder of the CT volumes (``volume-N.nii[.gz]``, ``<case>_0000.nii.gz`` or
+            ``<case>.nii.gz``) for cases whose reference brings none (default None).
+        split: With a shard folder as ``ref``: the split to score (``train``, ``val``, ``test``).
 
     Returns:
         ``(matched, unmatched_predictions, missing_predictions)``: the pairs, the prediction
         files without a reference, and the reference case ids without a prediction.
 
     Raises:
-        DataError: a folder is missing or holds no NIfTI file, or no prediction has a reference.
+        DataError: a folder is missing or holds no NIfTI file, no prediction has a reference, or
+            the manifest lacks ``split`` (the message names the splits it has).
 
     Example:
         >>> pairs, extra, missing = match_cases("predictions", "data/LiTS")  # doctest: +SKIP
+        >>> pairs, _, _ = match_cases("eval/predictions", "shards/", split="test")  # doctest: +SKIP
     """
     pred_dir, ref = Path(pred_dir), Path(ref)
     if not pred_dir.is_dir():
@@ -145,21 +183,39 @@ def match_cases(pred_dir: str | Path, ref: str | Path) -> tuple[list[MatchedCase
     if not ref.exists():
         raise DataError(f"reference {ref} does not exist; pass the dataset or folder of label maps")
     references: dict[str, tuple[Path, Path | None]] = {}
-    try:
-        for files in discover_cases(ref, require_labels=True):
-            references[files.case_id] = (files.label, files.image)
-    except DataError:
-        if not ref.is_dir():
-            raise
-        for path in _nifti_files(ref):
-            if not path.name.startswith("volume-"):
-                references[case_key(path)] = (path, None)
+    aliases: dict[str, str] = {}  # other keys a prediction may carry (the CT file's stem)
+    if is_manifest(ref):
+        for files in manifest_cases(ref, split):
+            # A CT that is gone only costs the overlay its background; the label is what scores.
+            references[files.case_id] = (files.label, files.image if files.image.is_file() else None)  # type: ignore[assignment]
+            for path in (files.image, files.label):
+                aliases.setdefault(case_key(path), files.case_id)
+    else:
+        if split is not None:
+            raise DataError(
+                f"split={split!r} needs a prepared shard folder holding manifest.json, but {ref} "
+                "has none; drop --split, or pass the folder prepare wrote"
+            )
+        try:
+            for files in discover_cases(ref, require_labels=True):
+                references[files.case_id] = (files.label, files.image)
+        except DataError:
+            if not ref.is_dir():
+                raise
+            volumes = {case_key(p): p for p in _nifti_files(ref) if p.name.startswith("volume-")}
+            for path in _nifti_files(ref):
+                if not path.name.startswith("volume-"):
+                    references[case_key(path)] = (path, volumes.get(case_key(path)))
+    if images is not None:
+        references = _attach_images(references, Path(images))
     if not references:
         raise DataError(f"no cases found in {ref}: no reference label maps (.nii/.nii.gz)")
     matched, unmatched = [], []
     seen: dict[str, Path] = {}
     for path in predictions:
         key = case_key(path)
+        if key not in references and key in aliases:
+            key = aliases[key]
         if key in seen:
             raise DataError(
                 f"{seen[key]} and {path} both belong to case {key!r}; keep one of them in {pred_dir}"
@@ -183,6 +239,24 @@ def match_cases(pred_dir: str | Path, ref: str | Path) -> tuple[list[MatchedCase
             "name them alike (segmentation-N.nii.gz in both, or the same file names)"
         )
     return sorted(matched, key=lambda m: _natural(m.case_id)), unmatched, missing
+
+
+def _attach_images(
+    references: dict[str, tuple[Path, Path | None]], images: Path
+) -> dict[str, tuple[Path, Path | None]]:
+    """Give each reference without a CT the volume of its case found in ``images``."""
+    if not images.is_dir():
+        raise DataError(f"images folder {images} does not exist; pass the folder of the CT volumes (--images)")
+    found: dict[str, Path] = {}
+    for path in _nifti_files(images):
+        if not path.name.startswith("segmentation-"):
+            found.setdefault(case_key(path), path)
+    out = {key: (label, image if image is not None else found.get(key)) for key, (label, image) in references.items()}
+    lacking = sorted((key for key, (_, image) in out.items() if image is None), key=_natural)
+    if lacking:
+        logger.warning("no CT volume in %s for case(s) %s; their overlays show the contours only",
+                       images, ", ".join(lacking[:10]))
+    return out
 
 
 def _natural(text: str) -> list:
@@ -234,6 +308,181 @@ def _labels(array: np.ndarray, label_map: Mapping[int, int] | None, source: Path
 
 
 # ---------------------------------------------------------------------------------------------
+# Prepared shard folders and the cases a model was trained on
+# ---------------------------------------------------------------------------------------------
+
+_TRAINING_SPLITS = ("train", "val")
+
+
+def is_manifest(path: str | Path) -> bool:
+    """True when ``path`` is a prepared shard folder (it holds ``manifest.json``) or that file."""
+    path = Path(path)
+    return (path.is_dir() and (path / "manifest.json").is_file()) or (
+        path.is_file() and path.name == "manifest.json"
+    )
+
+
+def _load_manifest(path: str | Path) -> dict[str, Any]:
+    from keras_livseg.data.prepare import load_manifest
+
+    return load_manifest(path)
+
+
+def _source_path(manifest: Mapping[str, Any], recorded: str | None) -> Path | None:
+    """A file the manifest names, found as recorded (absolute or relative to the working folder
+    at prepare time), else under the manifest's ``source`` dataset or beside the manifest."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    candidates = [path]
+    if not path.is_absolute():
+        candidates += [Path(manifest.get("_dir", ".")) / path]
+    for root in (manifest.get("source"), manifest.get("_dir")):
+        if root:
+            candidates += [Path(root) / path.name, Path(root) / path.parent.name / path.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def manifest_cases(data: str | Path, split: str | None) -> list[CaseFiles]:
+    """The source NIfTI files of one split of a prepared shard folder.
+
+    Args:
+        data: The folder ``prepare`` wrote (or its ``manifest.json``).
+        split: ``"train"``, ``"val"`` or ``"test"`` (one the manifest has, with cases).
+
+    Returns:
+        One :class:`~keras_livseg.data.volumes.CaseFiles` per case of the split, in the
+        manifest's order, with the image and label paths resolved.
+
+    Raises:
+        DataError: no split given, a split the manifest lacks or that has no case (the message
+            names the splits with their case counts), or a source file that is gone.
+
+    Example:
+        >>> [c.case_id for c in manifest_cases("shards/", "test")]  # doctest: +SKIP
+        ['7', '12']
+    """
+    manifest = _load_manifest(data)
+    splits = manifest.get("splits") or {}
+    available = ", ".join(f"{name} ({len(info.get('cases') or [])} cases)" for name, info in splits.items())
+    if split is None or split not in splits or not (splits[split].get("cases") or []):
+        what = "no --split given" if split is None else (
+            f"split {split!r} has no cases" if split in splits else f"split {split!r} is not in it"
+        )
+        raise DataError(
+            f"{data} is a prepared shard folder and {what}; available splits: {available or 'none'}; "
+            "pass --split with one of them"
+        )
+    cases = []
+    for case_id in splits[split]["cases"]:
+        record = (manifest.get("cases") or {}).get(case_id)
+        if record is None:
+            raise DataError(f"{data}: case {case_id!r} of split {split!r} has no entry in manifest.json; run prepare again")
+        image, label = _source_path(manifest, record.get("image")), _source_path(manifest, record.get("label"))
+        if label is None:
+            raise DataError(
+                f"{data}: the label map {record.get('label')} of case {case_id!r} does not exist any more; "
+                f"restore the source dataset ({manifest.get('source')}) or score with --ref DATASET"
+            )
+        cases.append(CaseFiles(str(case_id), image if image is not None else Path(record.get("image", "")), label))
+    return cases
+
+
+def training_manifest_for_model(model_path: str | Path) -> Path | None:
+    """The training manifest of the run a checkpoint comes from, if any.
+
+    A checkpoint ``runs/<name>/checkpoints/<file>.keras`` belongs to the run ``runs/<name>``,
+    whose ``config.json`` names the shards it trained on (``config["data"]["shards"]``).
+
+    Returns:
+        The shard folder's ``manifest.json``, or None (not a run's checkpoint, or the shards are
+        gone: then a warning says that training cases cannot be checked).
+
+    Example:
+        >>> training_manifest_for_model("runs/tam/checkpoints/best.keras")  # doctest: +SKIP
+        PosixPath('runs/tam/shards/manifest.json')
+    """
+    model_path = Path(model_path)
+    run_dir = model_path.parent.parent if model_path.parent.name == "checkpoints" else model_path.parent
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        shards = (json.loads(config_path.read_text()).get("data") or {}).get("shards")
+    except (json.JSONDecodeError, AttributeError):
+        logger.warning("%s is not a readable run config; training cases are not checked", config_path)
+        return None
+    if not shards:
+        return None
+    manifest = Path(shards) if Path(shards).name == "manifest.json" else Path(shards) / "manifest.json"
+    if not manifest.is_absolute() and not manifest.is_file():
+        manifest = run_dir / manifest
+    if not manifest.is_file():
+        logger.warning(
+            "the run %s trained on %s, which holds no manifest.json any more; cannot check whether "
+            "scored cases were training cases", run_dir, shards,
+        )
+        return None
+    return manifest
+
+
+def find_training_cases(
+    cases: Sequence[MatchedCase], training_manifest: str | Path
+) -> list[dict[str, Any]]:
+    """The scored cases that were in the train or val split of a training manifest.
+
+    A case matches a training case when its CT (or, without a CT, its label map) is the same
+    file (resolved path) or has the same SHA-256 as the training case's. Hashing only happens
+    when the paths differ.
+
+    Args:
+        cases: The scored cases.
+        training_manifest: The shard folder (or ``manifest.json``) the model was trained on.
+
+    Returns:
+        One dict per scored training case: ``case_id``, ``training_case``, ``training_split``
+        and ``matched_by`` (``"path"`` or ``"sha256"``), in the order of ``cases``.
+
+    Example:
+        >>> find_training_cases(matched, "runs/tam/shards")  # doctest: +SKIP
+        [{'case_id': '3', 'training_case': '3', 'training_split': 'train', 'matched_by': 'path'}]
+    """
+    from keras_livseg.data.prepare import sha256_file
+
+    manifest = _load_manifest(training_manifest)
+    by_path: dict[Path, tuple[str, str]] = {}
+    by_sha: dict[str, tuple[str, str]] = {}
+    for case_id, record in (manifest.get("cases") or {}).items():
+        split = record.get("split")
+        if split not in _TRAINING_SPLITS:
+            continue
+        for kind in ("image", "label"):
+            path = _source_path(manifest, record.get(kind))
+            if path is not None:
+                by_path[path.resolve()] = (str(case_id), split)
+            if record.get(f"{kind}_sha256"):
+                by_sha[f"{kind}:{record[f'{kind}_sha256']}"] = (str(case_id), split)
+    found = []
+    for case in cases:
+        kind, path = ("image", case.image) if case.image is not None else ("label", case.reference)
+        hit, how = by_path.get(Path(path).resolve()), "path"
+        if hit is None and Path(path).is_file():
+            hit, how = by_sha.get(f"{kind}:{sha256_file(Path(path))}"), "sha256"
+        if hit is not None:
+            found.append({"case_id": case.case_id, "training_case": hit[0], "training_split": hit[1],
+                          "matched_by": how})
+    if found:
+        logger.warning(
+            "%d scored case(s) were used in training (%s): %s", len(found), training_manifest,
+            ", ".join(f"{f['case_id']} ({f['training_split']})" for f in found),
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------
 
@@ -246,15 +495,36 @@ class EvaluationOptions:
         threshold_mm: Small/large cut on the equivalent diameter, mm (default 10).
         margin_mm: Neighbourhood of each lesion for the 3D stratum Dice, mm (default 5).
         iou_threshold: Lesion detection IoU rule (default 0.5, LiTS).
-        connectivity: Surface neighbourhood, 1 (medpy, default) or 2 (LiTS script).
+        connectivity: Surface neighbourhood of every surface distance: 2 (default), the LiTS
+            script's 18-neighbourhood (``generate_binary_structure(3, 2)``), or 1, medpy's
+            6-neighbourhood.
         label_map: Remapping of the reference labels, ``{source: class}``.
+        empty_surface: Surface distances when exactly one mask is empty: ``"diagonal"``
+            (default, the volume's extent diagonal in mm: no real prediction scores worse),
+            ``"lits"`` (9001), ``"nan"`` (left out of the means) or a number of mm.
+        empty_rvd: RVD when the reference is empty and the prediction is not (default NaN:
+            undefined, left out of the RVD mean and counted in ``rvd_undefined``).
+
+    Example:
+        >>> EvaluationOptions().connectivity, EvaluationOptions().empty_surface
+        (2, 'diagonal')
     """
 
     threshold_mm: float = core.SMALL_LESION_DIAMETER_MM
     margin_mm: float = 5.0
     iou_threshold: float = 0.5
-    connectivity: int = 1
+    connectivity: int = core.LITS_CONNECTIVITY
     label_map: Mapping[int, int] | None = None
+    empty_surface: float | str = "diagonal"
+    empty_rvd: float = math.nan
+
+    def __post_init__(self) -> None:
+        if self.connectivity not in (1, 2):
+            raise ValueError(
+                f"connectivity={self.connectivity!r} must be 2 (the LiTS script's 18-neighbourhood) "
+                "or 1 (medpy's 6-neighbourhood)."
+            )
+        core.resolve_empty_value(self.empty_surface, (1, 1, 1), 1.0)  # validates the policy
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -279,16 +549,23 @@ def score_case(
 
     Returns:
         A :class:`CaseScores`: the flat ``per_case.csv`` row (``case_metrics`` keys, detection
-        counts, tumor burden, stratum Dice), the detection result, the strata counts, and the
-        slice-level records per region.
+        counts, tumor burden, stratum Dice, and ``lesion_<metric>``: the mean of the LiTS
+        per-lesion metrics over the case's detected lesions, NaN when none was detected), the
+        detection result (its ``lesions`` hold the per-lesion metrics), the strata counts, and
+        the slice-level records per region.
 
     Example:
         >>> ref = np.zeros((8, 8, 4), np.uint8); ref[2:6, 2:6] = 1; ref[3:5, 3:5, 1:3] = 2
         >>> score_case(ref, ref, (1.0, 1.0, 2.0)).row["tumor_dice"]
         1.0
     """
-    row = core.case_metrics(pred, ref, spacing, connectivity=options.connectivity)
-    detection = core.lesion_detection(pred, ref, spacing, iou_threshold=options.iou_threshold)
+    row = core.case_metrics(
+        pred, ref, spacing, connectivity=options.connectivity,
+        empty_value=options.empty_surface, empty_rvd=options.empty_rvd,
+    )
+    detection = core.lesion_detection(
+        pred, ref, spacing, iou_threshold=options.iou_threshold, connectivity=options.connectivity
+    )
     strata = core.tumor_dice_by_stratum(
         pred, ref, spacing, threshold_mm=options.threshold_mm, margin_mm=options.margin_mm
     )
@@ -307,6 +584,9 @@ def score_case(
         small_tumor_lesions=strata["small"]["n_lesions"], small_tumor_dice=strata["small"]["dice"],
         large_tumor_lesions=strata["large"]["n_lesions"], large_tumor_dice=strata["large"]["dice"],
     )
+    lesion_means = core.mean_lesion_metrics([detection])
+    row["lesions_detected_groups"] = lesion_means["n_detected"]
+    row.update({f"lesion_{key}": lesion_means[key] for key in LESION_COLUMNS_KEYS})
     return CaseScores(row, detection, strata, slices)
 
 
@@ -338,7 +618,9 @@ def summarize(scores: Sequence[CaseScores], options: EvaluationOptions = Evaluat
         Dict with ``volume`` (per region: mean and std over cases of every metric, the number of
         undefined values, and ``dice_global``), ``slice_level`` (``overall`` per region,
         ``small`` and ``large`` for the tumor), ``strata_3d``, ``detection`` (``iou`` and
-        ``any_overlap`` rules, plus recall per size stratum) and ``tumor_burden``.
+        ``any_overlap`` rules, plus recall per size stratum), ``tumor_burden`` and
+        ``lesion_segmentation`` (the LiTS per-lesion metrics averaged over the detected lesions
+        of all cases, :func:`~keras_livseg.evaluation.metrics.mean_lesion_metrics`).
     """
     rows = [s.row for s in scores]
     volume: dict[str, Any] = {}
@@ -351,6 +633,9 @@ def summarize(scores: Sequence[CaseScores], options: EvaluationOptions = Evaluat
         summary["empty_cases"] = {
             status: sum(1 for row in rows if row[f"{region}_empty"] == status) for status in ("both", "pred", "ref")
         }
+        penalties = [row[f"{region}_surface_penalty_mm"] for row in rows if row[f"{region}_empty"] in ("pred", "ref")]
+        summary["surface_penalized"] = len(penalties)
+        summary["surface_penalty_mm"] = [float(v) for v in penalties]
         volume[region] = summary
     slice_level: dict[str, Any] = {"overall": {}, "small": {}, "large": {}}
     for region in core.REGIONS:
@@ -386,6 +671,7 @@ def summarize(scores: Sequence[CaseScores], options: EvaluationOptions = Evaluat
             "rmse": float(np.sqrt(np.mean(errors**2))) if errors.size else math.nan,
             "max_error": float(np.max(np.abs(errors))) if errors.size else math.nan,
         },
+        "lesion_segmentation": core.mean_lesion_metrics(detections),
     }
 
 
@@ -593,6 +879,18 @@ def paper_tables(entries: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         for region in core.REGIONS for name, m in entries
     ]
     parts.append("### LiTS measures (3D)\n\n" + _table(["Class", "Model"] + [h for _, h in LITS_COLUMNS], lits_rows))
+    lesion_rows = [
+        [name, _number(_get(m, "lesion_segmentation", "n_detected"))]
+        + [_number(_get(m, "lesion_segmentation", key)) for key, _ in LESION_COLUMNS]
+        for name, m in entries
+    ]
+    parts.append(
+        "### LiTS per-lesion segmentation (mean over detected lesions)\n\n"
+        "Each detected lesion (IoU > 0.5 after merging) scored on its reference lesion(s) and merged "
+        "predicted components, as the LiTS script does; misses count in detection recall only. "
+        "RVD = (|P| - |G|) / |G|.\n\n"
+        + _table(["Model", "Detected lesions"] + [h for _, h in LESION_COLUMNS], lesion_rows)
+    )
     detection_rows = []
     for name, m in entries:
         for rule in ("iou", "any_overlap"):
@@ -618,14 +916,41 @@ def render_report(metrics: Mapping[str, Any], compare: Sequence[tuple[str, Mappi
     """``report.md`` for one evaluation (and the models of ``compare`` beside it)."""
     name = metrics.get("model", "model")
     entries = [(name, metrics)] + list(compare)
-    lines = [
-        f"# Evaluation: {name}",
-        "",
+    settings = metrics.get("settings") or {}
+    connectivity = settings.get("connectivity", core.LITS_CONNECTIVITY)
+    surface = ("18-neighbourhood erosion, as the LiTS script" if connectivity == 2
+               else "6-neighbourhood erosion, as medpy")
+    policy = settings.get("empty_surface", "diagonal")
+    policy_text = {
+        "diagonal": "the diagonal of the volume's physical extent in mm (the largest possible distance)",
+        "lits": f"the LiTS penalty {core.LITS_PENALTY:g} mm",
+        "nan": "undefined (NaN): those cases are left out of the distance means",
+    }.get(str(policy).lower(), f"{policy} mm")
+    penalized = {region: _get(metrics, "volume", region, "surface_penalized") or 0 for region in core.REGIONS}
+    split = metrics.get("split")
+    lines = [f"# Evaluation: {name}", ""]
+    training = metrics.get("scored_training_cases") or []
+    if training:
+        detail = metrics.get("training_overlap") or []
+        by_split = {}
+        for item in detail:
+            by_split.setdefault(item["training_split"], []).append(item["case_id"])
+        listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in by_split.items()) or ", ".join(training)
+        lines += [
+            f"> **WARNING: {len(training)} of the {metrics['n_cases']} scored case(s) were used to train "
+            f"this model** ({listed}; training manifest `{metrics.get('training_manifest')}`). "
+            "Their scores overstate how the model does on unseen patients.",
+            "",
+        ]
+    lines += [
         f"{metrics['n_cases']} case(s) scored; predictions `{metrics.get('predictions')}`, "
-        f"references `{metrics.get('references')}`. Liver = label >= 1, tumor = label 2 (LiTS). "
-        "Distances in mm from the reference spacing; surface distances with exactly one empty mask "
-        "are undefined and left out of the means (counted in metrics.json as `*_undefined`). "
-        "RVD = (|P| - |G|) / |G|.",
+        f"references `{metrics.get('references')}`" + (f" (split `{split}`)" if split else "") + ". "
+        "Liver = label >= 1, tumor = label 2 (LiTS). Distances in mm from the reference spacing; "
+        f"surfaces by {surface} (connectivity {connectivity}). Both masks empty: Dice 1, distances 0 "
+        f"(LiTS). Exactly one mask empty: every surface distance is {policy_text}, and the case stays "
+        f"in the means (liver: {penalized['liver']} case(s), tumor: {penalized['tumor']} case(s)). "
+        "RVD = (|P| - |G|) / |G|; with an empty reference it is undefined and left out of the RVD mean "
+        "(counted in metrics.json as `rvd_undefined`).",
         "",
         paper_tables(entries),
     ]
@@ -700,14 +1025,18 @@ def evaluate_folders(
     probability_samples: tuple[np.ndarray, np.ndarray] | None = None,
     compare: Sequence[str | Path] = (),
     figures: bool = True,
+    split: str | None = None,
+    images: str | Path | None = None,
+    training_manifest: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score predicted label maps against references and write the report into ``out_dir``.
 
     Args:
         pred_dir: Folder of predicted label maps.
-        ref_dir: The dataset (LiTS/MSD folder or ``.csv``) or a folder of reference label maps.
-        out_dir: Output folder (created): ``metrics.json``, ``per_case.csv``, ``report.md``,
-            ``figures/``.
+        ref_dir: The dataset (LiTS/MSD folder or ``.csv``), a folder of reference label maps, or a
+            prepared shard folder (``manifest.json``; then ``split`` is required).
+        out_dir: Output folder (created): ``metrics.json``, ``per_case.csv``, ``per_lesion.csv``,
+            ``report.md``, ``figures/``.
         options: Scoring settings (:class:`EvaluationOptions`).
         model_name: Name in the tables (default: the prediction folder's name).
         history: A run's ``history.csv`` (or run folder) for training curves and stability.
@@ -715,23 +1044,31 @@ def evaluate_folders(
             for ROC and precision–recall curves (``evaluate --model`` collects them).
         compare: Evaluation or run folders whose ``metrics.json`` join the tables.
         figures: Draw the PNG figures (default True).
+        split: With a shard folder as ``ref_dir``: the split whose cases are scored.
+        images: Folder of the CT volumes for the overlays, when ``ref_dir`` brings none (a LiTS
+            folder brings its ``volume-N`` files itself).
+        training_manifest: The shard folder (or ``manifest.json``) the model was trained on:
+            scored cases of its train/val splits are listed in ``scored_training_cases`` and
+            flagged in report.md (default None: not checked).
 
     Returns:
         The summary written to ``metrics.json`` (NaN as ``None``).
 
     Raises:
-        DataError: no case matches, or a pair is on different grids.
+        DataError: no case matches, a pair is on different grids, or ``split`` is missing from
+            the manifest.
 
     Example:
         >>> evaluate_folders("eval/predictions", "data/LiTS", "eval")["n_cases"]  # doctest: +SKIP
         20
     """
     out_dir = Path(out_dir)
-    matched, unmatched, missing = match_cases(pred_dir, ref_dir)
+    matched, unmatched, missing = match_cases(pred_dir, ref_dir, images=images, split=split)
     compare_entries = load_compare(compare)  # before the long part: fail early on a bad path
     history_columns = read_history(history) if history is not None else None
+    overlap = find_training_cases(matched, training_manifest) if training_manifest is not None else []
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores, rows = [], []
+    scores, rows, lesion_rows = [], [], []
     for case in matched:
         pred, ref, spacing = load_pair(case, options.label_map)
         result = score_case(pred, ref, spacing, options)
@@ -739,6 +1076,7 @@ def evaluate_folders(
                       "reference": str(case.reference), **result.row}
         scores.append(result)
         rows.append(result.row)
+        lesion_rows += [{"case_id": case.case_id, **record} for record in result.detection.lesions]
         logger.info("%s: liver Dice %.4f, tumor Dice %.4f", case.case_id,
                     result.row["liver_dice"], result.row["tumor_dice"])
         del pred, ref
@@ -746,10 +1084,14 @@ def evaluate_folders(
         "model": model_name or Path(pred_dir).name,
         "predictions": str(pred_dir),
         "references": str(ref_dir),
+        "split": split,
         "settings": options.to_dict(),
         "cases": [case.case_id for case in matched],
         "unmatched_predictions": [str(p) for p in unmatched],
         "missing_predictions": missing,
+        "training_manifest": None if training_manifest is None else str(training_manifest),
+        "scored_training_cases": [item["case_id"] for item in overlap],
+        "training_overlap": overlap,
         **summarize(scores, options),
     }
     curves = None
@@ -777,6 +1119,7 @@ def evaluate_folders(
         summary["figures"] = {title: str(path.relative_to(out_dir)) for title, path in drawn.items()}
     summary = _json_ready(summary)
     write_per_case_csv(out_dir / "per_case.csv", rows)
+    write_per_case_csv(out_dir / "per_lesion.csv", lesion_rows)
     _write_text(out_dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
     _write_text(out_dir / "report.md", render_report(summary, compare_entries))
     logger.info("wrote %s, %s, %s", out_dir / "metrics.json", out_dir / "per_case.csv", out_dir / "report.md")
@@ -798,6 +1141,8 @@ def evaluate_model(
     compare: Sequence[str | Path] = (),
     figures: bool = True,
     progress: bool = True,
+    split: str | None = None,
+    training_manifest: str | Path | None = None,
 ) -> dict[str, Any]:
     """Predict a labelled dataset into ``out_dir/predictions``, then :func:`evaluate_folders`.
 
@@ -805,10 +1150,17 @@ def evaluate_model(
     (``sample_voxels`` over the whole dataset, spread over cases in equal shares) for the ROC and
     precision–recall curves.
 
+    When the checkpoint belongs to a training run (``runs/<name>/checkpoints/*.keras`` beside
+    ``runs/<name>/config.json``), the run's training manifest is found automatically and every
+    scored case of its train or val split is flagged (``scored_training_cases`` in metrics.json,
+    a warning in report.md).
+
     Args:
         model_path: ``.keras`` checkpoint or SavedModel (see
             :meth:`~keras_livseg.inference.SegmentationModel.load`).
-        data: Labelled dataset (LiTS, MSD or ``.csv``).
+        data: Labelled dataset (LiTS, MSD or ``.csv``), or a prepared shard folder
+            (``manifest.json``): then only the cases of ``split`` are predicted and scored, from
+            the source NIfTI files the manifest names.
         out_dir: Output folder.
         options: Scoring settings; ``options.label_map`` also remaps the references here.
         batch_size, tta_flip: As :func:`~keras_livseg.inference.predict_volume`.
@@ -818,17 +1170,44 @@ def evaluate_model(
         model_name: Name in the tables (default: the run or export name).
         history, compare, figures: As :func:`evaluate_folders`.
         progress: Progress bar on a terminal.
+        split: The split of a shard folder to score (``"test"``, ``"val"`` or ``"train"``).
+        training_manifest: The manifest the model was trained on (default: found from the run).
 
     Returns:
         The summary, as :func:`evaluate_folders`.
 
+    Raises:
+        DataError: ``split`` is missing from the manifest (the message names the available
+            splits), or ``split`` is given for a dataset that is not a shard folder.
+
     Example:
         >>> evaluate_model("runs/tam/checkpoints/best.keras", "data/LiTS", "runs/tam/eval")  # doctest: +SKIP
+        >>> evaluate_model("runs/tam/checkpoints/best.keras", "runs/tam/shards", "runs/tam/eval",
+        ...                split="test")  # doctest: +SKIP
     """
     from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths
 
     out_dir = Path(out_dir)
-    cases = discover_cases(data, require_labels=True)
+    if is_manifest(data):
+        cases = manifest_cases(data, split)  # fails on a bad split before the model loads
+        missing_images = [c.case_id for c in cases if not c.image.is_file()]
+        if missing_images:
+            raise DataError(
+                f"{data}: the CT volumes of case(s) {', '.join(missing_images[:5])} do not exist any more; "
+                "restore the source dataset the manifest names"
+            )
+        inputs: list[str | Path] = [c.image for c in cases]
+    else:
+        if split is not None:
+            raise DataError(
+                f"--split {split} needs a prepared shard folder holding manifest.json, but {data} has none; "
+                "drop --split, or pass the folder prepare wrote"
+            )
+        cases = discover_cases(data, require_labels=True)
+        inputs = [data]
+    if training_manifest is None:
+        training_manifest = training_manifest_for_model(model_path)
+    labels_of = {Path(c.image).resolve(): c.label for c in cases}
     model = SegmentationModel.load(model_path)
     if postprocess == "default":
         postprocess = PostProcessing()
@@ -837,11 +1216,12 @@ def evaluate_model(
     sampled_y: list[np.ndarray] = []
 
     def collect(case, prediction, record) -> None:
-        if prediction.sample_indices is None or record.label is None:
+        label_path = record.label or labels_of.get(Path(record.input).resolve())
+        if prediction.sample_indices is None or label_path is None:
             return
-        label_nii = load_nifti(record.label, "segmentation")
+        label_nii = load_nifti(label_path, "segmentation")
         labels = to_canonical(
-            _labels(read_array(label_nii, record.label, "segmentation"), options.label_map, record.label),
+            _labels(read_array(label_nii, label_path, "segmentation"), options.label_map, label_path),
             label_nii.affine,
         )
         sampled_p.append(prediction.sample_probabilities.astype(np.float32))
@@ -849,11 +1229,12 @@ def evaluate_model(
 
     pred_dir = out_dir / "predictions"
     predict_paths(
-        model, [data], pred_dir, batch_size=batch_size, tta_flip=tta_flip, postprocess=postprocess,
+        model, inputs, pred_dir, batch_size=batch_size, tta_flip=tta_flip, postprocess=postprocess,
         progress=progress, sample_voxels=per_case, on_case=collect if per_case else None,
     )
     samples = (np.concatenate(sampled_p), np.concatenate(sampled_y)) if sampled_p else None
     return evaluate_folders(
         pred_dir, data, out_dir, options=options, model_name=model_name or model.name, history=history,
-        probability_samples=samples, compare=compare, figures=figures,
+        probability_samples=samples, compare=compare, figures=figures, split=split,
+        training_manifest=training_manifest,
     )

@@ -164,11 +164,19 @@ def test_surface_metrics_empty_policy():
     empty = np.zeros((3, 4, 5), bool)
     full = empty.copy()
     full[1, 1:3, 2] = True
+    # Default penalty: the volume's extent diagonal, sqrt((3·0.8)² + (4·0.8)² + (5·2.5)²)
+    # = sqrt(5.76 + 10.24 + 156.25) = sqrt(172.25).
+    diagonal = math.sqrt(172.25)
     for func in (m.assd, m.max_surface_distance, m.hd95, m.rmsd, m.average_surface_distance):
         assert func(empty, empty, SPACING) == 0.0
-        assert math.isnan(func(empty, full, SPACING))
-        assert math.isnan(func(full, empty, SPACING))
+        assert func(empty, full, SPACING) == pytest.approx(diagonal)
+        assert func(full, empty, SPACING) == pytest.approx(diagonal)
+        assert math.isnan(func(full, empty, SPACING, empty_value="nan"))
+        assert func(full, empty, SPACING, empty_value="lits") == m.LITS_PENALTY
         assert func(full, empty, SPACING, empty_value=m.LITS_PENALTY) == m.LITS_PENALTY
+        assert func(full, empty, SPACING, empty_value=50.0) == 50.0
+    with pytest.raises(ValueError, match="empty_value='largest'.*diagonal"):
+        m.assd(full, empty, SPACING, empty_value="largest")
     pred_to_ref, ref_to_pred = m.surface_distances(full, empty, SPACING)
     assert pred_to_ref.size == 0 and ref_to_pred.size == 0
 
@@ -238,7 +246,12 @@ def test_case_metrics_liver_includes_tumor_and_reports_empties():
     assert scores["liver_ref_volume_ml"] == pytest.approx(64 * 1.6 / 1000)
     assert scores["tumor_dice"] == 0.0
     assert scores["tumor_empty"] == "ref"
-    assert math.isnan(scores["tumor_assd"]) and math.isnan(scores["tumor_rvd"])
+    # Surface distances of the false alarm: the penalty, the extent diagonal
+    # sqrt((6·0.8)² + (6·0.8)² + (4·2.5)²) = sqrt(23.04 + 23.04 + 100); RVD: undefined (NaN).
+    assert scores["tumor_assd"] == pytest.approx(math.sqrt(146.08))
+    assert scores["tumor_surface_penalty_mm"] == pytest.approx(math.sqrt(146.08))
+    assert scores["liver_surface_penalty_mm"] == 0.0
+    assert math.isnan(scores["tumor_rvd"])
     counts = [scores[f"tumor_{key}"] for key in ("intersection", "pred_voxels", "ref_voxels")]
     assert counts == [0, 1, 0]
     no_tumor = m.case_metrics(ref, ref, SPACING)

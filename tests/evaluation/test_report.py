@@ -105,12 +105,13 @@ def test_report_holds_the_metric_core_numbers(folders, tmp_path):
     assert metrics["unmatched_predictions"] == [str(pred_dir / "segmentation-99.nii.gz")]
 
     # Volume metrics: the metric core's numbers, averaged and pooled.
-    cases = [core.case_metrics(p, r, SPACING) for p, r in pairs.values()]
+    # The evaluation scores with the LiTS surface (18-neighbourhood) by default.
+    cases = [core.case_metrics(p, r, SPACING, connectivity=2) for p, r in pairs.values()]
     for region in ("liver", "tumor"):
         assert metrics["volume"][region]["dice"] == pytest.approx(np.mean([c[f"{region}_dice"] for c in cases]))
         assert metrics["volume"][region]["hd95"] == pytest.approx(np.mean([c[f"{region}_hd95"] for c in cases]))
         assert metrics["volume"][region]["dice_global"] == pytest.approx(core.global_dice(cases, region))
-    detections = [core.lesion_detection(p, r, SPACING) for p, r in pairs.values()]
+    detections = [core.lesion_detection(p, r, SPACING, connectivity=2) for p, r in pairs.values()]
     assert metrics["detection"]["iou"] == pytest.approx(core.detection_precision_recall(detections))
     assert metrics["detection"]["iou"]["fn"] >= 1 and metrics["detection"]["iou"]["fp"] >= 1
     records = [rec for p, r in pairs.values() for rec in core.slice_level_metrics(p, r, SPACING, "tumor")["slices"]]
@@ -238,3 +239,214 @@ def test_evaluate_model_predicts_then_scores_with_curves(folders, tmp_path):
     assert summary["curves_sampled_voxels"] == pytest.approx(3000, abs=10)
     assert (tmp_path / "eval" / "figures" / "roc_curves.png").is_file()
     assert re.search(r"\| background \| [0-9.]+ \|", (tmp_path / "eval" / "report.md").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-lesion metrics, empty-mask penalty and LiTS surfaces in the report
+# ---------------------------------------------------------------------------------------------
+
+
+def test_report_holds_per_lesion_metrics_and_the_policies(folders, tmp_path):
+    pred_dir, ref_dir, pairs = folders
+    summary = evaluate_folders(pred_dir, ref_dir, tmp_path / "e", figures=False)
+    assert summary["settings"]["connectivity"] == 2 and summary["settings"]["empty_surface"] == "diagonal"
+    detections = [core.lesion_detection(p, r, SPACING, connectivity=2) for p, r in pairs.values()]
+    expected = core.mean_lesion_metrics(detections)
+    assert expected["n_detected"] >= 3
+    for key in ("n_detected", "dice", "voe", "rvd", "assd", "msd", "rmsd"):
+        assert summary["lesion_segmentation"][key] == pytest.approx(expected[key]), key
+    with (tmp_path / "e" / "per_lesion.csv").open() as handle:
+        lesions = list(csv.DictReader(handle))
+    assert len(lesions) == sum(d.num_ref_lesions for d in detections)
+    detected = [row for row in lesions if row["detected"] == "True"]
+    assert len(detected) == expected["n_detected"] and all(row["assd"] for row in detected)
+    assert all(row["assd"] == "" for row in lesions if row["detected"] == "False")
+    with (tmp_path / "e" / "per_case.csv").open() as handle:
+        case_rows = list(csv.DictReader(handle))
+    assert float(case_rows[0]["lesion_dice"]) == pytest.approx(core.mean_lesion_metrics(detections[:1])["dice"])
+    report = (tmp_path / "e" / "report.md").read_text()
+    row = table_row(report, "LiTS per-lesion segmentation", [summary["model"]])
+    assert int(row[0]) == expected["n_detected"]
+    assert float(row[1]) == pytest.approx(expected["dice"], abs=5e-5)
+    assert float(row[5]) == pytest.approx(expected["assd"], abs=5e-5)
+    assert "18-neighbourhood" in report and "diagonal of the volume" in report
+
+
+def test_empty_prediction_is_penalised_in_the_report(tmp_path):
+    _, labels = reference(0)
+    save(tmp_path / "ref" / "segmentation-0.nii.gz", labels)
+    save(tmp_path / "ref" / "segmentation-1.nii.gz", labels)
+    save(tmp_path / "pred" / "segmentation-0.nii.gz", labels)
+    save(tmp_path / "pred" / "segmentation-1.nii.gz", np.zeros(SHAPE, np.uint8))  # nothing found
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "out", figures=False)
+    diagonal = math.sqrt((40 * 0.8) ** 2 + (40 * 0.8) ** 2 + (10 * 2.5) ** 2)
+    liver = summary["volume"]["liver"]
+    assert liver["surface_penalized"] == 1 and liver["assd_undefined"] == 0
+    assert liver["assd"] == pytest.approx(diagonal / 2)  # (0 + diagonal) / 2
+    assert liver["msd"] == pytest.approx(diagonal / 2)
+    assert summary["volume"]["tumor"]["hd95"] == pytest.approx(diagonal / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared shard folders, training cases
+# ---------------------------------------------------------------------------------------------
+
+
+def write_manifest(folder: Path, lits_dir: Path, splits: dict[str, list[str]]) -> Path:
+    """A minimal manifest.json (the keys evaluate reads) over the cases of a LiTS folder."""
+    from keras_livseg.data.prepare import FORMAT_VERSION, sha256_file
+
+    cases = {}
+    for split, ids in splits.items():
+        for case_id in ids:
+            image, label = lits_dir / f"volume-{case_id}.nii.gz", lits_dir / f"segmentation-{case_id}.nii.gz"
+            cases[case_id] = {"image": str(image), "image_sha256": sha256_file(image), "label": str(label),
+                              "label_sha256": sha256_file(label), "split": split}
+    manifest = {"format_version": FORMAT_VERSION, "source": str(lits_dir), "cases": cases,
+                "splits": {split: {"cases": ids, "slices": 0, "shards": []} for split, ids in splits.items()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_shard_folder_scores_only_the_split(folders, tmp_path):
+    pred_dir, ref_dir, pairs = folders
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": ["0"], "val": ["1"], "test": ["2"]})
+    summary = evaluate_folders(pred_dir, shards, tmp_path / "e", split="test", figures=False)
+    assert summary["cases"] == ["2"] and summary["n_cases"] == 1 and summary["split"] == "test"
+    pred, ref = pairs["2"]
+    assert summary["volume"]["tumor"]["dice"] == pytest.approx(core.case_metrics(pred, ref, SPACING)["tumor_dice"])
+    assert "(split `test`)" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_missing_or_empty_split_is_one_line_naming_the_splits(folders, tmp_path, capsys):
+    pred_dir, ref_dir, _ = folders
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": ["0", "1"], "val": ["2"], "test": []})
+    with pytest.raises(DataError, match=r"split 'holdout' is not in it; available splits: train \(2 cases\), "
+                                        r"val \(1 cases\), test \(0 cases\)"):
+        evaluate_folders(pred_dir, shards, tmp_path / "e", split="holdout")
+    for split, expected in (("holdout", "split 'holdout' is not in it"), ("test", "split 'test' has no cases")):
+        code, _, err = run_cli(["--pred", pred_dir, "--ref", shards, "--split", split, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and expected in err and "available splits: train (2 cases)" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = run_cli(["--pred", pred_dir, "--ref", ref_dir, "--split", "test", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "needs a prepared shard folder" in err and err.count("\n") == 1
+
+
+def test_scored_training_cases_are_flagged(folders, tmp_path):
+    from keras_livseg.evaluation.report import find_training_cases, training_manifest_for_model
+
+    pred_dir, ref_dir, _ = folders
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": ["0"], "val": ["1"], "test": ["2"]})
+    run = tmp_path / "runs" / "tam"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"shards": str(shards)}}))
+    assert training_manifest_for_model(run / "checkpoints" / "best.keras") == shards / "manifest.json"
+    assert training_manifest_for_model(tmp_path / "elsewhere" / "model.keras") is None
+
+    # A copy of case 1's CT elsewhere is found by its SHA-256; case 0 by its path.
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    for name in ("volume-1.nii.gz", "segmentation-1.nii.gz", "volume-2.nii.gz", "segmentation-2.nii.gz"):
+        (copy_dir / name).write_bytes((ref_dir / name).read_bytes())
+    matched, _, _ = match_cases(pred_dir, copy_dir)
+    found = find_training_cases(matched, shards)
+    assert found == [{"case_id": "1", "training_case": "1", "training_split": "val", "matched_by": "sha256"}]
+
+    summary = evaluate_folders(pred_dir, ref_dir, tmp_path / "e", figures=False,
+                               training_manifest=shards / "manifest.json")
+    assert summary["scored_training_cases"] == ["0", "1"]
+    assert [item["matched_by"] for item in summary["training_overlap"]] == ["path", "path"]
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "WARNING: 2 of the 3 scored case(s) were used to train this model** (train: 0; val: 1" in report
+    clean = evaluate_folders(pred_dir, shards, tmp_path / "t", split="test", figures=False,
+                             training_manifest=shards)
+    assert clean["scored_training_cases"] == [] and "WARNING" not in (tmp_path / "t" / "report.md").read_text()
+
+
+def test_evaluate_model_on_a_shard_split_flags_its_own_training_cases(folders, tmp_path):
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+
+    _, ref_dir, _ = folders
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": ["0"], "val": ["1"], "test": ["2"]})
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(str(run / "checkpoints" / "last.keras"))
+    write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=40.0, std=50.0))
+    (run / "config.json").write_text(json.dumps({"data": {"shards": str(shards)}}))
+    summary = evaluate_model(run / "checkpoints" / "last.keras", shards, tmp_path / "eval", split="train",
+                             sample_voxels=500, progress=False, figures=False)
+    assert summary["cases"] == ["0"] and summary["split"] == "train"
+    assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == ["segmentation-0.nii.gz"]
+    assert summary["scored_training_cases"] == ["0"]
+    assert summary["training_manifest"] == str(shards / "manifest.json")
+    assert summary["curves_sampled_voxels"] == pytest.approx(500, abs=5)
+    assert "WARNING: 1 of the 1 scored case(s) were used to train" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(DataError, match="available splits: train"):
+        evaluate_model(run / "checkpoints" / "last.keras", shards, tmp_path / "eval2", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlays with the CT
+# ---------------------------------------------------------------------------------------------
+
+
+def mid_gray_fraction(path: Path) -> float:
+    """Fraction of pixels that are grey (r = g = b) and neither black nor white: the CT."""
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(path))[..., :3]
+    grey = (np.ptp(pixels, axis=-1) < 1e-3) & (pixels[..., 0] > 0.1) & (pixels[..., 0] < 0.9)
+    return float(grey.mean())
+
+
+def test_overlays_show_the_ct_with_contours_and_say_why(folders, tmp_path):
+    pred_dir, ref_dir, _ = folders
+    labels_only, ct_dir = tmp_path / "labels", tmp_path / "ct"
+    labels_only.mkdir()
+    ct_dir.mkdir()
+    for seed in range(3):
+        (labels_only / f"segmentation-{seed}.nii.gz").write_bytes((ref_dir / f"segmentation-{seed}.nii.gz").read_bytes())
+        (ct_dir / f"volume-{seed}.nii.gz").write_bytes((ref_dir / f"volume-{seed}.nii.gz").read_bytes())
+    with_ct = evaluate_folders(pred_dir, labels_only, tmp_path / "a", images=ct_dir)
+    without_ct = evaluate_folders(pred_dir, labels_only, tmp_path / "b")
+    auto = evaluate_folders(pred_dir, ref_dir, tmp_path / "c")  # LiTS folder: volume-N found itself
+
+    case_titles = [t for t in with_ct["figures"] if t.startswith("case ")]
+    assert len(case_titles) == 3  # 2 best + 1 worst of 3 cases
+    # Case 0 misses its small lesion: tumor Dice lowest. Slice 2..5 hold the large lesion (14×14).
+    worst = next(t for t in case_titles if "worst tumour Dice case" in t)
+    assert re.match(r"case 0, slice [2-5]: largest tumour area in the reference \(worst tumour Dice case, Dice 0\.\d+\)$",
+                    worst), worst
+    assert any("best tumour Dice case" in t for t in case_titles)
+    assert all("[no CT]" in t for t in without_ct["figures"] if t.startswith("case "))
+    assert not any("[no CT]" in t for t in auto["figures"])
+    for title in case_titles:
+        path_a = tmp_path / "a" / with_ct["figures"][title]
+        path_b = tmp_path / "b" / without_ct["figures"][f"{title} [no CT]"]
+        assert path_a.is_file() and path_b.is_file()
+        # The CT shows as grey pixels; without it the background is black.
+        assert mid_gray_fraction(path_a) > 0.2 > 0.01 > mid_gray_fraction(path_b)
+    assert (tmp_path / "a" / "figures" / "overlays.png").is_file()
+    assert f"![{worst}](figures/overlay_worst_0.png)" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_cli_images_and_training_manifest(folders, tmp_path, capsys):
+    pred_dir, ref_dir, _ = folders
+    labels_only = tmp_path / "labels"
+    labels_only.mkdir()
+    for seed in range(3):
+        (labels_only / f"segmentation-{seed}.nii.gz").write_bytes((ref_dir / f"segmentation-{seed}.nii.gz").read_bytes())
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": ["0"], "val": [], "test": ["1", "2"]})
+    code, out, err = run_cli(["--pred", pred_dir, "--ref", labels_only, "--images", ref_dir, "--train-manifest", shards,
+                              "--connectivity", "1", "--empty-surface", "lits", "--out", tmp_path / "e"], capsys)
+    assert code == 0, err
+    assert "scored case(s) used in training: 0" in out
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["settings"]["connectivity"] == 1 and metrics["settings"]["empty_surface"] == "lits"
+    assert metrics["scored_training_cases"] == ["0"]
+    assert not any("[no CT]" in title for title in metrics["figures"])
+    code, _, err = run_cli(["--pred", pred_dir, "--ref", labels_only, "--empty-surface", "far",
+                            "--out", tmp_path / "f"], capsys)
+    assert code == 2 and "empty_value='far'" in err and err.count("\n") == 1
