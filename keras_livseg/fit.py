@@ -9,6 +9,14 @@ Examples:
     python -m keras_livseg.fit --pipeline pipelines/lits_tam_unet.toml --data /data/LiTS
     python -m keras_livseg.fit --model effb0_pan --epochs 50 --batch-size 16 --set training.learning_rate=3e-4
     python -m keras_livseg.fit --name tam_unet-phantom_demo --resume --epochs 30
+    python -m keras_livseg.fit --pipeline pipelines/ircadb_finetune.toml --data ../shared/data/real/ircadb
+    python -m keras_livseg.fit --pipeline pipelines/ircadb_finetune.toml --data ../shared/data/real/ircadb --folds 2
+    python -m keras_livseg.fit --data my_scans/ --init-from runs/tam_unet-phantom_demo/checkpoints/best.keras \
+        --set training.validation=none
+
+Cross-validation (--folds K) trains one run per fold, by patient (a CSV's patient column keeps a
+patient's scans together), scores each fold's held-out patients on whole volumes, and writes one
+out-of-fold LiTS report over every patient (runs/<name>/eval/report.md); nothing is exported.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any recipe value, e.g. --set training.foreground_fraction=0.5 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name where it stopped")
+    parser.add_argument("--folds", type=int, help="K-fold cross-validation by patient (K = patients: leave one out)")
+    parser.add_argument("--fold", type=int, help="with --folds: run only this fold (0-based)")
+    parser.add_argument("--init-from", metavar="CHECKPOINT",
+                        help="warm start: load a .keras checkpoint's weights by layer name and shape")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -69,6 +81,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict]:
     put("run", "name", args.name)
     put("run", "runs_dir", args.runs_dir)
     put("export", "out", args.export_dir)
+    put("training", "init_from", args.init_from)
     if args.no_export:
         put("export", "enabled", False)
     for item in args.set:
@@ -80,16 +93,51 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict]:
 def format_summary(result) -> str:
     """The end-of-run summary: Dice per class, where everything is, how to watch it."""
     metrics = result.test_metrics
-    lines = [
-        "",
-        f"finished {result.epochs_done} epochs in {result.seconds / 60:.1f} min",
-        f"held-out ({metrics.get('split', 'test')}) Dice: liver {metrics.get('liver_dice', float('nan')):.4f}, "
-        f"tumor {metrics.get('tumor_dice', float('nan')):.4f}; IoU: liver {metrics.get('liver_iou', float('nan')):.4f}, "
-        f"tumor {metrics.get('tumor_iou', float('nan')):.4f}; mean IoU {metrics.get('mean_iou', float('nan')):.4f}",
+    lines = ["", f"finished {result.epochs_done} epochs in {result.seconds / 60:.1f} min"]
+    if result.warm_start:
+        lines.append(result.warm_start.splitlines()[0])
+    volumes = result.volume_metrics
+    if volumes:
+        lines.append(
+            f"held-out Dice ({volumes['covers']}): liver {_fmt(volumes['liver_dice'])}, tumor {_fmt(volumes['tumor_dice'])} "
+            f"(mean per case); global liver {_fmt(volumes['liver_dice_global'])}, tumor {_fmt(volumes['tumor_dice_global'])}"
+        )
+    if metrics:
+        lines.append(
+            f"held-out ({metrics.get('split')}: {metrics.get('covers', 'shard slices')}) Dice: liver "
+            f"{_fmt(metrics.get('liver_dice'))}, tumor {_fmt(metrics.get('tumor_dice'))}; IoU: liver {_fmt(metrics.get('liver_iou'))}, "
+            f"tumor {_fmt(metrics.get('tumor_iou'))}; mean IoU {_fmt(metrics.get('mean_iou'))}"
+        )
+        if metrics.get("split") == "val":
+            lines.append("                 (the validation cases also chose the checkpoint: add test cases for an unbiased figure)")
+    else:
+        lines.append("held-out Dice:   none (no test or validation cases; every case was used for training)")
+    lines += [
         f"run folder:      {result.run_dir}",
         f"best checkpoint: {result.best_checkpoint}",
         f"export:          {result.export_dir or '(none)'}",
         f"watch it:        tensorboard --logdir {result.run_dir / 'tensorboard'}",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or value != value else f"{float(value):.4f}"
+
+
+def format_cv_summary(result) -> str:
+    """The end of a cross-validation: per-patient Dice per fold, the out-of-fold figures, where."""
+    lines = ["", f"cross-validation: {len(result.folds)} folds in {result.seconds / 60:.1f} min"]
+    for index, fold in enumerate(result.fold_results):
+        for case, scores in sorted(fold["per_case"].items()):
+            lines.append(f"  fold {index}: case {case}: liver Dice {_fmt(scores['liver_dice'])}, tumor Dice {_fmt(scores['tumor_dice'])}")
+    volume = result.summary["volume"]
+    lines += [
+        f"out-of-fold ({result.summary['n_cases']} cases, whole volumes): liver Dice {_fmt(volume['liver']['dice'])} "
+        f"(global {_fmt(volume['liver']['dice_global'])}), tumor Dice {_fmt(volume['tumor']['dice'])} "
+        f"(global {_fmt(volume['tumor']['dice_global'])})",
+        f"report:          {result.report_dir / 'report.md'}",
+        f"folds:           {result.cv_dir}",
     ]
     return "\n".join(lines)
 
@@ -99,9 +147,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.configure_logging(args.verbose)
 
     def body() -> int:
-        from keras_livseg.training.fit import resolve_config, train
+        from keras_livseg.training.fit import cross_validate, resolve_config, train
 
         config = resolve_config(args.pipeline, overrides_from_args(args))
+        if args.fold is not None and not args.folds:
+            raise ValueError("--fold needs --folds K (the number of folds it belongs to)")
+        if args.folds:
+            try:
+                cv = cross_validate(config, args.folds, only_fold=args.fold, resume=args.resume)
+            except KeyboardInterrupt:
+                print("fit: interrupted; finished folds are kept. Continue with the same command plus --resume "
+                      "--name <cv folder name> (see runs/)", file=sys.stderr)
+                return cli.EXIT_INTERRUPTED
+            print(format_cv_summary(cv))
+            return 0
         try:
             result = train(config, resume=args.resume)
         except KeyboardInterrupt:

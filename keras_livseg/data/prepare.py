@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -72,6 +72,8 @@ class PrepareOptions:
         margin: slices kept beyond the liver in ``"liver"`` mode.
         split: fractions of cases for train, val, test (by patient).
         seed: seed of the patient-level split.
+        assignment: explicit split of every case, ``{case_id: "train"|"val"|"test"}`` (a
+            cross-validation fold); overrides ``split`` when given.
         label_map: ``"SRC:DST,..."`` remapping of foreign label maps.
         compression: ``None`` or ``"GZIP"``.
         shard_mb: target shard size in MB (uncompressed).
@@ -93,6 +95,7 @@ class PrepareOptions:
     margin: int = 5
     split: Sequence[float] = (0.7, 0.15, 0.15)
     seed: int = 0
+    assignment: Mapping[str, str] | None = None
     label_map: str | None = None
     compression: str | None = None
     shard_mb: float = 150.0
@@ -122,6 +125,10 @@ class PrepareOptions:
             raise DataError(f"compression must be none or GZIP, got {self.compression!r}")
         if self.on_error not in ("stop", "skip"):
             raise DataError(f"on_error must be 'stop' or 'skip', got {self.on_error!r}")
+        if self.assignment is not None:
+            wrong = sorted({v for v in self.assignment.values() if v not in SPLITS})
+            if wrong:
+                raise DataError(f"assignment names splits {wrong}; use {', '.join(SPLITS)}")
         if self.shard_mb <= 0:
             raise DataError(f"shard size must be positive, got {self.shard_mb} MB")
         try:
@@ -151,31 +158,72 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split_cases(case_ids: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
-    """Patient-level split: each case goes to exactly one of train, val, test.
+def split_cases(
+    case_ids: Sequence[str], fractions: Sequence[float], seed: int, patients: Mapping[str, str] | None = None
+) -> dict[str, list[str]]:
+    """Patient-level split: each patient (with all their cases) goes to exactly one of train, val, test.
 
-    Val and test get ``round(fraction * n)`` cases each, train at least one case; the
-    assignment depends only on the sorted ids and the seed.
+    Val and test get ``round(fraction * n_patients)`` patients each, train at least one; the
+    assignment depends only on the sorted ids and the seed. ``patients`` maps case id →
+    patient id (default: every case is its own patient).
 
     Example:
         >>> parts = split_cases([str(i) for i in range(10)], (0.8, 0.1, 0.1), seed=0)
         >>> [len(parts[s]) for s in ("train", "val", "test")]
         [8, 1, 1]
+        >>> split_cases(["a1", "a2", "b"], (0.5, 0.0, 0.5), 0, {"a1": "A", "a2": "A", "b": "B"})["test"] in (["a1", "a2"], ["b"])
+        True
     """
     ids = sorted(case_ids)
+    owner = {cid: (patients or {}).get(cid) or cid for cid in ids}
+    people = sorted(set(owner.values()))
     total = sum(fractions)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_val = int(round(fractions[1] / total * len(ids)))
-    n_test = int(round(fractions[2] / total * len(ids)))
-    while n_val + n_test >= len(ids) and (n_val or n_test):
+    order = np.random.default_rng(seed).permutation(len(people))
+    n_val = int(round(fractions[1] / total * len(people)))
+    n_test = int(round(fractions[2] / total * len(people)))
+    while n_val + n_test >= len(people) and (n_val or n_test):
         if n_val >= n_test and n_val:
             n_val -= 1
         else:
             n_test -= 1
-    val = sorted((ids[i] for i in order[:n_val]), key=ids.index)
-    test = sorted((ids[i] for i in order[n_val : n_val + n_test]), key=ids.index)
-    train = [i for i in ids if i not in set(val) | set(test)]
+    val_people = {people[i] for i in order[:n_val]}
+    test_people = {people[i] for i in order[n_val : n_val + n_test]}
+    val = [i for i in ids if owner[i] in val_people]
+    test = [i for i in ids if owner[i] in test_people]
+    train = [i for i in ids if owner[i] not in val_people | test_people]
     return {"train": train, "val": val, "test": test}
+
+
+def assign_folds(
+    case_ids: Sequence[str], folds: int, seed: int = 0, patients: Mapping[str, str] | None = None
+) -> list[list[str]]:
+    """Cross-validation folds by patient: ``folds`` lists of case ids, no patient in two folds.
+
+    Patients are shuffled with ``seed`` and dealt round-robin, so fold sizes differ by at most
+    one patient. ``folds`` equal to the number of patients gives leave-one-patient-out.
+
+    Raises:
+        DataError: fewer than 2 folds, or more folds than patients (the message says how many
+            patients there are and what to pass).
+
+    Example:
+        >>> assign_folds(["1", "7"], 2, seed=0) in ([["1"], ["7"]], [["7"], ["1"]])
+        True
+    """
+    ids = sorted(case_ids)
+    owner = {cid: (patients or {}).get(cid) or cid for cid in ids}
+    people = sorted(set(owner.values()))
+    if folds < 2:
+        raise DataError(f"--folds must be at least 2 (2 = two halves; {len(people)} = leave one patient out), got {folds}")
+    if folds > len(people):
+        raise DataError(
+            f"--folds {folds} needs at least {folds} patients but the data holds {len(people)} "
+            f"({', '.join(people[:8])}{' ...' if len(people) > 8 else ''}); pass --folds {len(people)} "
+            "(leave one patient out) or fewer"
+        )
+    order = np.random.default_rng(seed).permutation(len(people))
+    fold_of = {people[index]: position % folds for position, index in enumerate(order)}
+    return [[cid for cid in ids if fold_of[owner[cid]] == fold] for fold in range(folds)]
 
 
 def _selected_slices(labels: np.ndarray, mode: str, margin: int) -> np.ndarray:
@@ -415,7 +463,16 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     if not summaries:
         raise DataError(f"every case in {options.src} was skipped; see the warnings above")
     order = [c.case_id for c in all_cases if c.case_id in summaries]
-    splits = split_cases(order, options.split, options.seed)
+    patients = {c.case_id: c.patient for c in all_cases}
+    if options.assignment is not None:
+        missing = [cid for cid in order if cid not in options.assignment]
+        if missing:
+            raise DataError(f"the split assignment has no entry for cases {', '.join(missing[:8])}; assign every case")
+        splits = {split: [cid for cid in order if options.assignment[cid] == split] for split in SPLITS}
+        if not splits["train"]:
+            raise DataError("the split assignment puts no case in train; a model needs training cases")
+    else:
+        splits = split_cases(order, options.split, options.seed, patients)
     by_id = {cid: summaries[cid] for cid in order}
 
     foreground = ForegroundStatistics(options.preprocessing().window)
@@ -454,7 +511,8 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
         "preprocessing": prep.to_dict(),
         "selection": {"slices": options.slices, "margin": options.margin},
         "label_map": parse_label_map(options.label_map),
-        "split": {"fractions": list(options.split), "seed": options.seed},
+        "split": {"fractions": list(options.split), "seed": options.seed,
+                  "assignment": dict(options.assignment) if options.assignment is not None else None},
         "compression": options.compression or None,
         "statistics": {"computed_on": "train", "foreground": foreground.to_dict()},
         "splits": split_info,
@@ -476,7 +534,7 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
                     "volume_statistics",
                 )
             }
-            | {"split": next(s for s in SPLITS if cid in splits[s])}
+            | {"split": next(s for s in SPLITS if cid in splits[s]), "patient": patients[cid]}
             for cid in order
         },
         "skipped": skipped,

@@ -6,7 +6,8 @@ Three input layouts are understood:
 - **Medical Segmentation Decathlon**: ``imagesTr/<case>.nii.gz`` with ``labelsTr/<case>.nii.gz``
   (``imagesTs/`` without labels is ignored for training).
 - **CSV list of pairs**: a ``.csv`` file with the columns ``image,label`` and optionally
-  ``case_id``; relative paths are taken relative to the CSV file.
+  ``case_id`` and ``patient`` (or ``patient_id``: several scans of one patient never fall into
+  different splits or folds); relative paths are taken relative to the CSV file.
 
 Canonical orientation. Every volume is reoriented (by axis permutation and flips only, never
 resampled) so that its array axes run **posterior, patient-left, superior** (nibabel axis
@@ -52,11 +53,19 @@ class CaseFiles:
         case_id: unique id of the case (``"3"`` for ``volume-3.nii``).
         image: path of the CT volume.
         label: path of the label map, or ``None`` for unlabelled inference input.
+        patient_id: the patient the scan belongs to (splits and folds keep a patient's scans
+            together); ``None`` means the case is its own patient.
     """
 
     case_id: str
     image: Path
     label: Path | None
+    patient_id: str | None = None
+
+    @property
+    def patient(self) -> str:
+        """The patient id, or the case id when none was given."""
+        return self.patient_id if self.patient_id else self.case_id
 
 
 @dataclasses.dataclass
@@ -156,7 +165,7 @@ def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "image" not in reader.fieldnames:
             raise DataError(
-                f"{csv_path} needs a header row with the columns image,label[,case_id]; "
+                f"{csv_path} needs a header row with the columns image,label[,case_id][,patient]; "
                 f"found {reader.fieldnames}"
             )
         for line_number, row in enumerate(reader, start=2):
@@ -168,13 +177,14 @@ def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
                 label = Path(label_text)
                 label = label if label.is_absolute() else base / label
             case_id = (row.get("case_id") or "").strip() or _strip_nifti_suffix(image.name)
+            patient = (row.get("patient") or row.get("patient_id") or "").strip() or None
             if not image.is_file():
                 raise DataError(f"{csv_path}:{line_number}: image {image} does not exist; fix the path")
             if label is not None and not label.is_file():
                 raise DataError(f"{csv_path}:{line_number}: label {label} does not exist; fix the path")
             if label is None and require_labels:
                 raise DataError(f"{csv_path}:{line_number}: {image} has no label; fill the label column")
-            cases.append(CaseFiles(case_id, image, label))
+            cases.append(CaseFiles(case_id, image, label, patient))
     return cases
 
 

@@ -159,30 +159,37 @@ def best_value_in_history(history_csv: Path, monitor: str) -> float | None:
 
 def standard_callbacks(
     run_dir: Path,
-    monitor: str = "val_tumor_dice",
+    monitor: str | None = "val_tumor_dice",
     resume: bool = False,
     early_stopping_patience: int | None = None,
     extra: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[list[keras.callbacks.Callback], NaNStop]:
-    """The run's callbacks, in order: LR logger, NaN stop, extras, checkpoints, backup, CSV, TensorBoard."""
+    """The run's callbacks, in order: LR logger, NaN stop, extras, checkpoints, backup, CSV, TensorBoard.
+
+    ``monitor=None`` (training without validation): ``best.keras`` is the last epoch, as
+    nnU-Net keeps its final checkpoint, and there is no early stopping.
+    """
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     nan_stop = NaNStop()
-    threshold = best_value_in_history(run_dir / "history.csv", monitor) if resume else None
+    threshold = best_value_in_history(run_dir / "history.csv", monitor) if resume and monitor else None
     callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(), nan_stop, *extra]
-    callbacks.append(
-        keras.callbacks.ModelCheckpoint(
-            str(checkpoints / "best.keras"),
-            monitor=monitor,
-            mode="max",
-            save_best_only=True,
-            initial_value_threshold=threshold,
+    if monitor is None:
+        callbacks.append(keras.callbacks.ModelCheckpoint(str(checkpoints / "best.keras")))
+    else:
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                str(checkpoints / "best.keras"),
+                monitor=monitor,
+                mode="max",
+                save_best_only=True,
+                initial_value_threshold=threshold,
+            )
         )
-    )
     callbacks.append(keras.callbacks.ModelCheckpoint(str(checkpoints / "last.keras")))
     callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch", delete_checkpoint=True))
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume))
-    if early_stopping_patience:
+    if early_stopping_patience and monitor is not None:
         callbacks.append(
             keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(early_stopping_patience))
         )

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,7 +35,7 @@ TRAINING_KEYS = frozenset(
         "epochs", "batch_size", "steps_per_epoch", "optimizer", "learning_rate", "weight_decay", "schedule",
         "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
-        "shuffle_buffer", "monitor",
+        "shuffle_buffer", "monitor", "validation", "init_from",
     }
 )
 EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
@@ -68,6 +69,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cache": True,
         "shuffle_buffer": 2048,
         "monitor": "val_tumor_dice",
+        "validation": "split",
+        "init_from": "",
     },
     "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},
 }
@@ -141,6 +144,8 @@ class FitResult:
     epochs_done: int
     seconds: float
     stopped_on_nan: tuple[int, int] | None = None
+    volume_metrics: dict[str, Any] | None = None
+    warm_start: str | None = None
 
 
 def _cache_root() -> Path:
@@ -149,6 +154,28 @@ def _cache_root() -> Path:
 
 def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_source(config: dict) -> Path:
+    """The dataset ``fit`` trains on: ``data.src``, or the phantom (generated once, cached)."""
+    data = config["data"]
+    if data.get("src"):
+        return Path(data["src"])
+    from keras_livseg.data.phantom import write_phantom_dataset
+
+    phantom = {
+        "cases": int(data.get("phantom_cases", 12)),
+        "seed": int(data.get("phantom_seed", 0)),
+        "size": int(data.get("phantom_size", 256)),
+        "slices": tuple(data.get("phantom_slices", (32, 64))),
+        "spacing_mm": tuple(data.get("phantom_spacing_mm", (0.6, 1.0))),
+    }
+    phantom_dir = _cache_root() / f"phantom-{_digest(phantom)}"
+    if not (phantom_dir / "phantom.json").is_file():
+        logger.info("generating %d phantom cases in %s", phantom["cases"], phantom_dir)
+        write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
+                              slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True)
+    return phantom_dir
 
 
 def ensure_data(config: dict) -> Path:
@@ -161,22 +188,7 @@ def ensure_data(config: dict) -> Path:
 
     data = config["data"]
     prep_keys = {k: v for k, v in data.items() if k in PrepareOptions.__dataclass_fields__}
-    if not data.get("src"):
-        from keras_livseg.data.phantom import write_phantom_dataset
-
-        phantom = {
-            "cases": int(data.get("phantom_cases", 12)),
-            "seed": int(data.get("phantom_seed", 0)),
-            "size": int(data.get("phantom_size", 256)),
-            "slices": tuple(data.get("phantom_slices", (32, 64))),
-            "spacing_mm": tuple(data.get("phantom_spacing_mm", (0.6, 1.0))),
-        }
-        phantom_dir = _cache_root() / f"phantom-{_digest(phantom)}"
-        if not (phantom_dir / "phantom.json").is_file():
-            logger.info("generating %d phantom cases in %s", phantom["cases"], phantom_dir)
-            write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
-                                  slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True)
-        prep_keys["src"] = str(phantom_dir)
+    prep_keys["src"] = str(ensure_source(config))
     prep_keys.update(config["preprocessing"])
     # The cache key covers the source files' names, sizes and times: added or edited cases
     # give new shards instead of silently reusing old ones.
@@ -291,6 +303,11 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     manifest = load_manifest(shard_dir)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     config["data"]["shards"] = str(shard_dir)
+    if config["export"]["enabled"] and prep.normalization == "volume":
+        raise ValueError(
+            "normalization='volume' models cannot be exported for serving (a request holds slices, not the "
+            "volume); pass --no-export, or use preprocessing.normalization='foreground'"
+        )
     policy = apply_precision(training["precision"])
     config["training"]["resolved_precision"] = policy
     (run_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
@@ -302,13 +319,23 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     global_batch = int(training["batch_size"]) * replicas
     steps = int(training["steps_per_epoch"]) or steps_per_epoch(manifest, "train", global_batch)
     epochs = int(training["epochs"])
-    val_split = "val" if manifest["splits"]["val"]["slices"] else "train"
+    has_val = bool(manifest["splits"]["val"]["slices"])
+    if not has_val and training["validation"] != "none":
+        raise ValueError(
+            f"the validation split of {shard_dir} is empty ({len(manifest['splits']['train']['cases'])} training "
+            f"case(s), {len(manifest['splits']['test']['cases'])} test); give data.split a validation fraction "
+            "(e.g. --set 'data.split=[0.7,0.15,0.15]'), measure with --folds K, or pass "
+            "--set training.validation=\"none\" to train without validation and keep the last epoch"
+        )
+    if training["validation"] not in ("split", "none"):
+        raise ValueError(f"training.validation must be 'split' or 'none', got {training['validation']!r}")
+    monitor = training["monitor"] if has_val else None
     augmentation = Augmentation.from_config(training["augmentation"])
     train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation,
                             foreground_fraction=float(training["foreground_fraction"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
                             shuffle_buffer=int(training["shuffle_buffer"]))
-    val_ds = make_dataset(manifest, val_split, global_batch, training=False, cache=bool(training["cache"]))
+    val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"])) if has_val else None
 
     # TOML has no null: the string "none" stands for None (e.g. model.encoder_weights = "none").
     model_options = {
@@ -324,15 +351,26 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                       metrics=default_metrics(head=head))
     logger.info("model %s: %s parameters; %d steps/epoch x %d epochs, global batch %d",
                 config["model"]["name"], f"{model.count_params():,}", steps, epochs, global_batch)
+    warm_start = None
+    if training["init_from"] and not resume:  # a resumed run restores its own weights
+        from keras_livseg.training.warm_start import load_matching_weights
 
-    images, masks = pick_tumor_slices(val_ds, count=4)
-    extra = [PredictionImages(images, masks, run_dir / "tensorboard", every=int(training["image_every"]))] if len(images) else []
-    callbacks, nan_stop = standard_callbacks(run_dir, monitor=training["monitor"], resume=resume,
+        report = load_matching_weights(model, training["init_from"])
+        warm_start = report.summary()
+        logger.info("%s", warm_start)
+        (run_dir / "warm_start.txt").write_text(warm_start + "\n")
+
+    extra = []
+    if has_val:
+        images, masks = pick_tumor_slices(val_ds, count=4)
+        if len(images):
+            extra.append(PredictionImages(images, masks, run_dir / "tensorboard", every=int(training["image_every"])))
+    callbacks, nan_stop = standard_callbacks(run_dir, monitor=monitor, resume=resume,
                                              early_stopping_patience=int(training["early_stopping_patience"]) or None,
                                              extra=extra)
     # Exact batch counts of the finite splits: Keras otherwise learns them by running out of
     # data, and warns "Your input ran out of data" on every first pass.
-    val_steps = math.ceil(manifest["splits"][val_split]["slices"] / global_batch)
+    val_steps = math.ceil(manifest["splits"]["val"]["slices"] / global_batch) if has_val else None
     history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
                         validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
                         shuffle=False)  # the dataset shuffles itself
@@ -344,14 +382,24 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                          time.perf_counter() - started, stopped_on_nan=nan_stop.stopped_at)
     if best.is_file():
         model.load_weights(best)
-    test_split = "test" if manifest["splits"]["test"]["slices"] else val_split
-    test_ds = make_dataset(manifest, test_split, global_batch, training=False)
-    test_steps = math.ceil(manifest["splits"][test_split]["slices"] / global_batch)
-    scores = model.evaluate(test_ds, steps=test_steps, verbose=0, return_dict=True)
-    test_metrics = {k: float(v) for k, v in scores.items()}
-    test_metrics["split"] = test_split  # type: ignore[assignment]
+    # Held-out figures come from cases the model never trained on: test, else validation
+    # (labelled as such: it chose the checkpoint), else none at all. Never the training split.
+    held_out = next((split for split in ("test", "val") if manifest["splits"][split]["slices"]), None)
+    test_metrics: dict[str, Any] = {}
+    volume_metrics = None
     (run_dir / "eval").mkdir(exist_ok=True)
-    (run_dir / "eval" / "test_metrics.json").write_text(json.dumps(test_metrics, indent=1, sort_keys=True) + "\n")
+    if held_out is not None:
+        test_ds = make_dataset(manifest, held_out, global_batch, training=False)
+        test_steps = math.ceil(manifest["splits"][held_out]["slices"] / global_batch)
+        scores = model.evaluate(test_ds, steps=test_steps, verbose=0, return_dict=True)
+        test_metrics = {k: float(v) for k, v in scores.items()}
+        test_metrics["split"] = held_out
+        test_metrics["covers"] = f"{manifest['selection']['slices']} slices of the shards, {len(manifest['splits'][held_out]['cases'])} case(s), model grid"
+        (run_dir / "eval" / "test_metrics.json").write_text(json.dumps(test_metrics, indent=1, sort_keys=True) + "\n")
+        if best.is_file() and training.get("score_volumes", True):
+            volume_metrics = score_held_out_volumes(best, manifest, held_out, run_dir / "eval")
+    else:
+        logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
 
     export_dir = None
     if config["export"]["enabled"] and best.is_file():
@@ -362,4 +410,170 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                                         overwrite=bool(export["overwrite"]),
                                         metadata={"model": config["model"]["name"], "run": str(run_dir)})
     return FitResult(run_dir, best if best.is_file() else None, export_dir, test_metrics, epochs_done,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start)
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split: str, out_dir: Path,
+                           predictions_dir: Path | None = None) -> dict[str, Any]:
+    """Predict the whole volumes of a split's cases (every slice, native grid) and score them as LiTS.
+
+    Unlike the shard metrics (the selected slices on the model grid) these figures cover every
+    slice of every held-out case at its own resolution, after ``predict``'s post-processing.
+
+    Args:
+        checkpoint: the ``.keras`` model (its run's ``preprocessing.json`` beside it).
+        manifest: the shards' manifest (source files, label map, splits).
+        split: the held-out split to score.
+        out_dir: ``predictions/`` and the LiTS report ``volumes/`` go here.
+        predictions_dir: write the label maps there instead (cross-validation collects them).
+
+    Returns:
+        ``{"split", "cases", "covers", "liver_dice", "tumor_dice", "liver_dice_global",
+        "tumor_dice_global", "per_case": {case: {"liver_dice", "tumor_dice"}}}``.
+    """
+    from keras_livseg.evaluation.report import EvaluationOptions, evaluate_folders
+    from keras_livseg.inference import SegmentationModel, predict_paths
+
+    cases = manifest["splits"][split]["cases"]
+    predictions_dir = Path(predictions_dir or out_dir / "predictions")
+    images = [manifest["cases"][cid]["image"] for cid in cases]
+    model = SegmentationModel.load(checkpoint)
+    written = predict_paths(model, images, predictions_dir, progress=False)
+    # Score exactly these predictions against their own label files.
+    pairs = Path(out_dir) / "held_out_pairs.csv"
+    pairs.write_text("image,label,case_id\n" + "".join(
+        f"{manifest['cases'][cid]['image']},{manifest['cases'][cid]['label']},{cid}\n" for cid in cases))
+    label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
+    only = Path(out_dir) / "held_out_predictions"
+    shutil.rmtree(only, ignore_errors=True)
+    only.mkdir(parents=True)
+    for record in written:
+        (only / record.output.name).symlink_to(record.output.resolve())
+    summary = evaluate_folders(only, pairs, Path(out_dir) / "volumes", options=EvaluationOptions(label_map=label_map),
+                               model_name=Path(checkpoint).parent.parent.name, figures=False)
+    import csv
+
+    with (Path(out_dir) / "volumes" / "per_case.csv").open(newline="") as handle:
+        per_case = {row["case_id"]: {"liver_dice": _number(row.get("liver_dice")), "tumor_dice": _number(row.get("tumor_dice"))}
+                    for row in csv.DictReader(handle)}
+    volume = summary["volume"]
+    result = {
+        "split": split,
+        "cases": list(cases),
+        "covers": f"every slice of {len(cases)} held-out {split} volume(s), native grid, post-processed",
+        "liver_dice": volume["liver"]["dice"],
+        "tumor_dice": volume["tumor"]["dice"],
+        "liver_dice_global": volume["liver"]["dice_global"],
+        "tumor_dice_global": volume["tumor"]["dice_global"],
+        "per_case": per_case,
+    }
+    (Path(out_dir) / "held_out_volumes.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
+    return result
+
+
+@dataclasses.dataclass
+class CrossValidationResult:
+    """What :func:`cross_validate` produced: one run per fold and one out-of-fold report."""
+
+    cv_dir: Path
+    folds: list[list[str]]
+    fold_results: list[dict[str, Any]]
+    report_dir: Path
+    summary: dict[str, Any]
+    seconds: float
+
+
+def cross_validate(config: dict, folds: int, only_fold: int | None = None, resume: bool = False,
+                   verbose: int | str | None = None) -> CrossValidationResult:
+    """K-fold cross-validation by patient, as nnU-Net: one run per fold, one out-of-fold report.
+
+    Each fold trains on the other folds' patients and is scored on its own held-out patients,
+    whole volumes at their native resolution; nothing is selected on held-out data (the folds
+    train without a validation split and keep their last epoch). The held-out predictions of
+    all folds are then scored together: ``<cv>/eval/report.md`` covers every patient once.
+    Folds are for measuring: nothing is exported (train on all cases for the final model).
+
+    Layout: ``runs/<name>/fold-<k>/`` (a normal run folder each), ``runs/<name>/predictions/``
+    (every case, predicted by the fold that held it out), ``runs/<name>/eval/``, ``folds.json``.
+    With ``resume``, finished folds are reused and an interrupted one continues.
+
+    Args:
+        config: a resolved config (:func:`resolve_config`).
+        folds: K >= 2; the number of patients gives leave-one-patient-out.
+        only_fold: run only this fold (0-based); the report then covers the folds finished so far.
+        resume: continue ``runs/<name>`` instead of starting a new folder.
+        verbose: Keras verbosity.
+
+    Raises:
+        DataError: fewer patients than folds, and other bad input (one line each).
+
+    Example:
+        >>> result = cross_validate(resolve_config("ircadb_finetune.toml", {"data": {"src": "ircadb/"}}), 2)  # doctest: +SKIP
+        >>> result.summary["volume"]["liver"]["dice"]  # doctest: +SKIP
+    """
+    from keras_livseg.data.prepare import assign_folds
+    from keras_livseg.data.volumes import discover_cases, parse_label_map
+    from keras_livseg.evaluation.report import EvaluationOptions, evaluate_folders
+
+    started = time.perf_counter()
+    source = ensure_source(config)
+    cases = discover_cases(source)
+    patients = {c.case_id: c.patient for c in cases}
+    parts = assign_folds([c.case_id for c in cases], folds, seed=int(config["data"].get("seed", 0)), patients=patients)
+    if only_fold is not None and not 0 <= only_fold < folds:
+        raise ValueError(f"--fold {only_fold} is not one of the {folds} folds; pass 0..{folds - 1}")
+    name = config["run"]["name"] or f"{config['model']['name']}-{Path(config['recipe']).stem}-cv{folds}"
+    cv_config = copy.deepcopy(config)
+    cv_config["run"]["name"] = name
+    cv_dir = new_run_dir(cv_config, resume=False) if not resume else Path(config["run"]["runs_dir"]) / name
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    plan = {"folds": parts, "patients": patients, "source": str(source)}
+    if (cv_dir / "folds.json").is_file():
+        saved = json.loads((cv_dir / "folds.json").read_text())
+        if saved.get("folds") != parts:
+            raise ValueError(f"{cv_dir} holds other folds ({saved.get('folds')}); resume with the same data and "
+                             "--folds, or drop --resume to start a new cross-validation")
+    (cv_dir / "folds.json").write_text(json.dumps(plan, indent=1) + "\n")
+    predictions = cv_dir / "predictions"
+    predictions.mkdir(exist_ok=True)
+    fold_results = []
+    for index, held_out in enumerate(parts):
+        fold_dir = cv_dir / f"fold-{index}"
+        done = fold_dir / "eval" / "held_out_volumes.json"
+        if only_fold is not None and index != only_fold:
+            if done.is_file():
+                fold_results.append(json.loads(done.read_text()))
+            continue
+        if not done.is_file():
+            fold_config = copy.deepcopy(config)
+            fold_config["run"].update({"runs_dir": str(cv_dir), "name": f"fold-{index}"})
+            fold_config["data"]["src"] = str(source)
+            fold_config["data"]["assignment"] = {cid: ("test" if cid in held_out else "train") for cid in patients}
+            fold_config["training"]["validation"] = "none"
+            fold_config["export"]["enabled"] = False
+            logger.info("fold %d/%d: held out %s", index + 1, folds, ", ".join(held_out))
+            result = train(fold_config, resume=resume and (fold_dir / "config.json").is_file(), verbose=verbose)
+            if result.stopped_on_nan is not None:
+                raise ValueError(f"fold {index}: the loss became NaN; lower the learning rate and rerun with --resume")
+        for produced in (fold_dir / "eval" / "predictions").iterdir():
+            link = predictions / produced.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(produced.resolve())
+        fold_results.append(json.loads(done.read_text()))
+    scored = [cid for result in fold_results for cid in result["cases"]]
+    pairs = cv_dir / "out_of_fold_pairs.csv"
+    by_id = {c.case_id: c for c in cases}
+    pairs.write_text("image,label,case_id\n" + "".join(f"{by_id[c].image},{by_id[c].label},{c}\n" for c in scored))
+    label_map = parse_label_map(config["data"].get("label_map"))
+    summary = evaluate_folders(predictions, pairs, cv_dir / "eval", options=EvaluationOptions(label_map=label_map),
+                               model_name=f"{config['model']['name']} ({folds}-fold out-of-fold)")
+    return CrossValidationResult(cv_dir, parts, fold_results, cv_dir / "eval", summary, time.perf_counter() - started)

@@ -236,3 +236,53 @@ def test_per_volume_statistics_match_what_predict_computes(lits_dir, tmp_path):
         streamed = _streaming_volume_statistics(case.image, (-200.0, 250.0), chunk=5)
         assert (stored["mean"], stored["std"]) == pytest.approx(whole, rel=1e-9)
         assert streamed == pytest.approx(whole, rel=1e-9)
+
+
+# -- patients, folds and explicit assignments ------------------------------------------------
+
+
+def test_split_keeps_a_patients_scans_together():
+    ids = [f"{p}{s}" for p in "abcdefghij" for s in ("1", "2")]  # 10 patients, 2 scans each
+    patients = {cid: cid[0] for cid in ids}
+    for seed in range(5):
+        parts = split_cases(ids, (0.6, 0.2, 0.2), seed, patients)
+        owners = {split: {patients[c] for c in parts[split]} for split in parts}
+        assert not (owners["train"] & owners["val"] or owners["train"] & owners["test"] or owners["val"] & owners["test"])
+        assert [len(owners[s]) for s in ("train", "val", "test")] == [6, 2, 2]
+
+
+def test_folds_by_patient_cover_every_case_once():
+    ids = [str(i) for i in range(7)]
+    patients = {"0": "A", "1": "A", "2": "B", "3": "C", "4": "C", "5": "D", "6": "E"}
+    folds = prepare_module.assign_folds(ids, 3, seed=1, patients=patients)
+    assert sorted(c for fold in folds for c in fold) == sorted(ids)
+    fold_of_patient = {}
+    for index, fold in enumerate(folds):
+        for cid in fold:
+            assert fold_of_patient.setdefault(patients[cid], index) == index  # no patient in two folds
+    assert sorted(len({patients[c] for c in fold}) for fold in folds) == [1, 2, 2]  # 5 patients dealt round-robin
+    assert prepare_module.assign_folds(ids, 5, seed=0, patients=patients) != [[]] * 5
+    with pytest.raises(DataError, match=r"--folds 6 needs at least 6 patients but the data holds 5 .* pass --folds 5"):
+        prepare_module.assign_folds(ids, 6, patients=patients)
+    with pytest.raises(DataError, match="at least 2"):
+        prepare_module.assign_folds(ids, 1)
+
+
+def test_csv_patient_column_and_explicit_assignment(lits_dir, tmp_path):
+    rows = ["image,label,case_id,patient"]
+    for i in range(6):
+        rows.append(f"{lits_dir}/volume-{i}.nii.gz,{lits_dir}/segmentation-{i}.nii.gz,{i},P{i // 2}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    cases = discover_cases(tmp_path / "pairs.csv")
+    assert [c.patient for c in cases] == ["P0", "P0", "P1", "P1", "P2", "P2"]
+    manifest = prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "split", split=(0.34, 0.33, 0.33)))
+    by_patient = {}
+    for cid, record in manifest["cases"].items():
+        by_patient.setdefault(record["patient"], set()).add(record["split"])
+    assert all(len(splits) == 1 for splits in by_patient.values()), by_patient
+    assignment = {str(i): ("test" if i in (2, 3) else "train") for i in range(6)}
+    fixed = prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "fold", assignment=assignment))
+    assert fixed["splits"]["test"]["cases"] == ["2", "3"] and fixed["splits"]["val"]["cases"] == []
+    assert fixed["split"]["assignment"] == assignment
+    with pytest.raises(DataError, match="no entry for cases 5"):
+        prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "bad", assignment={str(i): "train" for i in range(5)}))

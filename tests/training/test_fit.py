@@ -556,3 +556,85 @@ def test_cached_shards_follow_changes_of_the_source(tmp_path, monkeypatch):
         path.rename(source / path.name)
     second = fit.ensure_data(config)
     assert second != first and len(json.loads((second / "manifest.json").read_text())["cases"]) == 4
+
+
+# --- held-out figures, validation policy, cross-validation, warm start --------------------------
+
+
+def test_held_out_dice_covers_every_slice_of_the_held_out_volumes(tiny_run):
+    run_dir = tiny_run.run_dir
+    config = json.loads((run_dir / "config.json").read_text())
+    manifest = json.loads((Path(config["data"]["shards"]) / "manifest.json").read_text())
+    volumes = json.loads((run_dir / "eval" / "held_out_volumes.json").read_text())
+    assert volumes["split"] == "test" and volumes["cases"] == manifest["splits"]["test"]["cases"]
+    assert sorted(volumes["per_case"]) == sorted(manifest["splits"]["test"]["cases"])
+    assert "every slice" in volumes["covers"] and "held-out Dice (every slice" in tiny_run.stdout
+    # Predictions are whole volumes on each case's own grid.
+    import nibabel as nib
+
+    for cid in volumes["cases"]:
+        source = nib.load(manifest["cases"][cid]["image"])
+        predicted = nib.load(str(run_dir / "eval" / "predictions" / f"segmentation-{cid}.nii.gz"))
+        assert predicted.shape == source.shape
+    assert 0.2 < volumes["liver_dice_global"] <= 1.0, volumes
+
+
+def test_empty_validation_split_is_refused_not_silently_replaced_by_training_data(cache_dir, tmp_path):
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", "data.split=[1.0, 0.0, 0.0]"])
+    assert code == 2
+    assert "the validation split of" in err and "training.validation" in err and "Traceback" not in err
+
+
+def test_training_without_validation_keeps_the_last_epoch_and_reports_no_held_out(cache_dir, tmp_path):
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "all", "--epochs", "1",
+                              "--steps-per-epoch", "5", "--set", "data.split=[1.0, 0.0, 0.0]",
+                              "--set", "training.validation=none"])
+    assert code == 0, err[-2000:]
+    assert "held-out Dice:   none" in out
+    history = read_history(tmp_path / "all")
+    # Keras's CSVLogger keeps val_ columns, empty ("NA"): nothing was validated.
+    assert all(value == "NA" for key, value in history[0].items() if key.startswith("val_"))
+    best = keras.saving.load_model(tmp_path / "all" / "checkpoints" / "best.keras", compile=False)
+    last = keras.saving.load_model(tmp_path / "all" / "checkpoints" / "last.keras", compile=False)
+    for a, b in zip(best.get_weights(), last.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_cross_validation_by_patient_with_warm_start(tiny_run, tmp_path):
+    source = tiny_run.run_dir / "checkpoints" / "best.keras"
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "cv", "--folds", "2",
+                              "--epochs", "1", "--steps-per-epoch", "10", "--init-from", str(source)])
+    assert code == 0, err[-3000:]
+    cv = tmp_path / "cv"
+    plan = json.loads((cv / "folds.json").read_text())
+    folds = [set(fold) for fold in plan["folds"]]
+    assert len(folds) == 2 and not folds[0] & folds[1] and len(folds[0] | folds[1]) == 6
+    for index, fold in enumerate(plan["folds"]):
+        run = cv / f"fold-{index}"
+        manifest = json.loads((Path(json.loads((run / "config.json").read_text())["data"]["shards"]) / "manifest.json").read_text())
+        assert manifest["splits"]["test"]["cases"] == sorted(fold, key=int)
+        assert not set(manifest["splits"]["train"]["cases"]) & set(fold)
+        assert "(100.0%); skipped 0, new 0" in (run / "warm_start.txt").read_text()  # same architecture: all of it
+    assert len(list((cv / "predictions").glob("segmentation-*.nii.gz"))) == 6
+    metrics = json.loads((cv / "eval" / "metrics.json").read_text())
+    assert metrics["n_cases"] == 6
+    assert "out-of-fold (6 cases, whole volumes)" in out and "fold 1: case" in out
+    assert not (tmp_path / "saved_models").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [(["--folds", "7"], "--folds 7 needs at least 7 patients but the data holds 6"),
+     (["--fold", "1"], "--fold needs --folds")],
+)
+def test_cross_validation_bad_input_is_one_line(cache_dir, tmp_path, extra, fragment):
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), *extra])
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(cache_dir, tmp_path):
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("not a model")
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--init-from", str(bogus)])
+    assert code == 2 and "notes.txt" in err and ".keras" in err and "Traceback" not in err
