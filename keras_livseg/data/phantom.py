@@ -1,10 +1,12 @@
 """Synthetic abdominal CT phantom in the LiTS layout: volumes, liver and tumor labels.
 
-The phantom is built so that no intensity threshold can segment the liver: the spleen,
-kidneys, heart, stomach contents and muscles share the liver's Hounsfield range, and only
-shape, position and context tell them apart, as in real CT. Tumors are hypo- or hyper-dense
-with blurred edges, from a few millimetres to several centimetres, and about one case in six
-has none.
+The phantom exists so that a model trained on it alone segments the liver of real CT, so it
+copies what real scans show (measured on 3D-IRCADb portal-phase CT; see
+``benchmarks/phantom_realism.py``), and no intensity threshold can segment the liver: the
+spleen, pancreas, bowel wall, heart and vessels share the liver's Hounsfield range in each
+phase, and only shape, position and context tell them apart. Tumors are hypo- or hyper-dense
+with blurred edges, from a few millimetres to several centimetres, replace the parenchyma
+and vessels they grow over, and about one case in six has none.
 
 Geometry and orientation:
     Arrays are indexed ``[i, j, k]`` with shape ``(X, Y, Z)`` like nibabel's, and the affine
@@ -16,16 +18,42 @@ Geometry and orientation:
     larger world ``x`` than the body's centre.
 
     In-plane spacing is drawn per case from a range given for a 512-pixel matrix
-    (default 0.6-1.0 mm, a 307-512 mm field of view, never smaller than the body needs) and
+    (default 0.55-1.0 mm, a 282-512 mm field of view, never smaller than the body needs) and
     scaled by ``512 / size``, so every size shows the whole abdomen. Slice thickness is drawn
     from 1-5 mm, narrowed so that the scan covers 150-450 mm where the slice count allows:
     thin slices come with many slices, as in clinical series. Anatomy is laid out in
     millimetres, so tumor diameters and volumes computed from the header are true ones.
 
-Intensities (HU): air -1000, subcutaneous fat about -100, visceral fat about -90, muscle
-45-60, liver 52-68 with smooth texture and faint vessels, spleen and kidneys within about
-15 HU of the liver, bone 250-1000, lung about -850, Gaussian noise of std 9-14 HU, and
--1024 or -3024 outside the circular field of view.
+    Body 250-360 mm wide, 0.72-0.88 as deep, on a curved scanner table (carbon shells around
+    a foam core) 3-25 mm below the back. The liver (about 0.5-2.1 l, mean 1.15 l, 120-200 mm
+    craniocaudal) is a right lobe against the right wall and a left lobe reaching across the
+    midline in its upper half; its dome lies under the right diaphragm, 8-60 mm (sometimes
+    up to 140 mm) below the top of the scan, so the top slices show the lung bases (wrapping
+    the dome behind and beside it) and the heart (myocardium around the blood pool). Inside
+    the liver run portal and hepatic venous trees (capsules of 1.5-7.5 mm radius, labelled
+    liver; the portal trunk at the hilum is background), with the IVC along its back and the
+    aorta left of the spine. A gallbladder (0-25 HU fluid, 1.5-3 mm wall, labelled
+    background) hangs from the right lobe's inferior surface in 85 % of cases. Kidneys
+    (cortex, medulla, sinus), spleen, pancreas, stomach (wall, contents, gas), bowel loops
+    (enhancing wall, fluid or positive oral contrast, gas at the front), spine and ribs.
+
+Intensities (HU), drawn per case. Contrast phase: portal venous 58 %, arterial 15 %, delayed
+15 %, non-contrast 12 %:
+
+    =============  ==========  =========  ==========  =========  ==========  =========  =========
+    phase          liver       spleen     kidney      aorta      portal v.   hepatic v. heart
+    =============  ==========  =========  ==========  =========  ==========  =========  =========
+    non-contrast   48-64       liver-14..-4  26-40    35-50      liver-22..-8  liver-24..-10  35-50
+    arterial       65-85       95-140     170-250     250-380    110-170     liver-25..-8  220-360
+    portal venous  95-130      liver-5..+18  150-220  140-200    liver+35..+75 liver+15..+60 140-200
+    delayed        72-92       liver-8..+6   120-180  100-140    liver+8..+28  liver+5..+25  100-140
+    =============  ==========  =========  ==========  =========  ==========  =========  =========
+
+Every phase: air -1000, subcutaneous fat -115 to -90, visceral fat -105 to -80, muscle 40-65,
+lung -880 to -820, gallbladder 0-25, bone 180-1000, table shells 150-450; liver texture 3-6
+HU, a partial-volume blur, Gaussian noise of std 8-13 HU (partly spatially correlated), streak
+and cupping (beam-hardening-like) artefacts in about a third of cases, and -1024 or -3024
+outside the circular field of view. :data:`LIVER_HU_BY_PHASE` gives the liver ranges.
 
 Example:
     >>> from keras_livseg.data.phantom import make_phantom_case
@@ -62,7 +90,7 @@ MIN_HU, MAX_HU = -1024, 3071
 
 DEFAULT_SIZE = 256
 DEFAULT_SLICES = (32, 64)
-DEFAULT_SPACING_MM = (0.6, 1.0)  # in-plane, for a 512 x 512 matrix
+DEFAULT_SPACING_MM = (0.55, 1.0)  # in-plane, for a 512 x 512 matrix
 DEFAULT_THICKNESS_MM = (1.0, 5.0)
 REFERENCE_MATRIX = 512
 # The scan covers the liver with margins, like the abdominal series of LiTS.
@@ -71,6 +99,49 @@ TUMOR_FREE_PERIOD = 6  # one case in six without tumor in a written set
 
 SMALL_TUMOR_MAX_MM = 10.0
 LARGE_TUMOR_MIN_MM = 15.0
+
+# Contrast phases and how often each is drawn: portal venous is the commonest in LiTS.
+PHASES = ("non_contrast", "arterial", "portal", "delayed")
+PHASE_WEIGHTS = (0.12, 0.15, 0.58, 0.15)
+
+# HU ranges drawn per case: (lo, hi), or (tissue, lo, hi) for an offset from a tissue drawn
+# before it. Order matters (a tissue refers to one above it) and is part of determinism.
+_COMMON_HU = {
+    "subq_fat": (-115.0, -90.0), "visceral_fat": (-105.0, -80.0), "lung": (-880.0, -820.0),
+    "cortical": (700.0, 1000.0), "cancellous": (180.0, 320.0), "rib_cortex": (500.0, 850.0),
+    "disc": (70.0, 100.0), "csf": (5.0, 15.0), "sinus": (-60.0, -20.0), "gallbladder": (0.0, 25.0),
+}
+_PHASE_HU = {
+    "non_contrast": {
+        "liver": (48.0, 64.0), "spleen": ("liver", -14.0, -4.0), "kidney": (26.0, 40.0),
+        "medulla": ("kidney", -4.0, 2.0), "aorta": (35.0, 50.0), "ivc": (35.0, 48.0),
+        "portal": ("liver", -22.0, -8.0), "hepatic": ("liver", -24.0, -10.0), "heart_blood": (35.0, 50.0),
+        "myocardium": (40.0, 55.0), "muscle": (40.0, 55.0), "bowel_wall": (30.0, 45.0),
+        "pancreas": (35.0, 50.0), "gb_wall": (25.0, 40.0),
+    },
+    "arterial": {
+        "liver": (65.0, 85.0), "spleen": (95.0, 140.0), "kidney": (170.0, 250.0), "medulla": (70.0, 110.0),
+        "aorta": (250.0, 380.0), "ivc": (60.0, 110.0), "portal": (110.0, 170.0),
+        "hepatic": ("liver", -25.0, -8.0), "heart_blood": (220.0, 360.0), "myocardium": (80.0, 120.0),
+        "muscle": (48.0, 62.0), "bowel_wall": (60.0, 100.0), "pancreas": (90.0, 130.0), "gb_wall": (50.0, 90.0),
+    },
+    "portal": {
+        "liver": (95.0, 130.0), "spleen": ("liver", -5.0, 18.0), "kidney": (150.0, 220.0),
+        "medulla": ("kidney", -20.0, 0.0), "aorta": (140.0, 200.0), "ivc": (120.0, 175.0),
+        "portal": ("liver", 35.0, 75.0), "hepatic": ("liver", 15.0, 60.0), "heart_blood": (140.0, 200.0),
+        "myocardium": (80.0, 110.0), "muscle": (50.0, 65.0), "bowel_wall": (70.0, 110.0),
+        "pancreas": (80.0, 115.0), "gb_wall": (50.0, 90.0),
+    },
+    "delayed": {
+        "liver": (72.0, 92.0), "spleen": ("liver", -8.0, 6.0), "kidney": (120.0, 180.0),
+        "medulla": ("kidney", 0.0, 40.0), "aorta": (100.0, 140.0), "ivc": (95.0, 130.0),
+        "portal": ("liver", 8.0, 28.0), "hepatic": ("liver", 5.0, 25.0), "heart_blood": (100.0, 140.0),
+        "myocardium": (75.0, 100.0), "muscle": (50.0, 62.0), "bowel_wall": (55.0, 80.0),
+        "pancreas": (65.0, 90.0), "gb_wall": (45.0, 75.0),
+    },
+}
+# The liver's mean HU range per phase (before texture, vessels and noise).
+LIVER_HU_BY_PHASE = {phase: _PHASE_HU[phase]["liver"] for phase in PHASES}
 
 _F32 = np.float32
 
@@ -107,6 +178,13 @@ class PhantomCase:
         liver_hu: mean liver intensity before texture and noise.
         noise_hu: standard deviation of the added Gaussian noise.
         tumors: the lesions, largest first; empty for a tumor-free case.
+        phase: contrast phase, one of :data:`PHASES`.
+        anatomy: what was drawn besides the labels, for checks and for ``phantom.json``:
+            ``hu`` (tissue -> HU before texture and noise), ``gallbladder`` (``neck_ijk``,
+            ``fundus_ijk``, ``radius_mm``; None when absent), ``table_top_j`` (row of the
+            table's top surface below the body's centre, None outside the field of view),
+            ``liver_top_mm`` (height of the liver's dome above the first slice),
+            ``streaks`` (whether streak artefacts were added).
     """
 
     volume_hu: np.ndarray
@@ -116,6 +194,8 @@ class PhantomCase:
     liver_hu: float
     noise_hu: float
     tumors: tuple[TumorSpec, ...]
+    phase: str = "portal"
+    anatomy: dict = dataclasses.field(default_factory=dict)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -168,6 +248,18 @@ def _rho2(U, V, cu, cv, au, av, angle=0.0):
     x = (du * c + dv * s) / au
     y = (dv * c - du * s) / av
     return x * x + y * y
+
+
+def _phase_intensities(phase: str, rng: np.random.Generator) -> dict[str, float]:
+    """Draws every tissue's HU for one case in ``phase``: common tissues, then phase ones."""
+    drawn: dict[str, float] = {}
+    for name, spec in (*_COMMON_HU.items(), *_PHASE_HU[phase].items()):
+        if isinstance(spec[0], str):
+            drawn[name] = drawn[spec[0]] + float(rng.uniform(spec[1], spec[2]))
+        else:
+            drawn[name] = float(rng.uniform(spec[0], spec[1]))
+    drawn["stomach_lumen"] = float(rng.uniform(5.0, 20.0) if rng.random() < 0.5 else rng.uniform(35.0, 55.0))
+    return drawn
 
 
 def _profile(tau: float, peak: float = 0.5) -> float:
@@ -223,10 +315,10 @@ class _Builder:
         self.nz = int(rng.integers(slices[0], slices[1] + 1))
 
         # Body first: the field of view must fit it.
-        self.a = u(125.0, 165.0)
-        self.b = self.a * u(0.68, 0.8)
+        self.a = u(125.0, 180.0)
+        self.b = self.a * u(0.72, 0.88)
         self.ub, self.vb = u(-10.0, 10.0), u(-5.0, 15.0)
-        needed = 2 * (max(self.a, self.b) * 1.08 + math.hypot(self.ub, self.vb) + 12.0) / size
+        needed = 2 * (max(self.a, self.b) * 1.06 + math.hypot(self.ub, self.vb) + 8.0) / size
         ratio = REFERENCE_MATRIX / size
         lo, hi = spacing_mm[0] * ratio, spacing_mm[1] * ratio
         self.dx = self.dy = u(max(lo, needed), hi) if needed < hi else needed
@@ -243,49 +335,36 @@ class _Builder:
         coverage = self.nz * self.dz
 
         self.pad_hu = int(rng.choice(PAD_VALUES_HU))
-        self.noise_hu = u(9.0, 14.0)
+        self.noise_hu = u(8.0, 13.0)
+        self.noise_grain = u(0.0, 0.6)  # share of the noise that is spatially correlated
         self.blur_px = u(0.5, 0.8)
 
-        # Tissue intensities; the soft organs deliberately overlap the liver's range.
-        self.liver_hu = u(52.0, 68.0)
-        self.hu = {
-            "subq_fat": u(-115.0, -90.0),
-            "visceral_fat": u(-105.0, -80.0),
-            "muscle": u(45.0, 60.0),
-            "spleen": self.liver_hu + u(-8.0, 8.0),
-            "kidney": self.liver_hu + u(-12.0, 10.0),
-            "stomach_wall": u(40.0, 55.0),
-            "stomach_lumen": u(5.0, 20.0) if rng.random() < 0.5 else u(35.0, 55.0),
-            "heart": u(35.0, 50.0),
-            "bowel": u(20.0, 45.0),
-            "lung": u(-880.0, -820.0),
-            "vessel": u(40.0, 170.0),
-            "cortical": u(700.0, 1000.0),
-            "cancellous": u(250.0, 350.0),
-            "rib_cortex": u(500.0, 850.0),
-            "disc": u(70.0, 100.0),
-            "csf": u(5.0, 15.0),
-            "sinus": u(-60.0, -20.0),
-        }
+        # Contrast phase, then every tissue's intensity in it (see the module docstring).
+        self.phase = PHASES[int(rng.choice(len(PHASES), p=PHASE_WEIGHTS))]
+        self.hu = _phase_intensities(self.phase, rng)
+        self.liver_hu = self.hu["liver"]
         self.liver_texture_hu = u(3.0, 6.0)
-        self.vessel_delta_hu = float(np.clip((self.hu["vessel"] - self.liver_hu) * 0.4, -12.0, 25.0))
+        self.spleen_texture_hu = u(12.0, 22.0) if self.phase == "arterial" else u(2.0, 5.0)
 
-        # Liver: a right lobe and a left lobe that appear, grow and shrink along z.
+        # Liver: a right lobe and a left lobe that appear, grow and shrink along z. The dome
+        # sits under the right diaphragm, a few centimetres below the top of the scan.
         a, b, ub, vb = self.a, self.b, self.ub, self.vb
-        length = min(u(130.0, 180.0), 0.7 * coverage)
-        margin = 0.06 * coverage
-        self.zl0 = u(margin, max(margin, coverage - length - margin))
-        self.zl1 = self.zl0 + length
-        zl0, lz = self.zl0, length
+        length = min(u(145.0, 200.0), 0.72 * coverage)
+        top = u(8.0, 60.0) if rng.random() < 0.85 else u(60.0, 140.0)
+        top = min(max(top, 0.08 * coverage, 1.5 * self.dz), coverage - length - 0.06 * coverage)
+        top = max(top, 0.06 * coverage)
+        self.zl1 = coverage - top
+        self.zl0 = max(self.zl1 - length, 0.06 * coverage)
+        zl0, lz = self.zl0, self.zl1 - self.zl0
         self.liver_right = _Organ(
-            ub - u(0.45, 0.55) * a, vb - u(0.0, 0.1) * b, u(0.42, 0.5) * a, u(0.55, 0.65) * b,
-            u(-0.25, 0.25), zl0, self.zl1, self.liver_hu, peak=u(0.5, 0.65),
+            ub - u(0.34, 0.44) * a, vb - u(0.0, 0.1) * b, u(0.58, 0.7) * a, u(0.72, 0.84) * b,
+            u(-0.25, 0.25), zl0, self.zl1, self.liver_hu, peak=u(0.6, 0.72),
         )
         self.liver_left = _Organ(
-            ub + u(0.0, 0.15) * a, vb - u(0.4, 0.5) * b, u(0.28, 0.4) * a, u(0.18, 0.26) * b,
-            u(-0.3, 0.1), zl0 + u(0.3, 0.45) * lz, self.zl1 - u(0.0, 0.05) * lz, self.liver_hu,
+            ub + u(0.1, 0.25) * a, vb - u(0.3, 0.42) * b, u(0.45, 0.6) * a, u(0.28, 0.38) * b,
+            u(-0.3, 0.1), zl0 + u(0.3, 0.45) * lz, self.zl1 - u(0.0, 0.05) * lz, self.liver_hu, peak=0.6,
         )
-        self.liver_warp = u(0.08, 0.14)
+        self.liver_warp = u(0.06, 0.12)
 
         # Spine and what hangs on it.
         self.f_lat, self.f_ant, self.f_post = u(10.0, 35.0), u(10.0, 35.0), u(8.0, 18.0)
@@ -316,23 +395,44 @@ class _Builder:
         )
         zs, hs = zl0 + u(0.5, 0.7) * lz, u(45.0, 60.0)
         self.stomach = _Organ(
-            ub + u(0.25, 0.4) * a, vb - u(0.25, 0.4) * b, u(0.22, 0.3) * a, u(0.22, 0.32) * b,
-            u(-0.5, 0.5), zs - hs, zs + hs, self.hu["stomach_wall"], rim_mm=u(2.0, 5.0),
+            ub + u(0.25, 0.4) * a, vb - u(0.2, 0.35) * b, u(0.22, 0.3) * a, u(0.22, 0.32) * b,
+            u(-0.5, 0.5), zs - hs, zs + hs, self.hu["bowel_wall"], rim_mm=u(2.0, 5.0),
         )
         self.stomach_gas = rng.random() < 0.7
+        # Pancreas: a soft band across the spine's front, below the liver's middle.
+        zp = zl0 + u(0.2, 0.4) * lz
+        self.pancreas = _Organ(
+            ub + u(0.0, 0.1) * a, self.v_spine - self.rvb - u(35.0, 45.0), u(0.3, 0.4) * a, u(10.0, 14.0),
+            u(-0.35, -0.1), zp - u(20.0, 30.0), zp + u(20.0, 30.0), self.hu["pancreas"], rim_mm=2.0,
+        )
+
+        # Gallbladder: a fluid pear in the fossa under the right lobe, neck up, fundus down
+        # and forward (absent after cholecystectomy or when it lies below the scan).
+        self.gallbladder = None
+        if rng.random() < 0.85:
+            right = self.liver_right
+            neck = np.array([right.cu + u(0.35, 0.55) * right.au, right.cv - u(0.15, 0.3) * right.av,
+                             zl0 + u(0.38, 0.5) * lz])
+            tilt = np.array([u(-0.5, 0.1), -u(0.3, 0.7), -1.0])
+            fundus = neck + tilt / np.linalg.norm(tilt) * u(45.0, 75.0)
+            self.gallbladder = (neck, fundus, u(11.0, 17.0), u(1.5, 3.0))
+
+        # Vessels: portal and hepatic venous trees inside the liver.
+        self.vessel_segments = self._vessel_trees()
 
         # Lungs above the two diaphragm domes, the heart on the left one.
         self.dome_right = (self.zl1 + u(1.0, 4.0), self.liver_right.cu, self.liver_right.cv)
-        self.dome_left = (self.zl1 - u(5.0, 20.0), ub + u(0.3, 0.45) * a, vb + u(0.0, 0.2) * b)
-        self.dome_drop_mm = u(25.0, 35.0)
-        zh, hh = self.dome_left[0] + u(30.0, 45.0), u(50.0, 65.0)
+        self.dome_left = (self.zl1 - u(8.0, 25.0), ub + u(0.3, 0.45) * a, vb + u(0.0, 0.2) * b)
+        self.dome_drop_mm = u(35.0, 55.0)
+        zh, hh = self.dome_left[0] + u(35.0, 50.0), u(55.0, 70.0)
         self.heart = _Organ(
-            ub + u(0.1, 0.2) * a, vb - u(0.15, 0.3) * b, u(0.35, 0.45) * a, u(0.3, 0.4) * b,
-            u(-0.4, 0.0), zh - hh, zh + hh, self.hu["heart"], rim_mm=u(3.0, 6.0),
+            ub + u(0.1, 0.2) * a, vb - u(0.25, 0.4) * b, u(0.26, 0.34) * a, u(0.26, 0.34) * b,
+            u(-0.5, -0.1), zh - hh, zh + hh, self.hu["heart_blood"], rim_mm=u(3.0, 6.0),
         )
+        self.myocardium_mm = u(8.0, 13.0)
 
         # Ribs: cross-sections along the wall, each seen in some slices only.
-        self.rib_z_min = zl0 + u(0.3, 0.4) * lz
+        self.rib_z_min = zl0 + u(0.2, 0.3) * lz
         self.rib_period = u(25.0, 32.0)
         left = np.linspace(-1.0, 1.15, 6) + rng.uniform(-0.08, 0.08, 6)
         self.ribs = [(float(t), float(u(0.0, 32.0))) for t in left] + [
@@ -343,17 +443,32 @@ class _Builder:
         self.body_wobble = [(m, u(0.0, 0.02), u(0.0, 2 * math.pi)) for m in (2, 3, 4)]
         self.body_zwave = (u(0.0, 0.03), u(200.0, 400.0), u(0.0, 2 * math.pi))
 
+        # Scanner table under the back: a curved carbon shell around a foam core, on a pad.
+        self.table = dict(
+            gap=u(3.0, 25.0), half_width=u(190.0, 250.0), curve=u(0.0, 4e-4), top_mm=u(3.0, 5.0),
+            core_mm=u(6.0, 20.0), bottom_mm=u(3.0, 6.0), shell_hu=u(150.0, 450.0), core_hu=u(-850.0, -550.0),
+            shift=u(-8.0, 8.0),
+        )
+        # Beam hardening and streaks in some cases: angular stripes from the spine, cupping.
+        self.streaks = None
+        if rng.random() < 0.35:
+            self.streaks = dict(
+                amp=u(4.0, 12.0), cupping=u(0.0, 15.0),
+                waves=[(int(rng.integers(12, 60)), u(0.0, 2 * math.pi), u(-0.3, 0.3)) for _ in range(6)],
+            )
+
         # Smooth random fields for shapes and texture (cell sizes set the grain).
         def field(cell, cell_z):
             return _SmoothField(rng, self.u, self.v, self.z, cell, cell_z)
 
         self.f_liver_shape = field(35.0, 40.0)
         self.f_liver_texture = field(8.0, 10.0)
-        self.f_vessels = field(14.0, 18.0)
         self.f_organ_shape = field(30.0, 35.0)
         self.f_tissue = field(6.0, 8.0)
-        self.f_bowel = field(22.0, 25.0)
-        self.f_gas = field(10.0, 12.0)
+        self.f_bowel = field(20.0, 22.0)
+        self.f_gas = field(14.0, 14.0)
+        self.bowel_contrast = rng.random() < 0.2  # positive oral contrast in some cases
+        self.bowel_fluid_hu = u(150.0, 350.0) if self.bowel_contrast else u(0.0, 30.0)
 
         self._static_arrays()
         # Drawn either way, so that forcing ``tumor_free`` leaves the rest of the case alone.
@@ -361,6 +476,73 @@ class _Builder:
         self.tumor_free = drawn_free if tumor_free is None else bool(tumor_free)
         plan = self._plan_tumors()
         self.tumor_plan = [] if self.tumor_free else plan
+
+    # -- vessel trees ----------------------------------------------------------------------
+
+    def _vessel_trees(self) -> dict[str, np.ndarray]:
+        """Portal and hepatic venous trees as capsules ``(A, B, radius, kind)`` in mm.
+
+        ``kind`` 0: portal branch, 1: hepatic vein branch (both drawn on liver voxels and
+        labelled liver), 2: the portal trunk at the hilum (drawn wherever it runs, labelled
+        background, as in LiTS masks).
+        """
+        rng, u = self.rng, self.rng.uniform
+        right, left = self.liver_right, self.liver_left
+        zl0, lz = self.zl0, self.zl1 - self.zl0
+        segments: list[tuple[np.ndarray, np.ndarray, float, int]] = []
+
+        def depth_in_liver(p) -> float:
+            """Below 1 inside a lobe's ellipsoid (its largest section, within its z range)."""
+            best = 9.0
+            for lobe in (right, left):
+                if lobe.z0 < p[2] < lobe.z1:
+                    best = min(best, _rho2(p[0], p[1], lobe.cu, lobe.cv, lobe.au, lobe.av, lobe.angle))
+            return best
+
+        centre = np.array([right.cu, right.cv, 0.5 * (zl0 + self.zl1)])
+
+        def grow(start, target, length, radius, depth, kind):
+            direction = np.asarray(target, float) - start
+            direction = direction / (np.linalg.norm(direction) + 1e-9)
+            for _ in range(2):  # a gently curved branch: two capsules
+                direction = direction + rng.normal(0.0, 0.2, 3)
+                direction /= np.linalg.norm(direction)
+                end = start + direction * length / 2
+                if depth_in_liver(end) > 0.8:  # turn back toward the liver's middle
+                    inward = centre - start
+                    direction = direction + 1.5 * inward / (np.linalg.norm(inward) + 1e-9)
+                    direction /= np.linalg.norm(direction)
+                    end = start + direction * length / 2
+                segments.append((start, end, radius, kind))
+                start = end
+            if depth == 0 or radius < 1.8:
+                return
+            for _ in range(2 if rng.random() < 0.7 else 3):
+                child = direction + rng.normal(0.0, 0.6, 3)
+                child[2] *= 0.6  # branches spread more in plane than along z
+                grow(start, start + child, length * u(0.65, 0.85), radius * u(0.68, 0.82), depth - 1, kind)
+
+        porta = np.array([right.cu + u(0.3, 0.45) * right.au, right.cv + u(-0.05, 0.15) * right.av,
+                          zl0 + u(0.4, 0.5) * lz])
+        confluence = np.array([self.ub + u(-5.0, 10.0), self.v_spine - self.rvb - u(25.0, 35.0),
+                               zl0 + u(0.15, 0.3) * lz])
+        segments.append((confluence, porta, u(6.0, 8.0), 2))
+        grow(porta, (right.cu - 0.2 * right.au, right.cv + 0.1 * right.av, porta[2] + 10.0),
+             u(40.0, 55.0), u(6.0, 7.5), 4, 0)
+        grow(porta, (left.cu, left.cv, 0.5 * (left.z0 + left.z1)), u(40.0, 55.0), u(5.0, 6.5), 4, 0)
+        cu, cv = self.ivc[0], self.ivc[1]
+        hub = np.array([cu, cv - 5.0, self.zl1 - u(15.0, 30.0)])
+        for target in (
+            (right.cu - 0.35 * right.au, right.cv + 0.1 * right.av, zl0 + 0.35 * lz),
+            (right.cu + 0.45 * right.au, right.cv - 0.55 * right.av, zl0 + 0.3 * lz),
+            (left.cu, left.cv, zl0 + 0.65 * lz),
+        ):
+            grow(hub, target, u(45.0, 60.0), u(5.0, 7.0), 4, 1)
+        a = np.array([s[0] for s in segments], _F32)
+        b = np.array([s[1] for s in segments], _F32)
+        r = np.array([s[2] for s in segments], _F32)
+        return {"a": a, "b": b, "r": r, "kind": np.array([s[3] for s in segments], np.int8),
+                "zmin": np.minimum(a[:, 2], b[:, 2]) - r, "zmax": np.maximum(a[:, 2], b[:, 2]) + r}
 
     # -- static per-case arrays -------------------------------------------------------------
 
@@ -392,6 +574,25 @@ class _Builder:
             q = _rho2(self.u[:, None], self.v[None, :], cu, cv, 0.55 * self.a, 0.75 * self.b)
             self.dome_q.append(q.astype(_F32))
         self.left_side = (self.u[:, None] > _F32(self.ub)) & np.ones((1, self.ny), bool)
+        # Gas floats to the front of the bowel in a supine patient.
+        self.gas_bias = (-(self.v[None, :] - _F32(self.vb)) / _F32(self.b) * _F32(0.8)).astype(_F32)
+        # Table: shell, foam core, shell, following a shallow curve under the back.
+        t = self.table
+        back = self.vb + float(self._surface_radius(np.array(math.pi / 2))) * (1.0 + self.body_zwave[0])
+        du_t = self.u[:, None] - _F32(self.ub + t["shift"])
+        top = _F32(back + t["gap"]) + _F32(t["curve"]) * du_t * du_t
+        depth_t = self.v[None, :] - top
+        across = np.abs(du_t) < _F32(t["half_width"])
+        layers = np.cumsum([t["top_mm"], t["core_mm"], t["bottom_mm"]])
+        self.table_hu = np.full((self.nx, self.ny), np.nan, _F32)
+        self.table_hu[across & (depth_t >= 0) & (depth_t < layers[2])] = t["shell_hu"]
+        self.table_hu[across & (depth_t >= layers[0]) & (depth_t < layers[1])] = t["core_hu"]
+        self.table_mask = ~np.isnan(self.table_hu)
+        self.table_top_mm = back + t["gap"]
+        if self.streaks is not None:
+            self.streak_theta = np.arctan2(self.v[None, :] - _F32(self.v_spine), self.u[:, None] - _F32(self.ub))
+            r_spine = np.sqrt((self.u[:, None] - _F32(self.ub)) ** 2 + (self.v[None, :] - _F32(self.v_spine)) ** 2)
+            self.streak_decay = np.exp(-r_spine / _F32(180.0)).astype(_F32)
 
     def _box(self, cu: float, cv: float, radius: float) -> tuple[slice, slice] | None:
         """Index box covering a disc of ``radius`` mm around ``(cu, cv)``; None if outside."""
@@ -422,23 +623,32 @@ class _Builder:
         hu[depth > wall] = H["muscle"]
         cavity = depth > wall + _F32(self.muscle_mm)
         hu[cavity] = H["visceral_fat"]
+        table = self.table_mask & ~body
+        hu[table] = self.table_hu[table]
         liver.fill(False)
         everything = (slice(None), slice(None))
 
-        # Bowel loops, more of them low in the abdomen, with gas pockets.
+        # Bowel loops, more of them low in the abdomen: an enhancing wall around fluid (or
+        # positive oral contrast) and gas pockets at the front.
         tau = (z - self.zl0) / (self.zl1 - self.zl0)
-        threshold = 0.2 + 1.2 * float(np.clip(tau, 0.0, 1.0))
-        bowel = cavity & (self.f_bowel.plane(k, everything) > threshold)
-        hu[bowel] = H["bowel"]
-        hu[bowel & (self.f_gas.plane(k, everything) > 1.7)] = AIR_HU
+        threshold = _F32(0.1 + 1.3 * float(np.clip(tau, 0.0, 1.0)))
+        f = self.f_bowel.plane(k, everything)
+        loops = cavity & (f > threshold)
+        hu[loops] = H["bowel_wall"]
+        lumen = cavity & (f > threshold + _F32(0.3))
+        hu[lumen] = self.bowel_fluid_hu
+        hu[lumen & (self.f_gas.plane(k, everything) + self.gas_bias > 0.9)] = AIR_HU
 
         self._paint_liver(k, z, hu, liver, cavity, depth)
+        self._paint_liver_vessels(z, hu, liver, cavity)
         for kidney in self.kidneys:
             self._paint_kidney(kidney, z, hu, liver, cavity)
-        self._paint_organ(self.spleen, k, z, hu, liver, cavity, warp=0.1)
+        self._paint_organ(self.pancreas, k, z, hu, liver, cavity, warp=0.15)
+        self._paint_organ(self.spleen, k, z, hu, liver, cavity, warp=0.1, texture=self.spleen_texture_hu)
         self._paint_stomach(k, z, hu, liver, cavity)
+        self._paint_gallbladder(z, hu, liver, cavity)
         self._paint_lungs(z, hu, liver, cavity)
-        self._paint_organ(self.heart, k, z, hu, liver, cavity, warp=0.0)
+        self._paint_organ(self.heart, k, z, hu, liver, cavity, warp=0.0, wall=(self.myocardium_mm, H["myocardium"]))
         self._paint_vessels(hu, liver)
         self._paint_spine(z, hu, liver, body)
         self._paint_ribs(z, hu, liver)
@@ -467,8 +677,6 @@ class _Builder:
         rho = np.sqrt(rho) + self.f_liver_shape.plane(k, box) * _F32(self.liver_warp)
         mask = (rho < 1.0) & cavity[box] & (depth[box] > self.fat_mm[box] + _F32(self.muscle_mm + 2.0))
         values = _F32(self.liver_hu) + self.f_liver_texture.plane(k, box) * _F32(self.liver_texture_hu)
-        vessels = np.abs(self.f_vessels.plane(k, box)) < 0.07
-        values += vessels * _F32(self.vessel_delta_hu)
         hu[box][mask] = values[mask]
         liver[box] |= mask
 
@@ -476,7 +684,72 @@ class _Builder:
         hu[box][mask] = value
         liver[box][mask] = False
 
-    def _paint_organ(self, organ: _Organ, k, z, hu, liver, cavity, warp: float) -> None:
+    def _capsules(self, z: float, kinds=None):
+        """Vessel capsules crossing the plane at ``z``: yields ``(box, distance_mm, radius, kind)``."""
+        vs = self.vessel_segments
+        near = np.flatnonzero((vs["zmin"] <= z) & (vs["zmax"] >= z))
+        for n in near:
+            kind = int(vs["kind"][n])
+            if kinds is not None and kind not in kinds:
+                continue
+            a, b, r = vs["a"][n], vs["b"][n], float(vs["r"][n])
+            d = b - a
+            # Part of the segment within r of the plane, projected in plane: the box to draw.
+            if abs(d[2]) > 1e-3:
+                t0, t1 = sorted(((z - r - a[2]) / d[2], (z + r - a[2]) / d[2]))
+                t0, t1 = max(t0, 0.0), min(t1, 1.0)
+            else:
+                t0, t1 = 0.0, 1.0
+            p0, p1 = a + t0 * d, a + t1 * d
+            cu, cv = 0.5 * (p0[0] + p1[0]), 0.5 * (p0[1] + p1[1])
+            half = 0.5 * math.hypot(p1[0] - p0[0], p1[1] - p0[1]) + r + 1.0
+            box = self._box(cu, cv, half)
+            if box is None:
+                continue
+            U, V = self._grid(box)
+            length2 = float(d @ d) + 1e-9
+            t = ((U - a[0]) * d[0] + (V - a[1]) * d[1] + (z - a[2]) * d[2]) / _F32(length2)
+            np.clip(t, 0.0, 1.0, out=t)
+            dist = np.sqrt((a[0] + t * d[0] - U) ** 2 + (a[1] + t * d[1] - V) ** 2 + (a[2] + t * d[2] - z) ** 2)
+            yield box, dist, r, kind
+
+    def _paint_liver_vessels(self, z, hu, liver, cavity) -> None:
+        """Portal and hepatic veins: blended into the liver (partial volume), still liver."""
+        values = (self.hu["portal"], self.hu["hepatic"], self.hu["portal"])
+        for box, dist, r, kind in self._capsules(z):
+            w = np.clip((_F32(r) - dist) / _F32(self.dx) + _F32(0.5), 0.0, 1.0)
+            if kind == 2:  # the trunk at the hilum: background wherever it runs
+                mask = (w > 0.5) & cavity[box]
+                self._paint(hu, liver, box, mask, values[2])
+                continue
+            inside = liver[box]
+            target = hu[box]
+            target += np.where(inside, w * (_F32(values[kind]) - target), _F32(0.0))
+
+    def _paint_gallbladder(self, z, hu, liver, cavity) -> None:
+        if self.gallbladder is None:
+            return
+        neck, fundus, radius, wall = self.gallbladder
+        if not (min(neck[2], fundus[2]) - radius - wall <= z <= max(neck[2], fundus[2]) + radius + wall):
+            return
+        d = fundus - neck
+        t = (z - neck[2]) / d[2] if abs(d[2]) > 1e-3 else 0.5
+        t = min(max(t, 0.0), 1.0)
+        centre = neck + t * d
+        box = self._box(centre[0], centre[1], radius + wall + abs(d[0]) + abs(d[1]) + 2.0)
+        if box is None:
+            return
+        U, V = self._grid(box)
+        s = ((U - neck[0]) * d[0] + (V - neck[1]) * d[1] + (z - neck[2]) * d[2]) / _F32(d @ d)
+        s = np.clip(s, 0.0, 1.0)
+        dist = np.sqrt((neck[0] + s * d[0] - U) ** 2 + (neck[1] + s * d[1] - V) ** 2 + (neck[2] + s * d[2] - z) ** 2)
+        taper = _F32(radius) * (_F32(0.6) + _F32(0.4) * np.sqrt(s))  # a narrow neck, a round fundus
+        inside = cavity[box]
+        self._paint(hu, liver, box, (dist < taper + _F32(wall)) & inside, self.hu["gb_wall"])
+        self._paint(hu, liver, box, (dist < taper) & inside, self.hu["gallbladder"])
+
+    def _paint_organ(self, organ: _Organ, k, z, hu, liver, cavity, warp: float, texture: float = 0.0,
+                     wall: tuple[float, float] | None = None) -> None:
         s = organ.scale(z)
         if s <= 0.03:
             return
@@ -490,7 +763,18 @@ class _Builder:
         inside = cavity[box]
         rim = 1.0 + organ.rim_mm / (min(organ.au, organ.av) * s)
         self._paint(hu, liver, box, (rho < rim) & inside, self.hu["visceral_fat"])
-        self._paint(hu, liver, box, (rho < 1.0) & inside, organ.hu)
+        if wall is not None:  # e.g. the myocardium around the heart's blood pool
+            self._paint(hu, liver, box, (rho < 1.0) & inside, wall[1])
+            core = (rho < 1.0 - wall[0] / (min(organ.au, organ.av) * s)) & inside
+            self._paint(hu, liver, box, core, organ.hu)
+            return
+        mask = (rho < 1.0) & inside
+        if texture:
+            values = _F32(organ.hu) + self.f_tissue.plane(k, box) * _F32(texture)
+            hu[box][mask] = values[mask]
+            liver[box][mask] = False
+        else:
+            self._paint(hu, liver, box, mask, organ.hu)
 
     def _paint_kidney(self, kidney: _Organ, z, hu, liver, cavity) -> None:
         s = kidney.scale(z)
@@ -505,6 +789,8 @@ class _Builder:
         inside = cavity[box]
         self._paint(hu, liver, box, (r2 < rim) & inside, self.hu["visceral_fat"])
         self._paint(hu, liver, box, (r2 < 1.0) & inside, kidney.hu)
+        if s > 0.5:  # medulla, darker than the cortex in the arterial phase
+            self._paint(hu, liver, box, (r2 < 0.45) & inside, self.hu["medulla"])
         if s > 0.8:  # renal sinus at the hilum, facing the spine
             side = 1.0 if kidney.cu < self.ub else -1.0
             sinus = _rho2(U, V, kidney.cu + side * 0.45 * kidney.au, kidney.cv - 0.1 * kidney.av,
@@ -558,13 +844,12 @@ class _Builder:
             U, V = self._grid(box)
             r2 = _rho2(U, V, cu, cv, r, r)
             self._paint(hu, liver, box, r2 < ((r + 2.0) / r) ** 2, self.hu["visceral_fat"])
-            self._paint(hu, liver, box, r2 < 1.0, self.hu["vessel"])
+            self._paint(hu, liver, box, r2 < 1.0, self.hu["aorta"])
         cu, cv, au, av = self.ivc
         box = self._box(cu, cv, max(au, av) + 2)
         if box is not None:
             U, V = self._grid(box)
-            # Unenhanced blood mixes in the IVC: a little darker than the aorta.
-            self._paint(hu, liver, box, _rho2(U, V, cu, cv, au, av) < 1.0, 0.8 * self.hu["vessel"] + 8.0)
+            self._paint(hu, liver, box, _rho2(U, V, cu, cv, au, av) < 1.0, self.hu["ivc"])
 
     def _paint_spine(self, z, hu, liver, body) -> None:
         H = self.hu
@@ -710,7 +995,8 @@ class _Builder:
             # A soft edge a few millimetres wide: (1 - d) * radius is roughly the depth in mm.
             weight = expit((1.0 - d) * _F32(radius / t["edge"])).astype(_F32)
             in_liver = labels[box] >= LABEL_LIVER
-            delta = weight * _F32(t["contrast"])
+            # The lesion replaces the parenchyma and the vessels it grows over.
+            delta = weight * (_F32(self.liver_hu + t["contrast"]) - hu[box])
             if t["core"]:
                 delta += expit((0.5 - d) * _F32(radius / t["edge"])).astype(_F32) * _F32(t["core"])
             hu[box] += np.where(in_liver, delta, _F32(0.0))
@@ -745,14 +1031,24 @@ class _Builder:
         tumors = self.place_tumors(labels)
         # Pass 2: lesions, partial-volume blur, noise, out-of-field padding.
         blurred = np.empty_like(hu)
-        noise = _F32(self.noise_hu)
+        grain = np.empty_like(hu)
+        white = _F32(self.noise_hu * math.sqrt(1.0 - self.noise_grain**2))
+        # Gaussian filtering white noise with sigma 1 px leaves 1 / (2 sqrt(pi)) of its std.
+        correlated = _F32(self.noise_hu * self.noise_grain * 2.0 * math.sqrt(math.pi))
         outside = ~self.fov
+        body = volume[:, :, 0] > -500  # refreshed per slice below, for the streaks
         for k in range(self.nz):
             hu[...] = volume[:, :, k]
             lab = labels[:, :, k]
             self.render_tumors(k, hu, lab, tumors)
             ndimage.gaussian_filter(hu, self.blur_px, output=blurred, mode="nearest")
-            blurred += self.rng.standard_normal(blurred.shape, dtype=_F32) * noise
+            if self.streaks is not None:
+                body = hu > -500
+                blurred += self._streak_plane(k) * body
+            blurred += self.rng.standard_normal(blurred.shape, dtype=_F32) * white
+            if correlated:
+                ndimage.gaussian_filter(self.rng.standard_normal(blurred.shape, dtype=_F32), 1.0, output=grain)
+                blurred += grain * correlated
             np.clip(blurred, MIN_HU, MAX_HU, out=blurred)
             blurred[outside] = self.pad_hu
             volume[:, :, k] = np.rint(blurred)
@@ -766,7 +1062,40 @@ class _Builder:
         return PhantomCase(
             volume_hu=volume, labels=labels, affine=self.affine(), pad_hu=self.pad_hu,
             liver_hu=float(self.liver_hu), noise_hu=float(self.noise_hu), tumors=specs,
+            phase=self.phase, anatomy=self.anatomy(),
         )
+
+    def _streak_plane(self, k: int) -> np.ndarray:
+        """Streaks fanning out from the spine, changing from slice to slice, plus cupping."""
+        st = self.streaks
+        pattern = np.zeros_like(self.streak_theta)
+        for n, phase, rate in st["waves"]:
+            pattern += np.cos(n * self.streak_theta + _F32(phase + rate * k))
+        pattern = np.sign(pattern) * pattern * pattern  # sharper, stripe-like
+        out = pattern * self.streak_decay * _F32(st["amp"] / len(st["waves"]))
+        if st["cupping"]:
+            out -= _F32(st["cupping"]) * np.clip(1.0 - self.r / self.r_surface, 0.0, 1.0)
+        return out
+
+    def anatomy(self) -> dict:
+        """The drawn anatomy that labels do not show, in voxel indices where it has a place."""
+
+        def ijk(p):
+            return [int(round((p[0] - self.u[0]) / self.dx)), int(round((p[1] - self.v[0]) / self.dy)),
+                    int(round(p[2] / self.dz))]
+
+        gb = None
+        if self.gallbladder is not None:
+            neck, fundus, radius, _ = self.gallbladder
+            gb = {"neck_ijk": ijk(neck), "fundus_ijk": ijk(fundus), "radius_mm": round(float(radius), 2)}
+        j = int(math.ceil((self.table_top_mm - self.v[0]) / self.dy))
+        i = int(round((self.ub + self.table["shift"] - self.u[0]) / self.dx))
+        table_j = j if 0 <= j < self.ny and 0 <= i < self.nx and self.fov[i, j] else None
+        return {
+            "phase": self.phase, "hu": {k: round(v, 1) for k, v in self.hu.items()},
+            "gallbladder": gb, "table_top_j": table_j, "table_i": i,
+            "liver_top_mm": round(float(self.zl1), 1), "streaks": self.streaks is not None,
+        }
 
 
 # ----------------------------------------------------------------------------------------
@@ -965,6 +1294,8 @@ def write_phantom_dataset(
                     "id": index, "volume": volume_path.name, "segmentation": label_path.name,
                     "shape": list(case.volume_hu.shape), "spacing_mm": [round(s, 4) for s in case.spacing],
                     "pad_hu": case.pad_hu, "liver_hu": round(case.liver_hu, 2), "noise_hu": round(case.noise_hu, 2),
+                    "phase": case.phase, "gallbladder": case.anatomy.get("gallbladder"),
+                    "streaks": case.anatomy.get("streaks"),
                     "tumors": [dataclasses.asdict(t) for t in case.tumors],
                 }
             )

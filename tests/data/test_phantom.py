@@ -12,7 +12,9 @@ from scipy import ndimage
 from keras_livseg import phantom as phantom_cli
 from keras_livseg.data.phantom import (
     LARGE_TUMOR_MIN_MM,
+    LIVER_HU_BY_PHASE,
     PAD_VALUES_HU,
+    PHASES,
     SMALL_TUMOR_MAX_MM,
     iter_phantom_cases,
     make_phantom_case,
@@ -93,7 +95,9 @@ def test_liver_on_the_patients_right_by_the_affine(case_set):
 def test_liver_hu_and_that_no_threshold_segments_it(case_set):
     for case in case_set[:4]:
         liver = case.labels == 1
-        assert 40.0 <= case.volume_hu[liver].mean() <= 80.0
+        lo, hi = LIVER_HU_BY_PHASE[case.phase]
+        assert lo <= case.liver_hu <= hi
+        assert lo - 10.0 <= case.volume_hu[liver].mean() <= hi + 15.0  # vessels brighten it a little
         assert best_threshold_dice(case.volume_hu, case.labels >= 1) < 0.8
 
 
@@ -142,7 +146,7 @@ def test_spacing_varies_across_cases():
     thickness = {round(c.spacing[2], 3) for c in cases}
     counts = {c.volume_hu.shape[2] for c in cases}
     assert len(in_plane) == len(thickness) == 4 and len(counts) > 1
-    assert all(0.6 * 16 <= c.spacing[0] <= 1.0 * 16 + 1e-6 for c in cases)  # 512 / 32 = 16
+    assert all(0.55 * 16 <= c.spacing[0] <= 1.0 * 16 + 1e-6 for c in cases)  # 512 / 32 = 16
     assert all(1.0 <= c.spacing[2] <= 5.0 for c in cases)
 
 
@@ -226,3 +230,120 @@ def test_cli_rejects_a_bad_slice_range(capsys):
         phantom_cli.main(["--out", "x", "--slices", "9:3"])
     assert exit_info.value.code == 2
     assert "MIN:MAX" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# Realism: phases, gallbladder, lungs and heart, table, vessels
+# ----------------------------------------------------------------------------------------
+
+MID = dict(size=96, slices=(40, 40))
+
+
+def _cases_by_phase(**kwargs) -> dict:
+    found = {}
+    for seed in range(200):
+        case = make_phantom_case(seed, **kwargs)
+        found.setdefault(case.phase, case)
+        if len(found) == len(PHASES):
+            return found
+    raise AssertionError(f"not every phase drawn in 200 seeds: {sorted(found)}")
+
+
+def test_phase_changes_liver_and_vessel_hu_in_the_documented_direction():
+    cases = _cases_by_phase(**TINY)
+    liver = {phase: float(case.volume_hu[case.labels == 1].mean()) for phase, case in cases.items()}
+    for phase, case in cases.items():
+        lo, hi = LIVER_HU_BY_PHASE[phase]
+        assert lo <= case.liver_hu <= hi
+        assert case.anatomy["phase"] == phase
+    # Contrast raises the liver: portal venous brightest, then delayed; unenhanced darkest.
+    drawn = {phase: case.liver_hu for phase, case in cases.items()}
+    assert drawn["portal"] > drawn["delayed"] > drawn["non_contrast"]
+    assert drawn["arterial"] > drawn["non_contrast"]
+    assert liver["portal"] > liver["delayed"] > liver["non_contrast"]  # as measured, with noise
+    hu = {phase: case.anatomy["hu"] for phase, case in cases.items()}
+    assert hu["portal"]["portal"] > hu["portal"]["liver"] + 30  # bright portal veins
+    assert hu["portal"]["hepatic"] > hu["portal"]["liver"]
+    assert hu["non_contrast"]["portal"] < hu["non_contrast"]["liver"]  # darker unenhanced blood
+    assert hu["non_contrast"]["hepatic"] < hu["non_contrast"]["liver"]
+    assert hu["arterial"]["aorta"] == max(h["aorta"] for h in hu.values())
+    assert hu["arterial"]["hepatic"] < hu["arterial"]["liver"]  # hepatic veins not yet filled
+    assert max(h["aorta"] for h in hu.values()) >= 250 and hu["non_contrast"]["aorta"] <= 50
+
+
+def test_portal_phase_is_the_commonest():
+    phases = [case.phase for _, case in iter_phantom_cases(40, seed=11, size=32, slices=(8, 8))]
+    counts = {phase: phases.count(phase) for phase in PHASES}
+    assert max(counts, key=counts.get) == "portal" and counts["portal"] >= 15
+    assert len([p for p in PHASES if counts[p]]) >= 3
+
+
+def test_portal_phase_liver_has_bright_vessels_inside():
+    case = next(c for c in _cases_by_phase(**MID).values() if c.phase == "portal")
+    values = case.volume_hu[ndimage.binary_erosion(case.labels == 1, iterations=2)]
+    # A tail of voxels well above the parenchyma: the portal and hepatic veins (labelled liver).
+    assert (values > case.liver_hu + 40).mean() > 0.01
+
+
+def test_gallbladder_is_fluid_background_at_the_livers_surface():
+    checked = 0
+    for seed in range(30):
+        case = make_phantom_case(seed, **MID)
+        gb = case.anatomy["gallbladder"]
+        if gb is None:
+            continue
+        neck, fundus = np.array(gb["neck_ijk"]), np.array(gb["fundus_ijk"])
+        middle = np.rint((neck + fundus) / 2).astype(int)
+        if not ((middle >= 2).all() and (middle < np.array(case.labels.shape) - 2).all()):
+            continue
+        i, j, k = middle
+        patch = case.volume_hu[i - 1 : i + 2, j - 1 : j + 2, k]
+        hu = case.anatomy["hu"]["gallbladder"]
+        assert 0.0 <= hu <= 25.0
+        assert -15.0 <= float(np.median(patch)) <= 40.0  # fluid, with noise
+        assert (case.labels[i - 1 : i + 2, j - 1 : j + 2, k] == 0).all()
+        # It lies in the fossa: liver within a few millimetres of its wall.
+        reach = int(np.ceil((gb["radius_mm"] + 8.0) / case.spacing[0]))
+        around = case.labels[max(i - reach, 0) : i + reach + 1, max(j - reach, 0) : j + reach + 1, k]
+        assert (around >= 1).any()
+        checked += 1
+        if checked == 3:
+            break
+    assert checked >= 1
+
+
+def test_top_slices_show_lung_bases_above_the_liver(case_set):
+    for case in case_set:
+        liver_slices = np.flatnonzero((case.labels >= 1).any(axis=(0, 1)))
+        top = case.volume_hu[:, :, liver_slices[-1] + 1 :]
+        assert top.shape[2] >= 1
+        lung = (top > -920) & (top < -760)
+        assert lung.mean() > 0.01  # lung parenchyma, not air (-1000) nor padding
+        assert (top[:, :, -1] > 100).any()  # heart, aorta or bone in the top slice
+
+
+def test_scanner_table_lies_below_the_body():
+    seen = 0
+    for _, case in iter_phantom_cases(6, seed=2, **MID):
+        j_top, i = case.anatomy["table_top_j"], case.anatomy["table_i"]
+        if j_top is None:
+            continue
+        column = case.volume_hu[i, :, :]  # (rows, slices)
+        body_rows = np.flatnonzero((column[:j_top] > -300).any(axis=1))
+        assert body_rows.size and body_rows.max() < j_top
+        gap = column[body_rows.max() + 1 : j_top - 1]
+        shell = column[j_top - 1 : j_top + int(np.ceil(30.0 / case.spacing[1]))]  # shells and core
+        # Denser than the air between back and table in every slice (blurred at coarse pixels).
+        assert (shell.max(axis=0) > -500).all()
+        assert gap.size == 0 or (gap.min(axis=0) < -800).all()
+        seen += 1
+    assert seen >= 3
+
+
+def test_new_fields_are_deterministic_and_json_friendly(tmp_path):
+    a, b = make_phantom_case(3, **TINY), make_phantom_case(3, **TINY)
+    assert a.phase == b.phase and a.anatomy == b.anatomy
+    json.dumps(a.anatomy)
+    write_phantom_dataset(tmp_path, cases=1, seed=0, **TINY)
+    meta = json.loads((tmp_path / "phantom.json").read_text())
+    assert meta["cases"][0]["phase"] in PHASES
