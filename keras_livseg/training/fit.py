@@ -352,10 +352,16 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     logger.info("model %s: %s parameters; %d steps/epoch x %d epochs, global batch %d",
                 config["model"]["name"], f"{model.count_params():,}", steps, epochs, global_batch)
     warm_start = None
-    if training["init_from"] and not resume:  # a resumed run restores its own weights
+    init_from = str(training["init_from"] or "")
+    if init_from.lower() not in ("", "none") and not resume:  # a resumed run restores its own weights
         from keras_livseg.training.warm_start import load_matching_weights
 
-        report = load_matching_weights(model, training["init_from"])
+        if not Path(init_from).exists() and init_from.endswith("phantom_demo/checkpoints/best.keras"):
+            raise ValueError(
+                f"training.init_from {init_from} does not exist yet: run the phantom demo first "
+                "(python -m keras_livseg.fit), pass --init-from CHECKPOINT, or --init-from none to train from scratch"
+            )
+        report = load_matching_weights(model, init_from)
         warm_start = report.summary()
         logger.info("%s", warm_start)
         (run_dir / "warm_start.txt").write_text(warm_start + "\n")
@@ -444,13 +450,15 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
 
     cases = manifest["splits"][split]["cases"]
     predictions_dir = Path(predictions_dir or out_dir / "predictions")
-    images = [manifest["cases"][cid]["image"] for cid in cases]
+    # Manifests keep the paths as given (maybe relative to the working folder): resolve them here.
+    images = [str(Path(manifest["cases"][cid]["image"]).resolve()) for cid in cases]
     model = SegmentationModel.load(checkpoint)
     written = predict_paths(model, images, predictions_dir, progress=False)
     # Score exactly these predictions against their own label files.
     pairs = Path(out_dir) / "held_out_pairs.csv"
     pairs.write_text("image,label,case_id\n" + "".join(
-        f"{manifest['cases'][cid]['image']},{manifest['cases'][cid]['label']},{cid}\n" for cid in cases))
+        f"{Path(manifest['cases'][cid]['image']).resolve()},{Path(manifest['cases'][cid]['label']).resolve()},{cid}\n"
+        for cid in cases))
     label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
     only = Path(out_dir) / "held_out_predictions"
     shutil.rmtree(only, ignore_errors=True)
@@ -572,7 +580,7 @@ def cross_validate(config: dict, folds: int, only_fold: int | None = None, resum
     scored = [cid for result in fold_results for cid in result["cases"]]
     pairs = cv_dir / "out_of_fold_pairs.csv"
     by_id = {c.case_id: c for c in cases}
-    pairs.write_text("image,label,case_id\n" + "".join(f"{by_id[c].image},{by_id[c].label},{c}\n" for c in scored))
+    pairs.write_text("image,label,case_id\n" + "".join(f"{by_id[c].image.resolve()},{by_id[c].label.resolve()},{c}\n" for c in scored))
     label_map = parse_label_map(config["data"].get("label_map"))
     summary = evaluate_folders(predictions, pairs, cv_dir / "eval", options=EvaluationOptions(label_map=label_map),
                                model_name=f"{config['model']['name']} ({folds}-fold out-of-fold)")

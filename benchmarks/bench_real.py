@@ -1,0 +1,135 @@
+"""Real CT: the demo over seeds, sim-to-real, and leave-one-patient-out fine-tuning (issue 8).
+
+Three parts, each printing a table and writing ``benchmarks/results/real_ct.json`` (parts
+already measured are kept, so they can run one at a time):
+
+- ``demo``: ``python -m keras_livseg.fit`` (the phantom demo) with training seeds 0, 1, 2: wall
+  time and held-out phantom Dice on whole volumes (goal: liver >= 0.95, tumour >= 0.75, <= 5 min).
+- ``sim2real``: the seed-0 demo model, phantom only, on the real scans in ../shared/data/real
+  (3D-IRCADb patients 1 and 7, the TotalSegmentator crop with liver = label 5): liver Dice per
+  scan (goal >= 0.90).
+- ``lopo``: ``pipelines/ircadb_finetune.toml`` with ``--folds 2`` on the two IRCAD patients,
+  warm-started from the seed-0 demo model: liver and tumour Dice per held-out patient
+  (goals >= 0.93 and >= 0.60).
+
+    python benchmarks/bench_real.py demo sim2real lopo [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, table, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
+RUNS = ROOT / "runs" / "bench_real"
+
+
+def fit(args: list[str]) -> float:
+    """Run ``python -m keras_livseg.fit`` (progress on this terminal); return its wall time."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "keras_livseg.fit", "--runs-dir", str(RUNS), *args], cwd=ROOT, check=True)
+    return time.perf_counter() - started
+
+
+def demo(seeds: list[int]) -> dict:
+    rows = []
+    for seed in seeds:
+        name = f"demo-seed{seed}"
+        if not (RUNS / name / "eval" / "held_out_volumes.json").is_file():
+            wall = fit(["--name", name, "--no-export", "--set", f"run.seed={seed}"])
+        else:
+            wall = json.loads((RUNS / name / "wall.json").read_text())["seconds"]
+        (RUNS / name / "wall.json").write_text(json.dumps({"seconds": wall}))
+        volumes = json.loads((RUNS / name / "eval" / "held_out_volumes.json").read_text())
+        rows.append({"seed": seed, "minutes": round(wall / 60, 2), "cases": len(volumes["cases"]),
+                     "liver_dice": volumes["liver_dice"], "tumor_dice": volumes["tumor_dice"],
+                     "liver_dice_global": volumes["liver_dice_global"], "tumor_dice_global": volumes["tumor_dice_global"]})
+    import numpy as np
+
+    summary = {key: {"mean": float(np.mean([r[key] for r in rows])), "min": float(np.min([r[key] for r in rows])),
+                     "max": float(np.max([r[key] for r in rows]))}
+               for key in ("minutes", "liver_dice", "tumor_dice", "liver_dice_global", "tumor_dice_global")}
+    print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                ["seed", "minutes", "cases", "liver_dice", "tumor_dice", "liver_dice_global", "tumor_dice_global"]))
+    return {"runs": rows, "summary": summary,
+            "covers": "every slice of the held-out phantom test volumes, native grid, post-processed; mean per case and global"}
+
+
+def sim2real(checkpoint: Path) -> dict:
+    from keras_livseg.evaluation.report import EvaluationOptions, evaluate_model
+
+    if not REAL.is_dir():
+        print(f"skipped: {REAL} is absent")
+        return {"skipped": f"{REAL} absent"}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        pairs = Path(scratch) / "totalseg.csv"
+        folder = REAL / "totalseg-example-ct"
+        pairs.write_text(f"image,label,case_id\n{folder / 'example_ct_sm.nii.gz'},{folder / 'example_seg.nii.gz'},totalseg\n")
+        for data, label_map in ((REAL / "ircadb", None), (pairs, {5: 1})):
+            out = Path(scratch) / data.stem
+            evaluate_model(checkpoint, data, out, options=EvaluationOptions(label_map=label_map), figures=False,
+                           progress=False, sample_voxels=0)
+            import csv
+
+            with (out / "per_case.csv").open() as handle:
+                for row in csv.DictReader(handle):
+                    rows.append({"case": row["case_id"], "liver_dice": float(row["liver_dice"]),
+                                 "tumor_dice": float(row["tumor_dice"]) if label_map is None else None})
+    print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                ["case", "liver_dice", "tumor_dice"]))
+    return {"model": str(checkpoint.relative_to(ROOT)), "cases": rows, "goal_liver_dice": 0.90}
+
+
+def lopo(checkpoint: Path) -> dict:
+    if not (REAL / "ircadb").is_dir():
+        print(f"skipped: {REAL / 'ircadb'} is absent")
+        return {"skipped": "ircadb absent"}
+    name = "ircadb-lopo"
+    wall = fit(["--pipeline", "pipelines/ircadb_finetune.toml", "--data", str(REAL / "ircadb"), "--folds", "2",
+                "--name", name, "--init-from", str(checkpoint)] + (["--resume"] if (RUNS / name).exists() else []))
+    rows = []
+    for fold in sorted((RUNS / name).glob("fold-*")):
+        volumes = json.loads((fold / "eval" / "held_out_volumes.json").read_text())
+        for case, scores in volumes["per_case"].items():
+            rows.append({"fold": fold.name, "held_out_patient": case, **scores})
+    print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                ["fold", "held_out_patient", "liver_dice", "tumor_dice"]))
+    metrics = json.loads((RUNS / name / "eval" / "metrics.json").read_text())
+    return {"minutes": round(wall / 60, 2), "per_patient": rows, "goal": {"liver_dice": 0.93, "tumor_dice": 0.60},
+            "out_of_fold": {"liver_dice": metrics["volume"]["liver"]["dice"], "tumor_dice": metrics["volume"]["tumor"]["dice"],
+                            "tumor_dice_global": metrics["volume"]["tumor"]["dice_global"]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="+", choices=["demo", "sim2real", "lopo"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    path = RESULTS / "real_ct.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.pop("machine", None)
+    checkpoint = RUNS / f"demo-seed{args.seeds[0]}" / "checkpoints" / "best.keras"
+    for part in args.parts:
+        if part == "demo":
+            results["demo"] = demo(args.seeds)
+        elif part == "sim2real":
+            results["sim2real"] = sim2real(checkpoint)
+        else:
+            results["lopo"] = lopo(checkpoint)
+        print(f"wrote {write_json('real_ct', results)}")
+
+
+if __name__ == "__main__":
+    main()
