@@ -156,13 +156,14 @@ def _ct_slice(case: Any, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
 def _draw_overlay(axis, ct: np.ndarray | None, ref_slice: np.ndarray, pred_slice: np.ndarray, title: str) -> None:
     """CT (or black) with the reference contours (solid) and the predicted ones (dashed)."""
     background = ct if ct is not None else np.full(ref_slice.shape, _WINDOW[0], np.float32)
-    # Canonical arrays are [rows=x, cols=y]; transpose so that the image reads as an axial view.
-    axis.imshow(background.T, cmap="gray", vmin=_WINDOW[0], vmax=_WINDOW[1], origin="lower")
+    # Canonical arrays run (posterior, patient-left): shown as they are, anterior is up and the
+    # patient's right (the liver) on the image's left, the radiological view.
+    axis.imshow(background, cmap="gray", vmin=_WINDOW[0], vmax=_WINDOW[1], origin="upper")
     for labels, style in ((ref_slice, "solid"), (pred_slice, "dashed")):
         for region, test in (("liver", labels >= 1), ("tumor", labels == 2)):
             if test.any() and not test.all():
                 colour = _CONTOUR_COLOURS[(region, style)]
-                axis.contour(test.T.astype(np.float32), levels=[0.5], colors=[colour],
+                axis.contour(test.astype(np.float32), levels=[0.5], colors=[colour],
                              linewidths=1.2, linestyles=style)
     axis.set_title(title, fontsize=8)
     axis.axis("off")
