@@ -35,7 +35,7 @@ TRAINING_KEYS = frozenset(
         "epochs", "batch_size", "steps_per_epoch", "optimizer", "learning_rate", "weight_decay", "schedule",
         "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
-        "shuffle_buffer", "monitor", "validation", "init_from",
+        "shuffle_buffer", "monitor", "validation", "init_from", "score_volumes",
     }
 )
 EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
@@ -71,6 +71,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "monitor": "val_tumor_dice",
         "validation": "split",
         "init_from": "",
+        "score_volumes": True,  # also score the held-out cases' whole volumes (native grid, LiTS)
     },
     "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},
 }
@@ -402,7 +403,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         test_metrics["split"] = held_out
         test_metrics["covers"] = f"{manifest['selection']['slices']} slices of the shards, {len(manifest['splits'][held_out]['cases'])} case(s), model grid"
         (run_dir / "eval" / "test_metrics.json").write_text(json.dumps(test_metrics, indent=1, sort_keys=True) + "\n")
-        if best.is_file() and training.get("score_volumes", True):
+        if best.is_file() and bool(training.get("score_volumes", True)):
             volume_metrics = score_held_out_volumes(best, manifest, held_out, run_dir / "eval")
     else:
         logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
