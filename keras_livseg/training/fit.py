@@ -157,14 +157,16 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ensure_source(config: dict) -> Path:
-    """The dataset ``fit`` trains on: ``data.src``, or the phantom (generated once, cached)."""
-    data = config["data"]
-    if data.get("src"):
-        return Path(data["src"])
-    from keras_livseg.data.phantom import write_phantom_dataset
+#: Case-id prefix of the phantom cases mixed into real training data (``data.mix_phantom``).
+MIXED_PHANTOM_PREFIX = "phantom-"
+
+
+def _phantom_dir(data: Mapping[str, Any]) -> Path:
+    """The recipe's phantom dataset (generated once, cached by its parameters and generator version)."""
+    from keras_livseg.data.phantom import GENERATOR_VERSION, write_phantom_dataset
 
     phantom = {
+        "generator": GENERATOR_VERSION,
         "cases": int(data.get("phantom_cases", 12)),
         "seed": int(data.get("phantom_seed", 0)),
         "size": int(data.get("phantom_size", 256)),
@@ -179,6 +181,87 @@ def ensure_source(config: dict) -> Path:
     return phantom_dir
 
 
+def mixed_phantom_count(config: Mapping[str, Any]) -> int:
+    """How many phantom cases join real training data (``data.mix_phantom``; 0 without ``data.src``)."""
+    data = config["data"]
+    count = int(data.get("mix_phantom", 0) or 0)
+    if count < 0:
+        raise ValueError(f"data.mix_phantom must be 0 or a number of phantom cases, got {count}")
+    return count if data.get("src") else 0
+
+
+def ensure_source(config: dict) -> Path:
+    """The dataset ``fit`` trains on: ``data.src``, the phantom, or both mixed.
+
+    With ``data.mix_phantom = N`` and ``data.src``, the first N cases of the recipe's phantom
+    join the real cases in a CSV (case ids ``phantom-<id>``): they always go to the training split
+    (see :func:`mixed_assignment`) and are never scored, so a fine-tuned model keeps what the
+    phantom taught (small lesions, every contrast phase) while it learns the real scans.
+    """
+    data = config["data"]
+    mix = mixed_phantom_count(config)
+    if data.get("src") and not mix:
+        return Path(data["src"])
+    phantom_dir = _phantom_dir(data)
+    if not data.get("src"):
+        return phantom_dir
+    from keras_livseg.data.volumes import discover_cases
+
+    if data.get("label_map"):
+        raise ValueError(
+            "data.mix_phantom cannot be combined with data.label_map (the phantom's labels are already "
+            "0/1/2); remap your labels first or set data.mix_phantom=0"
+        )
+    real = discover_cases(data["src"])
+    clash = [c.case_id for c in real if c.case_id.startswith(MIXED_PHANTOM_PREFIX)]
+    if clash:
+        raise ValueError(f"case ids {clash[:3]} start with {MIXED_PHANTOM_PREFIX!r}, reserved for mixed phantom cases; rename them")
+    phantom = discover_cases(phantom_dir)
+    if mix > len(phantom):
+        raise ValueError(f"data.mix_phantom={mix} but the phantom has {len(phantom)} cases; raise data.phantom_cases")
+    rows = [(c.image.resolve(), c.label.resolve(), c.case_id, c.patient) for c in real]
+    rows += [(c.image.resolve(), c.label.resolve(), MIXED_PHANTOM_PREFIX + c.case_id, MIXED_PHANTOM_PREFIX + c.case_id)
+             for c in phantom[:mix]]
+    text = "image,label,case_id,patient\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
+    path = _cache_root() / f"mixed-{_digest(text)}.csv"
+    if not path.is_file():  # unchanged content keeps its time stamp, so the shard cache holds
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        partial.replace(path)
+    return path
+
+
+def mixed_assignment(config: Mapping[str, Any], case_ids: list[str], patients: Mapping[str, str],
+                     held_out: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The split of every case when phantom cases are mixed in: phantom cases in train, real cases
+    by ``held_out`` (a fold) or else by ``data.split`` over the real patients only."""
+    if not mixed_phantom_count(config):
+        return None
+    from keras_livseg.data.prepare import split_cases
+
+    real = [cid for cid in case_ids if not cid.startswith(MIXED_PHANTOM_PREFIX)]
+    if held_out is None:
+        data = config["data"]
+        parts = split_cases(real, data.get("split", (0.7, 0.15, 0.15)), int(data.get("seed", 0)), patients)
+        held_out = {cid: split for split, members in parts.items() for cid in members}
+    return {cid: held_out.get(cid, "train") for cid in case_ids}
+
+
+def _source_stamp(source: Path) -> list:
+    """Names, sizes and times of the files behind a source (a CSV's listed files included)."""
+    if source.is_dir():
+        files = sorted(f for f in source.rglob("*") if f.is_file())
+    else:
+        files = [source]
+        if source.suffix.lower() == ".csv":
+            from keras_livseg.data.volumes import discover_cases
+
+            for case in discover_cases(source):
+                files += [case.image] + ([case.label] if case.label else [])
+    return [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+
+
 def ensure_data(config: dict) -> Path:
     """Make (or reuse from the cache) the phantom and the shards; return the shard folder.
 
@@ -186,16 +269,19 @@ def ensure_data(config: dict) -> Path:
     by the parameters); without it a phantom dataset is generated first.
     """
     from keras_livseg.data.prepare import MANIFEST_NAME, PrepareOptions, prepare_in_fresh_process
+    from keras_livseg.data.volumes import discover_cases
 
     data = config["data"]
     prep_keys = {k: v for k, v in data.items() if k in PrepareOptions.__dataclass_fields__}
-    prep_keys["src"] = str(ensure_source(config))
+    source = ensure_source(config)
+    prep_keys["src"] = str(source)
+    if mixed_phantom_count(config) and prep_keys.get("assignment") is None:
+        cases = discover_cases(source)
+        prep_keys["assignment"] = mixed_assignment(config, [c.case_id for c in cases], {c.case_id: c.patient for c in cases})
     prep_keys.update(config["preprocessing"])
     # The cache key covers the source files' names, sizes and times: added or edited cases
     # give new shards instead of silently reusing old ones.
-    source = Path(prep_keys["src"])
-    files = sorted(source.rglob("*")) if source.is_dir() else [source]
-    stamp = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
+    stamp = _source_stamp(source)
     out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp])}"
     out = Path(out)
     if (out / MANIFEST_NAME).is_file():
@@ -534,9 +620,12 @@ def cross_validate(config: dict, folds: int, only_fold: int | None = None, resum
 
     started = time.perf_counter()
     source = ensure_source(config)
-    cases = discover_cases(source)
-    patients = {c.case_id: c.patient for c in cases}
-    parts = assign_folds([c.case_id for c in cases], folds, seed=int(config["data"].get("seed", 0)), patients=patients)
+    everything = discover_cases(source)
+    patients = {c.case_id: c.patient for c in everything}
+    # Mixed-in phantom cases train in every fold and are never held out or scored.
+    cases = [c for c in everything if not (mixed_phantom_count(config) and c.case_id.startswith(MIXED_PHANTOM_PREFIX))]
+    parts = assign_folds([c.case_id for c in cases], folds, seed=int(config["data"].get("seed", 0)),
+                         patients={c.case_id: c.patient for c in cases})
     if only_fold is not None and not 0 <= only_fold < folds:
         raise ValueError(f"--fold {only_fold} is not one of the {folds} folds; pass 0..{folds - 1}")
     name = config["run"]["name"] or f"{config['model']['name']}-{Path(config['recipe']).stem}-cv{folds}"
@@ -566,6 +655,7 @@ def cross_validate(config: dict, folds: int, only_fold: int | None = None, resum
             fold_config["run"].update({"runs_dir": str(cv_dir), "name": f"fold-{index}"})
             fold_config["data"]["src"] = str(source)
             fold_config["data"]["assignment"] = {cid: ("test" if cid in held_out else "train") for cid in patients}
+            fold_config["data"]["mix_phantom"] = 0  # already in the source: the mixed CSV
             fold_config["training"]["validation"] = "none"
             fold_config["export"]["enabled"] = False
             logger.info("fold %d/%d: held out %s", index + 1, folds, ", ".join(held_out))

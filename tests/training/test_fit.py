@@ -638,3 +638,30 @@ def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(cache_dir, tmp_pa
     bogus.write_text("not a model")
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--init-from", str(bogus)])
     assert code == 2 and "notes.txt" in err and ".keras" in err and "Traceback" not in err
+
+
+def test_mixed_phantom_cases_always_train_and_are_never_held_out(tmp_path, monkeypatch):
+    from keras_livseg.data.phantom import write_phantom_dataset
+    from keras_livseg.data.volumes import discover_cases
+
+    monkeypatch.setenv("KERAS_LIVSEG_CACHE", str(tmp_path / "cache"))
+    real = tmp_path / "real"
+    write_phantom_dataset(real, 4, seed=5, size=48, slices=(8, 8))  # stands in for real scans
+    overrides = {"data": {"src": str(real), "mix_phantom": 3, "phantom_cases": 4, "phantom_size": 48,
+                          "phantom_slices": [8, 8], "split": [0.5, 0.25, 0.25]}}
+    config = fit.resolve_config(PIPELINES / "phantom_demo.toml", overrides)
+    source = fit.ensure_source(config)
+    cases = discover_cases(source)
+    ids = [c.case_id for c in cases]
+    assert sorted(ids) == sorted(["0", "1", "2", "3", "phantom-0", "phantom-1", "phantom-2"])
+    stamp = source.stat().st_mtime_ns
+    assert fit.ensure_source(config) == source and source.stat().st_mtime_ns == stamp  # the shard cache holds
+    patients = {c.case_id: c.patient for c in cases}
+    split = fit.mixed_assignment(config, ids, patients)
+    assert all(split[cid] == "train" for cid in ids if cid.startswith("phantom-"))
+    assert sorted(split[cid] for cid in ("0", "1", "2", "3")) == ["test", "train", "train", "val"]
+    fold = fit.mixed_assignment(config, ids, patients, held_out={"2": "test"})
+    assert [cid for cid in ids if fold[cid] == "test"] == ["2"]
+    config["data"]["label_map"] = "5:1"
+    with pytest.raises(ValueError, match="mix_phantom cannot be combined with data.label_map"):
+        fit.ensure_source(config)
