@@ -90,7 +90,7 @@ MIN_HU, MAX_HU = -1024, 3071
 
 #: Bumped whenever the generator's output changes for the same arguments, so that caches of
 #: generated data (``fit``'s phantom cache) are made again instead of silently reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 2
 
 DEFAULT_SIZE = 256
 DEFAULT_SLICES = (32, 64)
@@ -365,8 +365,7 @@ class _Builder:
             u(-0.25, 0.25), zl0, self.zl1, self.liver_hu, peak=u(0.6, 0.72),
         )
         self.liver_left = _Organ(
-            # Centre and width vary widely: in some patients the left lateral segment reaches the spleen.
-            ub + u(0.05, 0.3) * a, vb - u(0.3, 0.42) * b, u(0.45, 0.72) * a, u(0.28, 0.38) * b,
+            ub + u(0.1, 0.25) * a, vb - u(0.3, 0.42) * b, u(0.45, 0.6) * a, u(0.28, 0.38) * b,
             u(-0.3, 0.1), zl0 + u(0.3, 0.45) * lz, self.zl1 - u(0.0, 0.05) * lz, self.liver_hu, peak=0.6,
         )
         self.liver_warp = u(0.06, 0.12)
@@ -472,11 +471,8 @@ class _Builder:
         self.f_tissue = field(6.0, 8.0)
         self.f_bowel = field(20.0, 22.0)
         self.f_gas = field(14.0, 14.0)
-        # Bowel contents: positive oral contrast (a fifth of cases), mixed chyme and enhancing
-        # mucosa of liver-like density (a third), else water.
-        contents = rng.random()
-        self.bowel_contrast = contents < 0.2
-        self.bowel_fluid_hu = u(150.0, 350.0) if self.bowel_contrast else (u(40.0, 120.0) if contents < 0.55 else u(0.0, 30.0))
+        self.bowel_contrast = rng.random() < 0.2  # positive oral contrast in some cases
+        self.bowel_fluid_hu = u(150.0, 350.0) if self.bowel_contrast else u(0.0, 30.0)
 
         self._static_arrays()
         # Drawn either way, so that forcing ``tumor_free`` leaves the rest of the case alone.

@@ -68,7 +68,7 @@ def test_affine_is_lps_with_the_case_spacing():
 
 
 def test_tumor_lies_inside_the_liver(case_set):
-    checked, shares = 0, []
+    checked = 0
     for case in case_set:
         tumor = case.labels == 2
         if not tumor.any():
@@ -77,13 +77,10 @@ def test_tumor_lies_inside_the_liver(case_set):
         for index in range(1, count + 1):
             lesion = components == index
             shell = ndimage.binary_dilation(lesion) & ~lesion
-            # Surrounded by liver: a lesion at the edge of a thin lobe may bulge out (exophytic),
-            # but never sits mostly outside, and lesions are mostly deep in the liver.
-            share = (case.labels[shell] == 1).mean()
-            assert share >= 0.4
-            shares.append(share)
+            # Surrounded mostly by liver: a lesion at the liver's edge may touch background.
+            assert (case.labels[shell] == 1).mean() >= 0.5
             checked += 1
-    assert checked > 0 and np.mean(shares) >= 0.75
+    assert checked > 0
 
 
 def test_liver_on_the_patients_right_by_the_affine(case_set):
