@@ -90,7 +90,7 @@ MIN_HU, MAX_HU = -1024, 3071
 
 #: Bumped whenever the generator's output changes for the same arguments, so that caches of
 #: generated data (``fit``'s phantom cache) are made again instead of silently reused.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 2
 
 DEFAULT_SIZE = 256
 DEFAULT_SLICES = (32, 64)
@@ -921,9 +921,7 @@ class _Builder:
         plan = []
         for diameter in sorted(diameters, reverse=True):
             kind = case_kind if rng.random() < 0.75 else ("hyper" if case_kind == "hypo" else "hypo")
-            # Measured on the IRCAD scans: patient 7's large lesion 81 HU below the enhanced
-            # liver, patient 1's small ones 34 below (partial volume); hyper-dense 30-70 above.
-            contrast = -u(30.0, 90.0) if kind == "hypo" else u(30.0, 70.0)
+            contrast = -u(20.0, 60.0) if kind == "hypo" else u(30.0, 60.0)
             plan.append((diameter, kind, contrast))
         return plan
 

@@ -124,9 +124,9 @@ def test_lesion_contrast_against_liver(case_set):
     for case in case_set:
         for lesion in case.tumors:
             if lesion.kind == "hypo":
-                assert -90.0 <= lesion.contrast_hu <= -30.0
+                assert -60.0 <= lesion.contrast_hu <= -20.0
             else:
-                assert 30.0 <= lesion.contrast_hu <= 70.0
+                assert 30.0 <= lesion.contrast_hu <= 60.0
 
 
 def test_air_padding_and_bone(case_set):
