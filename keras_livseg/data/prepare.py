@@ -42,6 +42,7 @@ from keras_livseg.data.preprocessing import (
     body_floor,
     crop_or_pad,
     resize_stack,
+    resize_stack_antialiased,
 )
 from keras_livseg.data.volumes import CaseFiles, DataError, discover_cases, load_case, parse_label_map
 
@@ -265,8 +266,10 @@ def _window_resize_volume(
         if foreground.any():
             stats.update(chunk[foreground])
         body.update(chunk)
-        gridded = resize_stack(chunk, grid)
-        if prep.spacing_mm is not None:
+        if prep.spacing_mm is None:
+            gridded = resize_stack(chunk, grid)
+        else:
+            gridded = resize_stack_antialiased(chunk, grid)
             gridded = np.moveaxis(crop_or_pad(np.moveaxis(gridded, 0, -1), (height, width), prep.window[0]), -1, 0)
         resized[start : start + _CHUNK_SLICES] = gridded
     mean, std = body.result()
