@@ -41,6 +41,9 @@ from typing import Any, Sequence
 import numpy as np
 
 NORMALIZATIONS = ("foreground", "volume", "none")
+#: Bumped whenever the same parameters give other model inputs (2: antialiased spacing
+#: resampling), so that cached shards are prepared again instead of silently reused.
+PREPROCESSING_VERSION = 2
 DEFAULT_WINDOW = (-200.0, 250.0)
 
 

@@ -282,7 +282,9 @@ def ensure_data(config: dict) -> Path:
     # The cache key covers the source files' names, sizes and times: added or edited cases
     # give new shards instead of silently reusing old ones.
     stamp = _source_stamp(source)
-    out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp])}"
+    from keras_livseg.data.preprocessing import PREPROCESSING_VERSION
+
+    out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp, PREPROCESSING_VERSION])}"
     out = Path(out)
     if (out / MANIFEST_NAME).is_file():
         logger.info("reusing shards in %s", out)
