@@ -605,8 +605,10 @@ def cross_validate(config: dict, folds: int, only_fold: int | None = None, resum
     Args:
         config: a resolved config (:func:`resolve_config`).
         folds: K >= 2; the number of patients gives leave-one-patient-out.
-        only_fold: run only this fold (0-based); the report then covers the folds finished so far.
-        resume: continue ``runs/<name>`` instead of starting a new folder.
+        only_fold: run only this fold (0-based) in ``runs/<name>`` (successive calls fill the same
+            folder); the report then covers the folds finished so far.
+        resume: continue ``runs/<name>`` (an interrupted fold resumes at its last epoch) instead
+            of starting a new folder.
         verbose: Keras verbosity.
 
     Raises:
@@ -633,7 +635,9 @@ def cross_validate(config: dict, folds: int, only_fold: int | None = None, resum
     name = config["run"]["name"] or f"{config['model']['name']}-{Path(config['recipe']).stem}-cv{folds}"
     cv_config = copy.deepcopy(config)
     cv_config["run"]["name"] = name
-    cv_dir = new_run_dir(cv_config, resume=False) if not resume else Path(config["run"]["runs_dir"]) / name
+    # --fold runs one fold of a cross-validation: successive calls fill the same folder.
+    reuse = resume or only_fold is not None
+    cv_dir = Path(config["run"]["runs_dir"]) / name if reuse else new_run_dir(cv_config, resume=False)
     cv_dir.mkdir(parents=True, exist_ok=True)
     plan = {"folds": parts, "patients": patients, "source": str(source)}
     if (cv_dir / "folds.json").is_file():
@@ -661,7 +665,10 @@ def cross_validate(config: dict, folds: int, only_fold: int | None = None, resum
             fold_config["training"]["validation"] = "none"
             fold_config["export"]["enabled"] = False
             logger.info("fold %d/%d: held out %s", index + 1, folds, ", ".join(held_out))
-            result = train(fold_config, resume=resume and (fold_dir / "config.json").is_file(), verbose=verbose)
+            started_before = (fold_dir / "config.json").is_file()
+            if fold_dir.exists() and not started_before:
+                shutil.rmtree(fold_dir)  # killed before its config was written: nothing to keep
+            result = train(fold_config, resume=started_before, verbose=verbose)
             if result.stopped_on_nan is not None:
                 raise ValueError(f"fold {index}: the loss became NaN; lower the learning rate and rerun with --resume")
         for produced in (fold_dir / "eval" / "predictions").iterdir():
