@@ -665,3 +665,16 @@ def test_mixed_phantom_cases_always_train_and_are_never_held_out(tmp_path, monke
     config["data"]["label_map"] = "5:1"
     with pytest.raises(ValueError, match="mix_phantom cannot be combined with data.label_map"):
         fit.ensure_source(config)
+
+
+@pytest.mark.slow
+def test_single_folds_fill_one_cross_validation_folder(cache_dir, tmp_path):
+    common = [*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "cv1", "--folds", "2", "--epochs", "1",
+              "--steps-per-epoch", "3"]
+    code, out, err = run_cli([*common, "--fold", "1"])
+    assert code == 0, err[-3000:]
+    assert "out-of-fold (3 cases" in out and not (tmp_path / "cv1" / "fold-0").exists()
+    code, out, err = run_cli([*common, "--fold", "0"])
+    assert code == 0, err[-3000:]
+    assert "out-of-fold (6 cases" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv1"]  # no cv1-2: the same folder
