@@ -410,11 +410,12 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     epochs = int(training["epochs"])
     has_val = bool(manifest["splits"]["val"]["slices"])
     if not has_val and training["validation"] != "none":
+        patients = {record.get("patient") or cid for cid, record in manifest["cases"].items()}
         raise ValueError(
-            f"the validation split of {shard_dir} is empty ({len(manifest['splits']['train']['cases'])} training "
-            f"case(s), {len(manifest['splits']['test']['cases'])} test); give data.split a validation fraction "
-            "(e.g. --set 'data.split=[0.7,0.15,0.15]'), measure with --folds K, or pass "
-            "--set training.validation=\"none\" to train without validation and keep the last epoch"
+            f"the validation split of {shard_dir} is empty: {len(manifest['cases'])} case(s) from {len(patients)} "
+            f"patient(s), data.split {manifest['split']['fractions']} gives none to validation; with this few "
+            f"patients measure with --folds {len(patients)} (leave one out), give data.split a larger validation "
+            "fraction, or pass --set training.validation=none to train on everything and keep the last epoch"
         )
     if training["validation"] not in ("split", "none"):
         raise ValueError(f"training.validation must be 'split' or 'none', got {training['validation']!r}")

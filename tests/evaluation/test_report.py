@@ -450,3 +450,25 @@ def test_cli_images_and_training_manifest(folders, tmp_path, capsys):
     code, _, err = run_cli(["--pred", pred_dir, "--ref", labels_only, "--empty-surface", "far",
                             "--out", tmp_path / "f"], capsys)
     assert code == 2 and "empty_value='far'" in err and err.count("\n") == 1
+
+
+def test_overlay_shows_the_canonical_slice_untransposed():
+    """Canonical arrays run (posterior, patient-left): drawn as they are, anterior is up and
+    the patient's right on the image's left (the radiological view), never transposed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from keras_livseg.evaluation.plots import _draw_overlay
+
+    ct = np.full((40, 30), -200.0, np.float32)
+    ct[:10, :] = 100.0  # the anterior rows are bright
+    labels = np.zeros((40, 30), np.uint8)
+    labels[15:25, 2:8] = 1  # a 'liver' on the patient's right: small column indices
+    figure, axis = plt.subplots()
+    _draw_overlay(axis, ct, labels, labels, "orientation")
+    shown = np.asarray(axis.images[0].get_array())
+    plt.close(figure)
+    assert shown.shape == (40, 30) and axis.images[0].origin == "upper"
+    np.testing.assert_array_equal(shown, ct)  # row 0 (anterior) at the top, columns as stored

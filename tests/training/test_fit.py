@@ -583,6 +583,7 @@ def test_empty_validation_split_is_refused_not_silently_replaced_by_training_dat
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", "data.split=[1.0, 0.0, 0.0]"])
     assert code == 2
     assert "the validation split of" in err and "training.validation" in err and "Traceback" not in err
+    assert "6 case(s) from 6 patient(s)" in err and "--folds 6" in err
 
 
 def test_training_without_validation_keeps_the_last_epoch_and_reports_no_held_out(cache_dir, tmp_path):
