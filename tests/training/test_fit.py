@@ -38,7 +38,7 @@ NO_AUGMENTATION = "training.augmentation={rotation=0.0,zoom=0.0,translation=0.0,
 # make two short epochs enough to find it for every seed tried (0, 1, 2), augmentation off.
 TINY_ARGS = [
     "--no-export", "--precision", "float32", "--image-size", "32", "--epochs", "2", "--batch-size", "8",
-    "--steps-per-epoch", "60", "--learning-rate", "1e-2",
+    "--steps-per-epoch", "100", "--learning-rate", "1e-2",
     "--set", "data.phantom_cases=6", "--set", "data.phantom_size=64", "--set", "data.phantom_slices=[12, 16]",
     "--set", "data.split=[0.5, 0.25, 0.25]", "--set", "data.workers=1",
     "--set", "model.filters=8", "--set", "model.depth=2",
@@ -268,7 +268,7 @@ class _BlowUpAfter(keras.optimizers.schedules.LearningRateSchedule):
 @pytest.fixture(scope="module")
 def nan_run(cache_dir, tmp_path_factory):
     """A run whose loss turns NaN early in epoch 2 (the rate becomes NaN after one good epoch)."""
-    steps = 60
+    steps = int(TINY_ARGS[TINY_ARGS.index("--steps-per-epoch") + 1])  # one good epoch
     runs = tmp_path_factory.mktemp("nan-runs")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fit, "build_optimizer", lambda training, total: keras.optimizers.Adam(_BlowUpAfter(steps)))
