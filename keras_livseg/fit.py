@@ -11,7 +11,7 @@ Examples:
     python -m keras_livseg.fit --name tam_unet-phantom_demo --resume --epochs 30
     python -m keras_livseg.fit --pipeline pipelines/ircadb_finetune.toml --data ../shared/data/real/ircadb
     python -m keras_livseg.fit --pipeline pipelines/ircadb_finetune.toml --data ../shared/data/real/ircadb --folds 2
-    python -m keras_livseg.fit --data my_scans/ --init-from runs/tam_unet-phantom_demo/checkpoints/best.keras \
+    python -m keras_livseg.fit --data my_scans/ --init-from runs/tam_unet-phantom_demo/checkpoints/best.keras \\
         --set training.validation=none
 
 Cross-validation (--folds K) trains one run per fold, by patient (a CSV's patient column keeps a
