@@ -517,8 +517,7 @@ def _number(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split: str, out_dir: Path,
-                           predictions_dir: Path | None = None) -> dict[str, Any]:
+def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split: str, out_dir: Path) -> dict[str, Any]:
     """Predict the whole volumes of a split's cases (every slice, native grid) and score them as LiTS.
 
     Unlike the shard metrics (the selected slices on the model grid) these figures cover every
@@ -526,46 +525,34 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
 
     Args:
         checkpoint: the ``.keras`` model (its run's ``preprocessing.json`` beside it).
-        manifest: the shards' manifest (source files, label map, splits).
+        manifest: the shards' manifest, as :func:`~keras_livseg.data.prepare.load_manifest` reads it.
         split: the held-out split to score.
         out_dir: ``predictions/`` and the LiTS report ``volumes/`` go here.
-        predictions_dir: write the label maps there instead (cross-validation collects them).
 
     Returns:
         ``{"split", "cases", "covers", "liver_dice", "tumor_dice", "liver_dice_global",
         "tumor_dice_global", "per_case": {case: {"liver_dice", "tumor_dice"}}}``.
     """
-    from keras_livseg.evaluation.report import EvaluationOptions, evaluate_folders
-    from keras_livseg.inference import SegmentationModel, predict_paths
-
-    cases = manifest["splits"][split]["cases"]
-    predictions_dir = Path(predictions_dir or out_dir / "predictions")
-    # Manifests keep the paths as given (maybe relative to the working folder): resolve them here.
-    images = [str(Path(manifest["cases"][cid]["image"]).resolve()) for cid in cases]
-    model = SegmentationModel.load(checkpoint)
-    written = predict_paths(model, images, predictions_dir, progress=False)
-    # Score exactly these predictions against their own label files.
-    pairs = Path(out_dir) / "held_out_pairs.csv"
-    pairs.write_text("image,label,case_id\n" + "".join(
-        f"{Path(manifest['cases'][cid]['image']).resolve()},{Path(manifest['cases'][cid]['label']).resolve()},{cid}\n"
-        for cid in cases))
-    label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
-    only = Path(out_dir) / "held_out_predictions"
-    shutil.rmtree(only, ignore_errors=True)
-    only.mkdir(parents=True)
-    for record in written:
-        (only / record.output.name).symlink_to(record.output.resolve())
-    summary = evaluate_folders(only, pairs, Path(out_dir) / "volumes", options=EvaluationOptions(label_map=label_map),
-                               model_name=Path(checkpoint).parent.parent.name, figures=False)
     import csv
 
-    with (Path(out_dir) / "volumes" / "per_case.csv").open(newline="") as handle:
+    from keras_livseg.evaluation.report import EvaluationOptions, evaluate_folders, manifest_cases
+    from keras_livseg.inference import SegmentationModel, predict_paths
+
+    shards = manifest["_dir"]
+    cases = manifest_cases(shards, split)  # the source files, resolved
+    out_dir = Path(out_dir)
+    predict_paths(SegmentationModel.load(checkpoint), [c.image for c in cases], out_dir / "predictions", progress=False)
+    label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
+    summary = evaluate_folders(out_dir / "predictions", shards, out_dir / "volumes", split=split,
+                               options=EvaluationOptions(label_map=label_map),
+                               model_name=Path(checkpoint).parent.parent.name, figures=False)
+    with (out_dir / "volumes" / "per_case.csv").open(newline="") as handle:
         per_case = {row["case_id"]: {"liver_dice": _number(row.get("liver_dice")), "tumor_dice": _number(row.get("tumor_dice"))}
                     for row in csv.DictReader(handle)}
     volume = summary["volume"]
     result = {
         "split": split,
-        "cases": list(cases),
+        "cases": [c.case_id for c in cases],
         "covers": f"every slice of {len(cases)} held-out {split} volume(s), native grid, post-processed",
         "liver_dice": volume["liver"]["dice"],
         "tumor_dice": volume["tumor"]["dice"],
@@ -573,7 +560,7 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
         "tumor_dice_global": volume["tumor"]["dice_global"],
         "per_case": per_case,
     }
-    (Path(out_dir) / "held_out_volumes.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
+    (out_dir / "held_out_volumes.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
     return result
 
 
