@@ -40,9 +40,6 @@ from keras_livseg.data.preprocessing import (
     ForegroundStatistics,
     Preprocessing,
     body_floor,
-    crop_or_pad,
-    resize_stack,
-    resize_stack_antialiased,
 )
 from keras_livseg.data.volumes import CaseFiles, DataError, discover_cases, load_case, parse_label_map
 
@@ -256,7 +253,6 @@ def _window_resize_volume(
     resized = np.empty((count, height, width), dtype=shards.IMAGE_DTYPE)
     body = BodyStatistics(body_floor(image, prep.window))
     stats = ForegroundStatistics(prep.window)
-    grid = prep.resampled_size(image.shape[0], image.shape[1], spacing)
     # Slices first: NIfTI data is Fortran-ordered, so each canonical slice is contiguous.
     slices_first = np.moveaxis(image, 2, 0)
     labels_first = np.moveaxis(labels, 2, 0)
@@ -266,12 +262,7 @@ def _window_resize_volume(
         if foreground.any():
             stats.update(chunk[foreground])
         body.update(chunk)
-        if prep.spacing_mm is None:
-            gridded = resize_stack(chunk, grid)
-        else:
-            gridded = resize_stack_antialiased(chunk, grid)
-            gridded = np.moveaxis(crop_or_pad(np.moveaxis(gridded, 0, -1), (height, width), prep.window[0]), -1, 0)
-        resized[start : start + _CHUNK_SLICES] = gridded
+        resized[start : start + _CHUNK_SLICES] = prep.stack_to_model_grid(chunk, spacing)
     mean, std = body.result()
     return resized, mean, std, stats
 

@@ -182,10 +182,21 @@ class Preprocessing:
         slices are resampled to ``spacing_mm`` and centre-cropped/padded with air to ``H × W``.
         """
         windowed = self.window_hu(hu_slices)
+        # Slices first: CT slices are contiguous in NIfTI's (Fortran) order.
+        stack = np.moveaxis(windowed.reshape(windowed.shape[:2] + (-1,)), -1, 0)
+        gridded = self.stack_to_model_grid(stack, spacing)
+        return np.moveaxis(gridded, 0, -1).reshape(gridded.shape[1:] + windowed.shape[2:])
+
+    def stack_to_model_grid(self, windowed: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+        """Windowed slices first, ``[n, rows, cols]`` → ``[n, H, W]``: the one resize of every path.
+
+        ``prepare`` calls it on chunks of a volume, :meth:`slices_to_model_grid` on stacks of
+        slices; with ``spacing_mm`` it resamples (antialiased) and centre-crops/pads with air.
+        """
         if self.spacing_mm is None:
-            return resize_bilinear(windowed, self.image_size)
-        resampled = resize_antialiased(windowed, self.resampled_size(*windowed.shape[:2], spacing))
-        return crop_or_pad(resampled, self.image_size, fill=self.window[0])
+            return resize_stack(windowed, self.image_size)
+        resampled = resize_stack_antialiased(windowed, self.resampled_size(windowed.shape[1], windowed.shape[2], spacing))
+        return np.moveaxis(crop_or_pad(np.moveaxis(resampled, 0, -1), self.image_size, fill=self.window[0]), -1, 0)
 
     def labels_to_model_grid(self, labels: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
         """Nearest-neighbour twin of :meth:`slices_to_model_grid` for label maps ``[rows, cols, ...]``."""
@@ -336,19 +347,6 @@ def antialias_weights(in_size: int, out_size: int) -> np.ndarray:
         weights[x, start:end] = row / total if total > 0 else row
     weights.setflags(write=False)
     return weights
-
-
-def resize_antialiased(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Antialiased bilinear resize of ``[rows, cols, ...]``, matching ``tf.image.resize(antialias=True)``.
-
-    Example:
-        >>> resize_antialiased(np.ones((12, 10, 2), np.float32), (4, 5)).shape
-        (4, 5, 2)
-    """
-    image = np.asarray(image, dtype=np.float32)
-    moved = np.moveaxis(image.reshape(image.shape[:2] + (-1,)), -1, 0)  # [n, rows, cols]
-    out = resize_stack_antialiased(moved, size)
-    return np.moveaxis(out, 0, -1).reshape(out.shape[1:] + image.shape[2:])
 
 
 def resize_stack_antialiased(slices: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -136,11 +136,11 @@ def test_spacing_needs_the_slice_spacing_and_a_positive_value():
 
 @pytest.mark.parametrize("src, dst", [((512, 512), (150, 150)), ((300, 280), (64, 70)), ((40, 48), (64, 64)), ((90, 200), (28, 117))])
 def test_antialiased_resize_matches_tensorflow(src, dst):
-    from keras_livseg.data.preprocessing import resize_antialiased
+    from keras_livseg.data.preprocessing import resize_stack_antialiased
 
-    image = np.random.default_rng(4).normal(0, 100, src + (2,)).astype(np.float32)
-    expected = tf.image.resize(image[None], dst, method="bilinear", antialias=True).numpy()[0]
-    np.testing.assert_allclose(resize_antialiased(image, dst), expected, atol=1e-3)
+    image = np.random.default_rng(4).normal(0, 100, (2,) + src).astype(np.float32)
+    expected = tf.image.resize(image[..., None], dst, method="bilinear", antialias=True).numpy()[..., 0]
+    np.testing.assert_allclose(resize_stack_antialiased(image, dst), expected, atol=1e-3)
 
 
 def test_spacing_downsampling_averages_noise_instead_of_picking_pixels():
