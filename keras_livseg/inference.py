@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -61,13 +60,12 @@ from keras_livseg.data.preprocessing import (
     find_preprocessing_json,
     read_preprocessing_json,
 )
+from keras_livseg.data.cases import output_names, resolve_inputs
 from keras_livseg.data.volumes import (
     Case,
-    CaseFiles,
     DataError,
     NUM_CLASSES,
     apply_label_map,
-    discover_cases,
     load_case,
     load_nifti,
     save_like,
@@ -81,8 +79,6 @@ DEFAULT_MIN_LESION_MM3 = 10.0
 DEFAULT_LIVER_MARGIN_MM = 5.0
 #: The export's second signature input when the model resamples to a fixed pixel spacing.
 SPACING_INPUT = "pixel_spacing_mm"
-_LITS_NAME = re.compile(r"^(?:volume|segmentation)-(?P<id>.+?)(?P<suffix>\.nii(?:\.gz)?)$")
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,92 +661,6 @@ class PredictedCase:
     shape: tuple[int, int, int]
     seconds: float
     hounsfield_ok: bool
-
-
-def _nifti_suffix(path: Path) -> str:
-    return next((s for s in _NIFTI_SUFFIXES if path.name.endswith(s)), ".nii.gz")
-
-
-def output_names(files: CaseFiles) -> tuple[str, str]:
-    """File names of a case's label map and probability map.
-
-    ``volume-N.nii[.gz]`` gives ``segmentation-N.nii[.gz]`` and ``probabilities-N.nii[.gz]``
-    (the LiTS names); any other input gives ``<case_id><suffix>`` and
-    ``<case_id>_probabilities<suffix>``.
-
-    Example:
-        >>> output_names(CaseFiles("3", Path("volume-3.nii"), None))
-        ('segmentation-3.nii', 'probabilities-3.nii')
-        >>> output_names(CaseFiles("liver_7", Path("imagesTr/liver_7_0000.nii.gz"), None))
-        ('liver_7.nii.gz', 'liver_7_probabilities.nii.gz')
-    """
-    suffix = _nifti_suffix(files.image)
-    match = _LITS_NAME.match(files.image.name)
-    if match and files.image.name.startswith("volume-"):
-        return f"segmentation-{match.group('id')}{suffix}", f"probabilities-{match.group('id')}{suffix}"
-    return f"{files.case_id}{suffix}", f"{files.case_id}_probabilities{suffix}"
-
-
-def resolve_inputs(inputs: Sequence[str | Path]) -> list[CaseFiles]:
-    """The cases behind the command line's INPUTs.
-
-    Each INPUT is a NIfTI file, a LiTS or MSD dataset folder (its volumes, labelled or not), or
-    a folder of NIfTI files (every ``.nii``/``.nii.gz`` in it except ``segmentation-*`` and
-    ``probabilities-*``), or a ``.csv`` of image,label pairs.
-
-    Raises:
-        DataError: an INPUT does not exist, a folder holds no NIfTI volume, or two inputs share
-            a case id (their outputs would overwrite each other).
-
-    Example:
-        >>> [c.case_id for c in resolve_inputs(["../shared/data/real/dcmqi-ct-3slice"])]  # doctest: +SKIP
-        ['3slice']
-    """
-    cases: list[CaseFiles] = []
-    for item in inputs:
-        path = Path(item)
-        if not path.exists():
-            raise DataError(f"input {path} does not exist; pass a NIfTI file, a folder or a dataset")
-        if path.is_file():
-            if path.suffix.lower() == ".csv":
-                cases.extend(discover_cases(path, require_labels=False))
-                continue
-            if not path.name.endswith(_NIFTI_SUFFIXES):
-                raise DataError(f"input {path} is not a .nii or .nii.gz file; convert it to NIfTI first")
-            match = _LITS_NAME.match(path.name)
-            if match and path.name.startswith("volume-"):
-                label = next(
-                    (path.with_name(f"segmentation-{match.group('id')}{s}") for s in _NIFTI_SUFFIXES
-                     if path.with_name(f"segmentation-{match.group('id')}{s}").is_file()),
-                    None,
-                )
-                cases.append(CaseFiles(match.group("id"), path, label))
-            else:
-                cases.append(CaseFiles(path.name[: -len(_nifti_suffix(path))], path, None))
-            continue
-        if (path / "imagesTr").is_dir() or any(path.rglob("volume-*.nii*")):
-            cases.extend(discover_cases(path, require_labels=False))
-            continue
-        found = sorted(
-            p for p in path.iterdir()
-            if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES) and not p.name.startswith(("segmentation-", "probabilities-", "."))
-        )
-        if not found:
-            raise DataError(
-                f"no cases found in {path}: no .nii/.nii.gz volumes, no LiTS volume-N files, no "
-                "MSD imagesTr/; pass the folder that holds the CT volumes"
-            )
-        cases.extend(CaseFiles(p.name[: -len(_nifti_suffix(p))], p, None) for p in found)
-    seen: dict[str, Path] = {}
-    for case in cases:
-        if case.case_id in seen and seen[case.case_id] != case.image:
-            raise DataError(
-                f"{seen[case.case_id]} and {case.image} both give case {case.case_id!r}; their "
-                "predictions would overwrite each other: predict them into different --out folders"
-            )
-        seen[case.case_id] = case.image
-    unique = {case.image.resolve(): case for case in cases}
-    return list(unique.values())
 
 
 def predict_paths(

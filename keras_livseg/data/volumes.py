@@ -1,13 +1,8 @@
-"""Volumes in and out: case discovery, lazy NIfTI loading, canonical orientation, label maps.
+"""Volumes in and out: lazy NIfTI loading, canonical orientation, spacing, label maps.
 
-Three input layouts are understood:
-
-- **LiTS**: ``volume-N.nii[.gz]`` beside ``segmentation-N.nii[.gz]`` (any folder depth).
-- **Medical Segmentation Decathlon**: ``imagesTr/<case>.nii.gz`` with ``labelsTr/<case>.nii.gz``
-  (``imagesTs/`` without labels is ignored for training).
-- **CSV list of pairs**: a ``.csv`` file with the columns ``image,label`` and optionally
-  ``case_id`` and ``patient`` (or ``patient_id``: several scans of one patient never fall into
-  different splits or folds); relative paths are taken relative to the CSV file.
+Which files make a case (LiTS, MSD, CSV layouts) is :mod:`keras_livseg.data.cases`'s business;
+:func:`~keras_livseg.data.cases.discover_cases`, :class:`~keras_livseg.data.cases.CaseFiles`
+and :class:`~keras_livseg.data.errors.DataError` are re-exported here.
 
 Canonical orientation. Every volume is reoriented (by axis permutation and flips only, never
 resampled) so that its array axes run **posterior, patient-left, superior** (nibabel axis
@@ -21,10 +16,8 @@ on :class:`Case` so that predictions go back onto the input's own grid with
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
-import re
 import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -33,39 +26,14 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+# Discovery and file names live in cases.py; re-exported here because every stage reads both.
+from keras_livseg.data.cases import CaseFiles, discover_cases  # noqa: F401
+from keras_livseg.data.errors import DataError  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 CANONICAL_AXCODES: tuple[str, str, str] = ("P", "L", "S")
 NUM_CLASSES = 3  # 0 background, 1 liver, 2 tumor (the LiTS label map)
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_LITS_VOLUME = re.compile(r"^volume-(?P<id>.+?)\.nii(\.gz)?$")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file or value and says how to fix it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CaseFiles:
-    """One case on disk: an image and (for training data) its label map.
-
-    Attributes:
-        case_id: unique id of the case (``"3"`` for ``volume-3.nii``).
-        image: path of the CT volume.
-        label: path of the label map, or ``None`` for unlabelled inference input.
-        patient_id: the patient the scan belongs to (splits and folds keep a patient's scans
-            together); ``None`` means the case is its own patient.
-    """
-
-    case_id: str
-    image: Path
-    label: Path | None
-    patient_id: str | None = None
-
-    @property
-    def patient(self) -> str:
-        """The patient id, or the case id when none was given."""
-        return self.patient_id if self.patient_id else self.case_id
 
 
 @dataclasses.dataclass
@@ -90,149 +58,6 @@ class Case:
     original_affine: np.ndarray
     original_shape: tuple[int, int, int]
     files: CaseFiles
-
-
-def _strip_nifti_suffix(name: str) -> str:
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(_NIFTI_SUFFIXES)
-
-
-def _check_unique(cases: Sequence[CaseFiles]) -> None:
-    seen: dict[str, Path] = {}
-    for case in cases:
-        if case.case_id in seen:
-            raise DataError(
-                f"two cases share the id {case.case_id!r}: {seen[case.case_id]} and {case.image}; "
-                "remove or rename one of them"
-            )
-        seen[case.case_id] = case.image
-
-
-def _discover_lits(src: Path, require_labels: bool) -> list[CaseFiles]:
-    cases = []
-    for image in sorted(src.rglob("volume-*.nii*")):
-        match = _LITS_VOLUME.match(image.name)
-        if not match or not image.is_file():
-            continue
-        case_id = match.group("id")
-        label = None
-        for suffix in _NIFTI_SUFFIXES:
-            candidate = image.with_name(f"segmentation-{case_id}{suffix}")
-            if candidate.is_file():
-                label = candidate
-                break
-        if label is None and require_labels:
-            raise DataError(
-                f"{image} has no segmentation-{case_id}.nii[.gz] beside it; "
-                "add the label file or move the volume out of the folder"
-            )
-        cases.append(CaseFiles(case_id, image, label))
-    return cases
-
-
-def _discover_msd(src: Path, require_labels: bool) -> list[CaseFiles]:
-    cases = []
-    for image in sorted((src / "imagesTr").iterdir()):
-        if not _is_nifti(image) or image.name.startswith("._"):
-            continue
-        # MSD images may carry a channel suffix (case_0000.nii.gz in nnU-Net's raw format).
-        case_id = re.sub(r"_0000$", "", _strip_nifti_suffix(image.name))
-        label = None
-        for suffix in _NIFTI_SUFFIXES:
-            candidate = src / "labelsTr" / f"{case_id}{suffix}"
-            if candidate.is_file():
-                label = candidate
-                break
-        if label is None and require_labels:
-            raise DataError(
-                f"{image} has no label {src / 'labelsTr' / (case_id + '.nii.gz')}; "
-                "add the label file or remove the image"
-            )
-        cases.append(CaseFiles(case_id, image, label))
-    return cases
-
-
-def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
-    base = csv_path.parent
-    cases = []
-    with csv_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "image" not in reader.fieldnames:
-            raise DataError(
-                f"{csv_path} needs a header row with the columns image,label[,case_id][,patient]; "
-                f"found {reader.fieldnames}"
-            )
-        for line_number, row in enumerate(reader, start=2):
-            image = Path(row["image"].strip())
-            image = image if image.is_absolute() else base / image
-            label_text = (row.get("label") or "").strip()
-            label = None
-            if label_text:
-                label = Path(label_text)
-                label = label if label.is_absolute() else base / label
-            case_id = (row.get("case_id") or "").strip() or _strip_nifti_suffix(image.name)
-            patient = (row.get("patient") or row.get("patient_id") or "").strip() or None
-            if not image.is_file():
-                raise DataError(f"{csv_path}:{line_number}: image {image} does not exist; fix the path")
-            if label is not None and not label.is_file():
-                raise DataError(f"{csv_path}:{line_number}: label {label} does not exist; fix the path")
-            if label is None and require_labels:
-                raise DataError(f"{csv_path}:{line_number}: {image} has no label; fill the label column")
-            cases.append(CaseFiles(case_id, image, label, patient))
-    return cases
-
-
-def discover_cases(src: str | Path, require_labels: bool = True) -> list[CaseFiles]:
-    """Find the cases of a dataset in the LiTS, MSD or CSV layout.
-
-    Args:
-        src: a folder (LiTS or MSD layout) or a ``.csv`` file of image/label pairs.
-        require_labels: when True (training data) a volume without its label map is an error.
-
-    Returns:
-        The cases sorted by id (natural order, so ``2`` comes before ``10``).
-
-    Raises:
-        DataError: the folder does not exist or holds no case, a volume lacks its label map,
-            or two cases share an id.
-
-    Example:
-        >>> cases = discover_cases("../shared/data/real/dcmqi-ct-3slice")  # doctest: +SKIP
-        >>> cases[0].case_id
-        '3slice'
-    """
-    src = Path(src)
-    if not src.exists():
-        raise DataError(f"{src} does not exist; pass the folder that holds the volumes")
-    if src.is_file():
-        if src.suffix.lower() != ".csv":
-            raise DataError(f"{src} is a file but not a .csv list of image,label pairs")
-        cases = _discover_csv(src, require_labels)
-        layout = "csv"
-    elif (src / "imagesTr").is_dir():
-        cases = _discover_msd(src, require_labels)
-        layout = "msd"
-    else:
-        cases = _discover_lits(src, require_labels)
-        layout = "lits"
-    if not cases:
-        raise DataError(
-            f"no cases found in {src}; expected volume-N.nii[.gz] with segmentation-N.nii[.gz] "
-            "(LiTS), imagesTr/ with labelsTr/ (MSD), or a .csv of image,label pairs"
-        )
-    _check_unique(cases)
-    logger.info("found %d cases in %s (%s layout)", len(cases), src, layout)
-    return sorted(cases, key=lambda c: _natural_key(c.case_id))
-
-
-def _natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def parse_label_map(text: str | None) -> dict[int, int] | None:

@@ -56,18 +56,16 @@ import dataclasses
 import json
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from keras_livseg.data.cases import CaseFiles, case_key, discover_cases, natural_key, nifti_files
 from keras_livseg.data.volumes import (
-    CaseFiles,
     DataError,
     apply_label_map,
     canonical_spacing,
-    discover_cases,
     load_nifti,
     read_array,
     to_canonical,
@@ -94,8 +92,6 @@ LESION_COLUMNS = (
 )
 LESION_COLUMNS_KEYS = tuple(key for key, _ in LESION_COLUMNS) + ("rvd_lits",)
 _VOLUME_METRICS = ("dice", "iou", "f1", "precision", "recall", "voe", "rvd", "assd", "msd", "hd95", "rmsd")
-_NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(?:\.gz)?$")
-_LITS = re.compile(r"^(?:segmentation|volume)-(?P<id>.+)$")
 _CLASS_NAMES = ("background", "liver", "tumor")
 
 
@@ -112,34 +108,6 @@ class MatchedCase:
     prediction: Path
     reference: Path
     image: Path | None = None
-
-
-def case_key(path: Path) -> str:
-    """The case a NIfTI file belongs to: ``segmentation-3.nii`` and ``volume-3.nii`` → ``"3"``,
-    ``liver_3_0000.nii.gz`` and ``liver_3.nii.gz`` → ``"liver_3"``.
-
-    Example:
-        >>> case_key(Path("segmentation-12.nii.gz")), case_key(Path("liver_3_0000.nii.gz"))
-        ('12', 'liver_3')
-    """
-    match = _NIFTI.match(path.name)
-    stem = match.group("stem") if match else path.stem
-    lits = _LITS.match(stem)
-    if lits:
-        return lits.group("id")
-    return re.sub(r"_0000$", "", stem)
-
-
-def _is_probability_file(name: str) -> bool:
-    return name.startswith("probabilities-") or "_probabilities." in name
-
-
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and _NIFTI.match(p.name) and not p.name.startswith(".")
-        and not _is_probability_file(p.name)
-    )
 
 
 def match_cases(
@@ -177,7 +145,7 @@ def match_cases(
     pred_dir, ref = Path(pred_dir), Path(ref)
     if not pred_dir.is_dir():
         raise DataError(f"prediction folder {pred_dir} does not exist; pass the folder predict wrote")
-    predictions = _nifti_files(pred_dir)
+    predictions = nifti_files(pred_dir)
     if not predictions:
         raise DataError(f"no cases found in {pred_dir}: it holds no .nii/.nii.gz prediction")
     if not ref.exists():
@@ -202,8 +170,8 @@ def match_cases(
         except DataError:
             if not ref.is_dir():
                 raise
-            volumes = {case_key(p): p for p in _nifti_files(ref) if p.name.startswith("volume-")}
-            for path in _nifti_files(ref):
+            volumes = {case_key(p): p for p in nifti_files(ref) if p.name.startswith("volume-")}
+            for path in nifti_files(ref):
                 if not path.name.startswith("volume-"):
                     references[case_key(path)] = (path, volumes.get(case_key(path)))
     if images is not None:
@@ -226,7 +194,7 @@ def match_cases(
             matched.append(MatchedCase(key, path, label, image))
         else:
             unmatched.append(path)
-    missing = sorted(set(references) - set(seen), key=_natural)
+    missing = sorted(set(references) - set(seen), key=natural_key)
     if unmatched:
         logger.warning(
             "%d prediction(s) have no reference in %s and are not scored: %s",
@@ -238,7 +206,7 @@ def match_cases(
             f"(prediction cases {sorted(seen)[:5]}, reference cases {sorted(references)[:5]}); "
             "name them alike (segmentation-N.nii.gz in both, or the same file names)"
         )
-    return sorted(matched, key=lambda m: _natural(m.case_id)), unmatched, missing
+    return sorted(matched, key=lambda m: natural_key(m.case_id)), unmatched, missing
 
 
 def _attach_images(
@@ -248,19 +216,15 @@ def _attach_images(
     if not images.is_dir():
         raise DataError(f"images folder {images} does not exist; pass the folder of the CT volumes (--images)")
     found: dict[str, Path] = {}
-    for path in _nifti_files(images):
+    for path in nifti_files(images):
         if not path.name.startswith("segmentation-"):
             found.setdefault(case_key(path), path)
     out = {key: (label, image if image is not None else found.get(key)) for key, (label, image) in references.items()}
-    lacking = sorted((key for key, (_, image) in out.items() if image is None), key=_natural)
+    lacking = sorted((key for key, (_, image) in out.items() if image is None), key=natural_key)
     if lacking:
         logger.warning("no CT volume in %s for case(s) %s; their overlays show the contours only",
                        images, ", ".join(lacking[:10]))
     return out
-
-
-def _natural(text: str) -> list:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 def load_pair(

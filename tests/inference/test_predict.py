@@ -11,12 +11,12 @@ import pytest
 
 from keras_livseg import predict as predict_cli
 from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
-from keras_livseg.data.volumes import CaseFiles, load_case
+from keras_livseg.data.cases import CaseFiles, output_names
+from keras_livseg.data.volumes import load_case
 from keras_livseg.inference import (
     PostProcessing,
     SegmentationModel,
     check_hounsfield,
-    output_names,
     postprocess_labels,
     predict_paths,
     predict_volume,

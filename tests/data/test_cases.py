@@ -1,0 +1,67 @@
+"""File names and case discovery in one place (keras_livseg.data.cases)."""
+
+from pathlib import Path
+
+import pytest
+
+from keras_livseg.data.cases import (
+    CaseFiles,
+    case_key,
+    discover_cases,
+    lits_id,
+    natural_key,
+    nifti_files,
+    output_names,
+    resolve_inputs,
+)
+from keras_livseg.data.errors import DataError
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_natural_key_orders_numbers_and_never_compares_a_number_with_a_word():
+    names = ["10", "b", "2", "a10", "a2", "1b"]
+    assert sorted(names, key=natural_key) == ["1b", "2", "10", "a2", "a10", "b"]
+
+
+def test_every_name_maps_back_to_its_case():
+    """The names predict writes are keyed to the same case as the inputs they came from."""
+    for image, case_id in [(Path("volume-12.nii.gz"), "12"), (Path("imagesTr/liver_3_0000.nii.gz"), "liver_3"),
+                           (Path("scan.nii"), "scan")]:
+        label, probabilities = output_names(CaseFiles(case_id, image, None))
+        assert case_key(image) == case_key(Path(label)) == case_id
+        assert not nifti_files_would_skip(label) and nifti_files_would_skip(probabilities)
+
+
+def nifti_files_would_skip(name: str) -> bool:
+    from keras_livseg.data.cases import is_probability_file
+
+    return is_probability_file(name)
+
+
+def test_lits_id_reads_only_lits_names():
+    assert lits_id("volume-0.nii") == "0"
+    assert lits_id("segmentation-7.nii.gz", "segmentation") == "7"
+    assert lits_id("volume-.nii") is None and lits_id("myvolume-3.nii") is None and lits_id("volume-3.txt") is None
+
+
+def test_nifti_files_skip_hidden_and_probability_maps(tmp_path):
+    for name in ["segmentation-1.nii.gz", "probabilities-1.nii.gz", ".segmentation-2.nii.gz", "a_probabilities.nii", "b.nii", "c.txt"]:
+        _touch(tmp_path / name)
+    assert [p.name for p in nifti_files(tmp_path)] == ["b.nii", "segmentation-1.nii.gz"]
+
+
+def test_discovery_and_inputs_agree_on_case_ids(tmp_path):
+    for case in ("2", "10"):
+        _touch(tmp_path / "lits" / f"volume-{case}.nii")
+        _touch(tmp_path / "lits" / f"segmentation-{case}.nii")
+    discovered = discover_cases(tmp_path / "lits")
+    assert [c.case_id for c in discovered] == ["2", "10"]
+    resolved = resolve_inputs([tmp_path / "lits" / "volume-10.nii"])
+    assert resolved == [CaseFiles("10", tmp_path / "lits" / "volume-10.nii", tmp_path / "lits" / "segmentation-10.nii")]
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_inputs([tmp_path / "missing.nii"])
