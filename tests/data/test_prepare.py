@@ -226,7 +226,7 @@ def test_recipe_values_and_unknown_keys(lits_dir, tmp_path):
 
 def test_per_volume_statistics_match_what_predict_computes(lits_dir, tmp_path):
     from keras_livseg.data.preprocessing import volume_statistics
-    from keras_livseg.inference import _streaming_volume_statistics
+    from keras_livseg.inference.volume import _streaming_volume_statistics
 
     manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", normalization="volume"))
     for files in discover_cases(lits_dir):

@@ -1,0 +1,143 @@
+"""Post-processing of predicted label maps: largest liver, lesions inside the liver, minimum size.
+
+See :mod:`keras_livseg.inference` for the rules and their order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from keras_livseg.data.labels import bounding_box
+
+
+logger = logging.getLogger(__name__)
+
+#: Default minimum lesion volume kept by post-processing (mm³), see :mod:`keras_livseg.inference`.
+DEFAULT_MIN_LESION_MM3 = 10.0
+#: Default distance (mm) from the liver parenchyma within which tumor is kept.
+DEFAULT_LIVER_MARGIN_MM = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PostProcessing:
+    """Which clean-up steps :func:`postprocess_labels` applies (see the module docstring).
+
+    Attributes:
+        largest_liver_component: Keep only the largest 3D component of label >= 1 (default True).
+        tumor_in_liver: Drop lesions farther than ``liver_margin_mm`` from label 1 (default True).
+        liver_margin_mm: The dilation of the liver parenchyma, in mm (default 5).
+        min_lesion_mm3: Tumor components below this volume in mm³ become liver (default 10;
+            0 disables).
+        min_lesion_voxels: The same rule counted in voxels (default 0: off); both apply.
+
+    Example:
+        >>> PostProcessing.disabled().largest_liver_component
+        False
+    """
+
+    largest_liver_component: bool = True
+    tumor_in_liver: bool = True
+    liver_margin_mm: float = DEFAULT_LIVER_MARGIN_MM
+    min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3
+    min_lesion_voxels: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("liver_margin_mm", "min_lesion_mm3"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite non-negative number (e.g. 10).")
+        if self.min_lesion_voxels < 0:
+            raise ValueError(f"min_lesion_voxels={self.min_lesion_voxels} must be >= 0.")
+
+    @classmethod
+    def disabled(cls) -> "PostProcessing":
+        """No post-processing at all (``--no-postprocess``)."""
+        return cls(False, False, 0.0, 0.0, 0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(
+            self.largest_liver_component or self.tumor_in_liver
+            or self.min_lesion_mm3 > 0 or self.min_lesion_voxels > 0
+        )
+
+
+def _drop_lesions_away_from_liver(view: np.ndarray, spacing: Sequence[float], margin_mm: float) -> None:
+    """Remove tumor components farther than ``margin_mm`` from the liver parenchyma.
+
+    Judged per lesion, by its nearest voxel: a large lesion inside the liver keeps its
+    centre however far that is from parenchyma. Lesions touching parenchyma (the usual
+    case) are kept without computing any distance.
+    """
+    parenchyma = view == 1
+    if not parenchyma.any():
+        view[view == 2] = 0
+        return
+    lesions, count = ndimage.label(view == 2)
+    touching = np.unique(lesions[ndimage.binary_dilation(parenchyma) & (lesions > 0)])
+    detached = np.setdiff1d(np.arange(1, count + 1), touching)
+    if detached.size == 0:
+        return
+    distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
+    nearest = ndimage.minimum(distance, lesions, index=detached)
+    far = detached[np.asarray(nearest) > margin_mm]
+    if far.size:
+        view[np.isin(lesions, far)] = 0
+        logger.debug("post-processing: removed %d lesions beyond %.1f mm of the liver", far.size, margin_mm)
+
+
+def postprocess_labels(
+    labels: np.ndarray, spacing: Sequence[float], options: PostProcessing = PostProcessing()
+) -> np.ndarray:
+    """Clean a predicted label map in place (and return it); see the module docstring.
+
+    Works inside the bounding box of the predicted liver, so its temporary arrays scale with
+    the liver, not with the scan.
+
+    Args:
+        labels: uint8 ``[rows, cols, slices]`` (0 background, 1 liver, 2 tumor), modified.
+        spacing: Voxel size in mm per axis.
+        options: The steps to apply.
+
+    Returns:
+        ``labels``.
+
+    Example:
+        >>> labels = np.zeros((9, 9, 3), np.uint8); labels[1:5, 1:5] = 1; labels[7, 7, 1] = 1
+        >>> int(postprocess_labels(labels, (1.0, 1.0, 1.0))[7, 7, 1])
+        0
+    """
+    spacing = tuple(float(s) for s in spacing)
+    liver = labels >= 1
+    box = bounding_box(liver)
+    if box is None:
+        return labels
+    view = labels[box]  # a view: writes go to ``labels``
+    if options.largest_liver_component:
+        components, count = ndimage.label(view >= 1)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            view[(components != int(np.argmax(sizes))) & (components > 0)] = 0
+            logger.debug("post-processing: removed %d liver islands", count - 1)
+        del components
+    if options.tumor_in_liver and (view == 2).any():
+        _drop_lesions_away_from_liver(view, spacing, options.liver_margin_mm)
+    min_voxels = max(options.min_lesion_voxels, 0)
+    if options.min_lesion_mm3 > 0:
+        min_voxels = max(min_voxels, int(math.ceil(options.min_lesion_mm3 / float(np.prod(spacing)) - 1e-9)))
+    if min_voxels > 1 and (view == 2).any():
+        components, count = ndimage.label(view == 2)
+        sizes = np.bincount(components.ravel())
+        small = np.flatnonzero(sizes < min_voxels)
+        small = small[small > 0]
+        if small.size:
+            view[np.isin(components, small)] = 1
+            logger.debug("post-processing: %d lesions under %d voxels became liver", small.size, min_voxels)
+    return labels
