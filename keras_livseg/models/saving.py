@@ -1,0 +1,47 @@
+"""Loading a ``.keras`` checkpoint for inference or export: one loader, one set of messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+
+def load_keras_model(path: str | Path) -> keras.Model:
+    """Load a ``.keras`` checkpoint for inference (weights and architecture, no optimizer state).
+
+    Args:
+        path: a ``.keras`` file, e.g. ``runs/demo/checkpoints/best.keras``.
+
+    Returns:
+        The ``keras.Model``, with this package's custom layers resolved.
+
+    Raises:
+        ValueError: the path is not a ``.keras`` file (SavedModels and ``.h5`` are refused), or
+            the file is damaged or not a Keras model.
+        FileNotFoundError: the file does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> from keras_livseg.models import build_model
+        >>> path = Path(tempfile.mkdtemp()) / "tiny.keras"
+        >>> build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(path)
+        >>> load_keras_model(path).input.name
+        'ct_slices'
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(
+            f"{path} is not a .keras model file; pass a Keras 3 checkpoint such as "
+            f"RUN/checkpoints/best.keras (SavedModels and .h5 files cannot be loaded here)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist; pass a checkpoint such as RUN/checkpoints/best.keras")
+    # Importing the models registers the custom layers. compile=False skips the optimizer, loss
+    # and metrics (and their custom classes): inference and export need the weights only.
+    import keras_livseg.models  # noqa: F401
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for damaged or foreign files
+        raise ValueError(f"{path} could not be loaded as a Keras model ({error}); re-save it") from None

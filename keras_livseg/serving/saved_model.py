@@ -1,0 +1,152 @@
+"""Writing the SavedModel in TF Serving's ``<base>/<version>/`` layout, never half-written."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+import keras_livseg
+from keras_livseg.data.preprocessing import PREPROCESSING_FILE, Preprocessing, write_preprocessing_json
+from keras_livseg.models.saving import load_keras_model
+from keras_livseg.serving.signature import (
+    CLASSES,
+    INPUT_NAME,
+    MASK,
+    PROBABILITIES,
+    SIGNATURES,
+    SPACING_INPUT,
+    make_serving_function,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def next_version(out_base) -> int:
+    """1 + the largest integer version folder under ``out_base``, or 1 when there is none.
+
+    Example:
+        >>> import tempfile
+        >>> base = Path(tempfile.mkdtemp())
+        >>> (base / "3").mkdir(); (base / ".partial-7").mkdir()
+        >>> next_version(base)
+        4
+    """
+    base = Path(out_base)
+    if not base.is_dir():
+        return 1
+    versions = [int(child.name) for child in base.iterdir() if child.is_dir() and child.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def export_saved_model(
+    model: keras.Model | str | os.PathLike,
+    out_base: str | os.PathLike,
+    prep: Preprocessing,
+    version: int | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a raw-HU SavedModel in TF Serving's ``<out_base>/<version>/`` layout.
+
+    Args:
+        model: a ``keras.Model`` or the path of a ``.keras`` checkpoint.
+        out_base: the model's base folder, e.g. ``saved_models/livseg``
+            (``tensorflow_model_server --model_base_path`` points here).
+        prep: the preprocessing the model was trained with (``<run>/preprocessing.json``).
+        version: positive integer version. Defaults to 1 + the largest existing version, or 1.
+        overwrite: replace an existing ``<out_base>/<version>/``. Defaults to False.
+        metadata: extra entries for ``assets.extra/preprocessing.json`` (e.g. the run folder).
+
+    Returns:
+        The path of the written version folder.
+
+    Raises:
+        ValueError: ``version`` exists and ``overwrite`` is False, a bad ``version``, a model
+            path that is not ``.keras``, or a model that disagrees with ``prep``.
+        FileNotFoundError: the model file does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> from keras_livseg.models import build_model
+        >>> model = build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2)
+        >>> prep = Preprocessing(image_size=(32, 32), mean=60.0, std=40.0)
+        >>> base = Path(tempfile.mkdtemp()) / "livseg"
+        >>> export_saved_model(model, base, prep).name
+        '1'
+        >>> served = tf.saved_model.load(str(base / "1")).signatures["serving_default"]
+        >>> out = served(ct_slices=tf.fill([1, 300, 280], 60.0))
+        >>> tuple(out["mask"].shape), out["probabilities"].dtype.name
+        ((1, 300, 280), 'float32')
+    """
+    if not isinstance(prep, Preprocessing):
+        raise ValueError(f"prep must be a Preprocessing, got {type(prep).__name__}; read it with read_preprocessing_json")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise ValueError(f"version must be a positive integer (TF Serving's version folders), got {version!r}")
+    model_path = None
+    if not isinstance(model, keras.Model):
+        model_path = Path(model)
+        model = load_keras_model(model_path)
+
+    base = Path(out_base)
+    version = next_version(base) if version is None else version
+    target = base / str(version)
+    if target.exists() and not overwrite:
+        raise ValueError(f"export version {target} already exists; pass --overwrite to replace it, or another --version")
+
+    serve = make_serving_function(model, prep)  # checks the model before anything is written
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name in SIGNATURES:
+        archive.add_endpoint(name, serve)
+
+    base.mkdir(parents=True, exist_ok=True)
+    # Hidden, non-integer names: TF Serving only loads all-digit folder names.
+    token = uuid.uuid4().hex[:8]
+    partial = base / f".partial-{version}-{token}"
+    tf_logger = logging.getLogger("tensorflow")
+    tf_level = tf_logger.level
+    try:
+        # TensorFlow logs "Assets written to <temporary folder>" at INFO: misleading, so quiet it.
+        tf_logger.setLevel(max(tf_level, logging.WARNING))
+        try:
+            archive.write_out(str(partial), verbose=False)
+        finally:
+            tf_logger.setLevel(tf_level)
+        write_preprocessing_json(
+            partial / "assets.extra" / PREPROCESSING_FILE,
+            prep,
+            **{
+                **(metadata or {}),
+                "model_name": model.name,
+                "model_file": str(model_path.resolve()) if model_path else None,
+                "classes": list(CLASSES),
+                "input_name": INPUT_NAME,
+                "input_shape": ["batch", "height", "width"] + (["context"] if prep.context > 1 else []),
+                "spacing_input": SPACING_INPUT if prep.spacing_mm is not None else None,
+                "output_names": [PROBABILITIES, MASK],
+                "signatures": list(SIGNATURES),
+                "keras_livseg_version": keras_livseg.__version__,
+                "keras_version": keras.__version__,
+                "tensorflow_version": tf.__version__,
+            },
+        )
+        if target.exists():
+            # Move the old version aside first so the swap is two renames, then delete it.
+            retired = base / f".retired-{version}-{token}"
+            target.rename(retired)
+            partial.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            partial.rename(target)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    logger.info("exported %s (%s, context %d) -> %s", model.name, "x".join(map(str, prep.image_size)), prep.context, target)
+    return target
