@@ -22,19 +22,15 @@ out-of-fold LiTS report over every patient (runs/<name>/eval/report.md); nothing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from keras_livseg import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_livseg.fit",
-        description="Train a liver/tumor segmentation model from a recipe, evaluate it and export a SavedModel.",
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("fit", "Train a liver/tumor segmentation model from a recipe, evaluate it and export a SavedModel.", __doc__)
     parser.add_argument("--pipeline", help="recipe TOML (default: pipelines/phantom_demo.toml)")
     parser.add_argument("--data", help="dataset folder or CSV (LiTS/MSD layout) instead of the phantom")
     parser.add_argument("--shards", help="where prepared shards go (default: a cache folder keyed by the settings)")
@@ -56,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=int, help="with --folds: run only this fold (0-based)")
     parser.add_argument("--init-from", metavar="CHECKPOINT",
                         help="warm start: load a .keras checkpoint's weights by layer name and shape")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -142,9 +137,29 @@ def format_cv_summary(result) -> str:
     return "\n".join(lines)
 
 
+def export_trained(config: Mapping[str, Any], result):
+    """Export a finished run's best checkpoint as the recipe's ``[export]`` table says.
+
+    Returns:
+        ``result`` with ``export_dir`` set to the version folder written, or unchanged when the
+        export is off or the run has no checkpoint.
+    """
+    export = config["export"]
+    if not export["enabled"] or result.best_checkpoint is None:
+        return result
+    from keras_livseg.data.preprocessing import find_preprocessing_json, read_preprocessing_json
+    from keras_livseg.serving import export_saved_model
+
+    prep, _ = read_preprocessing_json(find_preprocessing_json(result.best_checkpoint))
+    target = export_saved_model(result.best_checkpoint, export["out"], prep, version=int(export["version"]) or None,
+                                overwrite=bool(export["overwrite"]),
+                                metadata={"model": config["model"]["name"], "run": str(result.run_dir)})
+    return dataclasses.replace(result, export_dir=target)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.configure_logging(args.verbose)
+    cli.configure_logging(args.verbose, tensorflow=True)
 
     def body() -> int:
         from keras_livseg.training.fit import cross_validate, resolve_config, train
@@ -178,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 3
-        print(format_summary(result))
+        print(format_summary(export_trained(config, result)))
         return 0
 
     return cli.run(body, "fit")

@@ -1,4 +1,4 @@
-"""``fit``: recipe → data (phantom or real) → shards → model → ``model.fit`` → test metrics → export.
+"""``fit``: recipe → data (phantom or real) → shards → model → ``model.fit`` → test metrics.
 
 :func:`resolve_config` merges the recipe (``pipelines/<name>.toml``) with command-line
 overrides into one fully resolved dict (saved as ``<run>/config.json``); :func:`train`
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from keras_livseg.config import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
+from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -497,15 +497,8 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     else:
         logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
 
-    export_dir = None
-    if config["export"]["enabled"] and best.is_file():
-        from keras_livseg.serving import export_saved_model
-
-        export = config["export"]
-        export_dir = export_saved_model(best, export["out"], prep, version=int(export["version"]) or None,
-                                        overwrite=bool(export["overwrite"]),
-                                        metadata={"model": config["model"]["name"], "run": str(run_dir)})
-    return FitResult(run_dir, best if best.is_file() else None, export_dir, test_metrics, epochs_done,
+    # The export is the command's last step (keras_livseg.fit), not the training stage's.
+    return FitResult(run_dir, best if best.is_file() else None, None, test_metrics, epochs_done,
                      time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start)
 
 
