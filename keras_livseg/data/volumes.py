@@ -29,11 +29,11 @@ from nibabel import orientations
 # Discovery and file names live in cases.py; re-exported here because every stage reads both.
 from keras_livseg.data.cases import CaseFiles, discover_cases  # noqa: F401
 from keras_livseg.data.errors import DataError  # noqa: F401
+from keras_livseg.data.labels import NUM_CLASSES  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 CANONICAL_AXCODES: tuple[str, str, str] = ("P", "L", "S")
-NUM_CLASSES = 3  # 0 background, 1 liver, 2 tumor (the LiTS label map)
 
 
 @dataclasses.dataclass

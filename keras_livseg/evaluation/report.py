@@ -62,6 +62,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from keras_livseg.data.cases import CaseFiles, case_key, discover_cases, natural_key, nifti_files
+from keras_livseg.data.labels import CLASS_NAMES
 from keras_livseg.data.volumes import (
     DataError,
     apply_label_map,
@@ -92,7 +93,6 @@ LESION_COLUMNS = (
 )
 LESION_COLUMNS_KEYS = tuple(key for key, _ in LESION_COLUMNS) + ("rvd_lits",)
 _VOLUME_METRICS = ("dice", "iou", "f1", "precision", "recall", "voe", "rvd", "assd", "msd", "hd95", "rmsd")
-_CLASS_NAMES = ("background", "liver", "tumor")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,7 +664,7 @@ def one_vs_rest_curves(probabilities: np.ndarray, labels: np.ndarray) -> dict[st
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels).ravel()
     out = {}
-    for index, name in enumerate(_CLASS_NAMES):
+    for index, name in enumerate(CLASS_NAMES):
         positive = labels == index
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if n_pos == 0 or n_neg == 0:

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from keras_livseg.data.labels import NUM_CLASSES, REGION_LABELS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -44,15 +46,8 @@ __all__ = [
     "sparse_labels",
 ]
 
-NUM_CLASSES = 3
-"""Number of classes of the LiTS label map (background, liver, tumor)."""
-
-REGIONS: dict[str, tuple[int, ...]] = {
-    "background": (0,),
-    "liver": (1, 2),  # LiTS: liver includes the tumors inside it
-    "tumor": (2,),
-}
-"""Named regions as the sets of class ids they cover (LiTS semantics)."""
+# The LiTS label map's class count and regions (liver = labels 1 and 2), defined once.
+REGIONS = REGION_LABELS
 
 
 # ---------------------------------------------------------------------------

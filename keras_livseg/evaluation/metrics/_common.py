@@ -21,10 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-#: Liver is every voxel with a label at least this (liver includes tumor, as in LiTS).
-LIVER_MIN_LABEL = 1
-#: The tumor label of the LiTS label map.
-TUMOR_LABEL = 2
+# The label map's definitions (liver is label >= 1, tumor label 2) and the bounding box live in
+# data/labels.py, shared with training, inference and serving.
+from keras_livseg.data.labels import LIVER_MIN_LABEL, TUMOR_LABEL, bounding_box  # noqa: F401
+
 #: Regions scored by :func:`case_metrics` and :func:`slice_level_metrics`.
 REGIONS = ("liver", "tumor")
 #: The LiTS script's penalty (``LARGE``) for surface distances and RVD with an empty mask.
@@ -216,27 +216,3 @@ def region_mask(labels: ArrayLike, region: str) -> NDArray[np.bool_]:
     if region == "tumor":
         return array == TUMOR_LABEL
     raise ValueError(f"region={region!r} is not one of {REGIONS}.")
-
-
-def _bounding_box(mask: NDArray[np.bool_], margin: int = 0) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding ``mask``'s foreground, grown by ``margin`` voxels
-    (clipped to the array), or None when the mask is empty."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=others) if others else mask)
-        if hits.size == 0:
-            return None
-        start = max(int(hits[0]) - margin, 0)
-        box.append(slice(start, min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
-
-
-def _margin_box(mask: NDArray[np.bool_], margins: Sequence[int]) -> tuple[slice, ...] | None:
-    """Like :func:`_bounding_box` with one margin per axis."""
-    box = _bounding_box(mask)
-    if box is None:
-        return None
-    return tuple(
-        slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(box, margins, mask.shape)
-    )

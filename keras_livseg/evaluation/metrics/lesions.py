@@ -24,11 +24,10 @@ from keras_livseg.evaluation.metrics._common import (
     MEDPY_CONNECTIVITY,
     SMALL_LESION_DIAMETER_MM,
     TUMOR_LABEL,
-    _bounding_box,
+    bounding_box,
     _check_connectivity,
     _check_labels,
     _check_spacing,
-    _margin_box,
 )
 from keras_livseg.evaluation.metrics.overlap import overlap_counts, overlap_from_counts
 from keras_livseg.evaluation.metrics.surface import surface_metrics
@@ -290,7 +289,7 @@ def lesion_detection(
 
     pred_tumor, ref_tumor = pred == TUMOR_LABEL, ref == TUMOR_LABEL
     # Components lie inside the tumors' joint bounding box, so labelling the crop is exact.
-    box = _bounding_box(pred_tumor | ref_tumor)
+    box = bounding_box(pred_tumor | ref_tumor)
     if box is None:
         return LesionDetection(0, 0, 0, 0, 0, 0, 0, 0, [], burden_pred, burden_ref, iou_threshold)
     ref_cc, n_ref = ndimage.label(ref_tumor[box])
@@ -596,7 +595,7 @@ def tumor_dice_by_stratum(
     ref_tumor = ref == TUMOR_LABEL
     # Every voxel within margin_mm of a lesion lies within ceil(margin / spacing) voxels per axis.
     margins = [int(math.ceil(margin_mm / s)) for s in sampling]
-    box = _margin_box(ref_tumor, margins)
+    box = bounding_box(ref_tumor, margins)
     if box is None:
         return strata
     ref_cc, n_ref = ndimage.label(ref_tumor[box])

@@ -18,7 +18,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from keras_livseg.evaluation.metrics._common import (
-    _bounding_box,
+    bounding_box,
     _check_connectivity,
     _check_pair,
     _check_spacing,
@@ -78,7 +78,7 @@ def surface_distances(
     if not p.any() or not r.any():
         empty = np.zeros(0, dtype=np.float64)
         return empty, empty.copy()
-    box = _bounding_box(p | r, margin=1)
+    box = bounding_box(p | r, margin=1)
     p, r = p[box], r[box]
     p_border, r_border = _border(p, footprint), _border(r, footprint)
     # distance_transform_edt measures to the nearest zero, hence the inverted surfaces.
