@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -19,3 +23,54 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real CT fixtures not found at {REAL_DATA}; they live in ../shared/data/real")
     return REAL_DATA
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (another process may still take it: see start_server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start a server process on a free loopback port and stop it after the test.
+
+    ``start_server(command, ready, timeout=60)``: ``command(port)`` gives the argv, ``ready(port)``
+    returns True once the server answers (it may raise ``OSError`` until then). Returns
+    ``(process, port)``. A port can be taken by another process between the probe and the
+    server's bind; when the server exits before it is ready, it is started again on another port
+    (three tries), so a busy machine does not fail the test. Its output goes to a log file whose
+    tail is shown when it never becomes ready.
+    """
+    started: list[subprocess.Popen] = []
+
+    def start(command: Callable[[int], list[str]], ready: Callable[[int], bool], timeout: float = 60.0):
+        log_path = tmp_path / f"server-{len(started)}.log"
+        for _ in range(3):
+            port = free_port()
+            with log_path.open("wb") as log:
+                process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT)
+            started.append(process)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    if ready(port):
+                        return process, port
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            if process.poll() is None:
+                break  # alive but never ready: a real failure, not a port race
+        tail = log_path.read_text(errors="replace")[-2000:] if log_path.is_file() else ""
+        pytest.fail(f"server {command(0)[0]} did not become ready within {timeout:.0f} s:\n{tail}")
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -315,52 +313,34 @@ def test_cli_exports_from_a_run_folder_and_refuses_an_existing_version(exported,
 # -- TF Serving itself, where it is installed ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("tensorflow_model_server") is None,
     reason="tensorflow_model_server is not on PATH (TF Serving cannot be installed on these machines)",
 )
-def test_tensorflow_model_server_answers_a_rest_request(exported, tmp_path):
+def test_tensorflow_model_server_answers_a_rest_request(exported, start_server):
     model, version_dir, _ = exported
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        ["tensorflow_model_server", f"--rest_api_port={port}", "--port=0", "--model_name=livseg",
-         f"--model_base_path={version_dir.parent.resolve()}"],
-        stdout=log, stderr=subprocess.STDOUT,
+
+    def available(port: int) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/livseg", timeout=2) as response:
+            return "AVAILABLE" in response.read().decode()
+
+    _, port = start_server(  # stopped by the fixture
+        lambda port: ["tensorflow_model_server", f"--rest_api_port={port}", "--port=0", "--model_name=livseg",
+                      f"--model_base_path={version_dir.parent.resolve()}"],
+        ready=available,
     )
-    try:
-        status_url = f"http://127.0.0.1:{port}/v1/models/livseg"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(status_url, timeout=2) as response:
-                    if "AVAILABLE" in response.read().decode():
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                pytest.fail(f"the model server did not load the model: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
-        hu = raw_hu_slices(batch=2, rows=60, cols=52)
-        request = urllib.request.Request(
-            f"{status_url}:predict",
-            data=json.dumps({"inputs": {"ct_slices": hu.tolist()}}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            outputs = json.loads(response.read())["outputs"]
-        reference = keras_reference(model, PREP, hu)
-        assert_same_prediction(
-            reference, np.asarray(outputs["probabilities"], np.float32), np.asarray(outputs["mask"], np.uint8)
-        )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    status_url = f"http://127.0.0.1:{port}/v1/models/livseg"
+    hu = raw_hu_slices(batch=2, rows=60, cols=52)
+    request = urllib.request.Request(
+        f"{status_url}:predict",
+        data=json.dumps({"inputs": {"ct_slices": hu.tolist()}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        outputs = json.loads(response.read())["outputs"]
+    reference = keras_reference(model, PREP, hu)
+    assert_same_prediction(
+        reference, np.asarray(outputs["probabilities"], np.float32), np.asarray(outputs["mask"], np.uint8)
+    )
+

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -441,68 +440,51 @@ def test_killed_run_resumes_at_the_saved_epoch_and_learning_rate_step(tmp_path, 
 # --- TensorBoard ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str):
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read().decode())
 
 
 @pytest.mark.slow
-def test_tensorboard_serves_the_runs_scalars_and_images(tiny_run):
+def test_tensorboard_serves_the_runs_scalars_and_images(tiny_run, start_server):
     tensorboard = Path(sys.executable).parent / "tensorboard"
     if not tensorboard.is_file():
         pytest.skip(f"tensorboard is not installed beside {sys.executable}")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [str(tensorboard), "--logdir", str(tiny_run.run_dir / "tensorboard"), "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    _, port = start_server(  # stopped by the fixture
+        lambda port: [str(tensorboard), "--logdir", str(tiny_run.run_dir / "tensorboard"), "--host", "127.0.0.1",
+                      "--port", str(port), "--reload_interval", "1"],
+        ready=lambda port: bool(_get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags") is not None),
     )
-    try:
-        scalars = images = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.stdout.read().decode()[-2000:]
-            try:
-                scalars = _get_json(f"{base}/data/plugin/scalars/tags")
-                images = _get_json(f"{base}/data/plugin/images/tags")
-            except OSError:
-                time.sleep(0.5)
-                continue
-            if "train" in scalars and "images" in images:
-                break
-            time.sleep(0.5)
-        assert scalars and "train" in scalars and "validation" in scalars, scalars
-        assert {"epoch_loss", "epoch_tumor_dice", "epoch_learning_rate"} <= set(scalars["train"]), scalars["train"]
-        assert "epoch_tumor_dice" in scalars["validation"]
-        assert images and "validation/ct_truth_prediction" in images.get("images", {}), images
-
-        points = _get_json(f"{base}/data/plugin/scalars/scalars?run=train&tag=epoch_learning_rate")
-        assert [step for _, step, _ in points] == [0, 1]
-        assert [value for _, _, value in points] == pytest.approx([1e-2, 1e-2])
-        grid = _get_json(f"{base}/data/plugin/images/images?run=images&tag=validation/ct_truth_prediction")
-        assert [entry["step"] for entry in grid] == [0, 1]
-        query = grid[-1]["query"]
-        with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{query}", timeout=5) as response:
-            png = response.read()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        # Rows of (CT, truth, prediction) for each chosen slice: three 32-pixel columns.
-        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-        assert width == 3 * 32 and height % 32 == 0 and height >= 32, (width, height)
-    finally:
-        server.terminate()
+    base = f"http://127.0.0.1:{port}"
+    scalars = images = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert server.returncode is not None
+            scalars = _get_json(f"{base}/data/plugin/scalars/tags")
+            images = _get_json(f"{base}/data/plugin/images/tags")
+        except OSError:
+            time.sleep(0.5)
+            continue
+        if "train" in scalars and "images" in images:
+            break
+        time.sleep(0.5)
+    assert scalars and "train" in scalars and "validation" in scalars, scalars
+    assert {"epoch_loss", "epoch_tumor_dice", "epoch_learning_rate"} <= set(scalars["train"]), scalars["train"]
+    assert "epoch_tumor_dice" in scalars["validation"]
+    assert images and "validation/ct_truth_prediction" in images.get("images", {}), images
+
+    points = _get_json(f"{base}/data/plugin/scalars/scalars?run=train&tag=epoch_learning_rate")
+    assert [step for _, step, _ in points] == [0, 1]
+    assert [value for _, _, value in points] == pytest.approx([1e-2, 1e-2])
+    grid = _get_json(f"{base}/data/plugin/images/images?run=images&tag=validation/ct_truth_prediction")
+    assert [entry["step"] for entry in grid] == [0, 1]
+    query = grid[-1]["query"]
+    with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{query}", timeout=5) as response:
+        png = response.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # Rows of (CT, truth, prediction) for each chosen slice: three 32-pixel columns.
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width == 3 * 32 and height % 32 == 0 and height >= 32, (width, height)
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -510,11 +492,6 @@ def test_tensorboard_serves_the_runs_scalars_and_images(tiny_run):
 
 @pytest.mark.slow
 def test_fit_exports_a_saved_model(tmp_path, cache_dir):
-    try:
-        import keras_livseg.serving  # noqa: F401
-        from keras_livseg.serving import export_saved_model  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"keras_livseg.serving is not importable yet ({error}); the export is being written")
     args = [arg for arg in TINY_ARGS if arg != "--no-export"]
     code, out, err = run_cli([*args, "--runs-dir", str(tmp_path / "runs"), "--name", "exported", "--epochs", "1",
                               "--steps-per-epoch", "5", "--export-dir", str(tmp_path / "saved"),
@@ -523,6 +500,14 @@ def test_fit_exports_a_saved_model(tmp_path, cache_dir):
     versions = [p for p in (tmp_path / "saved").iterdir() if p.is_dir()]
     assert len(versions) == 1 and (versions[0] / "saved_model.pb").is_file()
     assert f"export:          {versions[0]}" in out
+    # The command exported this run's best checkpoint with this run's preprocessing.
+    metadata = json.loads((versions[0] / "assets.extra" / "preprocessing.json").read_text())
+    assert Path(metadata["run"]).name == "exported" and metadata["model_file"].endswith("best.keras")
+    from keras_livseg.data.preprocessing import read_preprocessing_json
+
+    exported_prep, _ = read_preprocessing_json(versions[0] / "assets.extra" / "preprocessing.json")
+    run_prep, _ = read_preprocessing_json(tmp_path / "runs" / "exported" / "preprocessing.json")
+    assert exported_prep == run_prep and tuple(run_prep.image_size) == (32, 32)
 
 
 def test_phantom_spacing_recipe_key_reaches_the_phantom(tmp_path, monkeypatch):
