@@ -1,4 +1,4 @@
-"""What every ``python -m keras_livseg.<verb>`` command shares: logging set-up and error exits.
+"""What every ``python -m keras_livseg.<verb>`` command shares: the parser, logging, error exits.
 
 Bad input must end in one clear line and a non-zero exit, never a traceback: library code
 raises ``ValueError`` (``DataError`` is one) or ``OSError`` with the file and the fix, and
@@ -7,23 +7,107 @@ raises ``ValueError`` (``DataError`` is one) or ``OSError`` with the file and th
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """INFO (or DEBUG) messages to stderr, short format; quiet TensorFlow's C++ logs."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+#: TensorFlow's start-up lines that say nothing about the run. TensorFlow writes them while it
+#: loads, before it reads TF_CPP_MIN_LOG_LEVEL (absl logs to stderr until InitializeLog), so no
+#: setting hides them: :func:`quiet_tensorflow` imports it with stderr captured and replays the rest.
+_TF_STARTUP_NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations are on|Could not find cuda drivers"
+    r"|Unable to register cu(FFT|DNN|BLAS) factory|computation placer already registered|TF-TRT Warning"
+    r"|This TensorFlow binary is optimized|rebuild TensorFlow with the appropriate compiler flags"
+)
+
+
+def make_parser(command: str, description: str, doc: str | None, verbose_help: str = "log more (DEBUG), "
+                "TensorFlow's own start-up and device messages included") -> argparse.ArgumentParser:
+    """The parser every command starts from: its name, description, examples and ``-v``.
+
+    Args:
+        command: the verb, e.g. ``"fit"`` (``prog`` becomes ``python -m keras_livseg.fit``).
+        description: one sentence for ``--help``.
+        doc: the command module's docstring; what follows its ``Examples:`` line is the epilog.
+        verbose_help: the help of ``-v/--verbose``.
+    """
+    examples = (doc or "").split("Examples:", 1)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m keras_livseg.{command}",
+        description=description,
+        epilog="Examples:" + examples[1] if len(examples) == 2 else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    return parser
+
+
+def _has_nvidia_driver() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def quiet_tensorflow(verbose: bool = False) -> None:
+    """Set TensorFlow's log level and, unless ``verbose``, import it without its start-up noise.
+
+    The one place that decides what TensorFlow prints, called before anything imports it:
+
+    - ``verbose``: everything (``TF_CPP_MIN_LOG_LEVEL=0``);
+    - otherwise warnings and errors (level 2), and on a machine without an NVIDIA driver errors
+      too (level 3): there TensorFlow's errors are "failed call to cuInit" and oneDNN's
+      "DT_HALF only on platforms with AVX-512", noise on every CPU run. A level the user set
+      in the environment is kept.
+
+    Lines TensorFlow writes while loading (before it reads the level) are captured and dropped
+    when they are known noise (:data:`_TF_STARTUP_NOISE`); any other line is shown.
+    """
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if _has_nvidia_driver() else "3")
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _TF_STARTUP_NOISE.search(line):
+                    sys.stderr.write(line)
+
+
+def configure_logging(verbose: bool = False, tensorflow: bool = False) -> None:
+    """INFO (or DEBUG) messages to stderr, short format; with ``tensorflow``, load it quietly.
+
+    Args:
+        verbose: DEBUG instead of INFO, and TensorFlow's own messages (see :func:`quiet_tensorflow`).
+        tensorflow: the command will use TensorFlow: import it now, without its start-up noise.
+    """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname).1s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if tensorflow:
+        quiet_tensorflow(verbose)
+    elif not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if _has_nvidia_driver() else "3")
 
 
 def run(body: Callable[[], int | None], command: str) -> int:

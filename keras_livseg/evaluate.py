@@ -40,12 +40,7 @@ from keras_livseg import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_livseg.evaluate",
-        description="Score liver and liver-tumor segmentations as the LiTS challenge and the papers do.",
-        epilog=__doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("evaluate", "Score liver and liver-tumor segmentations as the LiTS challenge and the papers do.", __doc__)
     parser.add_argument("--model", help=".keras checkpoint or SavedModel: predict --data first")
     parser.add_argument("--data", help="labelled dataset (LiTS, MSD or .csv) or prepared shard folder "
                         "(manifest.json, with --split) to predict and score")
@@ -82,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --model: voxels sampled for ROC/PR curves (default 200000)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -115,7 +109,7 @@ def _training_manifest(path: str | None) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.configure_logging(args.verbose)
+    cli.configure_logging(args.verbose, tensorflow=bool(args.model))
 
     def body() -> int:
         from keras_livseg.data.volumes import parse_label_map

@@ -26,13 +26,8 @@ from keras_livseg.data.preprocessing import PREPROCESSING_FILE, find_preprocessi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_livseg.export",
-        description="Export a trained .keras model as a SavedModel (TF Serving layout <out>/<version>/) "
-        "whose serving_default signature takes raw Hounsfield units.",
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("export", "Export a trained .keras model as a SavedModel (TF Serving layout <out>/<version>/) "
+        "whose serving_default signature takes raw Hounsfield units.", __doc__)
     parser.add_argument("--model", required=True, help="the .keras checkpoint, e.g. RUN/checkpoints/best.keras")
     parser.add_argument("--out", required=True, help="model base folder, e.g. saved_models/livseg")
     parser.add_argument("--version", type=int, help="version number (default: 1 + the largest existing one)")
@@ -41,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--preprocessing",
         help=f"the run's {PREPROCESSING_FILE} (default: found beside the checkpoint or in its run folder)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -68,7 +62,7 @@ def resolve_preprocessing(model_path: str, preprocessing: str | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.configure_logging(args.verbose)
+    cli.configure_logging(args.verbose, tensorflow=True)
 
     def body() -> int:
         model_path = Path(args.model)

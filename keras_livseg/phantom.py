@@ -39,12 +39,7 @@ def _slice_range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=COMMAND,
-        description="Write synthetic abdominal CT volumes with liver and tumor labels (LiTS layout).",
-        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("phantom", "Write synthetic abdominal CT volumes with liver and tumor labels (LiTS layout).", __doc__, verbose_help="log every case")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--cases", type=int, default=12, help="number of cases (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the set (default 0)")
@@ -58,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing case files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every case")
     return parser
 
 

@@ -45,12 +45,7 @@ def parse_output_label_map(text: str | None) -> dict[int, int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_livseg.predict",
-        description="Segment liver and liver tumors in CT volumes (NIfTI) with a trained model.",
-        epilog=__doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("predict", "Segment liver and liver tumors in CT volumes (NIfTI) with a trained model.", __doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="a NIfTI file, a folder of them, a LiTS/MSD dataset or a .csv list")
     parser.add_argument("--model", required=True,
@@ -68,13 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write 4D uint8 probability maps (0-255 per class)")
     parser.add_argument("--label-map", help="values written per class, CLASS:VALUE,... (default 0,1,2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.configure_logging(args.verbose)
+    cli.configure_logging(args.verbose, tensorflow=True)
 
     def body() -> int:
         from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from keras_livseg import cli
-from keras_livseg.config import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
+from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
 from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
 
 
@@ -26,12 +26,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_livseg.prepare",
-        description="Window, standardize-statistics, resize and shard CT volumes into TFRecords.",
-        epilog=__doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("prepare", "Window, standardize-statistics, resize and shard CT volumes into TFRecords.", __doc__)
     parser.add_argument("--src", help="dataset folder (LiTS or MSD layout) or a CSV of image,label pairs")
     parser.add_argument("--out", help="output folder for shards and manifest.json")
     parser.add_argument("--pipeline", help="recipe TOML (its [data] and [preprocessing] tables)")
@@ -54,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished output folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 

@@ -1,0 +1,79 @@
+"""What every command shares (keras_livseg.cli): the parser, quiet TensorFlow start-up, error exits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from keras_livseg import cli
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NOISE = ("cuInit", "oneDNN", "absl::InitializeLog", "cuda drivers", "I0000", "E0000")
+
+
+def test_make_parser_names_the_command_and_shows_the_examples():
+    doc = "Summary.\n\nExamples:\n    python -m keras_livseg.fit --epochs 1\n"
+    parser = cli.make_parser("fit", "Train.", doc, verbose_help="say more")
+    text = parser.format_help()
+    assert text.startswith("usage: python -m keras_livseg.fit [-h] [-v]")
+    assert "Examples:\n    python -m keras_livseg.fit --epochs 1" in text and "say more" in text
+    assert parser.parse_args(["-v"]).verbose is True
+
+
+def _fake_tensorflow(tmp_path: Path) -> Path:
+    """A stand-in 'tensorflow' that writes TensorFlow's start-up noise and one real line to fd 2."""
+    package = tmp_path / "fake" / "tensorflow"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent("""
+        import os
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+        os.write(2, b"I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on.\\n")
+        os.write(2, b"I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers on your machine.\\n")
+        os.write(2, b"a real problem while loading\\n")
+    """))
+    return package.parent
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tensorflow_start_up_noise_is_dropped_unless_verbose(tmp_path, verbose):
+    code = f"from keras_livseg import cli; cli.quiet_tensorflow({verbose}); import tensorflow; import os; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    env = {**os.environ, "PYTHONPATH": f"{_fake_tensorflow(tmp_path)}{os.pathsep}{PROJECT_ROOT}"}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "a real problem while loading" in done.stderr  # never hidden
+    if verbose:
+        assert done.stdout.strip() == "0" and "oneDNN" in done.stderr and "cuda drivers" in done.stderr
+    else:
+        assert done.stdout.strip() in ("2", "3")
+        assert not any(word in done.stderr for word in NOISE), done.stderr
+
+
+def test_a_level_the_user_set_is_kept(tmp_path):
+    code = "from keras_livseg import cli; cli.quiet_tensorflow(False); import os; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    env = {**os.environ, "PYTHONPATH": f"{_fake_tensorflow(tmp_path)}{os.pathsep}{PROJECT_ROOT}", "TF_CPP_MIN_LOG_LEVEL": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.strip() == "1", done.stderr
+
+
+@pytest.mark.slow
+def test_a_real_command_prints_no_tensorflow_start_up_lines(tmp_path):
+    """The real TensorFlow, through a command that loads and exports a model."""
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+
+    model = tmp_path / "run" / "checkpoints" / "best.keras"
+    model.parent.mkdir(parents=True)
+    build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(model)
+    write_preprocessing_json(tmp_path / "run" / "preprocessing.json", Preprocessing(image_size=(32, 32)))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "keras_livseg.export", "--model", str(model), "--out", str(tmp_path / "saved")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
+    assert not any(word in done.stderr for word in NOISE), done.stderr
