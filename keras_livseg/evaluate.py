@@ -94,7 +94,7 @@ def _training_manifest(path: str | None) -> Path | None:
         return None
     candidate = Path(path)
     if (candidate / "config.json").is_file() and not (candidate / "manifest.json").is_file():
-        from keras_livseg.evaluation.report import training_manifest_for_model
+        from keras_livseg.evaluation.pairs import training_manifest_for_model
 
         found = training_manifest_for_model(candidate / "checkpoints" / "model.keras")
         if found is None:

@@ -196,7 +196,7 @@ def plot_overlays(
     plus the grid of all of them (``overlays.png``).
 
     Args:
-        matched: :class:`~keras_livseg.evaluation.report.MatchedCase` list, aligned with ``rows``.
+        matched: :class:`~keras_livseg.evaluation.pairs.MatchedCase` list, aligned with ``rows``.
         rows: The per-case rows (``tumor_dice``, ``liver_dice``, ``tumor_ref_voxels``).
         figure_dir: Folder of the PNGs.
         label_map: Reference label remapping.
@@ -207,7 +207,7 @@ def plot_overlays(
         e.g. ``"case 7, slice 64: largest tumour area in the reference (worst tumour Dice case,
         Dice 0.412)"`` (empty when there is no case).
     """
-    from keras_livseg.evaluation.report import load_pair
+    from keras_livseg.evaluation.pairs import load_pair
 
     if not matched:
         return {}

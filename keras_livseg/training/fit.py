@@ -528,7 +528,8 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
     """
     import csv
 
-    from keras_livseg.evaluation.report import EvaluationOptions, evaluate_folders, manifest_cases
+    from keras_livseg.evaluation.pairs import manifest_cases
+    from keras_livseg.evaluation.report import EvaluationOptions, evaluate_folders
     from keras_livseg.inference import SegmentationModel, predict_paths
 
     shards = manifest["_dir"]
