@@ -369,7 +369,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     from keras_livseg.models import build_model
     from keras_livseg.training.callbacks import PredictionImages, pick_tumor_slices, standard_callbacks
     from keras_livseg.training.metrics import default_metrics
-    from keras_livseg.training.precision import apply_precision
+    from keras_livseg.training.precision import apply_precision, choose_cpu_policy
     from keras_livseg.training.strategy import choose_strategy
 
     started = time.perf_counter()
@@ -397,7 +397,25 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
             "normalization='volume' models cannot be exported for serving (a request holds slices, not the "
             "volume); pass --no-export, or use preprocessing.normalization='foreground'"
         )
-    policy = apply_precision(training["precision"])
+    # TOML has no null: the string "none" stands for None (e.g. model.encoder_weights = "none").
+    model_options = {
+        k: (None if isinstance(v, str) and v.lower() == "none" else v)
+        for k, v in config["model"].items()
+        if k not in MODEL_FIXED_KEYS
+    }
+    input_shape = (*prep.image_size, prep.context)
+
+    def fastest_cpu_policy() -> str:
+        return choose_cpu_policy(
+            lambda: build_model(config["model"]["name"], input_shape=input_shape, **model_options),
+            {"model": config["model"]["name"], "options": model_options, "input_shape": input_shape},
+            int(training["batch_size"]), _cache_root() / "precision.json",
+        )
+
+    policy = apply_precision(training["precision"], probe=fastest_cpu_policy)
+    # The probe (first run only, then cached) draws random weights: seed again so that a run's
+    # initial weights and data order do not depend on whether it measured.
+    keras.utils.set_random_seed(int(config["run"]["seed"]))
     config["training"]["resolved_precision"] = policy
     (run_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
     write_preprocessing_json(run_dir / "preprocessing.json", prep, model=config["model"]["name"],
@@ -427,12 +445,6 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                             shuffle_buffer=int(training["shuffle_buffer"]))
     val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"])) if has_val else None
 
-    # TOML has no null: the string "none" stands for None (e.g. model.encoder_weights = "none").
-    model_options = {
-        k: (None if isinstance(v, str) and v.lower() == "none" else v)
-        for k, v in config["model"].items()
-        if k not in MODEL_FIXED_KEYS
-    }
     head = model_options.get("head", "softmax")
     with strategy.scope():
         model = build_model(config["model"]["name"], input_shape=(*prep.image_size, prep.context), **model_options)

@@ -1,16 +1,26 @@
 """Mixed-precision policy: ``auto`` | ``float32`` | ``mixed_float16`` | ``mixed_bfloat16``.
 
-``auto`` follows DESIGN.md: float16 on a GPU (with Keras's loss scaling), bfloat16 on a CPU
-whose instruction set has native bf16 (AVX512_BF16 or AMX), float32 otherwise. float16 is
-never chosen on a CPU: it runs about 8x slower there than float32.
+``auto`` follows DESIGN.md: float16 on a GPU (with Keras's loss scaling), float32 on a CPU
+without native bf16, and on a CPU whose instruction set has native bf16 (AVX512_BF16 or AMX)
+whichever of bfloat16 and float32 trains *this model* faster: bfloat16 is not faster for every
+network (EfficientNetB0-PAN's depthwise convolutions ran slower in bfloat16 on our reference
+CPU). :func:`choose_cpu_policy` times a few train steps of the model under both policies once
+and caches the answer, keyed by the model, its input, the batch, the CPU and the library
+versions. float16 is never chosen on a CPU: it runs about 8x slower there than float32.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import time
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import keras
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +62,98 @@ def gpu_count() -> int:
     return 0
 
 
-def resolve_precision(precision: str = "auto", gpus: int | None = None, cpuinfo: str | None = None) -> str:
+def _train_step_seconds(build: Callable[[], keras.Model], policy: str, batch: int, steps: int) -> float:
+    """The best of ``steps`` train steps of a model built under ``policy``, on random inputs."""
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = build()
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(batch, *model.input_shape[1:])).astype("float32")
+        y = np.zeros((batch, *model.output_shape[1:]), "float32")
+        # The loss does not matter for the timing: forward, backward and the update do.
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
+        model.train_on_batch(x, y)  # trace and build
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            model.train_on_batch(x, y)
+            times.append(time.perf_counter() - started)
+        return min(times)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+        keras.backend.clear_session()
+
+
+def choose_cpu_policy(
+    build: Callable[[], keras.Model],
+    key: Mapping[str, Any],
+    batch: int,
+    cache_file: str | Path,
+    steps: int = 3,
+    margin: float = 0.95,
+) -> str:
+    """``"mixed_bfloat16"`` when it trains this model faster than float32 on this CPU, else ``"float32"``.
+
+    Measured once (the best of ``steps`` train steps under each policy, after one to trace) and
+    cached in ``cache_file`` under a digest of ``key`` plus the CPU model, the backend and the
+    Keras/TensorFlow versions; later runs read the answer.
+
+    Args:
+        build: builds the model (called under each policy).
+        key: what makes the answer differ: model name and options, input shape.
+        batch: the training batch size (timed at this size).
+        cache_file: JSON file of earlier answers (created).
+        steps: timed steps per policy.
+        margin: bfloat16 must take at most ``margin`` times float32's step time to be chosen
+            (a tie keeps float32's exact arithmetic).
+
+    Returns:
+        The policy name.
+    """
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "unknown")
+    except OSError:
+        cpu = "unknown"
+    try:
+        import tensorflow as tf
+
+        tf_version = tf.__version__
+    except ImportError:
+        tf_version = None
+    full_key = {**dict(key), "batch": batch, "cpu": cpu, "backend": keras.backend.backend(),
+                "keras": keras.__version__, "tensorflow": tf_version}
+    digest = hashlib.sha256(json.dumps(full_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cache_file = Path(cache_file)
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}  # a damaged cache is measured again, not an error
+    if digest in cache:
+        return cache[digest]["policy"]
+    logger.info("precision auto: timing %d train steps in float32 and in bfloat16 once (cached in %s)", steps, cache_file)
+    float32_s = _train_step_seconds(build, "float32", batch, steps)
+    bfloat16_s = _train_step_seconds(build, "mixed_bfloat16", batch, steps)
+    policy = "mixed_bfloat16" if bfloat16_s <= margin * float32_s else "float32"
+    cache[digest] = {"key": full_key, "float32_s": float32_s, "mixed_bfloat16_s": bfloat16_s, "policy": policy,
+                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+    partial.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, cache_file)
+    logger.info("precision auto: a train step takes %.3f s in float32 and %.3f s in bfloat16 on this CPU: %s",
+                float32_s, bfloat16_s, policy)
+    return policy
+
+
+def resolve_precision(precision: str = "auto", gpus: int | None = None, cpuinfo: str | None = None,
+                      probe: Callable[[], str] | None = None) -> str:
     """Turn ``precision`` into a Keras dtype policy name.
+
+    ``probe`` decides between bfloat16 and float32 on a bf16-capable CPU (e.g. a
+    :func:`choose_cpu_policy` call for the model about to train); without it such a CPU gets
+    bfloat16.
 
     Example:
         >>> resolve_precision("auto", gpus=0, cpuinfo="flags : fpu sse avx2")
@@ -67,15 +167,18 @@ def resolve_precision(precision: str = "auto", gpus: int | None = None, cpuinfo:
     if precision == "auto":
         if gpus > 0:
             return "mixed_float16"
-        return "mixed_bfloat16" if cpu_supports_bfloat16(cpuinfo) else "float32"
+        if not cpu_supports_bfloat16(cpuinfo):
+            return "float32"
+        return probe() if probe is not None else "mixed_bfloat16"
     if precision == "mixed_float16" and gpus == 0:
         logger.warning("mixed_float16 on a CPU is about 8x slower than float32; consider --precision auto")
     return precision
 
 
-def apply_precision(precision: str = "auto") -> str:
-    """Resolve and set the global dtype policy; returns the policy name."""
-    policy = resolve_precision(precision)
+def apply_precision(precision: str = "auto", probe: Callable[[], str] | None = None) -> str:
+    """Resolve and set the global dtype policy; returns the policy name (``probe``: as
+    :func:`resolve_precision`)."""
+    policy = resolve_precision(precision, probe=probe)
     keras.mixed_precision.set_global_policy(policy)
     logger.info("dtype policy: %s", policy)
     return policy

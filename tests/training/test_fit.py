@@ -664,3 +664,37 @@ def test_single_folds_fill_one_cross_validation_folder(cache_dir, tmp_path):
     assert code == 0, err[-3000:]
     assert "out-of-fold (6 cases" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cv1"]  # no cv1-2: the same folder
+
+
+def test_auto_precision_times_the_model_once_and_caches_the_answer(tmp_path, monkeypatch):
+    """On a bf16 CPU, auto picks what trains this model faster, measured once per model and input."""
+    import keras
+
+    from keras_livseg.models import build_model
+    from keras_livseg.training import precision
+
+    calls = []
+    real = precision._train_step_seconds
+
+    def timed(build, policy, batch, steps):
+        calls.append(policy)
+        real(build, policy, batch, 1)  # really builds and steps the model under the policy
+        return {"float32": 1.0, "mixed_bfloat16": slow}[policy]
+
+    monkeypatch.setattr(precision, "_train_step_seconds", timed)
+    build = lambda: build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2)  # noqa: E731
+    cache = tmp_path / "precision.json"
+    key = {"model": "unet", "options": {"filters": 4, "depth": 2}, "input_shape": (32, 32, 1)}
+    slow = 1.2
+    probe = lambda: precision.choose_cpu_policy(build, key, 2, cache)  # noqa: E731
+    assert precision.resolve_precision("auto", gpus=0, cpuinfo=CPU_BF16, probe=probe) == "float32"
+    assert calls == ["float32", "mixed_bfloat16"] and keras.mixed_precision.global_policy().name == "float32"
+    slow = 0.5  # the cached answer stands; no new measurement
+    assert precision.choose_cpu_policy(build, key, 2, cache) == "float32" and len(calls) == 2
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["float32_s"] == 1.0 and entry["mixed_bfloat16_s"] == 1.2 and entry["key"]["batch"] == 2
+    # Another input size is another question: measured, and bfloat16 wins this time.
+    assert precision.choose_cpu_policy(build, {**key, "input_shape": (64, 64, 1)}, 2, cache) == "mixed_bfloat16"
+    assert len(calls) == 4
+    # Without native bf16 nothing is timed.
+    assert precision.resolve_precision("auto", gpus=0, cpuinfo=CPU_PLAIN, probe=probe) == "float32" and len(calls) == 4
