@@ -28,9 +28,63 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line([r.get(c, "") for c in columns]) for r in rows])
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, **payload}
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+LIBRARIES = ("keras_livseg", "tensorflow", "keras", "numpy", "scipy", "nibabel", "torch", "jax", "apache-beam")
+
+
+def machine() -> dict:
+    """What a figure was measured on: CPU model, cores, load, OS, Python and library versions."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "cores_usable": cores,
+        "load_average_at_write": load,
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "libraries": {name: v for name in LIBRARIES if (v := _version(name)) is not None},
+        "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
+    }
+
+
+def results_dir() -> Path:
+    """Where the JSON goes: ``$KERAS_LIVSEG_BENCH_RESULTS`` (the runner's test points it at a
+    temporary folder) or ``benchmarks/results``, whose files back the README's figures."""
+    return Path(os.environ.get("KERAS_LIVSEG_BENCH_RESULTS") or RESULTS)
+
+
+def write_json(name: str, payload: dict, results: Path | None = None) -> Path:
+    """Write ``payload`` with the machine's description to ``results/<name>.json`` (atomically)."""
+    folder = Path(results or results_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), **payload}
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
     return path

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,8 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "models.json"
+RESULTS = Path(os.environ.get("KERAS_LIVSEG_BENCH_RESULTS") or ROOT / "benchmarks" / "results") / "models.json"
 MODELS = ("unet", "tam_unet", "effb0_pan")
 
 
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "model", "policy", "output")},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
         "rows": rows,
         "table": text,
     }

@@ -24,21 +24,23 @@ _SETUP = """
 import sys, keras
 from keras_livseg.models import build_model
 from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
-model = build_model(sys.argv[2], input_shape=(256, 256, 1), filters=int(sys.argv[3]))
+n = int(sys.argv[4])
+model = build_model(sys.argv[2], input_shape=(n, n, 1), filters=int(sys.argv[3]))
 model.save(sys.argv[1] + '/model.keras')
-write_preprocessing_json(sys.argv[1] + '/preprocessing.json', Preprocessing(image_size=(256, 256), mean=60.0, std=40.0))
+write_preprocessing_json(sys.argv[1] + '/preprocessing.json', Preprocessing(image_size=(n, n), mean=60.0, std=40.0))
 """
 
 _FORWARD = """
 import resource, sys, time, numpy as np, keras
 import keras_livseg.models
 model = keras.saving.load_model(sys.argv[1] + '/model.keras', compile=False)
-batches = [np.random.default_rng(i).normal(size=(8, 256, 256, 1)).astype('float32') for i in range(15)]
+n, slices = int(sys.argv[2]), int(sys.argv[3])
+batches = [np.random.default_rng(i).normal(size=(8, n, n, 1)).astype('float32') for i in range(-(-slices // 8))]
 model.predict_on_batch(batches[0])  # build and trace once, as predict does
 t = time.perf_counter()
 for b in batches:
     model.predict_on_batch(b)
-seconds = (time.perf_counter() - t) * 119 / 120
+seconds = (time.perf_counter() - t) * slices / (8 * len(batches))
 print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -46,7 +48,7 @@ _PREDICT = """
 import resource, sys, time
 from keras_livseg.inference import SegmentationModel, predict_paths
 model = SegmentationModel.load(sys.argv[1] + '/model.keras')
-model.predict_slices(__import__('numpy').zeros((8, 512, 512), 'float32'))  # the same one-off tracing
+model.predict_slices(__import__('numpy').zeros((8, int(sys.argv[3]), int(sys.argv[3])), 'float32'))  # the same one-off tracing
 t = time.perf_counter()
 predict_paths(model, [sys.argv[2]], sys.argv[1] + '/out', batch_size=8, progress=False)
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -62,22 +64,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tam_unet")
     parser.add_argument("--filters", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512, help="volume rows and columns")
+    parser.add_argument("--slices", type=int, default=119)
+    parser.add_argument("--image-size", type=int, default=256, help="the model's input size")
+    parser.add_argument("--quick", action="store_true", help="a test of the script: a tiny volume and model")
     args = parser.parse_args()
-    src = phantom_volumes(1, size=512, slices=(119, 119), seed=3)
+    if args.quick:
+        args.filters, args.size, args.slices, args.image_size = 4, 64, 9, 32
+    src = phantom_volumes(1, size=args.size, slices=(args.slices, args.slices), seed=3)
     volume = sorted(src.glob("volume-*.nii.gz"))[0]
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run([sys.executable, "-c", _SETUP, work, args.model, str(args.filters)], check=True, capture_output=True)
-        forward_s, forward_kb = run(_FORWARD, work)
-        predict_s, predict_kb = run(_PREDICT, work, str(volume))
+        subprocess.run([sys.executable, "-c", _SETUP, work, args.model, str(args.filters), str(args.image_size)],
+                       check=True, capture_output=True)
+        forward_s, forward_kb = run(_FORWARD, work, str(args.image_size), str(args.slices))
+        predict_s, predict_kb = run(_PREDICT, work, str(volume), str(args.size))
     rows = [
         {"what": f"model forward only ({args.model}, filters {args.filters}, batch 8)", "seconds": f"{forward_s:.1f}",
          "x forward": "1.00", "peak RSS GB": f"{forward_kb / 2**20:.2f}"},
         {"what": "predict: NIfTI in -> NIfTI out", "seconds": f"{predict_s:.1f}",
          "x forward": f"{predict_s / forward_s:.2f}", "peak RSS GB": f"{predict_kb / 2**20:.2f}"},
     ]
-    print("512x512x119 phantom volume, model at 256x256\n")
+    print(f"{args.size}x{args.size}x{args.slices} phantom volume, model at {args.image_size}x{args.image_size}\n")
     print(table(rows, ["what", "seconds", "x forward", "peak RSS GB"]))
-    path = write_json("predict", {"model": args.model, "filters": args.filters, "forward_s": forward_s,
+    path = write_json("predict", {"model": args.model, "filters": args.filters, "size": args.size, "slices": args.slices,
+                                  "image_size": args.image_size, "forward_s": forward_s, "forward_peak_rss_gb": forward_kb / 2**20,
                                   "predict_s": predict_s, "ratio": predict_s / forward_s,
                                   "predict_peak_rss_gb": predict_kb / 2**20})
     print(f"\ngoals: <= 1.3x forward; peak RSS <= 3 GB -> {path}")

@@ -39,7 +39,7 @@ import resource, sys, time
 from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-prepare_dataset(PrepareOptions(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False, image_size=256))
+prepare_dataset(PrepareOptions(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False, image_size=int(sys.argv[4])))
 wall = time.perf_counter() - t
 child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(wall, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, child)
@@ -54,17 +54,25 @@ def run(code: str, *args: str) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--size", type=int, default=512, help="phantom volume rows and columns")
+    parser.add_argument("--slices", type=int, nargs=2, default=(200, 300), metavar=("MIN", "MAX"))
+    parser.add_argument("--image-size", type=int, default=256, help="prepare's model size")
+    parser.add_argument("--quick", action="store_true", help="a test of the script: 2 tiny volumes")
     args = parser.parse_args()
-    src = phantom_volumes(args.cases)
+    if args.quick:
+        args.cases, args.size, args.slices, args.image_size = 2, 64, (8, 10), 32
+    src = phantom_volumes(args.cases, size=args.size, slices=tuple(args.slices))
     run(_LOAD, str(src))  # warm the page cache so both sides read from memory
     load_s, volume_bytes, load_base_kb, load_peak_kb = run(_LOAD, str(src))
     rows = [{"what": "nibabel load (floor)", "wall s": f"{load_s:.2f}", "x floor": "1.00",
              "peak RSS MB": f"{load_peak_kb / 1024:.0f}", "RSS / volume": f"{load_peak_kb * 1024 / volume_bytes:.2f}"}]
-    results = {"cases": args.cases, "volume_mb": volume_bytes / 1e6, "load_s": load_s}
+    results = {"cases": args.cases, "size": args.size, "slices": list(args.slices), "image_size": args.image_size,
+               "volume_mb": volume_bytes / 1e6, "load_s": load_s, "load_peak_rss_mb": load_peak_kb / 1024,
+               "load_rss_over_volume": load_peak_kb * 1024 / volume_bytes}
     for workers in (0, 1):
         out = Path(tempfile.mkdtemp())
         try:
-            wall, base_kb, parent_kb, child_kb = run(_PREPARE, str(src), str(out / "shards"), str(workers))
+            wall, base_kb, parent_kb, child_kb = run(_PREPARE, str(src), str(out / "shards"), str(workers), str(args.image_size))
         finally:
             shutil.rmtree(out, ignore_errors=True)
         worker_kb = child_kb if workers != 1 else parent_kb
@@ -81,7 +89,7 @@ def main() -> None:
             "rss_over_volume": worker_kb * 1024 / volume_bytes,
             "rss_above_imports_over_volume": (worker_kb - base_kb) * 1024 / volume_bytes,
         }
-    print(f"{args.cases} phantom volumes, largest {volume_bytes / 1e6:.0f} MB decompressed (int16)\n")
+    print(f"{args.cases} phantom volumes {args.size}x{args.size}x{args.slices[0]}-{args.slices[1]}, largest {volume_bytes / 1e6:.0f} MB decompressed (int16)\n")
     print(table(rows, ["what", "wall s", "x floor", "peak RSS MB", "RSS / volume"]))
     print(f"\ngoals: wall <= 1.5x floor; peak RSS per worker <= 2.5x one volume -> {write_json('prepare', results)}")
 

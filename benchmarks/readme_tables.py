@@ -1,0 +1,221 @@
+"""The README's benchmark tables, generated from the committed JSON in ``benchmarks/results/``.
+
+    python -m benchmarks.readme_tables             # rewrite every table whose JSON exists
+    python -m benchmarks.readme_tables --check     # exit 1 when the README differs from the JSON
+
+Each table sits in the README between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``;
+:data:`RENDERERS` maps NAME to a function of ``results/NAME.json`` that returns the Markdown,
+goals and ✓/✗ included, so a figure in the README is always one that a script wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+sys.path.insert(0, str(HERE))
+from _common import results_dir  # noqa: E402
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else ("✓" if ok else "✗")
+
+
+def _n(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _machine_line(data: dict) -> str:
+    machine = data.get("machine", {})
+    cpu = machine.get("cpu", "CPU not recorded")
+    libraries = machine.get("libraries", {})
+    versions = ", ".join(f"{k} {v}" for k, v in libraries.items() if k in ("tensorflow", "keras", "torch", "jax"))
+    cores = machine.get("cores_usable", machine.get("cpus", "?"))
+    load = machine.get("load_average_at_write")
+    return (f"_Measured on {cpu}, {cores} cores{f', load {load[0]:.1f}' if load else ''}"
+            f"{f'; {versions}' if versions else ''}._")
+
+
+def render_prepare(data: dict) -> str:
+    default, single = data["prepare_workers_default"], data["prepare_workers_1"]
+    rows = [
+        "| what | wall s | × floor (goal ≤ 1.5) | peak RSS per worker | RSS / one volume (goal ≤ 2.5) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| nibabel load of volumes + segmentations (the floor) | {data['load_s']:.2f} | 1.00 | "
+        f"{_n(data.get('load_peak_rss_mb'), '.0f')} MB | {_n(data.get('load_rss_over_volume'))} |",
+    ]
+    for label, run in (("`prepare`, default workers (one per core)", default), ("`prepare`, 1 worker", single)):
+        rows.append(
+            f"| {label} | {run['wall_s']:.2f} | **{run['x_floor']:.2f}** {_mark(run['x_floor'] <= 1.5)} | "
+            f"{run['worker_peak_rss_mb']:.0f} MB | {run['rss_over_volume']:.2f} raw, **{run['rss_above_imports_over_volume']:.2f}** "
+            f"above imports {_mark(run['rss_above_imports_over_volume'] <= 2.5)} |"
+        )
+    head = (f"{data['cases']} phantom volumes of {data.get('size', 512)}×{data.get('size', 512)}×"
+            f"{'–'.join(map(str, data.get('slices', (200, 300))))} (int16), largest {data['volume_mb']:.0f} MB decompressed; "
+            f"model size {data.get('image_size', 256)}.")
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
+def render_predict(data: dict) -> str:
+    ratio, rss = data["ratio"], data["predict_peak_rss_gb"]
+    rows = [
+        "| what | seconds | × forward (goal ≤ 1.3) | peak RSS (goal ≤ 3 GB) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| the model's forward pass over the {data.get('slices', 119)} slices | {data['forward_s']:.1f} | 1.00 | "
+        f"{_n(data.get('forward_peak_rss_gb'))} GB |",
+        f"| `predict`: read NIfTI, preprocess, forward, resize back, post-process, write NIfTI | {data['predict_s']:.1f} | "
+        f"**{ratio:.2f}** {_mark(ratio <= 1.3)} | **{rss:.2f} GB** {_mark(rss <= 3.0)} |",
+    ]
+    head = (f"{data.get('size', 512)}×{data.get('size', 512)}×{data.get('slices', 119)} phantom volume, "
+            f"{data['model']} base {data['filters']} at {data.get('image_size', 256)}×{data.get('image_size', 256)}, batch 8.")
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
+def render_fit_loop(data: dict) -> str:
+    ratio, batch = data["ratio"], data["batch"]
+    rows = [
+        "| input | steps/s | slices/s | ratio (goal ≥ 0.9) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| in-memory random tensors, no metrics | {data['in_memory_steps_per_s']:.2f} | {data['in_memory_steps_per_s'] * batch:.1f} | 1.00 |",
+        f"| TFRecord shards with augmentation, oversampling and all metrics | {data['shards_steps_per_s']:.2f} | "
+        f"{data['shards_steps_per_s'] * batch:.1f} | **{ratio:.2f}** {_mark(ratio >= 0.9)} |",
+    ]
+    shape = "×".join(map(str, data.get("input", ())))
+    head = f"The demo's model ({data.get('model', 'tam_unet')}, {shape}) and data, batch {batch}, {data['policy']}."
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
+def render_models(data: dict) -> str:
+    settings = data["settings"]
+    batch = settings["batch"]
+    rows = [
+        "| model | params | GFLOPs/slice (fwd) | Keras f32 s/step | Keras bf16 s/step | PyTorch f32 s/step | "
+        "Keras slices/s | PyTorch slices/s | Keras/PyTorch (goal ≥ 1.5) | peak RSS MB (Keras f32 / bf16 / PyTorch) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in data["rows"]:
+        k32, kbf, pt = row.get("keras_float32", {}), row.get("keras_mixed_bfloat16", {}), row.get("torch_float32", {})
+        k_rate = batch / k32["step_s"] if "step_s" in k32 else None
+        p_rate = batch / pt["step_s"] if "step_s" in pt else None
+        ratio = k_rate / p_rate if k_rate and p_rate else None
+        rss = " / ".join(_n(d.get("peak_rss_mb"), ".0f") for d in (k32, kbf, pt))
+        params = f"{k32['params']:,}" if "params" in k32 else "–"
+        rows.append(
+            f"| {row['model']} | {params} | {_n(k32.get('gflops_per_slice'))} | {_n(k32.get('step_s'), '.3f')} | "
+            f"{_n(kbf.get('step_s'), '.3f')} | {_n(pt.get('step_s'), '.3f')} | {_n(k_rate, '.1f')} | {_n(p_rate, '.1f')} | "
+            f"{'–' if ratio is None else f'**{ratio:.2f}** {_mark(ratio >= 1.5)}'} | {rss} |"
+        )
+    head = (f"{settings['size']}×{settings['size']}×{settings['channels']}, batch {batch}, train step = Adam + cross "
+            f"entropy; U-Nets base {settings['filters']}, depth {settings['depth']}; effb0_pan decoder "
+            f"{settings['decoder_filters']}; s/step = best of {settings['steps']} steps after {settings['warmup']} "
+            "warm-up (medians and every step in models.json).")
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
+def render_real_ct(data: dict) -> str:
+    demo, sim, lopo = data["demo"]["summary"], data["sim2real"], data["lopo"]
+
+    def spread(stat: dict, spec: str = ".3f") -> str:
+        return f"{stat['mean']:{spec}} ({stat['min']:{spec}} – {stat['max']:{spec}})"
+
+    tumour = {}
+    for entry in sim["cases"]:
+        tumour.setdefault(str(entry["case"]), []).append(entry["tumor_dice"])
+    per_case = sim["per_case"]
+    goal = sim.get("goal_liver_dice", 0.9)
+    rows = [
+        "| what | measured | goal | met |",
+        "| --- | --- | --- | --- |",
+        f"| demo wall time ({len(data['demo']['runs'])} seeds, data made by the first) | {demo['minutes']['min']:.1f} – "
+        f"{demo['minutes']['max']:.1f} min | ≤ 5 min | {_mark(demo['minutes']['max'] <= 5)} |",
+        f"| demo held-out phantom liver Dice (mean per case; seeds: mean, range) | {spread(demo['liver_dice'])} | ≥ 0.95 | "
+        f"{_mark(demo['liver_dice']['mean'] >= 0.95)} |",
+        f"| demo held-out phantom tumour Dice (same) | {spread(demo['tumor_dice'])} | ≥ 0.75 | "
+        f"{_mark(demo['tumor_dice']['mean'] >= 0.75)} |",
+    ]
+    names = {"1": "IRCAD patient 1", "7": "IRCAD patient 7", "totalseg": "TotalSegmentator crop (3 mm, model-made labels)"}
+    for case, stats in per_case.items():
+        rows.append(
+            f"| sim-to-real liver Dice, {names.get(case, case)} (models: mean, range) | {stats['liver_dice_mean']:.3f} "
+            f"({stats['liver_dice_min']:.3f} – {stats['liver_dice_max']:.3f}) | ≥ {goal:.2f} | {_mark(stats['liver_dice_mean'] >= goal)} |"
+        )
+    irc = [case for case in tumour if case in ("1", "7")]
+    if irc:
+        values = " / ".join(f"{sum(tumour[c]) / len(tumour[c]):.3f}" for c in irc)
+        rows.append(f"| sim-to-real tumour Dice, IRCAD patient {' / '.join(irc)} (mean over models) | {values} | — | |")
+    goals = lopo["goal"]
+    patients = lopo["per_patient"]
+    label = " / ".join(str(p["held_out_patient"]) for p in patients)
+    livers = " / ".join(format(p["liver_dice"], ".3f") for p in patients)
+    tumours = " / ".join(format(p["tumor_dice"], ".3f") for p in patients)
+    rows += [
+        f"| leave one patient out: liver Dice, patient {label} | {livers} | "
+        f"≥ {goals['liver_dice']:.2f} each | {_mark(all(p['liver_dice'] >= goals['liver_dice'] for p in patients))} |",
+        f"| leave one patient out: tumour Dice, patient {label} | {tumours} | "
+        f"≥ {goals['tumor_dice']:.2f} | {_mark(all(p['tumor_dice'] >= goals['tumor_dice'] for p in patients))} |",
+        f"| leave one patient out: wall time, both folds (data, training, whole-volume prediction, LiTS report) | "
+        f"{lopo['minutes']:.1f} min | — | |",
+    ]
+    return "\n".join([*rows, "", _machine_line(data)])
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "prepare": render_prepare,
+    "models": render_models,
+    "predict": render_predict,
+    "fit_loop": render_fit_loop,
+    "real_ct": render_real_ct,
+}
+
+
+def _section(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.S)
+
+
+def render_all(text: str, results: Path) -> tuple[str, list[str]]:
+    """``text`` with every marked table whose JSON exists rewritten; the names changed."""
+    changed = []
+    for name, render in RENDERERS.items():
+        path = results / f"{name}.json"
+        pattern = _section(name)
+        if not path.is_file() or not pattern.search(text):
+            continue
+        table = render(json.loads(path.read_text())).rstrip() + "\n"
+        new = pattern.sub(lambda m: m.group(1) + table + m.group(3), text, count=1)
+        if new != text:
+            changed.append(name)
+        text = new
+    return text, changed
+
+
+def update_readme(readme: Path = README, results: Path | None = None) -> list[str]:
+    """Rewrite the README's marked tables from ``results`` (default: :func:`results_dir`)."""
+    text, changed = render_all(readme.read_text(), results or results_dir())
+    if changed:
+        readme.write_text(text)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.readme_tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare: exit 1 when a table differs from its JSON")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--results", type=Path)
+    args = parser.parse_args(argv)
+    if args.check:
+        _, changed = render_all(args.readme.read_text(), args.results or results_dir())
+        print(f"out of date: {', '.join(changed)}" if changed else "README tables match the JSON")
+        return 1 if changed else 0
+    changed = update_readme(args.readme, args.results)
+    print(f"rewrote: {', '.join(changed)}" if changed else "README tables already match the JSON")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Run every benchmark, write its JSON with the machine's description, regenerate the README's tables.
+
+    python -m benchmarks.run_all                    # everything (~45 min on 2 cores; real CT ~25 of them)
+    python -m benchmarks.run_all --only models pipeline
+    python -m benchmarks.run_all --skip real_ct     # without the real-scan training runs
+    python -m benchmarks.run_all --quick            # a test of the scripts: tiny sizes, minutes
+    python -m benchmarks.readme_tables              # only rewrite the README's tables from the JSON
+
+Each benchmark runs in its own process (fresh memory peaks, no state shared between them), one
+after another, so that they do not compete for the cores; its output streams to the terminal.
+The JSON goes to ``benchmarks/results/`` (or ``$KERAS_LIVSEG_BENCH_RESULTS``); the README's
+tables between ``<!-- bench:NAME -->`` markers are rewritten from it (not with ``--quick``,
+whose tiny figures mean nothing). A benchmark that fails is reported and the others still run;
+the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import machine, results_dir  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """One script: its arguments for the README's figures and for a quick test of the script."""
+
+    name: str  # also the JSON file's name
+    script: str
+    args: tuple[str, ...] = ()
+    quick_args: tuple[str, ...] | None = ("--quick",)  # None: no quick form (needs real data or hours)
+    needs_real_data: bool = False
+    what: str = ""
+
+
+BENCHMARKS = (
+    Benchmark("prepare", "bench_prepare.py", what="prepare against the nibabel floor, peak RSS per worker"),
+    Benchmark("pipeline", "bench_pipeline.py", what="tf.data with full augmentation against naive loaders"),
+    Benchmark("models", "bench_models.py", what="parameters, FLOPs, train step time, Keras against PyTorch",
+              quick_args=("--quick", "--models", "unet", "effb0_pan", "--size", "32", "--batch", "2", "--filters", "4",
+                          "--depth", "2", "--decoder-filters", "8", "--no-torch")),
+    Benchmark("predict", "bench_predict.py", what="predict against the model's forward pass, peak RSS"),
+    Benchmark("fit_loop", "bench_fit_loop.py", what="fit from shards against in-memory tensors"),
+    Benchmark("phantom_realism", "phantom_realism.py", quick_args=None, needs_real_data=True,
+              what="phantom intensities against the real scans"),
+    Benchmark("real_ct", "bench_real.py", args=("demo", "sim2real", "lopo"), quick_args=None, needs_real_data=True,
+              what="the demo's held-out Dice, sim-to-real and leave-one-patient-out on real CT"),
+)
+NAMES = tuple(b.name for b in BENCHMARKS)
+REAL_DATA = HERE.parent.parent / "shared" / "data" / "real"
+
+
+def run_benchmark(benchmark: Benchmark, quick: bool, env: dict[str, str]) -> dict:
+    """Run one script, streaming its output; ``{"name", "seconds", "returncode", "args"}``."""
+    args = list(benchmark.quick_args if quick else benchmark.args)
+    command = [sys.executable, str(HERE / benchmark.script), *args]
+    print(f"\n=== {benchmark.name}: {benchmark.what}\n$ {' '.join(command[1:])}", flush=True)
+    started = time.perf_counter()
+    code = subprocess.run(command, env=env, cwd=HERE.parent).returncode
+    seconds = time.perf_counter() - started
+    print(f"=== {benchmark.name}: {'done' if code == 0 else f'FAILED (exit {code})'} in {seconds / 60:.1f} min", flush=True)
+    return {"name": benchmark.name, "args": args, "seconds": round(seconds, 1), "returncode": code}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME", help=f"run these only ({', '.join(NAMES)})")
+    parser.add_argument("--skip", nargs="+", choices=NAMES, default=[], metavar="NAME", help="leave these out")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every script runs, in minutes")
+    parser.add_argument("--results", type=Path, help="JSON folder (default benchmarks/results or $KERAS_LIVSEG_BENCH_RESULTS)")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's tables")
+    args = parser.parse_args(argv)
+
+    env = dict(os.environ)
+    if args.results:
+        env["KERAS_LIVSEG_BENCH_RESULTS"] = str(args.results.resolve())
+    os.environ.update({k: v for k, v in env.items() if k == "KERAS_LIVSEG_BENCH_RESULTS"})
+    selected = [b for b in BENCHMARKS if (not args.only or b.name in args.only) and b.name not in args.skip]
+    runs, skipped = [], []
+    for benchmark in selected:
+        if args.quick and benchmark.quick_args is None:
+            skipped.append(f"{benchmark.name} (no quick form)")
+        elif benchmark.needs_real_data and not REAL_DATA.is_dir():
+            skipped.append(f"{benchmark.name} (needs {REAL_DATA})")
+        else:
+            runs.append(run_benchmark(benchmark, args.quick, env))
+    folder = results_dir()
+    summary = {"machine": machine(), "quick": args.quick, "runs": runs, "skipped": skipped}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ("run_all_quick.json" if args.quick else "run_all.json")).write_text(json.dumps(summary, indent=1) + "\n")
+
+    print("\n| benchmark | minutes | result |\n| --- | ---: | --- |")
+    for run in runs:
+        print(f"| {run['name']} | {run['seconds'] / 60:.1f} | {'ok' if run['returncode'] == 0 else 'FAILED'} |")
+    for line in skipped:
+        print(f"| {line} | | skipped |")
+    if not args.quick and not args.no_readme and runs:
+        from readme_tables import update_readme
+
+        changed = update_readme(results=folder)
+        print(f"\nREADME tables rewritten from {folder}: {', '.join(changed) or 'none changed'}")
+    return 1 if any(run["returncode"] for run in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

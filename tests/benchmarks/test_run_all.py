@@ -1,0 +1,65 @@
+"""The benchmark runner and the README's generated tables (benchmarks/run_all.py, readme_tables.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import readme_tables  # noqa: E402
+
+
+def test_marked_tables_are_rewritten_from_the_json_and_nothing_else(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "fit_loop.json").write_text(json.dumps({
+        "machine": {"cpu": "Test CPU", "cores_usable": 2, "libraries": {"keras": "3.15.1"}},
+        "in_memory_steps_per_s": 4.0, "shards_steps_per_s": 3.0, "ratio": 0.75, "policy": "float32", "batch": 8,
+        "model": "tam_unet", "input": [128, 128, 3],
+    }))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:fit_loop -->\nstale 9.99\n<!-- /bench:fit_loop -->\n<!-- bench:models -->\nkept\n<!-- /bench:models -->\n")
+    assert readme_tables.main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
+    assert readme_tables.update_readme(readme, results) == ["fit_loop"]
+    text = readme.read_text()
+    assert "stale" not in text and "| 4.00 | 32.0 | 1.00 |" in text and "**0.75** ✗" in text
+    assert "Test CPU, 2 cores" in text and "kept" in text  # models.json is absent: its table stays
+    assert readme_tables.main(["--check", "--readme", str(readme), "--results", str(results)]) == 0
+
+
+def test_every_readme_table_matches_the_committed_json():
+    """A figure in the README is the one the committed JSON holds."""
+    text = readme_tables.README.read_text()
+    for name in readme_tables.RENDERERS:
+        if f"<!-- bench:{name} -->" in text:
+            assert (ROOT / "benchmarks" / "results" / f"{name}.json").is_file(), f"README table {name} has no JSON"
+    _, stale = readme_tables.render_all(text, ROOT / "benchmarks" / "results")
+    assert stale == [], f"run python -m benchmarks.readme_tables: {stale} differ from their JSON"
+
+
+@pytest.mark.slow
+def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
+    env = {**os.environ, "KERAS_LIVSEG_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--results", str(tmp_path / "results"),
+                           "--skip", "real_ct", "phantom_realism"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "run_all_quick.json").read_text())
+    assert [run["name"] for run in summary["runs"]] == ["prepare", "pipeline", "models", "predict", "fit_loop"]
+    for run in summary["runs"]:
+        data = json.loads((tmp_path / "results" / f"{run['name']}.json").read_text())
+        machine = data["machine"]
+        assert machine["cpu"] and machine["cores_usable"] >= 1 and machine["libraries"]["keras"].startswith("3.")
+        if run["name"] in readme_tables.RENDERERS:
+            table = readme_tables.RENDERERS[run["name"]](data)
+            assert table.count("|") > 20
+    models = json.loads((tmp_path / "results" / "models.json").read_text())
+    assert [row["model"] for row in models["rows"]] == ["unet", "effb0_pan"]
+    assert all(row["keras_float32"]["step_s"] > 0 for row in models["rows"])
+    fit_loop = json.loads((tmp_path / "results" / "fit_loop.json").read_text())
+    assert fit_loop["ratio"] == pytest.approx(fit_loop["shards_steps_per_s"] / fit_loop["in_memory_steps_per_s"])
