@@ -237,7 +237,11 @@ def test_evaluate_model_predicts_then_scores_with_curves(folders, tmp_path):
         f"segmentation-{i}.nii.gz" for i in range(3)
     ]
     assert summary["curves_sampled_voxels"] == pytest.approx(3000, abs=10)
-    assert (tmp_path / "eval" / "figures" / "roc_curves.png").is_file()
+    import matplotlib.image
+
+    roc = matplotlib.image.imread(str(tmp_path / "eval" / "figures" / "roc_curves.png"))[..., :3]
+    # A drawn figure: several hundred pixels a side, and curves in colour, not a blank canvas.
+    assert min(roc.shape[:2]) > 200 and (np.ptp(roc, axis=-1) > 0.2).mean() > 0.001
     assert re.search(r"\| background \| [0-9.]+ \|", (tmp_path / "eval" / "report.md").read_text())
 
 
