@@ -1,8 +1,9 @@
 import nibabel as nib
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from keras_livseg.data.dataset import Augmentation, make_dataset
+from keras_livseg.data.dataset import Augmentation, make_dataset, parse_batch, parse_example
 from keras_livseg.data.prepare import PrepareOptions, load_manifest, prepare_dataset
 from keras_livseg.data.volumes import DataError
 
@@ -74,10 +75,39 @@ def test_augmentation_moves_image_and_mask_together(tmp_path, fused):
 
 
 def test_deterministic_option_repeats_exactly(shard_dir):
-    first = [next(iter(make_dataset(shard_dir, "train", batch_size=4, deterministic=True, seed=11)))[0].numpy() for _ in range(2)]
-    np.testing.assert_array_equal(first[0], first[1])
-    other = next(iter(make_dataset(shard_dir, "train", batch_size=4, deterministic=True, seed=12)))[0].numpy()
-    assert not np.array_equal(first[0], other)
+    # Full augmentation, batches augmented in parallel: each batch has its own seed.
+    def batches(seed):
+        ds = make_dataset(shard_dir, "train", batch_size=4, deterministic=True, seed=seed)
+        return [(x.numpy(), y.numpy()) for x, y in ds.take(6)]
+
+    first, again = batches(11), batches(11)
+    for (x1, y1), (x2, y2) in zip(first, again):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    other = batches(12)
+    assert not np.array_equal(first[0][0], other[0][0])
+
+
+def test_training_batches_keep_integral_labels(shard_dir):
+    everything = Augmentation(flip="horizontal_and_vertical", rotation=0.1, zoom=0.2, translation=0.15, probability=1.0)
+    ds = make_dataset(shard_dir, "train", batch_size=6, augmentation=everything, foreground_fraction=0.5, seed=2)
+    labels = set()
+    for images, masks in ds.take(8):
+        assert masks.dtype == tf.int32 and images.dtype == tf.float32 and images.shape == (6, 32, 32, 1)
+        labels |= set(np.unique(masks.numpy()).tolist())
+    assert labels == {0, 1, 2}
+
+
+def test_batch_parsing_matches_single_example_parsing(shard_dir):
+    manifest = load_manifest(shard_dir)
+    path = str(shard_dir / manifest["splits"]["train"]["shards"][0])
+    records = tf.stack(list(tf.data.TFRecordDataset(path).take(5)))
+    batch = parse_batch(records, 1, (32, 32))
+    for k in range(5):
+        single = parse_example(records[k], 1, (32, 32))
+        np.testing.assert_array_equal(batch["image"][k].numpy(), single["image"].numpy())
+        np.testing.assert_array_equal(batch["mask"][k].numpy(), single["mask"].numpy())
+        assert float(batch["volume_std"][k]) == float(single["volume_std"])
 
 
 def test_intensity_augmentation_changes_image_only(shard_dir):
@@ -93,6 +123,17 @@ def test_cache_gives_the_same_data(shard_dir):
     cached_ds = make_dataset(shard_dir, "val", batch_size=4, cache=True)
     for _ in range(2):
         np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in cached_ds]), plain)
+
+
+@pytest.mark.parametrize("cache", [True, "file"])
+def test_cached_training_stream_matches_the_shards(shard_dir, tmp_path, cache):
+    # Both streams (all slices, tumor slices) cached: the same batches as reading the shards.
+    cache = True if cache is True else str(tmp_path / "train-cache")
+    plain = make_dataset(shard_dir, "train", batch_size=4, deterministic=True, seed=3)
+    cached = make_dataset(shard_dir, "train", batch_size=4, deterministic=True, seed=3, cache=cache)
+    for (x1, y1), (x2, y2) in zip(plain.take(30), cached.take(30)):  # 120 slices: past the first epoch (48)
+        np.testing.assert_array_equal(x1.numpy(), x2.numpy())
+        np.testing.assert_array_equal(y1.numpy(), y2.numpy())
 
 
 def test_folder_without_manifest_is_refused(tmp_path):
