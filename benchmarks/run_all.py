@@ -44,7 +44,9 @@ class Benchmark:
 
 BENCHMARKS = (
     Benchmark("prepare", "bench_prepare.py", what="prepare against the nibabel floor, peak RSS per worker"),
-    Benchmark("pipeline", "bench_pipeline.py", what="tf.data with full augmentation against naive loaders"),
+    Benchmark("pipeline", "bench_pipeline.py", what="tf.data with full augmentation against naive loaders",
+              quick_args=("--cases", "2", "--batches", "5", "--size", "64", "--volume-size", "128", "--slices", "20-30",
+                          "--rounds", "1")),
     Benchmark("models", "bench_models.py", what="parameters, FLOPs, train step time, Keras against PyTorch",
               quick_args=("--quick", "--models", "unet", "effb0_pan", "--size", "32", "--batch", "2", "--filters", "4",
                           "--depth", "2", "--decoder-filters", "8", "--no-torch")),
