@@ -57,9 +57,12 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
         assert machine["cpu"] and machine["cores_usable"] >= 1 and machine["libraries"]["keras"].startswith("3.")
         if run["name"] in readme_tables.RENDERERS:
             table = readme_tables.RENDERERS[run["name"]](data)
-            assert table.count("|") > 20
+            assert table.count("\n| ") >= 3 and "_Measured on" in table  # header, rule, rows; the machine
     models = json.loads((tmp_path / "results" / "models.json").read_text())
     assert [row["model"] for row in models["rows"]] == ["unet", "effb0_pan"]
     assert all(row["keras_float32"]["step_s"] > 0 for row in models["rows"])
     fit_loop = json.loads((tmp_path / "results" / "fit_loop.json").read_text())
     assert fit_loop["ratio"] == pytest.approx(fit_loop["shards_steps_per_s"] / fit_loop["in_memory_steps_per_s"])
+    assert f"**{fit_loop['ratio']:.2f}**" in readme_tables.render_fit_loop(fit_loop)
+    pipeline = json.loads((tmp_path / "results" / "pipeline.json").read_text())
+    assert pipeline["ratio_typical"] == pytest.approx(pipeline["pipeline_slices_per_s"] / pipeline["naive_typical_slices_per_s"])
