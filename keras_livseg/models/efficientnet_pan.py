@@ -18,6 +18,7 @@ from keras_livseg.models.layers import (
     GlobalAttentionUpsample,
     SqueezeExcitation,
 )
+from keras_livseg.models.layers._fast_kernels import FusedBatchNormalization, SwishActivation
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,31 @@ def _resolve_weights(encoder_weights) -> Path | None:
     )
 
 
+def use_fast_kernels(model: keras.Model) -> int:
+    """Give ``model``'s BatchNormalization and swish layers faster TensorFlow kernels.
+
+    Every ``BatchNormalization`` becomes a :class:`FusedBatchNormalization` and every
+    ``Activation("swish")`` a :class:`SwishActivation`: same names, configs and
+    weights, same outputs up to float rounding; on TensorFlow, BN runs as one
+    ``FusedBatchNormV3`` (Keras 3 runs ~10 unfused ops forward and more backward)
+    and swish's gradient as one XLA-fused kernel (six ops in ``tf.nn.silu``). These
+    were ~23 % and ~10 % of EfficientNet-B0-PAN's train-step op time on CPU (see
+    docs/perf-effb0_pan.md). The subclasses add no state, so the class of the
+    existing layer objects is switched in place and the functional graph that
+    keras.applications built stays as it is. Returns how many layers changed.
+    """
+    count = 0
+    for layer in model.layers:
+        if type(layer) is layers.BatchNormalization:
+            layer.__class__ = FusedBatchNormalization
+        elif type(layer) is layers.Activation and layer.activation is keras.activations.silu:
+            layer.__class__ = SwishActivation
+        else:
+            continue
+        count += 1
+    return count
+
+
 def build_efficientnet_encoder(input_shape) -> keras.Model:
     """EfficientNet-B0 from ``keras.applications`` without its input preprocessing.
 
@@ -81,7 +107,9 @@ def build_efficientnet_encoder(input_shape) -> keras.Model:
     shrink it 255×. The encoder returned here is the same network cut at
     ``stem_conv_pad``: its input goes straight into the stem convolution, and it
     outputs the pyramid ``[P2, P3, P4, P5]`` (strides 4, 8, 16, 32; 24, 40, 112, 320
-    channels). The MBConv blocks keep their own squeeze-and-excitation.
+    channels). The MBConv blocks keep their own squeeze-and-excitation. Its
+    BatchNormalization and swish layers are the drop-in subclasses of
+    :func:`use_fast_kernels` (same weights and outputs, fused TensorFlow kernels).
 
     Args:
         input_shape: ``(H, W, C)`` (``(C, H, W)`` under channels_first), any C.
@@ -101,6 +129,7 @@ def build_efficientnet_encoder(input_shape) -> keras.Model:
         base = keras.applications.EfficientNetB0(
             include_top=False, weights=None, input_shape=tuple(input_shape)
         )
+    use_fast_kernels(base)  # BN and swish layers: same layers, fused TF kernels
     stem_entry = base.get_layer(STEM_ENTRY).input
     preprocessing = base.layers[1 : base.layers.index(base.get_layer(STEM_ENTRY))]
     if any(type(layer).__name__ not in ("Rescaling", "Normalization") for layer in preprocessing):

@@ -17,10 +17,13 @@ from keras_livseg.models.efficientnet_pan import (
 )
 from keras_livseg.models.layers import (
     ASPP,
+    ConvBNReLU,
     FeaturePyramidAttention,
     GlobalAttentionUpsample,
     SqueezeExcitation,
 )
+from keras_livseg.models.layers._conv_bn import dilated_conv_same
+from keras_livseg.models.layers._fast_kernels import FusedBatchNormalization, SwishActivation
 
 SMALL = {"decoder_filters": 8}
 
@@ -225,6 +228,117 @@ def test_keras_save_and_load_gives_identical_outputs(tmp_path):
     original, reloaded, clone = save_and_reload(model, tmp_path / "pan.keras", random_inputs([(2, 32, 32, 3)]))
     np.testing.assert_array_equal(original, reloaded)
     assert clone.count_params() == model.count_params()
+    assert fast_layer_kinds(clone) == fast_layer_kinds(model)  # the fast kernels survive a reload
+
+
+# ---------------------------------------------------------------- fast TF kernels (docs/perf-effb0_pan.md)
+
+
+def flat_layers(model):
+    return model._flatten_layers(include_self=False, recursive=True)
+
+
+def fast_layer_kinds(model):
+    kinds = [type(layer) for layer in flat_layers(model)]
+    return {
+        "fused_bn": kinds.count(FusedBatchNormalization),
+        "plain_bn": kinds.count(keras.layers.BatchNormalization),
+        "swish": kinds.count(SwishActivation),
+        "plain_activation": kinds.count(keras.layers.Activation),
+    }
+
+
+def use_plain_keras_layers(model, monkeypatch):
+    """Undo the speed-ups: plain Keras BN/Activation and dilated Conv2D, as before them."""
+    for layer in flat_layers(model):
+        if type(layer) is FusedBatchNormalization:
+            layer.__class__ = keras.layers.BatchNormalization
+        elif type(layer) is SwishActivation:
+            layer.__class__ = keras.layers.Activation
+    monkeypatch.setattr(ConvBNReLU, "dilated_as_taps", False)
+
+
+def test_every_batchnorm_and_swish_uses_the_fast_kernels():
+    model = build_model("effb0_pan", input_shape=(32, 32, 1), **SMALL)
+    # 48 BN in the encoder (B0 no-top without top_bn) + ASPP's 5 ConvBNReLU + FPA mid + 3 GAU
+    # details (no GAU needs a projection, the FPA pyramid has no BN); 32 swish activations.
+    assert fast_layer_kinds(model) == {"fused_bn": 48 + 5 + 1 + 3, "plain_bn": 0, "swish": 32,
+                                       "plain_activation": 0}
+    assert model.count_params() == 3_730_270  # unchanged (test_parameter_count_is_pinned)
+
+
+@pytest.mark.parametrize(
+    "size, kernel_size, rate",
+    [((8, 8), 3, 6), ((8, 8), 3, 12), ((8, 8), 3, 18), ((4, 4), 3, 2), ((7, 5), 3, 4), ((5, 9), 5, 2),
+     ((6, 6), 2, 3), ((3, 3), 2, 18), ((16, 16), 3, 1)],
+)
+def test_dilated_conv_same_equals_the_dilated_convolution(size, kernel_size, rate):
+    import tensorflow as tf
+
+    x = tf.constant(random_inputs([(2,) + size + (5,)]))
+    kernel = tf.constant(np.random.default_rng(1).normal(size=(kernel_size, kernel_size, 5, 4)).astype("float32"))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel])
+        expected = keras.ops.conv(x, kernel, padding="same", dilation_rate=rate)
+        got = dilated_conv_same(x, kernel, rate)
+        weights = tf.reshape(tf.range(tf.size(got), dtype="float32") % 5.0, tf.shape(got))
+        loss_expected, loss_got = tf.reduce_sum(expected * weights), tf.reduce_sum(got * weights)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(tape.gradient(loss_got, [x, kernel]), tape.gradient(loss_expected, [x, kernel])):
+        np.testing.assert_allclose(mine.numpy(), reference.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fast_kernels_are_a_pure_reexpression(monkeypatch):
+    """Same weights: the same outputs, gradients and BN statistics as the plain Keras layers."""
+    import tensorflow as tf
+
+    # 128x128 puts a 4x4 map under ASPP: rates 2 and 3 keep all taps (shifted copies),
+    # rate 6 only the centre one (a 1x1 convolution).
+    keras.utils.set_random_seed(11)  # the same weights whichever tests ran before
+    model = build_model("effb0_pan", input_shape=(128, 128, 1), aspp_rates=(2, 3, 6), aspp_dropout=0.0, **SMALL)
+    for layer in flat_layers(model):  # stochastic depth would draw other masks in each run
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    x = tf.constant(random_inputs([(2, 128, 128, 1)]) * 2.0)
+    cotangent = tf.constant(np.random.default_rng(3).normal(size=(2, 128, 128, 3)).astype("float32"))
+    initial = model.get_weights()
+
+    def run():
+        model.set_weights(initial)
+        inference = model(x, training=False).numpy()
+        with tf.GradientTape() as tape:
+            training = model(x, training=True)
+            loss = tf.reduce_sum(training * cotangent)
+        gradients = [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+        return inference, training.numpy(), gradients, model.get_weights()  # get_weights: updated BN statistics
+
+    fast = run()
+    use_plain_keras_layers(model, monkeypatch)
+    assert fast_layer_kinds(model)["fused_bn"] == fast_layer_kinds(model)["swish"] == 0
+    plain = run()
+    np.testing.assert_allclose(fast[0], plain[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fast[1], plain[1], rtol=1e-4, atol=1e-6)
+    # Some gradients are zero up to rounding (the beta of a BN that feeds, through linear
+    # layers only, another training-mode BN): compare against the largest gradient.
+    largest = max(np.abs(g).max() for g in plain[2])
+    for mine, reference in zip(fast[2], plain[2]):
+        np.testing.assert_allclose(mine, reference, rtol=2e-3, atol=1e-5 * largest)
+    for mine, reference in zip(fast[3], plain[3]):
+        np.testing.assert_allclose(mine, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_plain_keras_layers_loads_and_agrees(tmp_path, monkeypatch):
+    """A .keras saved before the fast kernels existed (plain BN and Activation) still loads."""
+    model = build_model("effb0_pan", input_shape=(32, 32, 1), **SMALL)
+    x = random_inputs([(2, 32, 32, 1)])
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    use_plain_keras_layers(model, monkeypatch)
+    model.save(tmp_path / "plain.keras")
+    reloaded = keras.models.load_model(tmp_path / "plain.keras")
+    assert fast_layer_kinds(reloaded)["plain_bn"] == 48  # the encoder's, as saved
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(x, training=False)), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -25,7 +25,10 @@ class ASPP(layers.Layer):
     pooling a batch-size-1 training step would normalize a single value per channel
     to ``beta`` and erase the branch. On feature maps smaller than a rate, the
     dilated taps fall in the zero padding and the branch reduces to its centre tap,
-    as in every DeepLab implementation.
+    as in every DeepLab implementation; the branches are computed that way, without
+    TensorFlow's slow SpaceToBatch dilated convolution (see
+    :func:`~keras_livseg.models.layers._conv_bn.dilated_conv_same`; same weights
+    and results).
 
     Args:
         filters: int. Channels of every branch and of the output. Defaults to ``256``.
