@@ -144,7 +144,7 @@ def test_context_3_takes_stacks_of_adjacent_slices(tmp_path):
     version_dir = export_saved_model(model, tmp_path / "livseg3", prep)
     served = tf.saved_model.load(str(version_dir))
     signature = served.signatures["serving_default"]
-    assert signature.structured_input_signature[1]["ct_slices"].shape.as_list() == [None, None, None, 3]
+    assert signature.structured_input_signature[1]["ct_slices"].shape.rank is None  # stacks or plain slices
 
     volume = np.transpose(raw_hu_slices(batch=4, rows=70, cols=90, seed=1), (1, 2, 0))
     request = np.stack([context_stack(volume, i, 3) for i in range(4)])  # [4, 70, 90, 3]
@@ -155,9 +155,36 @@ def test_context_3_takes_stacks_of_adjacent_slices(tmp_path):
                            out["mask"].numpy())
     # The "serve" endpoint is the same function.
     np.testing.assert_array_equal(served.serve(tf.constant(request))["mask"].numpy(), out["mask"].numpy())
-    # 2D slices into a 2.5D model: refused (a loaded signature leaves the check to the graph).
-    with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError)):
-        signature(ct_slices=tf.constant(request[..., 0]))
+    # Plain consecutive slices: the graph stacks the neighbours itself, edges repeated, exactly
+    # as context_stack does over these four slices.
+    plain = signature(ct_slices=tf.constant(np.transpose(volume, (2, 0, 1))))
+    np.testing.assert_array_equal(plain["mask"].numpy(), out["mask"].numpy())
+    np.testing.assert_allclose(plain["probabilities"].numpy(), out["probabilities"].numpy(), atol=1e-6)
+    # One slice alone is its own neighbour in every channel.
+    single = signature(ct_slices=tf.constant(np.transpose(volume, (2, 0, 1))[1:2]))
+    stacked = signature(ct_slices=tf.constant(np.repeat(volume[None, :, :, 1:2], 3, axis=-1)))
+    np.testing.assert_array_equal(single["mask"].numpy(), stacked["mask"].numpy())
+    # Stacks of another depth, or another rank: refused with the shapes it takes.
+    for bad in (request[..., :2], request[0, :, :, 0]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="ct_slices"):
+            signature(ct_slices=tf.constant(bad))
+
+
+@pytest.mark.slow
+def test_the_readmes_request_works_on_an_export_like_the_demos(tmp_path):
+    """The README's exact TF Serving request body, against a 2.5D model that resamples to 3 mm."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = json.loads(re.search(r"-d '(\{\"inputs\".*?)'\n", readme).group(1))
+    prep = Preprocessing(image_size=(32, 32), context=3, spacing_mm=3.0, mean=60.0, std=40.0)
+    version_dir = export_saved_model(tiny_model(channels=3, name="tam_unet"), tmp_path / "livseg", prep)
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    assert set(body["inputs"]) == set(signature.structured_input_signature[1])  # every input the server wants
+    out = signature(**{name: tf.constant(value, tf.float32) for name, value in body["inputs"].items()})
+    rows, cols = np.shape(body["inputs"]["ct_slices"])[1:]
+    assert out["mask"].shape == (1, rows, cols) and out["probabilities"].shape == (1, rows, cols, 3)
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, rtol=1e-5)
 
 
 def test_volume_normalization_is_refused_with_the_alternative(tmp_path):

@@ -2,12 +2,16 @@
 
 The exported ``serving_default`` signature (also under the name ``serve``) is::
 
-    ct_slices:      float32 [batch, height, width]          (context 1), or
-                    float32 [batch, height, width, context] (2.5D models)
+    ct_slices:      float32 [batch, height, width]          consecutive axial slices (any model), or
+                    float32 [batch, height, width, context] stacks (2.5D models)
                     raw HU, any height and width
     ->
     probabilities:  float32 [batch, height, width, 3]       at the input's size
     mask:           uint8   [batch, height, width]          0 background, 1 liver, 2 tumor
+
+A 2.5D model given plain consecutive slices builds each slice's context from its neighbours in
+the request, the first and last repeating themselves (:func:`signature.context_from_request`):
+a client need not know the model's context, but one slice alone gets no real neighbours.
 
 Inside the graph, the request goes through the same preprocessing as training
 (:meth:`Preprocessing.tf_model_input`: HU window, bilinear resize to the model's size,

@@ -129,6 +129,8 @@ def export_saved_model(
                 "classes": list(CLASSES),
                 "input_name": INPUT_NAME,
                 "input_shape": ["batch", "height", "width"] + (["context"] if prep.context > 1 else []),
+                # 2.5D models also take plain consecutive slices and stack the context themselves.
+                "accepts_consecutive_slices": True,
                 "spacing_input": SPACING_INPUT if prep.spacing_mm is not None else None,
                 "output_names": [PROBABILITIES, MASK],
                 "signatures": list(SIGNATURES),

@@ -69,6 +69,45 @@ def _model_geometry(model: keras.Model, prep: Preprocessing) -> tuple[bool, int,
     return channels_first, int(num_classes), head
 
 
+def context_from_request(ct_slices: tf.Tensor, context: int) -> tf.Tensor:
+    """``[B, H, W, context]`` stacks from a request of stacks or of plain consecutive slices.
+
+    A rank-3 request ``[B, H, W]`` is read as B consecutive axial slices in the volume's order
+    (feet to head, as ``predict`` and the shards order them); each slice gets its neighbours
+    *within the request* as context channels, the first and last slice repeating themselves
+    (:func:`~keras_livseg.data.preprocessing.context_stack`'s rule at a volume's edges). So a
+    request of one slice gets that slice in every channel, which is what the model saw at the
+    first and last slice of a volume, not what it saw inside one: send the neighbours too, or
+    send ``[B, H, W, context]`` stacks built from the whole volume.
+
+    Example:
+        >>> x = tf.reshape(tf.range(3.0), [3, 1, 1])
+        >>> context_from_request(x, 3)[:, 0, 0].numpy().tolist()
+        [[0.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 2.0]]
+    """
+    rank = tf.rank(ct_slices)
+    tf.debugging.assert_equal(
+        tf.logical_or(tf.equal(rank, 3), tf.equal(rank, 4)), True,
+        message=f"ct_slices must be [batch, height, width] consecutive slices or [batch, height, width, {context}]",
+    )
+
+    def from_consecutive():
+        half = context // 2
+        count = tf.shape(ct_slices)[0]
+        picks = tf.clip_by_value(tf.range(count)[:, None] + tf.range(-half, half + 1)[None, :], 0, count - 1)
+        return tf.transpose(tf.gather(ct_slices, picks), [0, 2, 3, 1])  # [B, context, H, W] -> channels last
+
+    def as_stacks():
+        tf.debugging.assert_equal(
+            tf.shape(ct_slices)[-1], context,
+            message=f"ct_slices [batch, height, width, channels] must have {context} channels (the model's context)",
+        )
+        return ct_slices
+
+    stacks = tf.cond(tf.equal(rank, 3), from_consecutive, as_stacks)
+    return tf.ensure_shape(tf.reshape(stacks, tf.shape(stacks)), [None, None, None, context])
+
+
 def make_serving_function(model: keras.Model, prep: Preprocessing) -> tf.types.experimental.GenericFunction:
     """The raw-HU serving function of ``model``, as a ``tf.function`` with its input signature.
 
@@ -101,13 +140,15 @@ def make_serving_function(model: keras.Model, prep: Preprocessing) -> tf.types.e
         )
     channels_first, num_classes, head = _model_geometry(model, prep)
     context = prep.context
-    spec_shape = [None, None, None] if context == 1 else [None, None, None, context]
+    # 2.5D models take either stacks [B, H, W, context] or plain consecutive slices [B, H, W]
+    # (unknown rank in the signature), so that a client need not know the model's context.
+    spec_shape = [None, None, None] if context == 1 else None
     signature = [tf.TensorSpec(spec_shape, tf.float32, name=INPUT_NAME)]
     if prep.spacing_mm is not None:
         signature.append(tf.TensorSpec([2], tf.float32, name=SPACING_INPUT))
 
     def serve_slices(ct_slices, pixel_spacing_mm=None):
-        hu = ct_slices[..., tf.newaxis] if context == 1 else ct_slices
+        hu = ct_slices[..., tf.newaxis] if context == 1 else context_from_request(ct_slices, context)
         size = tf.shape(hu)[1:3]
         inputs = prep.tf_model_input(hu, spacing=pixel_spacing_mm)
         if channels_first:
