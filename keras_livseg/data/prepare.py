@@ -356,9 +356,46 @@ def _reusable_summary(files: CaseFiles, options: PrepareOptions, work_dir: Path)
     return summary if same else None
 
 
-def _check_output(out: Path, options: PrepareOptions) -> None:
+def _finished_run_differences(manifest: Mapping[str, Any], options: PrepareOptions, case_ids: set[str]) -> list[str]:
+    """What a finished run's manifest says differently from the run asked for (empty: the same)."""
+    prep = manifest.get("preprocessing", {})
+    asked = options.preprocessing().to_dict()
+    differences = [
+        f"preprocessing.{key} {prep.get(key)!r} (asked {asked[key]!r})"
+        for key in ("window", "image_size", "context", "normalization", "spacing_mm")
+        if json.loads(json.dumps(prep.get(key))) != json.loads(json.dumps(asked[key]))
+    ]
+    checks = {
+        "source": (manifest.get("source"), str(Path(options.src).resolve())),
+        "slices": (manifest.get("selection", {}).get("slices"), options.slices),
+        "margin": (manifest.get("selection", {}).get("margin"), options.margin),
+        "label_map": (manifest.get("label_map"), parse_label_map(options.label_map)),
+        "split": (manifest.get("split", {}).get("fractions"), list(options.split)),
+        "seed": (manifest.get("split", {}).get("seed"), options.seed),
+        "compression": (manifest.get("compression"), options.compression or None),
+    }
+    for key, (done, wanted) in checks.items():
+        if json.loads(json.dumps(done, default=str)) != json.loads(json.dumps(wanted, default=str)):
+            differences.append(f"{key} {done!r} (asked {wanted!r})")
+    finished = set(manifest.get("cases", {})) | {s["case_id"] for s in manifest.get("skipped", [])}
+    if case_ids != finished:
+        differences.append(f"cases: {len(case_ids - finished)} new and {len(finished - case_ids)} gone in the source")
+    return differences
+
+
+def _check_output(out: Path, options: PrepareOptions, case_ids: set[str]) -> bool:
+    """Make ``out`` ready for a run; True when ``--resume`` finds the same run already complete."""
     manifest = out / MANIFEST_NAME
     if manifest.exists():
+        if options.resume and not options.overwrite:
+            # A scheduler simply reruns a job: a finished identical run is success, not an error.
+            differences = _finished_run_differences(json.loads(manifest.read_text()), options, case_ids)
+            if not differences:
+                return True
+            raise DataError(
+                f"{out} holds a finished prepare run that differs from this one ({'; '.join(differences)}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
         if not options.overwrite:
             raise DataError(f"{manifest} already exists; pass --overwrite to replace it or choose another --out")
         # The manifest goes first: from now on the folder reads as unfinished, never as stale-but-finished.
@@ -372,6 +409,7 @@ def _check_output(out: Path, options: PrepareOptions) -> None:
         )
     elif options.overwrite:
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return False
 
 
 def _progress(iterable: Iterable, total: int, enabled: bool, description: str) -> Iterable:
@@ -429,7 +467,9 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _check_output(out, options)
+    if _check_output(out, options, {c.case_id for c in all_cases}):
+        logger.info("%s is already complete (same source, cases and parameters): nothing to do", out / MANIFEST_NAME)
+        return load_manifest(out)
     work_dir = out / WORK_DIR
     work_dir.mkdir(exist_ok=True)
 

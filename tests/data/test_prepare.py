@@ -141,6 +141,26 @@ def test_refuses_finished_output_without_overwrite(lits_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["preprocessing"]["image_size"] == [16, 16]
 
 
+def test_resume_of_a_finished_identical_run_is_success(lits_dir, tmp_path, capsys):
+    """A scheduler reruns a job with --resume: a complete output is reported and left as it is."""
+    out = tmp_path / "out"
+    first = prepare_dataset(_options(lits_dir, out))
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
+    again = prepare_dataset(_options(lits_dir, out, resume=True))
+    assert again["cases"] == first["cases"] and again["preprocessing"] == first["preprocessing"]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()} == files
+    # Asked for something else: one line naming what differs, nothing touched.
+    with pytest.raises(DataError, match=r"differs from this one \(preprocessing.image_size \[32, 32\] \(asked \[16, 16\]\)\).*--overwrite"):
+        prepare_dataset(_options(lits_dir, out, resume=True, image_size=16))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {k: v[0] for k, v in files.items()}
+    # The command says so and exits 0.
+    from keras_livseg import prepare as prepare_cli
+
+    code = prepare_cli.main(["--src", str(lits_dir), "--out", str(out), "--image-size", "32", "--split", "0.5,0.25,0.25",
+                             "--workers", "1", "--resume"])
+    assert code == 0, capsys.readouterr().err
+
+
 def test_interrupted_run_resumes_only_missing_cases(lits_dir, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     prepare_dataset(_options(lits_dir, reference))
