@@ -95,9 +95,19 @@ def render_predict(data: dict) -> str:
         "| --- | ---: | ---: | ---: |",
         f"| the model's forward pass over the {data.get('slices', 119)} slices | {data['forward_s']:.1f} | 1.00 | "
         f"{_n(data.get('forward_peak_rss_gb'))} GB |",
-        f"| `predict`: read NIfTI, preprocess, forward, resize back, post-process, write NIfTI | {data['predict_s']:.1f} | "
-        f"**{ratio:.2f}** {_mark(ratio <= 1.3)} | **{rss:.2f} GB** {_mark(rss <= 3.0)} |",
     ]
+    if "predict_without_postprocessing_s" in data:
+        bare = data["predict_without_postprocessing_s"]
+        rows.append(f"| `predict` without post-processing (`--no-postprocess`) | {bare:.1f} | {bare / data['forward_s']:.2f} | |")
+    rows.append(
+        f"| `predict`: read NIfTI, preprocess, forward, resize back, post-process, write NIfTI | {data['predict_s']:.1f} | "
+        f"**{ratio:.2f}** {_mark(ratio <= 1.3)} | **{rss:.2f} GB** {_mark(rss <= 3.0)} |"
+    )
+    if "labelled_fraction" in data:
+        rows += ["", f"The model's weights are random (seed 0): before post-processing it labels "
+                 f"{data['labelled_fraction']:.0%} of the volume liver or tumour (a trained model: the liver, a few "
+                 "per cent); post-processing works inside the bounding box of what is labelled, so its share "
+                 "of the time depends on the prediction."]
     head = (f"{data.get('size', 512)}×{data.get('size', 512)}×{data.get('slices', 119)} phantom volume, "
             f"{data['model']} base {data['filters']} at {data.get('image_size', 256)}×{data.get('image_size', 256)}, batch 8.")
     return "\n".join([head, "", *rows, "", _machine_line(data)])
