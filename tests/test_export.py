@@ -371,3 +371,42 @@ def test_tensorflow_model_server_answers_a_rest_request(exported, start_server):
         reference, np.asarray(outputs["probabilities"], np.float32), np.asarray(outputs["mask"], np.uint8)
     )
 
+
+
+def test_the_signature_refuses_bad_requests_with_what_is_wrong(tmp_path):
+    from keras_livseg.serving.signature import MAX_SLICE_SIDE
+
+    serve = make_serving_function(tiny_model(), PREP)
+    good = raw_hu_slices(batch=1)
+    assert serve(tf.constant(good))["mask"].shape == (1, ROWS, COLS)
+    nan = good.copy()
+    nan[0, 3, 4] = np.nan
+    cases = {
+        "NaN or Inf": nan,
+        "Inf": np.full_like(good, np.inf),
+        f"side over {MAX_SLICE_SIDE}": np.zeros((1, 8, MAX_SLICE_SIDE + 1), np.float32),
+        "empty": np.zeros((0, ROWS, COLS), np.float32),
+    }
+    for expected, request in cases.items():
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            serve(tf.constant(request))
+        assert expected.split(" or ")[0] in str(error.value), (expected, str(error.value)[:300])
+
+
+def test_keras_files_load_in_safe_mode_only(tmp_path):
+    """A .keras file holding Python code (a Lambda) is refused by every loader, never run."""
+    from keras_livseg.models.saving import load_keras_model
+    from keras_livseg.training.warm_start import load_matching_weights
+
+    inputs = keras.Input((32, 32, 1), name="ct_slices")
+    touched = keras.layers.Lambda(lambda t: t * 2.0, name="code")(inputs)
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1, activation="softmax", name="probabilities")(touched))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match="Python code that would run on loading.*safe mode"):
+        load_keras_model(path)
+    with pytest.raises(ValueError, match="warm start source.*safe mode"):
+        load_matching_weights(tiny_model(), path)
+    write_preprocessing_json(tmp_path / "preprocessing.json", PREP)
+    code = export_cli.main(["--model", str(path), "--out", str(tmp_path / "saved")])
+    assert code == 2 and not (tmp_path / "saved" / "1").exists()

@@ -16,9 +16,13 @@ def load_keras_model(path: str | Path) -> keras.Model:
     Returns:
         The ``keras.Model``, with this package's custom layers resolved.
 
+    Loading is always in Keras safe mode: a file that would run Python code when loaded (a
+    ``Lambda`` layer holding a function) is refused, never executed. Models from
+    :func:`~keras_livseg.models.build_model` hold no such code.
+
     Raises:
-        ValueError: the path is not a ``.keras`` file (SavedModels and ``.h5`` are refused), or
-            the file is damaged or not a Keras model.
+        ValueError: the path is not a ``.keras`` file (SavedModels and ``.h5`` are refused),
+            the file is damaged or not a Keras model, or it holds code (safe mode).
         FileNotFoundError: the file does not exist.
 
     Example:
@@ -42,6 +46,16 @@ def load_keras_model(path: str | Path) -> keras.Model:
     import keras_livseg.models  # noqa: F401
 
     try:
-        return keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for damaged or foreign files
-        raise ValueError(f"{path} could not be loaded as a Keras model ({error}); re-save it") from None
+        raise ValueError(refusal(path, error)) from None
+
+
+def refusal(path: Path, error: Exception) -> str:
+    """One line for a ``.keras`` file Keras would not load: code refused by safe mode, or damage."""
+    text = str(error)
+    if "safe_mode" in text or "arbitrary code" in text:
+        return (f"{path} holds Python code that would run on loading (a Lambda layer) and keras_livseg loads "
+                "models in Keras safe mode only; rebuild it without Lambda layers (build_model's models have none)")
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"{path} could not be loaded as a Keras model ({first}); re-save it"

@@ -16,6 +16,10 @@ PROBABILITIES = "probabilities"
 MASK = "mask"
 SPACING_INPUT = "pixel_spacing_mm"
 SIGNATURES = ("serving_default", "serve")
+#: Largest slice side a request may have (CT is 512, rarely 1024): beyond it, a clear refusal.
+MAX_SLICE_SIDE = 2048
+#: Most values one request may hold (256 slices of 512x512): the server's memory stays bounded.
+MAX_REQUEST_VALUES = 256 * 512 * 512
 CLASSES = CLASS_NAMES
 # Sigmoid heads have one channel per nested LiTS region; the decoding below assumes this order.
 SIGMOID_CHANNELS = {2: ("liver", "tumor"), 3: ("background", "liver", "tumor")}
@@ -67,6 +71,30 @@ def _model_geometry(model: keras.Model, prep: Preprocessing) -> tuple[bool, int,
             f"{sorted(SIGMOID_CHANNELS)} channels {list(SIGMOID_CHANNELS.values())}"
         )
     return channels_first, int(num_classes), head
+
+
+def guard_request(ct_slices: tf.Tensor) -> tf.Tensor:
+    """``ct_slices`` unchanged, or an ``InvalidArgumentError`` saying what is wrong with it.
+
+    Refused: NaN or Inf values, a slice side over :data:`MAX_SLICE_SIDE`, more than
+    :data:`MAX_REQUEST_VALUES` values, an empty request. (Rank and dtype are checked by the
+    signature and :func:`context_from_request`.)
+    """
+    shape = tf.shape(ct_slices)
+    checks = [
+        tf.debugging.assert_positive(tf.size(ct_slices), message="ct_slices is empty; send at least one slice"),
+        tf.debugging.assert_less_equal(
+            tf.reduce_max(shape[1:3]), MAX_SLICE_SIDE,
+            message=f"ct_slices has a slice side over {MAX_SLICE_SIDE} pixels; send CT slices as scanned (512 x 512 typically)",
+        ),
+        tf.debugging.assert_less_equal(
+            tf.size(ct_slices, out_type=tf.int64), tf.constant(MAX_REQUEST_VALUES, tf.int64),
+            message=f"ct_slices holds more than {MAX_REQUEST_VALUES} values; split the scan into requests of fewer slices",
+        ),
+        tf.debugging.assert_all_finite(ct_slices, message="ct_slices holds NaN or Inf; send finite Hounsfield units"),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(ct_slices)
 
 
 def context_from_request(ct_slices: tf.Tensor, context: int) -> tf.Tensor:
@@ -148,6 +176,7 @@ def make_serving_function(model: keras.Model, prep: Preprocessing) -> tf.types.e
         signature.append(tf.TensorSpec([2], tf.float32, name=SPACING_INPUT))
 
     def serve_slices(ct_slices, pixel_spacing_mm=None):
+        ct_slices = guard_request(ct_slices)
         hu = ct_slices[..., tf.newaxis] if context == 1 else context_from_request(ct_slices, context)
         size = tf.shape(hu)[1:3]
         inputs = prep.tf_model_input(hu, spacing=pixel_spacing_mm)

@@ -303,8 +303,12 @@ def _load_checkpoint(path: Path) -> keras.Model:
     import keras_livseg.training.schedules  # noqa: F401
 
     try:
-        loaded = keras.saving.load_model(path, compile=False)
+        loaded = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # deserialization errors have many types; give one line
+        from keras_livseg.models.saving import refusal
+
+        if "safe_mode" in str(error) or "arbitrary code" in str(error):
+            raise ValueError(f"warm start source: {refusal(Path(path), error)}") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(
             f"warm start source {str(path)!r} could not be loaded as a Keras model "
