@@ -88,7 +88,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict]:
 def format_summary(result) -> str:
     """The end-of-run summary: Dice per class, where everything is, how to watch it."""
     metrics = result.test_metrics
-    lines = ["", f"finished {result.epochs_done} epochs in {result.seconds / 60:.1f} min"]
+    if result.already_complete:
+        lines = ["", f"{result.run_dir} had already finished its {result.epochs_done} epochs: nothing to do "
+                 "(pass more --epochs with --resume to train on)"]
+    else:
+        lines = ["", f"finished {result.epochs_done} epochs in {result.seconds / 60:.1f} min"]
     if result.warm_start:
         lines.append(result.warm_start.splitlines()[0])
     volumes = result.volume_metrics
@@ -110,7 +114,7 @@ def format_summary(result) -> str:
     lines += [
         f"run folder:      {result.run_dir}",
         f"best checkpoint: {result.best_checkpoint}",
-        f"export:          {result.export_dir or '(none)'}",
+        f"export:          {result.export_dir or ('(exported when it finished)' if result.already_complete else '(none)')}",
         f"watch it:        tensorboard --logdir {result.run_dir / 'tensorboard'}",
     ]
     return "\n".join(lines)
@@ -145,8 +149,8 @@ def export_trained(config: Mapping[str, Any], result):
         export is off or the run has no checkpoint.
     """
     export = config["export"]
-    if not export["enabled"] or result.best_checkpoint is None:
-        return result
+    if not export["enabled"] or result.best_checkpoint is None or result.already_complete:
+        return result  # a finished run resumed again was exported the first time
     from keras_livseg.data.preprocessing import find_preprocessing_json, read_preprocessing_json
     from keras_livseg.serving import export_saved_model
 

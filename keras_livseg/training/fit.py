@@ -147,6 +147,24 @@ class FitResult:
     stopped_on_nan: tuple[int, int] | None = None
     volume_metrics: dict[str, Any] | None = None
     warm_start: str | None = None
+    already_complete: bool = False
+
+
+#: Written last by a run that finished all its epochs and its held-out scoring.
+COMPLETE_FILE = "complete.json"
+
+
+def _finished_run(run_dir: Path, epochs: int) -> FitResult | None:
+    """The result of a run that already finished ``epochs`` epochs (``--resume`` of a done job)."""
+    path = run_dir / COMPLETE_FILE
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if int(done["epochs_done"]) < epochs:
+        return None  # --resume with more epochs: train on
+    best = Path(done["best_checkpoint"]) if done.get("best_checkpoint") else None
+    return FitResult(run_dir, best, None, done.get("test_metrics") or {}, int(done["epochs_done"]), 0.0,
+                     volume_metrics=done.get("volume_metrics"), already_complete=True)
 
 
 def _cache_root() -> Path:
@@ -381,6 +399,10 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     training = config["training"]
     if resume:
         run_dir = new_run_dir(config, resume=True)
+        finished = _finished_run(run_dir, int(training["epochs"]))
+        if finished is not None:
+            logger.info("%s already finished %d epochs: nothing to do", run_dir, finished.epochs_done)
+            return finished
         saved = json.loads((run_dir / "config.json").read_text())
         saved["training"]["epochs"] = training["epochs"]  # the one value a resume may extend
         config = saved
@@ -509,9 +531,17 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     else:
         logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
 
+    result = FitResult(run_dir, best if best.is_file() else None, None, test_metrics, epochs_done,
+                       time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start)
+    if epochs_done >= epochs:
+        # Last, atomically: a run killed before this line resumes instead of passing for done.
+        record = {"epochs_done": epochs_done, "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+                  "test_metrics": test_metrics, "volume_metrics": volume_metrics}
+        partial = run_dir / f".{COMPLETE_FILE}.partial"
+        partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+        os.replace(partial, run_dir / COMPLETE_FILE)
     # The export is the command's last step (keras_livseg.fit), not the training stage's.
-    return FitResult(run_dir, best if best.is_file() else None, None, test_metrics, epochs_done,
-                     time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start)
+    return result
 
 
 def _number(text: Any) -> float | None:

@@ -699,3 +699,16 @@ def test_auto_precision_times_the_model_once_and_caches_the_answer(tmp_path, mon
     assert len(calls) == 4
     # Without native bf16 nothing is timed.
     assert precision.resolve_precision("auto", gpus=0, cpuinfo=CPU_PLAIN, probe=probe) == "float32" and len(calls) == 4
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_zero(tiny_run):
+    """A scheduler reruns the job: the finished run is reported, not retrained, its files untouched."""
+    run_dir = tiny_run.run_dir
+    files = {p: p.read_bytes() for p in (run_dir / "history.csv", run_dir / "checkpoints" / "best.keras", run_dir / "complete.json")}
+    done = json.loads((run_dir / "complete.json").read_text())
+    assert done["epochs_done"] == 2 and done["best_checkpoint"].endswith("best.keras")
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(run_dir.parent), "--name", run_dir.name, "--resume"])
+    assert code == 0, err[-2000:]
+    assert f"{run_dir} had already finished its 2 epochs: nothing to do" in out
+    assert "liver" in out  # the held-out figures of the finished run are shown again
+    assert {p: p.read_bytes() for p in files} == files
