@@ -532,6 +532,9 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
             "cases": splits[split],
             "slices": int(sum(len(m["slice_indices"]) for m in members)),
             "shards": names,
+            # Checked before training (verify_shards): a shard changed since is named, not read.
+            "shard_sha256": {name: sha256_file(out / name) for name in names},
+            "shard_bytes": {name: (out / name).stat().st_size for name in names},
             "class_pixels": [int(sum(m["class_pixels"][k] for m in members)) for k in range(3)],
             "tumor_slices": int(sum(sum(1 for t in m["tumor_pixels"] if t > 0) for m in members)),
         }
@@ -612,6 +615,35 @@ def prepare_in_fresh_process(options: PrepareOptions) -> dict[str, Any]:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         raise DataError(lines[-1] if lines else f"prepare failed with exit status {result.returncode}")
     return load_manifest(options.out)
+
+
+def verify_shards(manifest: Mapping[str, Any], splits: Sequence[str] = SPLITS) -> int:
+    """Check that every shard of ``splits`` is the one ``prepare`` wrote (size, then SHA-256).
+
+    Returns:
+        The number of shards checked (0 for a manifest from before checksums were recorded).
+
+    Raises:
+        DataError: a shard is missing or changed; the message names it and the fix.
+    """
+    folder = Path(manifest["_dir"])
+    checked = 0
+    for split in splits:
+        info = manifest["splits"].get(split, {})
+        digests, sizes = info.get("shard_sha256"), info.get("shard_bytes", {})
+        if digests is None:
+            continue
+        for name, digest in digests.items():
+            path = folder / name
+            fix = f"run prepare again on the source with --out {folder} --overwrite"
+            if not path.is_file():
+                raise DataError(f"shard {path} listed in the manifest is missing; {fix}")
+            if name in sizes and path.stat().st_size != sizes[name]:
+                raise DataError(f"shard {path} has {path.stat().st_size} bytes, the manifest says {sizes[name]}: it changed after prepare; {fix}")
+            if sha256_file(path) != digest:
+                raise DataError(f"shard {path} does not match its SHA-256 in the manifest: it changed after prepare; {fix}")
+            checked += 1
+    return checked
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

@@ -382,7 +382,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     import keras
 
     from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
-    from keras_livseg.data.prepare import load_manifest
+    from keras_livseg.data.prepare import load_manifest, verify_shards
     from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
     from keras_livseg.models import build_model
     from keras_livseg.training.callbacks import PredictionImages, pick_tumor_slices, standard_callbacks
@@ -412,6 +412,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     keras.utils.set_random_seed(int(config["run"]["seed"]))
     shard_dir = ensure_data(config)
     manifest = load_manifest(shard_dir)
+    verify_shards(manifest)  # a shard changed since prepare is named before any step runs
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     config["data"]["shards"] = str(shard_dir)
     if config["export"]["enabled"] and prep.normalization == "volume":

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -159,6 +160,30 @@ def test_resume_of_a_finished_identical_run_is_success(lits_dir, tmp_path, capsy
     code = prepare_cli.main(["--src", str(lits_dir), "--out", str(out), "--image-size", "32", "--split", "0.5,0.25,0.25",
                              "--workers", "1", "--resume"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_shard_checksums_are_recorded_and_a_changed_shard_is_named(lits_dir, tmp_path):
+    from keras_livseg.data.prepare import load_manifest, sha256_file, verify_shards
+
+    out = tmp_path / "out"
+    prepare_dataset(_options(lits_dir, out))
+    manifest = load_manifest(out)
+    names = [name for split in manifest["splits"].values() for name in split["shards"]]
+    assert names and all(manifest["splits"][s]["shard_sha256"][n] == sha256_file(out / n)
+                         for s in manifest["splits"] for n in manifest["splits"][s]["shards"])
+    assert verify_shards(manifest) == len(names)
+    shard = out / names[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"shard {re.escape(str(shard))} does not match its SHA-256.*--overwrite"):
+        verify_shards(manifest)
+    shard.write_bytes(bytes(data[:-1]))
+    with pytest.raises(DataError, match="bytes, the manifest says"):
+        verify_shards(manifest)
+    shard.unlink()
+    with pytest.raises(DataError, match="is missing"):
+        verify_shards(manifest)
 
 
 def test_interrupted_run_resumes_only_missing_cases(lits_dir, tmp_path, monkeypatch):
