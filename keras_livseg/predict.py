@@ -47,7 +47,7 @@ def parse_output_label_map(text: str | None) -> dict[int, int] | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser("predict", "Segment liver and liver tumors in CT volumes (NIfTI) with a trained model.", __doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="a NIfTI file, a folder of them, a LiTS/MSD dataset or a .csv list")
+                        help="a NIfTI file, a folder of them, a LiTS/MSD dataset, a folder of one DICOM CT series, or a .csv list")
     parser.add_argument("--model", required=True,
                         help=".keras checkpoint (with its run's preprocessing.json) or SavedModel folder")
     parser.add_argument("--out", required=True, help="output folder for the label maps")

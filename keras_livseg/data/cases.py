@@ -306,7 +306,8 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[CaseFiles]:
 
     Each INPUT is a NIfTI file, a LiTS or MSD dataset folder (its volumes, labelled or not), a
     folder of NIfTI files (every ``.nii``/``.nii.gz`` in it except ``segmentation-*`` and
-    ``probabilities-*``), or a ``.csv`` of image,label pairs.
+    ``probabilities-*``), a folder of one DICOM series (the case is named after the folder), or
+    a ``.csv`` of image,label pairs.
 
     Raises:
         DataError: an INPUT does not exist, a folder holds no NIfTI volume, or two inputs share
@@ -336,6 +337,12 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[CaseFiles]:
         if (path / "imagesTr").is_dir() or any(path.rglob("volume-*.nii*")):
             cases.extend(discover_cases(path, require_labels=False))
             continue
+        if not any(is_nifti_name(p.name) for p in path.iterdir()):
+            from keras_livseg.data.dicom import is_dicom_folder
+
+            if is_dicom_folder(path):  # one DICOM series: the folder is the case
+                cases.append(CaseFiles(path.resolve().name, path, None))
+                continue
         found = sorted(
             p for p in path.iterdir()
             if p.is_file() and is_nifti_name(p.name) and not p.name.startswith(_NOT_CT_PREFIXES)

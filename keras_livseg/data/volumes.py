@@ -189,7 +189,15 @@ def canonical_spacing(affine: np.ndarray, zooms: Sequence[float]) -> tuple[float
 
 
 def load_nifti(path: Path, what: str = "volume") -> nib.Nifti1Image:
-    """Open a NIfTI file lazily (header only) with a clear error for unreadable files."""
+    """Open a NIfTI file lazily (header only) with a clear error for unreadable files.
+
+    A folder is read as a DICOM series (:func:`keras_livseg.data.dicom.read_series`), into an
+    in-memory NIfTI image on the series' own grid.
+    """
+    if Path(path).is_dir():
+        from keras_livseg.data.dicom import read_series
+
+        return read_series(path)
     try:
         image = nib.load(str(path))
     except FileNotFoundError:

@@ -395,3 +395,20 @@ def test_spacing_model_on_the_real_ircad_scan_keeps_its_grid(real_data_dir, tmp_
     # Marked pixels are contrast-enhanced tissue (> 100 HU = the model's threshold); a 3 mm grid
     # blurs edges, so compare medians rather than every pixel.
     assert np.median(hu[marked]) > 100 and np.median(hu[~marked]) < 100
+
+
+def test_a_dicom_series_predicts_like_its_nifti_conversion(keras_checkpoint, real_data_dir, tmp_path):
+    """The same slices as DICOM and as NIfTI: the same labels, voxel for voxel in canonical space."""
+    pytest.importorskip("pydicom")
+    from keras_livseg.data.volumes import to_canonical
+
+    model = SegmentationModel.load(keras_checkpoint)
+    folder = real_data_dir / "dcmqi-ct-3slice"
+    (from_dicom,) = predict_paths(model, [folder / "dicom"], tmp_path / "dicom", batch_size=2, progress=False)
+    (from_nifti,) = predict_paths(model, [folder / "volume-3slice.nii.gz"], tmp_path / "nifti", batch_size=2, progress=False)
+    assert from_dicom.output.name == "dicom.nii.gz"
+    dicom_nii, nifti_nii = nib.load(str(from_dicom.output)), nib.load(str(from_nifti.output))
+    assert dicom_nii.shape == (512, 512, 3)
+    np.testing.assert_allclose(nib.affines.voxel_sizes(dicom_nii.affine), (0.810547, 0.810547, 1.0), atol=1e-5)
+    np.testing.assert_array_equal(to_canonical(np.asarray(dicom_nii.dataobj), dicom_nii.affine),
+                                  to_canonical(np.asarray(nifti_nii.dataobj), nifti_nii.affine))

@@ -1,0 +1,218 @@
+"""DICOM series in: a folder of one CT series → a NIfTI image in memory, on the series' own grid.
+
+What the scanner wrote is read as DICOM defines it, not as file names suggest:
+
+- **Slices** are ordered by their position along the slice normal (``ImagePositionPatient``
+  projected on the cross product of the two ``ImageOrientationPatient`` cosines), not by file
+  name or ``InstanceNumber``.
+- **Spacing** between slices comes from those positions (``SliceThickness`` is the thickness
+  of the slab, which may differ from the spacing); in-plane from ``PixelSpacing``.
+- **Hounsfield units** are ``stored value × RescaleSlope + RescaleIntercept``.
+- **Orientation** comes from ``ImageOrientationPatient``; the affine maps array indices
+  ``[row, column, slice]`` to RAS millimetres (DICOM's LPS with x and y negated), so the
+  canonical reorientation and ``predict``'s write-back work as for NIfTI.
+
+Refused, each with one line saying why and what to do: a folder with several image series
+(they are listed, with their UIDs, descriptions and slice counts: pass one series' folder), a
+tilted gantry (positions not along the slice normal), irregular slice spacing (a missing slice),
+slices of different size or orientation, files without position or orientation, compressed
+pixel data without a decoder. Non-image objects beside the series (a DICOM-SEG, reports) are
+ignored.
+
+Example:
+    >>> image = read_series("../shared/data/real/dcmqi-ct-3slice/dicom")  # doctest: +SKIP
+    >>> image.shape, [round(z, 4) for z in image.header.get_zooms()]  # doctest: +SKIP
+    ((512, 512, 3), [0.8105, 0.8105, 1.0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from keras_livseg.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+#: Tolerance on the spread of slice spacings (fraction of the median) and on the gantry tilt.
+SPACING_TOLERANCE = 0.01
+#: SOP classes read as image slices (CT; MR and others the model was not trained on are refused).
+CT_IMAGE_STORAGE = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError("reading DICOM needs pydicom: pip install pydicom (it is in keras_livseg's requirements)") from None
+    return pydicom
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """Whether a file is DICOM: a ``.dcm`` name or the ``DICM`` marker after the 128-byte preamble."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_folder(folder: Path) -> bool:
+    """Whether ``folder`` directly holds DICOM files (and so is read as a series)."""
+    return folder.is_dir() and any(p.is_file() and not p.name.startswith(".") and looks_like_dicom(p)
+                                   for p in folder.iterdir())
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesInfo:
+    """One image series found in a folder."""
+
+    uid: str
+    description: str
+    files: tuple[Path, ...]
+
+
+def list_series(folder: str | Path) -> dict[str, SeriesInfo]:
+    """The image series in ``folder`` by SeriesInstanceUID (headers only; other objects skipped)."""
+    pydicom = _pydicom()
+    folder = Path(folder)
+    found: dict[str, list[Path]] = {}
+    descriptions: dict[str, str] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and looks_like_dicom(p)):
+        try:
+            header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception as error:  # pydicom raises many types for damaged files
+            raise DataError(f"{path} is not a readable DICOM file ({error}); remove it from the series folder") from None
+        if "PixelData" not in header and str(header.get("SOPClassUID", "")) not in CT_IMAGE_STORAGE:
+            continue  # a SEG, a structured report, a presentation state: not a slice
+        if str(header.get("Modality", "")) == "SEG":
+            continue
+        uid = str(header.get("SeriesInstanceUID", "unknown"))
+        found.setdefault(uid, []).append(path)
+        descriptions.setdefault(uid, str(header.get("SeriesDescription", "")))
+    return {uid: SeriesInfo(uid, descriptions[uid], tuple(paths)) for uid, paths in found.items()}
+
+
+def _required(dataset, keyword: str, path: Path):
+    value = dataset.get(keyword)
+    if value is None:
+        raise DataError(f"{path} has no {keyword}; the slice cannot be placed (re-export the series with positions)")
+    return value
+
+
+def read_series(folder: str | Path, series_uid: str | None = None) -> nib.Nifti1Image:
+    """Read one CT series as an in-memory NIfTI image (HU, float32 or int16) with its affine.
+
+    Args:
+        folder: a folder holding the series' files (other DICOM objects may sit beside them).
+        series_uid: which series, when the folder holds several.
+
+    Returns:
+        ``nib.Nifti1Image`` of shape ``[rows, columns, slices]`` whose affine maps indices to RAS mm.
+
+    Raises:
+        DataError: no series, several (listed), tilt, irregular spacing, missing tags, pixel
+            data that cannot be decoded.
+    """
+    pydicom = _pydicom()
+    folder = Path(folder)
+    series = list_series(folder)
+    if not series:
+        raise DataError(f"{folder} holds no DICOM image series; pass the folder of the CT series")
+    if series_uid is None and len(series) > 1:
+        listing = "; ".join(f"{s.uid} ({s.description or 'no description'}, {len(s.files)} files)" for s in series.values())
+        raise DataError(f"{folder} holds {len(series)} image series ({listing}); put each series in its own folder and pass one")
+    if series_uid is not None and series_uid not in series:
+        raise DataError(f"{folder} has no series {series_uid}; it holds {', '.join(series)}")
+    chosen = series[series_uid] if series_uid else next(iter(series.values()))
+
+    slices = []
+    for path in chosen.files:
+        dataset = pydicom.dcmread(str(path))
+        orientation = np.asarray([float(v) for v in _required(dataset, "ImageOrientationPatient", path)], float)
+        position = np.asarray([float(v) for v in _required(dataset, "ImagePositionPatient", path)], float)
+        spacing = [float(v) for v in _required(dataset, "PixelSpacing", path)]
+        try:
+            pixels = dataset.pixel_array
+        except Exception as error:  # missing decoder or broken pixel data
+            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+            raise DataError(
+                f"{path}: its pixel data cannot be decoded ({error}; transfer syntax "
+                f"{getattr(syntax, 'name', syntax)}); for compressed series pip install pylibjpeg "
+                "pylibjpeg-libjpeg pylibjpeg-openjpeg, or decompress with dcmdjpeg"
+            ) from None
+        slope = float(dataset.get("RescaleSlope", 1.0))
+        intercept = float(dataset.get("RescaleIntercept", 0.0))
+        slices.append((path, orientation, position, spacing, pixels, slope, intercept))
+
+    first_orientation, first_spacing = slices[0][1], slices[0][3]
+    shape = slices[0][4].shape
+    for path, orientation, _, spacing, pixels, _, _ in slices:
+        if not np.allclose(orientation, first_orientation, atol=1e-4) or pixels.shape != shape or \
+                not np.allclose(spacing, first_spacing, rtol=1e-4):
+            raise DataError(f"{path} differs in orientation, size or pixel spacing from {slices[0][0]}; "
+                            "the folder mixes series: keep one series per folder")
+    row_cosine, column_cosine = first_orientation[:3], first_orientation[3:]
+    normal = np.cross(row_cosine, column_cosine)
+    slices.sort(key=lambda s: float(np.dot(s[2], normal)))
+    positions = np.stack([s[2] for s in slices])
+    if len(slices) > 1:
+        steps = np.diff(positions, axis=0)
+        along = steps @ normal
+        if np.any(along <= 1e-6):
+            duplicate = slices[int(np.argmin(along))][0]
+            raise DataError(f"{duplicate} sits at the same position as another slice; remove duplicates from {folder}")
+        off_normal = np.linalg.norm(steps - along[:, None] * normal, axis=1)
+        if np.any(off_normal > SPACING_TOLERANCE * along + 1e-3):
+            raise DataError(
+                f"{folder}: the slices step sideways along the series (gantry tilt of about "
+                f"{np.degrees(np.arctan2(off_normal.max(), along.max())):.1f} degrees); resample it to an untilted "
+                "grid first (e.g. dcm2niix with gantry-tilt correction)"
+            )
+        spacing_z = float(np.median(along))
+        if np.ptp(along) > SPACING_TOLERANCE * spacing_z:
+            raise DataError(
+                f"{folder}: slice spacing varies from {along.min():.3f} to {along.max():.3f} mm (a missing or "
+                "extra slice?); pass a complete series with regular spacing"
+            )
+    else:
+        spacing_z = _thickness(slices[0][0], pydicom)
+
+    # Array axes [row i, column j, slice k]. Moving along i goes down the rows, i.e. along the
+    # column cosine by PixelSpacing[0] (row spacing); along j along the row cosine by PixelSpacing[1].
+    lps = np.eye(4)
+    lps[:3, 0] = column_cosine * first_spacing[0]
+    lps[:3, 1] = row_cosine * first_spacing[1]
+    lps[:3, 2] = normal * spacing_z
+    lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM LPS → NIfTI RAS
+
+    stored = np.stack([s[4] for s in slices], axis=-1)
+    slopes = {s[5] for s in slices}
+    intercepts = {s[6] for s in slices}
+    if slopes == {1.0} and all(float(i).is_integer() for i in intercepts):
+        # Integral HU: int16 when every slice fits (CT stores -1024..3071), like the scanner's files.
+        volume = stored.astype(np.int32) + np.asarray([int(s[6]) for s in slices], np.int32)[None, None, :]
+        if volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max:
+            volume = volume.astype(np.int16)
+    else:
+        volume = stored.astype(np.float32) * np.asarray([s[5] for s in slices], np.float32) + \
+            np.asarray([s[6] for s in slices], np.float32)
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm")
+    logger.info("read DICOM series %s from %s: %d slices of %dx%d, %.3f x %.3f x %.3f mm", chosen.uid, folder,
+                len(slices), shape[0], shape[1], first_spacing[0], first_spacing[1], spacing_z)
+    return image
+
+
+def _thickness(path: Path, pydicom) -> float:
+    """A single slice's depth: its SliceThickness, else 1 mm (nothing to measure it from)."""
+    value = pydicom.dcmread(str(path), stop_before_pixels=True).get("SliceThickness")
+    return float(value) if value else 1.0

@@ -1,0 +1,98 @@
+"""DICOM series in (keras_livseg.data.dicom), on the shared 3-slice CT series and altered copies."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+
+from keras_livseg.data.cases import resolve_inputs  # noqa: E402
+from keras_livseg.data.dicom import list_series, read_series  # noqa: E402
+from keras_livseg.data.errors import DataError  # noqa: E402
+from keras_livseg.data.volumes import load_case, load_nifti, read_array, to_canonical  # noqa: E402
+
+
+@pytest.fixture
+def series(real_data_dir) -> Path:
+    return real_data_dir / "dcmqi-ct-3slice" / "dicom"
+
+
+def _copy(series: Path, target: Path, edit=None) -> Path:
+    """The series' three CT files copied to ``target``, each passed through ``edit(dataset, index)``."""
+    target.mkdir(parents=True)
+    for index, name in enumerate(["01.dcm", "02.dcm", "03.dcm"]):
+        dataset = pydicom.dcmread(str(series / name))
+        if edit is not None:
+            edit(dataset, index)
+        dataset.save_as(str(target / name))
+    return target
+
+
+def test_series_equals_its_nifti_conversion_in_hu_grid_and_orientation(series):
+    image = read_series(series)
+    nifti = load_nifti(series.parent / "volume-3slice.nii.gz")
+    assert image.shape == nifti.shape == (512, 512, 3)
+    hu = to_canonical(read_array(image, series), image.affine)
+    reference = to_canonical(read_array(nifti, series.parent / "volume-3slice.nii.gz"), nifti.affine)
+    np.testing.assert_array_equal(hu, reference)
+    assert hu.min() == -3024  # the scanner's padding, rescaled (slope 1, intercept -1024)
+    np.testing.assert_allclose(image.header.get_zooms(), (0.810547, 0.810547, 1.0), atol=1e-5)
+
+
+def test_the_seg_object_beside_the_series_is_not_a_slice(series):
+    (only,) = list_series(series).values()
+    assert sorted(p.name for p in only.files) == ["01.dcm", "02.dcm", "03.dcm"]
+
+
+def test_file_order_does_not_matter_positions_do(series, tmp_path):
+    """Files named against their positions still give slices ordered along the normal."""
+    def reverse_names(dataset, index):
+        dataset.InstanceNumber = 3 - index
+
+    copied = _copy(series, tmp_path / "s", reverse_names)
+    (copied / "01.dcm").rename(copied / "tmp.dcm")
+    (copied / "03.dcm").rename(copied / "01.dcm")
+    (copied / "tmp.dcm").rename(copied / "03.dcm")
+    np.testing.assert_array_equal(np.asarray(read_series(copied).dataobj), np.asarray(read_series(series).dataobj))
+
+
+def test_a_predict_input_folder_of_dicom_is_one_case_loaded_canonically(series):
+    (case_files,) = resolve_inputs([series])
+    assert case_files.case_id == "dicom" and case_files.image == series
+    case = load_case(case_files, with_labels=False)
+    assert case.image.shape == (512, 512, 3) and case.original_shape == (512, 512, 3)
+    np.testing.assert_allclose(case.spacing, (0.810547, 0.810547, 1.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d, i: setattr(d, "SeriesInstanceUID", d.SeriesInstanceUID + (".9" if i == 2 else "")), "holds 2 image series"),
+    (lambda d, i: setattr(d, "ImagePositionPatient", [d.ImagePositionPatient[0], d.ImagePositionPatient[1] + 0.5 * i,
+                                                      d.ImagePositionPatient[2]]), "gantry tilt"),
+    (lambda d, i: setattr(d, "ImagePositionPatient", [*d.ImagePositionPatient[:2], d.ImagePositionPatient[2] - (1.0 if i == 2 else 0.0)]),
+     "slice spacing varies"),
+    (lambda d, i: delattr(d, "ImagePositionPatient") if i == 1 else None, "has no ImagePositionPatient"),
+])
+def test_series_that_cannot_be_read_safely_are_refused_in_one_line(series, tmp_path, edit, message):
+    copied = _copy(series, tmp_path / "bad", edit)
+    with pytest.raises(DataError, match=message):
+        read_series(copied)
+
+
+def test_rescale_slope_gives_float_hu(series, tmp_path):
+    def halve(dataset, index):
+        dataset.RescaleSlope = 0.5
+
+    image = read_series(_copy(series, tmp_path / "slope", halve))
+    plain = read_series(series)
+    stored = np.asarray(plain.dataobj).astype(np.float32) + 1024.0
+    np.testing.assert_allclose(np.asarray(image.dataobj), stored * 0.5 - 1024.0)
+
+
+def test_no_series_in_a_folder_is_one_line(tmp_path, series):
+    shutil.copy(series / "liver-seg.dcm", tmp_path / "seg.dcm")
+    with pytest.raises(DataError, match="holds no DICOM image series"):
+        read_series(tmp_path)
