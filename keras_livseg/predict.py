@@ -7,6 +7,8 @@ Examples:
         --out predictions --tta --save-probabilities
     python -m keras_livseg.predict --model saved_models/tam_unet/1 scans/ --out out \\
         --no-postprocess --batch-size 4
+    python -m keras_livseg.predict --model runs/tam_unet/checkpoints/best.keras \\
+        ../shared/data/real/dcmqi-ct-3slice/dicom --out seg --format dicom-seg
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write 4D uint8 probability maps (0-255 per class)")
     parser.add_argument("--label-map", help="values written per class, CLASS:VALUE,... (default 0,1,2)")
+    parser.add_argument("--format", choices=("nifti", "dicom-seg"), default="nifti",
+                        help="nifti label maps (default), or for DICOM series inputs a DICOM-SEG object "
+                             "(<case>_seg.dcm: segments Liver and Liver tumour, referencing the series)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -81,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = predict_paths(
             model, args.inputs, args.out, batch_size=args.batch_size, tta_flip=args.tta,
             postprocess=postprocess, save_probabilities=args.save_probabilities,
-            label_map=label_map, progress=not args.no_progress,
+            label_map=label_map, progress=not args.no_progress, output_format=args.format,
         )
         for record in written:
             print(f"{record.input} -> {record.output}")

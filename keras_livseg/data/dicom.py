@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -216,3 +217,94 @@ def _thickness(path: Path, pydicom) -> float:
     """A single slice's depth: its SliceThickness, else 1 mm (nothing to measure it from)."""
     value = pydicom.dcmread(str(path), stop_before_pixels=True).get("SliceThickness")
     return float(value) if value else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM-SEG out
+# ---------------------------------------------------------------------------------------------
+
+#: The segments written, in the LiTS sense: the liver is the whole organ (labels 1 and 2, a
+#: tumour lies inside it), the tumour is label 2; the two overlap, which BINARY SEG allows.
+SEGMENTS = (
+    ("Liver", "liver", lambda labels: labels >= 1),
+    ("Liver tumour", "tumor", lambda labels: labels == 2),
+)
+
+
+def _sorted_series_datasets(folder: Path) -> list:
+    """The series' datasets (headers) in the order :func:`read_series` stacks the slices."""
+    pydicom = _pydicom()
+    series = list_series(folder)
+    if len(series) != 1:
+        raise DataError(f"{folder} holds {len(series)} image series; a DICOM-SEG references exactly one")
+    info = next(iter(series.values()))
+    datasets = [pydicom.dcmread(str(path), stop_before_pixels=True) for path in info.files]
+    orientation = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient], float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return sorted(datasets, key=lambda d: float(np.dot(np.asarray([float(v) for v in d.ImagePositionPatient]), normal)))
+
+
+def write_segmentation(labels: np.ndarray, series_folder: str | Path, path: str | Path, model_name: str = "keras_livseg",
+                       software_version: str | None = None) -> Path:
+    """Write predicted labels as a DICOM Segmentation object that references the source series.
+
+    Args:
+        labels: uint8 ``[rows, columns, slices]`` on the series' own grid, slices in the order
+            :func:`read_series` stacks them (0 background, 1 liver, 2 tumour).
+        series_folder: the CT series the labels were predicted on.
+        path: the ``.dcm`` file to write (atomically: a temporary name, then renamed).
+        model_name: recorded as the manufacturer's model name and the algorithm's name.
+        software_version: recorded as the software and algorithm version.
+
+    Returns:
+        ``path``. Segments: 1 "Liver" (SCT 10200004, the whole organ as LiTS scores it, tumour
+        included) and 2 "Liver tumour" (SCT 108369006 Neoplasm), both AUTOMATIC, BINARY.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    import keras_livseg
+
+    series_folder, path = Path(series_folder), Path(path)
+    sources = _sorted_series_datasets(series_folder)
+    for source in sources:  # in memory only: an empty SpecificCharacterSet (GE writes one) means the default
+        if "SpecificCharacterSet" in source and not source.SpecificCharacterSet:
+            del source.SpecificCharacterSet
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    if labels.shape != (rows, columns, len(sources)):
+        raise DataError(f"labels of shape {labels.shape} do not fit the series {series_folder} "
+                        f"({rows} x {columns} x {len(sources)}); predict on this series")
+    version = software_version or keras_livseg.__version__
+    algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version=version,
+                                                   family=codes.DCM.ArtificialIntelligence)
+    categories = {"liver": codes.SCT.AnatomicalStructure, "tumor": codes.SCT.MorphologicallyAbnormalStructure}
+    types = {"liver": codes.SCT.Liver, "tumor": codes.SCT.Neoplasm}
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label, segmented_property_category=categories[key],
+            segmented_property_type=types[key], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, (label, key, _) in enumerate(SEGMENTS, start=1)
+    ]
+    # [slices, rows, columns, segments], frames in the sources' order.
+    masks = np.stack([select(labels) for _, _, select in SEGMENTS], axis=-1).transpose(2, 0, 1, 3).astype(np.uint8)
+    with warnings.catch_warnings():
+        # highdicom warns about the source's own single-component patient names; they are copied as is.
+        warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
+        segmentation = _segmentation(hd, sources, masks, descriptions, model_name, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    segmentation.save_as(str(partial))
+    partial.replace(path)
+    return path
+
+
+def _segmentation(hd, sources, masks, descriptions, model_name, version):
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9001,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="keras_livseg",
+        manufacturer_model_name=model_name, software_versions=version, device_serial_number="none",
+        series_description=f"{model_name} liver and tumour", omit_empty_frames=False,
+    )

@@ -13,6 +13,7 @@ from keras_livseg.data.volumes import (
     Case,
     DataError,
     apply_label_map,
+    from_canonical,
     load_case,
     load_nifti,
     save_like,
@@ -22,6 +23,9 @@ from keras_livseg.inference.predictor import SegmentationModel
 from keras_livseg.inference.volume import VolumePrediction, check_hounsfield, predict_volume
 
 logger = logging.getLogger(__name__)
+
+#: What ``predict`` writes: NIfTI label maps, or DICOM-SEG objects for DICOM series inputs.
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 @dataclasses.dataclass
@@ -61,6 +65,7 @@ def predict_paths(
     progress: bool = True,
     sample_voxels: int = 0,
     on_case: Callable[[Case, VolumePrediction, PredictedCase], Any] | None = None,
+    output_format: str = "nifti",
 ) -> list[PredictedCase]:
     """Predict every case behind ``inputs`` and write label maps on each input's own grid.
 
@@ -78,6 +83,9 @@ def predict_paths(
         sample_voxels: Per case, keep probabilities of this many random voxels (for ``on_case``).
         on_case: Called with ``(case, prediction, record)`` after each case is written, while its
             arrays are still in memory (``evaluate`` samples probabilities there).
+        output_format: ``"nifti"`` (default), or ``"dicom-seg"`` for inputs that are DICOM series:
+            a DICOM Segmentation object ``<case>_seg.dcm`` that references the series
+            (:func:`~keras_livseg.data.dicom.write_segmentation`).
 
     Returns:
         One :class:`PredictedCase` per input, in order.
@@ -89,11 +97,22 @@ def predict_paths(
         >>> predict_paths(model, ["../shared/data/real/dcmqi-ct-3slice"], "out")[0].output.name  # doctest: +SKIP
         'segmentation-3slice.nii.gz'
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise DataError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     cases = resolve_inputs(inputs)
+    if output_format == "dicom-seg":
+        not_dicom = [str(c.image) for c in cases if not c.image.is_dir()]
+        if not_dicom:
+            raise DataError(f"--format dicom-seg needs DICOM series inputs (a DICOM-SEG references its series), but "
+                            f"{', '.join(not_dicom[:3])} {'is' if len(not_dicom) == 1 else 'are'} NIfTI; use --format nifti")
+        if label_map is not None:
+            raise DataError("--label-map does not apply to DICOM-SEG, whose segments are coded concepts; drop it")
     out_dir = Path(out_dir)
     written = []
     for files in cases:
         label_name, probability_name = output_names(files)
+        if output_format == "dicom-seg":
+            label_name = f"{files.case_id}_seg.dcm"
         output = out_dir / label_name
         if output.resolve() == files.image.resolve() or (files.label and output.resolve() == files.label.resolve()):
             raise DataError(
@@ -107,8 +126,14 @@ def predict_paths(
             return_probabilities=save_probabilities, sample_voxels=sample_voxels, progress=progress,
         )
         header = load_nifti(files.image).header
-        values = prediction.labels if label_map is None else apply_label_map(prediction.labels, label_map, str(output))
-        save_like(values, case.original_affine, output, reference_header=header)
+        if output_format == "dicom-seg":
+            from keras_livseg.data.dicom import write_segmentation
+
+            native = from_canonical(prediction.labels, case.original_affine)
+            write_segmentation(native, files.image, output, model_name=model.name)
+        else:
+            values = prediction.labels if label_map is None else apply_label_map(prediction.labels, label_map, str(output))
+            save_like(values, case.original_affine, output, reference_header=header)
         probability_path = None
         if prediction.probabilities is not None:
             probability_path = save_like(
@@ -124,5 +149,5 @@ def predict_paths(
         if on_case is not None:
             on_case(case, prediction, record)
         written.append(record)
-        del case, prediction, values
+        del case, prediction
     return written

@@ -412,3 +412,29 @@ def test_a_dicom_series_predicts_like_its_nifti_conversion(keras_checkpoint, rea
     np.testing.assert_allclose(nib.affines.voxel_sizes(dicom_nii.affine), (0.810547, 0.810547, 1.0), atol=1e-5)
     np.testing.assert_array_equal(to_canonical(np.asarray(dicom_nii.dataobj), dicom_nii.affine),
                                   to_canonical(np.asarray(nifti_nii.dataobj), nifti_nii.affine))
+
+
+def test_cli_writes_a_dicom_seg_for_a_dicom_series(keras_checkpoint, real_data_dir, tmp_path, capsys):
+    hd = pytest.importorskip("highdicom")
+    from keras_livseg.data.dicom import _sorted_series_datasets
+
+    series = real_data_dir / "dcmqi-ct-3slice" / "dicom"
+    code, out, err = run_cli(["--model", keras_checkpoint, series, "--out", tmp_path / "seg", "--format", "dicom-seg",
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    written = tmp_path / "seg" / "dicom_seg.dcm"
+    assert str(written) in out
+    seg = hd.seg.segread(str(written))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Liver", "Liver tumour"]
+    # Its frames are the labels predict writes as NIfTI for the same series.
+    (nifti,) = predict_paths(SegmentationModel.load(keras_checkpoint), [series], tmp_path / "nifti", progress=False)
+    labels = np.asarray(nib.load(str(nifti.output)).dataobj)
+    uids = [d.SOPInstanceUID for d in _sorted_series_datasets(series)]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2])
+    np.testing.assert_array_equal(frames[..., 0].transpose(1, 2, 0), labels >= 1)
+    np.testing.assert_array_equal(frames[..., 1].transpose(1, 2, 0), labels == 2)
+    # A NIfTI input cannot become a DICOM-SEG: one line, nothing written.
+    code, _, err = run_cli(["--model", keras_checkpoint, real_data_dir / "dcmqi-ct-3slice" / "volume-3slice.nii.gz",
+                            "--out", tmp_path / "bad", "--format", "dicom-seg"], capsys)
+    assert code == 2 and "needs DICOM series inputs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
