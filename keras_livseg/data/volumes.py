@@ -211,7 +211,28 @@ def load_nifti(path: Path, what: str = "volume") -> nib.Nifti1Image:
         raise DataError(
             f"{path} has shape {tuple(shape)}; a CT {what} must be 3D (a 4th axis of length 1 is accepted)"
         )
+    _check_size(image, Path(path), what)
     return image
+
+
+#: The most voxels a volume may claim, 2^31 (a whole-body CT at 512 x 512 x 3000 has 0.8e9): a
+#: header beyond it is damaged, and reading it would try to allocate that much before finding out.
+MAX_VOXELS = 2**31
+
+
+def _check_size(image: nib.Nifti1Image, path: Path, what: str) -> None:
+    """Refuse a header whose shape the file cannot hold, before any allocation."""
+    if any(int(n) <= 0 for n in image.shape):
+        raise DataError(f"{path} has shape {tuple(image.shape)}: a size of zero or less; its header is damaged, re-export it")
+    voxels = int(np.prod([int(n) for n in image.shape], dtype=np.int64))
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{path} claims shape {tuple(image.shape)} ({voxels:,} voxels), more than any CT {what}; "
+                        "its header is damaged: re-export the file")
+    if path.name.endswith(".nii") and path.is_file():
+        needed = int(image.header.get_data_offset()) + voxels * image.get_data_dtype().itemsize
+        if needed > path.stat().st_size:
+            raise DataError(f"{path} holds {path.stat().st_size:,} bytes but its header needs {needed:,} for shape "
+                            f"{tuple(image.shape)}: the file is truncated or its header damaged; re-export it")
 
 
 def read_array(image: nib.Nifti1Image, path: Path, what: str = "volume", dtype=None) -> np.ndarray:
@@ -224,12 +245,15 @@ def read_array(image: nib.Nifti1Image, path: Path, what: str = "volume", dtype=N
         proxy = image.dataobj
         slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
         raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-    except (EOFError, zlib.error, OSError, ValueError) as error:
+    except (EOFError, zlib.error, OSError, ValueError, OverflowError, MemoryError) as error:
         raise DataError(
             f"{path} is truncated or corrupt ({type(error).__name__}: {error}); re-download or re-export it"
         ) from None
     if raw.ndim == 4:
         raw = raw[..., 0]
+    if raw.dtype.kind not in "iuf" or raw.dtype.fields is not None:
+        # Complex, RGB or boolean data would be cast silently (the imaginary part dropped).
+        raise DataError(f"{path} holds {raw.dtype} data; a CT {what} must hold real numbers (integers or floats)")
     unscaled = (slope in (None, 1.0) or np.isnan(slope)) and (inter in (None, 0.0) or np.isnan(inter))
     if unscaled and raw.dtype.kind in "iu":
         data = raw

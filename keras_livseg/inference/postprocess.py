@@ -68,28 +68,66 @@ class PostProcessing:
         )
 
 
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components in the narrowest integer type that holds their count (memory)."""
+    try:
+        return ndimage.label(mask, output=np.uint16)  # half of int32 over a whole scan
+    except RuntimeError:  # more than 65,535 components
+        return ndimage.label(mask)
+
+
+#: Slices per slab when counting or selecting components: bounded temporaries (np.bincount
+#: casts its input to int64, 8 bytes a voxel, which over a whole scan is gigabytes).
+_SLAB = 32
+
+
+def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
+    """Voxels per component label 0..count, counted a slab of slices at a time."""
+    sizes = np.zeros(count + 1, np.int64)
+    for start in range(0, components.shape[-1], _SLAB):
+        sizes += np.bincount(components[..., start:start + _SLAB].ravel(), minlength=count + 1)
+    return sizes
+
+
+def _set_where(view: np.ndarray, components: np.ndarray, chosen: np.ndarray, value: int) -> None:
+    """``view[components in chosen] = value``, through a lookup table, a slab at a time."""
+    table = np.zeros(int(components.max()) + 1, bool)
+    table[chosen] = True
+    for start in range(0, view.shape[-1], _SLAB):
+        slab = view[..., start:start + _SLAB]
+        slab[table[components[..., start:start + _SLAB]]] = value
+
+
 def _drop_lesions_away_from_liver(view: np.ndarray, spacing: Sequence[float], margin_mm: float) -> None:
     """Remove tumor components farther than ``margin_mm`` from the liver parenchyma.
 
     Judged per lesion, by its nearest voxel: a large lesion inside the liver keeps its
     centre however far that is from parenchyma. Lesions touching parenchyma (the usual
-    case) are kept without computing any distance.
+    case) are kept without computing any distance; for the others the distance transform runs
+    in the lesion's box grown by ``margin_mm``, which holds every parenchyma voxel that could
+    be near enough (memory scales with the lesion, not the scan).
     """
     parenchyma = view == 1
     if not parenchyma.any():
         view[view == 2] = 0
         return
-    lesions, count = ndimage.label(view == 2)
+    lesions, count = _label(view == 2)
     touching = np.unique(lesions[ndimage.binary_dilation(parenchyma) & (lesions > 0)])
     detached = np.setdiff1d(np.arange(1, count + 1), touching)
     if detached.size == 0:
         return
-    distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
-    nearest = ndimage.minimum(distance, lesions, index=detached)
-    far = detached[np.asarray(nearest) > margin_mm]
-    if far.size:
-        view[np.isin(lesions, far)] = 0
-        logger.debug("post-processing: removed %d lesions beyond %.1f mm of the liver", far.size, margin_mm)
+    grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
+    objects = ndimage.find_objects(lesions)
+    far = []
+    for index in detached:
+        box = tuple(slice(max(b.start - g, 0), b.stop + g) for b, g in zip(objects[index - 1], grow))
+        near = parenchyma[box]
+        # No parenchyma in the grown box: every parenchyma voxel is farther than the margin.
+        if not near.any() or ndimage.distance_transform_edt(~near, sampling=spacing)[lesions[box] == index].min() > margin_mm:
+            far.append(index)
+    if far:
+        _set_where(view, lesions, np.asarray(far), 0)
+        logger.debug("post-processing: removed %d lesions beyond %.1f mm of the liver", len(far), margin_mm)
 
 
 def postprocess_labels(
@@ -120,11 +158,12 @@ def postprocess_labels(
         return labels
     view = labels[box]  # a view: writes go to ``labels``
     if options.largest_liver_component:
-        components, count = ndimage.label(view >= 1)
+        components, count = _label(view >= 1)
         if count > 1:
-            sizes = np.bincount(components.ravel())
+            sizes = _component_sizes(components, count)
             sizes[0] = 0
-            view[(components != int(np.argmax(sizes))) & (components > 0)] = 0
+            islands = np.setdiff1d(np.arange(1, count + 1), [int(np.argmax(sizes))])
+            _set_where(view, components, islands, 0)
             logger.debug("post-processing: removed %d liver islands", count - 1)
         del components
     if options.tumor_in_liver and (view == 2).any():
@@ -133,11 +172,11 @@ def postprocess_labels(
     if options.min_lesion_mm3 > 0:
         min_voxels = max(min_voxels, int(math.ceil(options.min_lesion_mm3 / float(np.prod(spacing)) - 1e-9)))
     if min_voxels > 1 and (view == 2).any():
-        components, count = ndimage.label(view == 2)
-        sizes = np.bincount(components.ravel())
+        components, count = _label(view == 2)
+        sizes = _component_sizes(components, count)
         small = np.flatnonzero(sizes < min_voxels)
         small = small[small > 0]
         if small.size:
-            view[np.isin(components, small)] = 1
+            _set_where(view, components, small, 1)
             logger.debug("post-processing: %d lesions under %d voxels became liver", small.size, min_voxels)
     return labels

@@ -438,3 +438,35 @@ def test_cli_writes_a_dicom_seg_for_a_dicom_series(keras_checkpoint, real_data_d
                             "--out", tmp_path / "bad", "--format", "dicom-seg"], capsys)
     assert code == 2 and "needs DICOM series inputs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_lesions_away_from_the_liver_match_a_whole_volume_distance_transform():
+    """The per-lesion boxed distance gives the decisions of one distance transform over the scan."""
+    from scipy import ndimage
+
+    from keras_livseg.inference.postprocess import _drop_lesions_away_from_liver
+
+    def reference(view, spacing, margin):
+        parenchyma = view == 1
+        lesions, count = ndimage.label(view == 2)
+        distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
+        touching = ndimage.binary_dilation(parenchyma)  # a lesion touching parenchyma is kept, as before
+        out = view.copy()
+        for index in range(1, count + 1):
+            if not touching[lesions == index].any() and distance[lesions == index].min() > margin:
+                out[lesions == index] = 0
+        return out
+
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        view = np.zeros((40, 36, 12), np.uint8)
+        view[8:26, 6:24, 2:9] = 1
+        for _ in range(12):  # lesions in, beside and away from the liver
+            r, c, k = rng.integers(0, 38), rng.integers(0, 34), rng.integers(0, 11)
+            view[r:r + rng.integers(1, 3), c:c + rng.integers(1, 3), k:k + 1] = 2
+        spacing, margin = (0.8, 0.7, 2.5), float(rng.uniform(1.0, 6.0))
+        expected = reference(view, spacing, margin)
+        got = view.copy()
+        _drop_lesions_away_from_liver(got, spacing, margin)
+        np.testing.assert_array_equal(got, expected)
+        assert (expected == 2).sum() < (view == 2).sum() or seed > 3  # the cases remove something
