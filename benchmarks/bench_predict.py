@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=119)
     parser.add_argument("--image-size", type=int, default=256, help="the model's input size")
     parser.add_argument("--quick", action="store_true", help="a test of the script: a tiny volume and model")
+    parser.add_argument("--name", default="predict", help="JSON file name (predict_long for the 1000-slice run)")
     args = parser.parse_args()
     if args.quick:
         args.filters, args.size, args.slices, args.image_size = 4, 64, 9, 32
@@ -82,21 +83,22 @@ def main() -> None:
                        check=True, capture_output=True)
         forward_s, forward_kb = run(_FORWARD, work, str(args.image_size), str(args.slices))[-2:]
         predict_s, predict_kb, _ = run(_PREDICT, work, str(volume), str(args.size), "default")
-        bare_s, _, labelled = run(_PREDICT, work, str(volume), str(args.size), "none")  # the raw prediction's share
+        bare_s, bare_kb, labelled = run(_PREDICT, work, str(volume), str(args.size), "none")  # the raw prediction's share
     rows = [
         {"what": f"model forward only ({args.model}, filters {args.filters}, batch 8)", "seconds": f"{forward_s:.1f}",
          "x forward": "1.00", "peak RSS GB": f"{forward_kb / 2**20:.2f}"},
         {"what": "predict without post-processing", "seconds": f"{bare_s:.1f}",
-         "x forward": f"{bare_s / forward_s:.2f}", "peak RSS GB": ""},
+         "x forward": f"{bare_s / forward_s:.2f}", "peak RSS GB": f"{bare_kb / 2**20:.2f}"},
         {"what": "predict: NIfTI in -> NIfTI out", "seconds": f"{predict_s:.1f}",
          "x forward": f"{predict_s / forward_s:.2f}", "peak RSS GB": f"{predict_kb / 2**20:.2f}"},
     ]
     print(f"{args.size}x{args.size}x{args.slices} phantom volume, model at {args.image_size}x{args.image_size}\n")
     print(table(rows, ["what", "seconds", "x forward", "peak RSS GB"]))
-    path = write_json("predict", {"model": args.model, "filters": args.filters, "size": args.size, "slices": args.slices,
+    path = write_json(args.name, {"model": args.model, "filters": args.filters, "size": args.size, "slices": args.slices,
                                   "image_size": args.image_size, "forward_s": forward_s, "forward_peak_rss_gb": forward_kb / 2**20,
                                   "predict_s": predict_s, "ratio": predict_s / forward_s,
                                   "predict_without_postprocessing_s": bare_s, "labelled_fraction": labelled,
+                                  "predict_without_postprocessing_peak_rss_gb": bare_kb / 2**20,
                                   "model_weights": "random (untrained): it labels most of the volume, so post-processing "
                                                    "works on the whole scan instead of the liver's bounding box",
                                   "predict_peak_rss_gb": predict_kb / 2**20})

@@ -98,7 +98,9 @@ def render_predict(data: dict) -> str:
     ]
     if "predict_without_postprocessing_s" in data:
         bare = data["predict_without_postprocessing_s"]
-        rows.append(f"| `predict` without post-processing (`--no-postprocess`) | {bare:.1f} | {bare / data['forward_s']:.2f} | |")
+        bare_rss = data.get("predict_without_postprocessing_peak_rss_gb")
+        rows.append(f"| `predict` without post-processing (`--no-postprocess`) | {bare:.1f} | {bare / data['forward_s']:.2f} | "
+                    f"{'' if bare_rss is None else f'{bare_rss:.2f} GB'} |")
     rows.append(
         f"| `predict`: read NIfTI, preprocess, forward, resize back, post-process, write NIfTI | {data['predict_s']:.1f} | "
         f"**{ratio:.2f}** {_mark(ratio <= 1.3)} | **{rss:.2f} GB** {_mark(rss <= 3.0)} |"
@@ -201,12 +203,44 @@ def render_real_ct(data: dict) -> str:
     return "\n".join([*rows, "", _machine_line(data)])
 
 
+def render_fuzz(data: dict) -> str:
+    counts = data["outcomes"]
+    rows = [
+        "| inputs tried | results | clean refusals | crashes (goal 0) | hangs (goal 0) | memory exhaustion (goal 0) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {data['inputs_tried']} | {counts['result']} | {counts['refusal']} | **{counts['crash']}** {_mark(counts['crash'] == 0)} | "
+        f"**{counts['hang']}** {_mark(counts['hang'] == 0)} | **{counts['memory']}** {_mark(counts['memory'] == 0)} |",
+    ]
+    head = (f"{data['mutations']} broken variants of a small LiTS case (header fields, data, bytes) through "
+            f"{' and '.join(f'`{c}`' for c in data['commands'])}, each in its own process with a time and memory limit.")
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
+def render_kill_resume(data: dict) -> str:
+    rows = ["| command | kills | finished before the kill | bytes lost (goal 0) | errors after rerun (goal 0) | check |",
+            "| --- | ---: | ---: | ---: | ---: | --- |"]
+    checks = {
+        "prepare": "shards and manifest byte-identical to an uninterrupted run",
+        "fit": "every epoch once in history.csv, learning rates as uninterrupted, complete.json",
+        "export": "no all-digit version folder ever incomplete",
+    }
+    for row in data["rows"]:
+        lost = row["bytes_lost"]
+        rows.append(f"| `{row['command']}` | {row['kills']} | {row['finished_early']} | **{lost}** {_mark(lost == 0)} | "
+                    f"{0 if row['error'] is None else 1} {_mark(row['error'] is None)} | {checks.get(row['command'], '')} |")
+    head = f"Each command SIGKILLed {data['kills_per_command']} times at random points (seed {data['seed']}), rerun with `--resume`."
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "prepare": render_prepare,
     "pipeline": render_pipeline,
     "models": render_models,
     "predict": render_predict,
+    "predict_long": render_predict,
     "fit_loop": render_fit_loop,
+    "fuzz": render_fuzz,
+    "kill_resume": render_kill_resume,
     "real_ct": render_real_ct,
 }
 

@@ -50,7 +50,7 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
                            "--skip", "real_ct", "phantom_realism"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "run_all_quick.json").read_text())
-    assert [run["name"] for run in summary["runs"]] == ["prepare", "pipeline", "models", "predict", "fit_loop"]
+    assert [run["name"] for run in summary["runs"]] == ["prepare", "pipeline", "models", "predict", "fit_loop", "fuzz"]
     for run in summary["runs"]:
         data = json.loads((tmp_path / "results" / f"{run['name']}.json").read_text())
         machine = data["machine"]
