@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("nifti", "dicom-seg"), default="nifti",
                         help="nifti label maps (default), or for DICOM series inputs a DICOM-SEG object "
                              "(<case>_seg.dcm: segments Liver and Liver tumour, referencing the series)")
+    parser.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to read from DICOM folders that hold several")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = predict_paths(
             model, args.inputs, args.out, batch_size=args.batch_size, tta_flip=args.tta,
             postprocess=postprocess, save_probabilities=args.save_probabilities,
-            label_map=label_map, progress=not args.no_progress, output_format=args.format,
+            label_map=label_map, progress=not args.no_progress, output_format=args.format, series_uid=args.series,
         )
         for record in written:
             print(f"{record.input} -> {record.output}")

@@ -53,12 +53,14 @@ class CaseFiles:
         label: path of the label map, or ``None`` for unlabelled inference input.
         patient_id: the patient the scan belongs to (splits and folds keep a patient's scans
             together); ``None`` means the case is its own patient.
+        series_uid: for an image that is a DICOM folder holding several series, the one to read.
     """
 
     case_id: str
     image: Path
     label: Path | None
     patient_id: str | None = None
+    series_uid: str | None = None
 
     @property
     def patient(self) -> str:
@@ -301,13 +303,14 @@ def discover_cases(src: str | Path, require_labels: bool = True) -> list[CaseFil
     return sorted(cases, key=lambda c: natural_key(c.case_id))
 
 
-def resolve_inputs(inputs: Sequence[str | Path]) -> list[CaseFiles]:
+def resolve_inputs(inputs: Sequence[str | Path], series_uid: str | None = None) -> list[CaseFiles]:
     """The cases behind ``predict``'s INPUTs.
 
     Each INPUT is a NIfTI file, a LiTS or MSD dataset folder (its volumes, labelled or not), a
     folder of NIfTI files (every ``.nii``/``.nii.gz`` in it except ``segmentation-*`` and
     ``probabilities-*``), a folder of one DICOM series (the case is named after the folder), or
-    a ``.csv`` of image,label pairs.
+    a ``.csv`` of image,label pairs. ``series_uid`` picks the series of DICOM folders that hold
+    several.
 
     Raises:
         DataError: an INPUT does not exist, a folder holds no NIfTI volume, or two inputs share
@@ -341,7 +344,7 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[CaseFiles]:
             from keras_livseg.data.dicom import is_dicom_folder
 
             if is_dicom_folder(path):  # one DICOM series: the folder is the case
-                cases.append(CaseFiles(path.resolve().name, path, None))
+                cases.append(CaseFiles(path.resolve().name, path, None, series_uid=series_uid))
                 continue
         found = sorted(
             p for p in path.iterdir()

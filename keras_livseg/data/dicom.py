@@ -129,7 +129,8 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> nib.Nifti1
         raise DataError(f"{folder} holds no DICOM image series; pass the folder of the CT series")
     if series_uid is None and len(series) > 1:
         listing = "; ".join(f"{s.uid} ({s.description or 'no description'}, {len(s.files)} files)" for s in series.values())
-        raise DataError(f"{folder} holds {len(series)} image series ({listing}); put each series in its own folder and pass one")
+        raise DataError(f"{folder} holds {len(series)} image series ({listing}); choose one with --series UID, "
+                        "or put each series in its own folder")
     if series_uid is not None and series_uid not in series:
         raise DataError(f"{folder} has no series {series_uid}; it holds {', '.join(series)}")
     chosen = series[series_uid] if series_uid else next(iter(series.values()))
@@ -231,13 +232,16 @@ SEGMENTS = (
 )
 
 
-def _sorted_series_datasets(folder: Path) -> list:
+def _sorted_series_datasets(folder: Path, series_uid: str | None = None) -> list:
     """The series' datasets (headers) in the order :func:`read_series` stacks the slices."""
     pydicom = _pydicom()
     series = list_series(folder)
-    if len(series) != 1:
-        raise DataError(f"{folder} holds {len(series)} image series; a DICOM-SEG references exactly one")
-    info = next(iter(series.values()))
+    if series_uid is not None and series_uid in series:
+        info = series[series_uid]
+    elif len(series) == 1 and series_uid is None:
+        info = next(iter(series.values()))
+    else:
+        raise DataError(f"{folder} holds series {', '.join(series)}; a DICOM-SEG references one: pass --series UID")
     datasets = [pydicom.dcmread(str(path), stop_before_pixels=True) for path in info.files]
     orientation = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient], float)
     normal = np.cross(orientation[:3], orientation[3:])
@@ -245,7 +249,7 @@ def _sorted_series_datasets(folder: Path) -> list:
 
 
 def write_segmentation(labels: np.ndarray, series_folder: str | Path, path: str | Path, model_name: str = "keras_livseg",
-                       software_version: str | None = None) -> Path:
+                       software_version: str | None = None, series_uid: str | None = None) -> Path:
     """Write predicted labels as a DICOM Segmentation object that references the source series.
 
     Args:
@@ -255,6 +259,7 @@ def write_segmentation(labels: np.ndarray, series_folder: str | Path, path: str 
         path: the ``.dcm`` file to write (atomically: a temporary name, then renamed).
         model_name: recorded as the manufacturer's model name and the algorithm's name.
         software_version: recorded as the software and algorithm version.
+        series_uid: the series, when the folder holds several.
 
     Returns:
         ``path``. Segments: 1 "Liver" (SCT 10200004, the whole organ as LiTS scores it, tumour
@@ -266,7 +271,7 @@ def write_segmentation(labels: np.ndarray, series_folder: str | Path, path: str 
     import keras_livseg
 
     series_folder, path = Path(series_folder), Path(path)
-    sources = _sorted_series_datasets(series_folder)
+    sources = _sorted_series_datasets(series_folder, series_uid)
     for source in sources:  # in memory only: an empty SpecificCharacterSet (GE writes one) means the default
         if "SpecificCharacterSet" in source and not source.SpecificCharacterSet:
             del source.SpecificCharacterSet

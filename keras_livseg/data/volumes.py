@@ -188,16 +188,16 @@ def canonical_spacing(affine: np.ndarray, zooms: Sequence[float]) -> tuple[float
     return tuple(spacing)  # type: ignore[return-value]
 
 
-def load_nifti(path: Path, what: str = "volume") -> nib.Nifti1Image:
+def load_nifti(path: Path, what: str = "volume", series_uid: str | None = None) -> nib.Nifti1Image:
     """Open a NIfTI file lazily (header only) with a clear error for unreadable files.
 
     A folder is read as a DICOM series (:func:`keras_livseg.data.dicom.read_series`), into an
-    in-memory NIfTI image on the series' own grid.
+    in-memory NIfTI image on the series' own grid (``series_uid`` picks one of several).
     """
     if Path(path).is_dir():
         from keras_livseg.data.dicom import read_series
 
-        return read_series(path)
+        return read_series(path, series_uid)
     try:
         image = nib.load(str(path))
     except FileNotFoundError:
@@ -294,7 +294,7 @@ def load_case(
         >>> case.image.shape, case.spacing
         ((512, 512, 3), (0.810547, 0.810547, 1.0))
     """
-    image_nii = load_nifti(files.image, "volume")
+    image_nii = load_nifti(files.image, "volume", files.series_uid)
     affine_zooms(image_nii.affine, files.image)  # a header without spacing fails before any read
     labels = None
     if with_labels and files.label is not None:

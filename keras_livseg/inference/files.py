@@ -66,6 +66,7 @@ def predict_paths(
     sample_voxels: int = 0,
     on_case: Callable[[Case, VolumePrediction, PredictedCase], Any] | None = None,
     output_format: str = "nifti",
+    series_uid: str | None = None,
 ) -> list[PredictedCase]:
     """Predict every case behind ``inputs`` and write label maps on each input's own grid.
 
@@ -86,6 +87,7 @@ def predict_paths(
         output_format: ``"nifti"`` (default), or ``"dicom-seg"`` for inputs that are DICOM series:
             a DICOM Segmentation object ``<case>_seg.dcm`` that references the series
             (:func:`~keras_livseg.data.dicom.write_segmentation`).
+        series_uid: The series to read from DICOM folders that hold several.
 
     Returns:
         One :class:`PredictedCase` per input, in order.
@@ -99,7 +101,7 @@ def predict_paths(
     """
     if output_format not in OUTPUT_FORMATS:
         raise DataError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    cases = resolve_inputs(inputs)
+    cases = resolve_inputs(inputs, series_uid=series_uid)
     if output_format == "dicom-seg":
         not_dicom = [str(c.image) for c in cases if not c.image.is_dir()]
         if not_dicom:
@@ -125,12 +127,13 @@ def predict_paths(
             model, case, batch_size=batch_size, tta_flip=tta_flip, postprocess=postprocess,
             return_probabilities=save_probabilities, sample_voxels=sample_voxels, progress=progress,
         )
-        header = load_nifti(files.image).header
+        # A DICOM series' in-memory image has a default header: no need to read the series again.
+        header = None if files.image.is_dir() else load_nifti(files.image).header
         if output_format == "dicom-seg":
             from keras_livseg.data.dicom import write_segmentation
 
             native = from_canonical(prediction.labels, case.original_affine)
-            write_segmentation(native, files.image, output, model_name=model.name)
+            write_segmentation(native, files.image, output, model_name=model.name, series_uid=files.series_uid)
         else:
             values = prediction.labels if label_map is None else apply_label_map(prediction.labels, label_map, str(output))
             save_like(values, case.original_affine, output, reference_header=header)

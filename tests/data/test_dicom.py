@@ -96,3 +96,41 @@ def test_no_series_in_a_folder_is_one_line(tmp_path, series):
     shutil.copy(series / "liver-seg.dcm", tmp_path / "seg.dcm")
     with pytest.raises(DataError, match="holds no DICOM image series"):
         read_series(tmp_path)
+
+
+def test_a_folder_of_two_series_is_refused_with_both_or_read_by_uid(series, tmp_path, keras_checkpoint_for_dicom):
+    folder = _copy(series, tmp_path / "two")
+    other_uid = pydicom.dcmread(str(folder / "01.dcm")).SeriesInstanceUID + ".2"
+
+    def second_series(dataset, index):
+        dataset.SeriesInstanceUID = other_uid
+        dataset.SOPInstanceUID = dataset.SOPInstanceUID + ".2"
+        dataset.RescaleIntercept = -1000  # tells the two apart: 24 HU more
+
+    for path in _copy(series, tmp_path / "b", second_series).iterdir():
+        path.rename(folder / f"b-{path.name}")
+    first_uid = pydicom.dcmread(str(series / "01.dcm")).SeriesInstanceUID
+    with pytest.raises(DataError, match=f"holds 2 image series.*{first_uid}.*--series UID"):
+        read_series(folder)
+    chosen = np.asarray(read_series(folder, other_uid).dataobj)
+    np.testing.assert_array_equal(chosen, np.asarray(read_series(series).dataobj) + 24)
+    # predict --series picks it, down to the DICOM-SEG's references.
+    from keras_livseg import predict as predict_cli
+
+    code = predict_cli.main(["--model", str(keras_checkpoint_for_dicom), str(folder), "--out", str(tmp_path / "out"),
+                             "--series", other_uid, "--format", "dicom-seg", "--no-progress"])
+    assert code == 0
+    seg = pydicom.dcmread(str(tmp_path / "out" / "two_seg.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == other_uid
+
+
+@pytest.fixture(scope="module")
+def keras_checkpoint_for_dicom(tmp_path_factory):
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+
+    run = tmp_path_factory.mktemp("run")
+    (run / "checkpoints").mkdir()
+    build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(run / "checkpoints" / "best.keras")
+    write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=60.0, std=40.0))
+    return run / "checkpoints" / "best.keras"
