@@ -1,7 +1,8 @@
 """Broken inputs against ``prepare`` and ``predict``: every one must end in a result or one clear line.
 
-Each input is a small valid LiTS case (``volume-0.nii`` + ``segmentation-0.nii``) with one thing
-broken: header fields (zero, negative, NaN or huge pixdim, singular or disagreeing qform/sform,
+Each input is a small valid LiTS case (``volume-0.nii`` + ``segmentation-0.nii``), or for
+``predict`` the shared 3-slice DICOM series (missing tags, mixed series, sizes that disagree,
+truncated or missing pixel data, an emptied file), with one thing broken: header fields (zero, negative, NaN or huge pixdim, singular or disagreeing qform/sform,
 4D, huge dims with tiny data, odd datatypes, zero or NaN scaling), the data (NaN, non-integer or
 out-of-range labels, a label of another shape), or the bytes (truncated at many offsets, empty,
 a ``.nii.gz`` that is not gzip, a gzip stream cut short). Each command runs in its own process
@@ -149,6 +150,56 @@ def mutations() -> dict[str, Callable[[Path], None]]:
     return found
 
 
+SHARED_SERIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcmqi-ct-3slice" / "dicom"
+
+
+def _dicom_edit(change: Callable[[object, int], None] | None = None, raw: Callable[[bytes, int], bytes] | None = None
+                ) -> Callable[[Path], None]:
+    """Copy the shared 3-slice CT series into ``folder/dicom`` with ``change(dataset, index)`` or ``raw(bytes, index)``."""
+    def edit(folder: Path) -> None:
+        import pydicom
+
+        target = folder / "dicom"
+        target.mkdir()
+        for index, name in enumerate(["01.dcm", "02.dcm", "03.dcm"]):
+            dataset = pydicom.dcmread(str(SHARED_SERIES / name))
+            if change is not None:
+                change(dataset, index)
+            dataset.save_as(str(target / name))
+            if raw is not None:
+                (target / name).write_bytes(raw((target / name).read_bytes(), index))
+    return edit
+
+
+def _drop(keyword: str, only: int | None = None) -> Callable[[object, int], None]:
+    def change(dataset, index):
+        if (only is None or index == only) and keyword in dataset:
+            delattr(dataset, keyword)
+    return change
+
+
+def dicom_mutations() -> dict[str, Callable[[Path], None]]:
+    """Broken variants of the shared DICOM series (predict only reads DICOM)."""
+    def other_series(dataset, index):
+        if index == 2:
+            dataset.SeriesInstanceUID += ".7"
+
+    def other_size(dataset, index):
+        if index == 1:
+            dataset.Rows = 256
+
+    return {
+        "DICOM: no ImagePositionPatient": _dicom_edit(_drop("ImagePositionPatient", only=1)),
+        "DICOM: no ImageOrientationPatient": _dicom_edit(_drop("ImageOrientationPatient")),
+        "DICOM: no PixelSpacing": _dicom_edit(_drop("PixelSpacing")),
+        "DICOM: two series mixed": _dicom_edit(other_series),
+        "DICOM: Rows disagree with the pixel data": _dicom_edit(other_size),
+        "DICOM: pixel data cut short": _dicom_edit(raw=lambda data, index: data[:-5000] if index == 0 else data),
+        "DICOM: a file emptied": _dicom_edit(raw=lambda data, index: b"" if index == 1 else data),
+        "DICOM: no PixelData": _dicom_edit(_drop("PixelData")),
+    }
+
+
 def make_case(folder: Path, mutation: Callable[[Path], None]) -> Path:
     """A one-case LiTS folder with ``mutation`` applied."""
     folder.mkdir(parents=True)
@@ -201,16 +252,19 @@ def classify(argv: list[str], timeout: float = TIMEOUT_S) -> tuple[str, str]:
 def run(names: list[str] | None, commands: list[str], work: Path, progress: bool = True) -> list[dict]:
     """Try each mutation with each command; one row per (mutation, command)."""
     table_rows = []
-    chosen = {k: v for k, v in mutations().items() if names is None or k in names}
+    every = {**mutations(), **(dicom_mutations() if SHARED_SERIES.is_dir() else {})}
+    chosen = {k: v for k, v in every.items() if names is None or k in names}
     checkpoint = tiny_checkpoint(work / "model") if "predict" in commands else None
     for index, (name, mutation) in enumerate(chosen.items()):
         case = make_case(work / f"case-{index}", mutation)
         for command in commands:
+            if name.startswith("DICOM") and command != "predict":
+                continue  # only predict reads DICOM
             if command == "prepare":
                 argv = ["-m", "keras_livseg.prepare", "--src", str(case), "--out", str(work / f"shards-{index}"),
                         "--image-size", "32", "--workers", "1", "--split", "1,0,0", "--no-progress"]
             else:
-                volume = next(case.glob("volume-0.nii*"))
+                volume = case / "dicom" if (case / "dicom").is_dir() else next(case.glob("volume-0.nii*"))
                 argv = ["-m", "keras_livseg.predict", "--model", str(checkpoint), str(volume),
                         "--out", str(work / f"pred-{index}"), "--no-progress"]
             started = time.perf_counter()

@@ -211,7 +211,8 @@ def render_fuzz(data: dict) -> str:
         f"| {data['inputs_tried']} | {counts['result']} | {counts['refusal']} | **{counts['crash']}** {_mark(counts['crash'] == 0)} | "
         f"**{counts['hang']}** {_mark(counts['hang'] == 0)} | **{counts['memory']}** {_mark(counts['memory'] == 0)} |",
     ]
-    head = (f"{data['mutations']} broken variants of a small LiTS case (header fields, data, bytes) through "
+    head = (f"{data['mutations']} broken inputs (a small LiTS case's NIfTI header fields, data and bytes; the shared "
+            "DICOM series' tags and pixel data, for `predict`) through "
             f"{' and '.join(f'`{c}`' for c in data['commands'])}, each in its own process with a time and memory limit.")
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 

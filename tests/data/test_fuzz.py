@@ -48,3 +48,11 @@ def test_every_mutation_builds_a_case(tmp_path):
     for index, (name, mutation) in enumerate(fuzz_inputs.mutations().items()):
         folder = fuzz_inputs.make_case(tmp_path / f"c{index}", mutation)
         assert any(folder.glob("volume-0.nii*")), name
+
+
+@pytest.mark.slow
+def test_broken_dicom_series_end_in_one_line(real_data_dir, tmp_path):
+    names = ["DICOM: two series mixed", "DICOM: pixel data cut short", "DICOM: a file emptied"]
+    rows = fuzz_inputs.run(names, ["predict"], tmp_path, progress=False)
+    assert [(row["input"], row["outcome"]) for row in rows] == [(name, "refusal") for name in names], rows
+    assert all(row["message"].startswith("predict: error: ") for row in rows)
