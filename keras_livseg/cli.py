@@ -56,6 +56,11 @@ def _has_nvidia_driver() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
+def _default_tf_level() -> None:
+    """Warnings and errors with a GPU driver; errors too without one (see :func:`quiet_tensorflow`)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if _has_nvidia_driver() else "3")
+
+
 def quiet_tensorflow(verbose: bool = False) -> None:
     """Set TensorFlow's log level and, unless ``verbose``, import it without its start-up noise.
 
@@ -73,7 +78,7 @@ def quiet_tensorflow(verbose: bool = False) -> None:
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if _has_nvidia_driver() else "3")
+    _default_tf_level()
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
@@ -107,7 +112,7 @@ def configure_logging(verbose: bool = False, tensorflow: bool = False) -> None:
     if tensorflow:
         quiet_tensorflow(verbose)
     elif not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if _has_nvidia_driver() else "3")
+        _default_tf_level()
 
 
 def run(body: Callable[[], int | None], command: str) -> int:

@@ -101,6 +101,13 @@ def list_series(folder: str | Path) -> dict[str, SeriesInfo]:
     return {uid: SeriesInfo(uid, descriptions[uid], tuple(paths)) for uid, paths in found.items()}
 
 
+def slice_normal(orientation) -> np.ndarray:
+    """The slice normal of an ``ImageOrientationPatient``: row cosine × column cosine. Slices are
+    ordered by their position projected on it, by :func:`read_series` and the DICOM-SEG alike."""
+    orientation = np.asarray([float(v) for v in orientation], float)
+    return np.cross(orientation[:3], orientation[3:])
+
+
 def _required(dataset, keyword: str, path: Path):
     value = dataset.get(keyword)
     if value is None:
@@ -162,7 +169,7 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> nib.Nifti1
             raise DataError(f"{path} differs in orientation, size or pixel spacing from {slices[0][0]}; "
                             "the folder mixes series: keep one series per folder")
     row_cosine, column_cosine = first_orientation[:3], first_orientation[3:]
-    normal = np.cross(row_cosine, column_cosine)
+    normal = slice_normal(first_orientation)
     slices.sort(key=lambda s: float(np.dot(s[2], normal)))
     positions = np.stack([s[2] for s in slices])
     if len(slices) > 1:
@@ -243,8 +250,7 @@ def _sorted_series_datasets(folder: Path, series_uid: str | None = None) -> list
     else:
         raise DataError(f"{folder} holds series {', '.join(series)}; a DICOM-SEG references one: pass --series UID")
     datasets = [pydicom.dcmread(str(path), stop_before_pixels=True) for path in info.files]
-    orientation = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient], float)
-    normal = np.cross(orientation[:3], orientation[3:])
+    normal = slice_normal(datasets[0].ImageOrientationPatient)
     return sorted(datasets, key=lambda d: float(np.dot(np.asarray([float(v) for v in d.ImagePositionPatient]), normal)))
 
 

@@ -51,10 +51,15 @@ def load_keras_model(path: str | Path) -> keras.Model:
         raise ValueError(refusal(path, error)) from None
 
 
+def refused_code(error: Exception) -> bool:
+    """Whether Keras refused to load because the file holds code (safe mode)."""
+    return "safe_mode" in str(error) or "arbitrary code" in str(error)
+
+
 def refusal(path: Path, error: Exception) -> str:
     """One line for a ``.keras`` file Keras would not load: code refused by safe mode, or damage."""
     text = str(error)
-    if "safe_mode" in text or "arbitrary code" in text:
+    if refused_code(error):
         return (f"{path} holds Python code that would run on loading (a Lambda layer) and keras_livseg loads "
                 "models in Keras safe mode only; rebuild it without Lambda layers (build_model's models have none)")
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__

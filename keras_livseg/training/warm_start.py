@@ -305,9 +305,9 @@ def _load_checkpoint(path: Path) -> keras.Model:
     try:
         loaded = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # deserialization errors have many types; give one line
-        from keras_livseg.models.saving import refusal
+        from keras_livseg.models.saving import refusal, refused_code
 
-        if "safe_mode" in str(error) or "arbitrary code" in str(error):
+        if refused_code(error):
             raise ValueError(f"warm start source: {refusal(Path(path), error)}") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(
