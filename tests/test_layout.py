@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "keras_livseg"
-COMMANDS = {"fit", "prepare", "predict", "evaluate", "export", "phantom"}
+COMMANDS = {"fit", "prepare", "predict", "evaluate", "export", "phantom", "compare"}
 STAGES = ("data", "models", "training", "inference", "serving", "evaluation")
 FOUNDATIONS = ("keras_livseg.data.errors", "keras_livseg.data.labels", "keras_livseg.data.cases", "keras_livseg.data.dicom")
 

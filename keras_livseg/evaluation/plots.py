@@ -287,3 +287,105 @@ def plot_history(
     written = _save(figure, path)
     plt.close(figure)
     return {"Training curves": written}
+
+
+def plot_dice_vs_speed(models: Sequence[Mapping[str, Any]], path: Path) -> dict[str, Path]:
+    """Dice against training slices/s, one point per model and class, error bars over seeds.
+
+    Args:
+        models: ``compare``'s model entries: ``name``, ``speed["train_slices_per_s"]``,
+            ``mean``/``spread`` metrics (``volume.<region>.dice``).
+        path: The PNG.
+
+    Returns:
+        ``{"Dice against training speed": path}``, or ``{}`` when no model has a speed.
+    """
+    points = [m for m in models if (m.get("speed") or {}).get("train_slices_per_s")]
+    if not points:
+        return {}
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for axis, region in zip(axes, ("liver", "tumor")):
+        for index, model in enumerate(points):
+            mean = model["mean"]["volume"][region]["dice"]
+            spread = (model.get("spread") or {}).get("volume", {}).get(region, {}).get("dice") or {}
+            if mean is None:
+                continue
+            error = [[mean - spread.get("min", mean)], [spread.get("max", mean) - mean]]
+            speed = model["speed"]["train_slices_per_s"]
+            axis.errorbar(speed, mean, yerr=error, fmt="o", capsize=3, color=f"C{index}", label=model["name"])
+            axis.annotate(model["name"], (speed, mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.set_xscale("log")
+        axis.set_xlabel("training slices/s (this machine)")
+        axis.set_ylabel(f"{region} Dice (mean per case; bars: range over seeds)")
+        axis.set_title(f"{region}: Dice against training speed", fontsize=9)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+    return {"Dice against training speed": path}
+
+
+def plot_model_overlays(
+    cases: Sequence[Any],
+    predictions: Mapping[str, Mapping[str, Path]],
+    path: Path,
+    label_map: Mapping[int, int] | None = None,
+    max_cases: int = 3,
+) -> dict[str, Path]:
+    """Every model's prediction side by side on the same slices: one row per case.
+
+    The cases with the most reference tumour come first (up to ``max_cases``); each row shows
+    the slice with the largest reference tumour area (:func:`overlay_slice`), the reference
+    alone, then each model's contours (dashed) over the reference's (solid) on the CT.
+
+    Args:
+        cases: :class:`~keras_livseg.evaluation.pairs.MatchedCase` of the scored cases (the
+            ``prediction`` field is not used; ``reference`` and ``image`` are).
+        predictions: ``{model name: {case_id: predicted label map}}``.
+        path: The PNG.
+        label_map: Reference label remapping.
+        max_cases: Rows at most.
+
+    Returns:
+        ``{title: path}``, or ``{}`` with no case.
+    """
+    from keras_livseg.evaluation.pairs import MatchedCase, load_pair
+
+    if not cases or not predictions:
+        return {}
+    names = list(predictions)
+    ranked = []
+    for case in cases:
+        _, ref, _ = load_pair(MatchedCase(case.case_id, case.reference, case.reference, case.image), label_map)
+        ranked.append((int((ref == 2).sum()), int((ref >= 1).sum()), case))
+        del ref
+    ranked.sort(key=lambda item: (-item[0], -item[1], str(item[2].case_id)))
+    rows = []
+    for _, _, case in ranked[:max_cases]:
+        _, ref, _ = load_pair(MatchedCase(case.case_id, case.reference, case.reference, case.image), label_map)
+        k, why = overlay_slice(ref, ref)
+        ct = _ct_slice(case, k, ref.shape)
+        panels = [("reference", ref[:, :, k].copy(), np.zeros_like(ref[:, :, k]))]
+        for name in names:
+            predicted = predictions[name].get(case.case_id)
+            if predicted is None:
+                continue
+            pred, _, _ = load_pair(MatchedCase(case.case_id, Path(predicted), case.reference, case.image), label_map)
+            panels.append((name, ref[:, :, k].copy(), pred[:, :, k].copy()))
+            del pred
+        rows.append((f"case {case.case_id}, slice {k}: {why}", ct, panels))
+        del ref
+    plt = _pyplot()
+    columns = 1 + len(names)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns, 3.5 * len(rows)), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for row_axes, (row_title, ct, panels) in zip(axes, rows):
+        for axis, (name, ref_slice, pred_slice) in zip(row_axes, panels):
+            _draw_overlay(axis, ct, ref_slice, pred_slice, name if name != "reference" else f"{row_title}\nreference")
+    figure.legend(handles=_legend_handles(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    title = "Every model on the same slices"
+    _save(figure, path)
+    plt.close(figure)
+    return {title: path}

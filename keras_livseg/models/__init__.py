@@ -22,6 +22,28 @@ MODEL_BUILDERS = {
 }
 
 
+#: Models that need an optional extra: name -> (the package they import, the extra that installs it).
+EXTRAS: dict[str, tuple[str, str]] = {}
+
+
+class MissingExtraError(ImportError, ValueError):
+    """A model needs an optional package that is not installed; the message names the extra.
+
+    An ``ImportError`` for Python, a ``ValueError`` for the commands (one line, exit status 2).
+    """
+
+
+def missing_extra(name: str) -> None:
+    """Raise :class:`MissingExtraError` naming the extra when ``name`` needs a package that is absent."""
+    import importlib.util
+
+    package, extra = EXTRAS.get(name, (None, None))
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise MissingExtraError(
+            f"model {name!r} needs {package}, which is not installed: pip install \"keras_livseg[{extra}]\""
+        )
+
+
 def available_models() -> tuple[str, ...]:
     """Names accepted by :func:`build_model`."""
     return tuple(MODEL_BUILDERS)
@@ -65,9 +87,11 @@ def build_model(name: str, input_shape=(256, 256, 1), num_classes: int = 3, **op
 
 __all__ = [
     "MODEL_BUILDERS",
+    "MissingExtraError",
     "available_models",
     "build_effb0_pan",
     "build_model",
     "build_tam_unet",
     "build_unet",
+    "missing_extra",
 ]
