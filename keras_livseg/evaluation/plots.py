@@ -389,3 +389,49 @@ def plot_model_overlays(
     _save(figure, path)
     plt.close(figure)
     return {title: path}
+
+
+def plot_attention(image: np.ndarray, mask: np.ndarray, maps: Mapping[str, Mapping[str, np.ndarray]],
+                   path: Path, title: str = "") -> dict[str, Path]:
+    """What each model attends to on one slice: one row per model, one column per kind of map.
+
+    Args:
+        image: ``[H, W, C]`` the model input (standardized; the middle channel is shown).
+        mask: ``[H, W]`` its reference labels (contours on the first column).
+        maps: ``{model: {map name: [H, W] in [0, 1]}}`` (gates, Grad-CAM tumour, Grad-CAM liver).
+        path: The PNG.
+        title: What the slice is (case, slice, why).
+
+    Returns:
+        ``{"What each model attends to": path}``, or ``{}`` without maps.
+    """
+    if not maps:
+        return {}
+    plt = _pyplot()
+    kinds: list[str] = []
+    for model_maps in maps.values():
+        kinds += [k for k in model_maps if k not in kinds]
+    ct = image[..., image.shape[-1] // 2]
+    figure, axes = plt.subplots(len(maps), 1 + len(kinds), figsize=(2.8 * (1 + len(kinds)), 2.9 * len(maps)),
+                                squeeze=False)
+    for row, (name, model_maps) in zip(axes, maps.items()):
+        for axis in row:
+            axis.axis("off")
+        row[0].imshow(ct, cmap="gray")
+        for region, colour in (("liver", "lime"), ("tumor", "red")):
+            test = mask >= 1 if region == "liver" else mask == 2
+            if test.any() and not test.all():
+                row[0].contour(test.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
+        row[0].set_title(f"{name}: CT, reference", fontsize=8)
+        for axis, kind in zip(row[1:], kinds):
+            if kind not in model_maps:
+                continue
+            axis.imshow(ct, cmap="gray")
+            axis.imshow(model_maps[kind], cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0)
+            axis.set_title(f"{name}: {kind}", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+    return {"What each model attends to": path}

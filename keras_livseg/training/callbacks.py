@@ -96,8 +96,29 @@ def prediction_grid(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray
     return np.concatenate(rows, axis=0)
 
 
+def heat(ct: np.ndarray, value: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """CT slice ``[H, W]`` with a map in [0, 1] blended as a black-red-yellow heat → RGB in [0, 1]."""
+    low, high = np.percentile(ct, [1, 99])
+    grey = np.clip((ct - low) / max(high - low, 1e-6), 0, 1)[..., None].repeat(3, axis=-1)
+    v = np.clip(np.asarray(value, np.float32), 0, 1)[..., None]
+    colour = np.concatenate([np.clip(2 * v, 0, 1), np.clip(2 * v - 1, 0, 1), np.zeros_like(v)], axis=-1)
+    return grey * (1 - alpha) + colour * alpha
+
+
+def attention_grid(images: np.ndarray, maps: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows of (CT, then each map over it as heat) → one RGB image ``[n*H, (1+len(maps))*W, 3]``."""
+    rows = []
+    for index, image in enumerate(images):
+        ct = image[..., image.shape[-1] // 2]
+        panels = [overlay(ct, np.zeros(ct.shape, np.int64))] + [heat(ct, m[index]) for m in maps.values()]
+        rows.append(np.concatenate(panels, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
 class PredictionImages(keras.callbacks.Callback):
-    """Every ``every`` epochs, write a CT / ground truth / prediction grid to TensorBoard.
+    """Every ``every`` epochs, write a CT / ground truth / prediction grid to TensorBoard, and
+    what the model attends to (:func:`~keras_livseg.models.attention_maps.attention_maps`: its
+    gates, Grad-CAM) as a second grid.
 
     Args:
         images: fixed validation slices ``[n, H, W, C]`` (standardized), chosen to contain tumor.
@@ -124,8 +145,15 @@ class PredictionImages(keras.callbacks.Callback):
         grid = prediction_grid(self.images, self.masks, predicted)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        from keras_livseg.models.attention_maps import attention_maps
+
+        maps = attention_maps(self.model, self.images)
         with self._writer.as_default():
             tf.summary.image("validation/ct_truth_prediction", grid[None].astype(np.float32), step=epoch)
+            if maps:
+                # Columns: CT, then each map of attention_maps() (gates, Grad-CAM tumour, liver).
+                tf.summary.image("validation/attention", attention_grid(self.images, maps)[None].astype(np.float32),
+                                 step=epoch, description=" | ".join(["CT", *maps]))
         self._writer.flush()
 
 

@@ -268,6 +268,7 @@ def compare_runs(
     from keras_livseg.evaluation.pairs import MatchedCase, manifest_cases
     from keras_livseg.models.complexity import count_flops, count_parameters, measure_throughput
     from keras_livseg.models.saving import load_keras_model
+    from keras_livseg.models.attention_maps import attention_maps
 
     if not run_dirs:
         raise ValueError("compare needs at least one run")
@@ -286,6 +287,8 @@ def compare_runs(
 
     first = runs[0]
     cases = list(first.metrics["cases"])
+    probe_image, probe_mask, probe_title = _attention_slice(first)
+    attention: dict[str, dict[str, Any]] = {}
     entries = []
     baseline_means: dict[str, dict[str, float]] = {}
     for position, (label, members) in enumerate(groups.items()):
@@ -309,6 +312,9 @@ def compare_runs(
             batch = int(members[0].config["training"].get("batch_size", 8))
             logger.info("timing %s: training and inference on in-memory batches of %d", label, batch)
             entry["speed"] = measure_throughput(model, batch_size=batch)
+        if probe_image is not None:
+            attention[label] = attention_maps(model, probe_image[None])
+            attention[label] = {k: v[0] for k, v in attention[label].items()}
         del model
         rows = [row for r in members for row in r.rows]
         means = {region: per_case_means(rows, column) for region, column in TEST_COLUMNS.items()}
@@ -337,6 +343,9 @@ def compare_runs(
         predictions = {label: {row["case_id"]: Path(row["prediction"]) for row in members[0].rows}
                        for label, members in groups.items()}
         drawn.update(plots.plot_model_overlays(matched, predictions, out_dir / "figures" / "overlays.png", label_map))
+    if probe_image is not None:
+        drawn.update(plots.plot_attention(probe_image, probe_mask, attention, out_dir / "figures" / "attention.png",
+                                          probe_title))
     figures = {title: str(path.relative_to(out_dir)) for title, path in drawn.items()}
 
     summary = {
@@ -369,6 +378,27 @@ def compare_runs(
     _write_json(out_dir / "compare.json", summary)  # last: its presence means the comparison is whole
     logger.info("wrote %s", out_dir / "report.md")
     return summary
+
+
+def _attention_slice(run: _Run) -> tuple[Any, Any, str]:
+    """The held-out model-grid slice with the most tumour (from the run's shards), for the attention figure."""
+    import numpy as np
+
+    from keras_livseg.data.dataset import make_dataset
+    from keras_livseg.data.prepare import load_manifest
+    from keras_livseg.training.callbacks import pick_tumor_slices
+
+    shards, split = run.config["data"].get("shards"), run.metrics.get("split")
+    if not shards or not split or not Path(shards, "manifest.json").is_file():
+        return None, None, ""
+    manifest = load_manifest(Path(shards))
+    if not manifest["splits"].get(split, {}).get("slices"):
+        return None, None, ""
+    images, masks = pick_tumor_slices(make_dataset(manifest, split, 8, training=False), count=1)
+    if not len(images):
+        return None, None, ""
+    return (np.asarray(images[0], np.float32), np.asarray(masks[0]),
+            f"the held-out {split} slice with the most tumour, as the models see it (model grid)")
 
 
 def _input_shape(run_dir: Path) -> str | None:

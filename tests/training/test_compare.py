@@ -179,7 +179,8 @@ def test_compare_writes_the_tables_with_the_computed_numbers(tiny_comparison):
     assert "Paired tests against the first model" in report and "cannot be significant" in report
     assert "Table I. Overall segmentation" in report and "Table IV. Large tumors" in report
 
-    for figure in ("dice_vs_speed.png", "overlays.png"):
+    assert "What each model attends to" in summary["figures"]
+    for figure in ("dice_vs_speed.png", "overlays.png", "attention.png"):
         data = (out_dir / "figures" / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 

@@ -486,6 +486,12 @@ def test_tensorboard_serves_the_runs_scalars_and_images(tiny_run, start_server):
     # Rows of (CT, truth, prediction) for each chosen slice: three 32-pixel columns.
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert width == 3 * 32 and height % 32 == 0 and height >= 32, (width, height)
+    # What the TAM-U-Net attends to: CT, the mean of its TAM gates, Grad-CAM tumour and liver.
+    assert "validation/attention" in images["images"], images
+    attention = _get_json(f"{base}/data/plugin/images/images?run=images&tag=validation/attention")
+    with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{attention[-1]['query']}", timeout=5) as response:
+        png = response.read()
+    assert int.from_bytes(png[16:20], "big") == 4 * 32 and int.from_bytes(png[20:24], "big") == height
 
 
 # --- export --------------------------------------------------------------------------------------
