@@ -13,7 +13,7 @@ import keras
 from keras import layers
 
 from keras_livseg.models._utils import channel_axis, check_input_shape, check_positive_int
-from keras_livseg.models.layers._fast_kernels import FusedBatchNormalization
+from keras_livseg.models.layers._fast_kernels import TORCH_BN_EPSILON, FusedBatchNormalization
 
 #: Blocks per stage of the two BasicBlock ResNets.
 RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
@@ -25,8 +25,8 @@ OUTPUT_STRIDES = (8, 16, 32)
 
 def _bn(name: str):
     # Same layer and weights as keras.layers.BatchNormalization; one fused kernel on TF.
-    # momentum/epsilon as torchvision's defaults (0.1 running-average weight, 1e-5).
-    return FusedBatchNormalization(axis=channel_axis(), momentum=0.9, epsilon=1e-5, name=name)
+    # momentum as torchvision's default (0.1 running-average weight).
+    return FusedBatchNormalization(axis=channel_axis(), momentum=0.9, epsilon=TORCH_BN_EPSILON, name=name)
 
 
 def _conv(filters: int, kernel_size: int, strides: int, dilation: int, name: str):
