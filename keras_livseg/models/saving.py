@@ -63,4 +63,6 @@ def refusal(path: Path, error: Exception) -> str:
         return (f"{path} holds Python code that would run on loading (a Lambda layer) and keras_livseg loads "
                 "models in Keras safe mode only; rebuild it without Lambda layers (build_model's models have none)")
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if "pip install" in text:  # a model that needs an extra (keras-cv): the install line is the fix
+        return f"{path} could not be loaded: {first}"
     return f"{path} could not be loaded as a Keras model ({first}); re-save it"
