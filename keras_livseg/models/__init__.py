@@ -1,4 +1,15 @@
-"""Models: U-Net, TAM-U-Net and EfficientNetB0-PAN, built through one registry.
+"""Models, built through one registry: the papers' networks and their competitors.
+
+- ``unet``, ``tam_unet``: the TAM-U-Net paper's baseline and network.
+- ``effb0_pan``: the Enhanced PAN paper's EfficientNetB0-PAN.
+- ``attention_unet`` (Oktay et al. 2018), ``unet_cbam`` (U-Net with CBAM, Woo et al. 2018),
+  ``linknet`` (Chaurasia and Culurciello 2017), ``pspnet`` (Zhao et al. 2017), ``manet`` (Fan
+  et al. 2020): the competitors of both papers, the ResNet ones matching
+  segmentation_models.pytorch layer for layer.
+- ``deeplabv3plus``, ``segformer``: keras-cv models, with the ``[cv]`` extra.
+
+Every model takes the input ``"ct_slices"`` (1 channel, or 3 for 2.5D) and returns float32
+``"probabilities"``; :func:`build_model` checks the options and the input size.
 
 >>> from keras_livseg.models import build_model
 >>> model = build_model("tam_unet", input_shape=(32, 32, 1), filters=4, depth=2)
@@ -13,17 +24,28 @@ import inspect
 import keras
 
 from keras_livseg.models.efficientnet_pan import build_effb0_pan
-from keras_livseg.models.unet import build_tam_unet, build_unet
+from keras_livseg.models.keras_cv_models import build_deeplabv3plus, build_segformer
+from keras_livseg.models.linknet import build_linknet
+from keras_livseg.models.manet import build_manet
+from keras_livseg.models.pspnet import build_pspnet
+from keras_livseg.models.unet import build_attention_unet, build_tam_unet, build_unet, build_unet_cbam
 
 MODEL_BUILDERS = {
     "unet": build_unet,
     "tam_unet": build_tam_unet,
     "effb0_pan": build_effb0_pan,
+    "attention_unet": build_attention_unet,
+    "unet_cbam": build_unet_cbam,
+    "linknet": build_linknet,
+    "pspnet": build_pspnet,
+    "manet": build_manet,
+    "deeplabv3plus": build_deeplabv3plus,
+    "segformer": build_segformer,
 }
 
 
 #: Models that need an optional extra: name -> (the package they import, the extra that installs it).
-EXTRAS: dict[str, tuple[str, str]] = {}
+EXTRAS: dict[str, tuple[str, str]] = {"deeplabv3plus": ("keras_cv", "cv"), "segformer": ("keras_cv", "cv")}
 
 
 class MissingExtraError(ImportError, ValueError):
@@ -53,12 +75,11 @@ def build_model(name: str, input_shape=(256, 256, 1), num_classes: int = 3, **op
     """Build a segmentation model by name.
 
     Args:
-        name: ``"unet"``, ``"tam_unet"`` or ``"effb0_pan"``.
+        name: one of :func:`available_models`.
         input_shape: ``(height, width, channels)`` (``(C, H, W)`` under channels_first).
             Defaults to ``(256, 256, 1)``.
         num_classes: int. Defaults to 3 (background, liver, tumor).
-        **options: the builder's own arguments: see :func:`build_unet`,
-            :func:`build_tam_unet`, :func:`build_effb0_pan`.
+        **options: the builder's own arguments (see each ``build_<name>``).
 
     Returns:
         A ``keras.Model`` with input ``"ct_slices"`` and output ``"probabilities"``
@@ -76,6 +97,7 @@ def build_model(name: str, input_shape=(256, 256, 1), num_classes: int = 3, **op
     builder = MODEL_BUILDERS.get(name)
     if builder is None:
         raise ValueError(f"unknown model name {name!r}; valid names are {available_models()}.")
+    missing_extra(name)
     accepted = set(inspect.signature(builder).parameters) - {"input_shape", "num_classes"}
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -89,9 +111,16 @@ __all__ = [
     "MODEL_BUILDERS",
     "MissingExtraError",
     "available_models",
+    "build_attention_unet",
+    "build_deeplabv3plus",
     "build_effb0_pan",
+    "build_linknet",
+    "build_manet",
+    "build_pspnet",
+    "build_segformer",
     "build_model",
     "build_tam_unet",
     "build_unet",
+    "build_unet_cbam",
     "missing_extra",
 ]

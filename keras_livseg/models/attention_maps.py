@@ -55,7 +55,8 @@ def gate_maps(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarray]:
 
     Returns:
         ``{layer name: [n, H, W] float32 in [0, 1]}``, in network order; empty for a model
-        without attention layers.
+        without spatial attention gates (attention over position pairs, as MA-Net's PAB, is
+        not a map of the slice and is left out).
     """
     chosen = attention_layers(model)
     if not chosen:
@@ -68,6 +69,8 @@ def gate_maps(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarray]:
     maps = {}
     for layer, inputs in zip(chosen, outputs):
         gate = ops.convert_to_numpy(ops.cast(layer.compute_attention(inputs), "float32"))
+        if gate.ndim != 4:
+            continue  # not a spatial gate (MA-Net's position attention is a positions x positions map)
         gate = np.mean(gate, axis=channel_axis())
         maps[layer.name] = _to_input_size(gate.astype(np.float32), size)
     return maps

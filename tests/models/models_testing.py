@@ -97,3 +97,19 @@ def save_and_reload(model, path, data):
         keras.ops.convert_to_numpy(reloaded(data, training=False)),
         reloaded,
     )
+
+
+#: Every registry model at a tiny size (64x64 works for all): the options the cross-model tests use.
+SMALL_OPTIONS = {
+    "unet": {"filters": 4, "depth": 2},
+    "tam_unet": {"filters": 4, "depth": 2},
+    "attention_unet": {"filters": 4, "depth": 2},
+    "unet_cbam": {"filters": 4, "depth": 2},
+    "effb0_pan": {"decoder_filters": 8},
+    "linknet": {"encoder": "resnet18"},
+    "pspnet": {"encoder": "resnet18", "psp_filters": 16},
+    "manet": {"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8), "pab_channels": 8},
+    "deeplabv3plus": {"backbone_filters": (64, 8, 8, 8), "aspp_filters": 8, "low_level_filters": 4,
+                      "decoder_filters": 8},
+    "segformer": {"embedding_dims": (8, 16, 40, 64), "depths": (1, 1, 1, 1), "decoder_filters": 16},
+}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from models_testing import dtype_policy, random_inputs, save_and_reload
 
-from keras_livseg.models import available_models, build_model
+from keras_livseg.models import build_model
 from keras_livseg.models.layers import TumorAttention
 from keras_livseg.models.unet import build_tam_unet, build_unet, expand_tam_stages
 
@@ -193,10 +193,3 @@ def test_bad_arguments_raise_value_error_naming_the_value(options, match):
     with pytest.raises(ValueError, match=match):
         build_model("unet", **options)
 
-
-def test_registry_names_and_errors():
-    assert available_models() == ("unet", "tam_unet", "effb0_pan")
-    with pytest.raises(ValueError, match="'vnet'.*'unet', 'tam_unet', 'effb0_pan'"):
-        build_model("vnet")
-    with pytest.raises(ValueError, match=r"\['filter'\]"):
-        build_model("unet", input_shape=(32, 32, 1), filter=4)
