@@ -104,7 +104,7 @@ SMALL_OPTIONS = {
     "unet": {"filters": 4, "depth": 2},
     "tam_unet": {"filters": 4, "depth": 2},
     "attention_unet": {"filters": 4, "depth": 2},
-    "unet_cbam": {"filters": 4, "depth": 2},
+    "unet_cbam": {"filters": 4, "depth": 2, "cbam_ratio": 2},  # hidden MLP width >= 2: no lone dead ReLU
     "effb0_pan": {"decoder_filters": 8},
     "linknet": {"encoder": "resnet18"},
     "pspnet": {"encoder": "resnet18", "psp_filters": 16},

@@ -30,7 +30,7 @@ from keras_livseg.training import fit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = PROJECT_ROOT / "pipelines"
-LITS_RECIPES = ("lits_unet.toml", "lits_tam_unet.toml", "lits_effb0_pan.toml")
+LITS_RECIPES = tuple(sorted(p.name for p in PIPELINES.glob("lits_*.toml")))
 
 NO_AUGMENTATION = "training.augmentation={rotation=0.0,zoom=0.0,translation=0.0,intensity_scale=0.0,intensity_shift=0.0,gamma=0.0,noise_std=0.0}"
 # Tumor is ~0.2 % of the tiny phantom's pixels: foreground oversampling, class weights and a high rate
@@ -168,8 +168,8 @@ def test_shipped_recipe_resolves_and_builds_its_model(recipe):
     options.update({"filters": 4, "depth": 2} if "filters" in options else {})
     options.update({"decoder_filters": 8, "encoder_weights": None} if config["model"]["name"] == "effb0_pan" else {})
     context = int(config["preprocessing"].get("context", 1))
-    model = build_model(config["model"]["name"], input_shape=(32, 32, context), **options)
-    assert model.output_shape == (None, 32, 32, 3)
+    model = build_model(config["model"]["name"], input_shape=(64, 64, context), **options)
+    assert model.output_shape == (None, 64, 64, 3)
     # The optimizer and loss the recipe names can be built too.
     fit.build_optimizer(config["training"], total_steps=10)
     fit.build_loss(config["training"], options.get("head", "softmax"))
