@@ -421,4 +421,6 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f", load {os.getloadavg()[0]:.1f} when timed" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {cores} cores{load}"

@@ -190,6 +190,13 @@ def test_imagenet_weights_read_from_the_keras_cache(tmp_path, monkeypatch, refer
         ({"input_shape": (100, 96, 1)}, ValueError, "height 100 .* multiple of 32.* nearest valid height is 96"),
         ({"input_shape": (64, 80, 1)}, ValueError, "width 80 .* nearest valid width is 96"),
         ({"input_shape": (16, 16, 1)}, ValueError, "height 16 .* nearest valid height is 32"),
+        ({"output_stride": 8}, ValueError, "output_stride=8"),
+        ({"output_stride": "16"}, ValueError, "output_stride='16'"),
+        ({"output_stride": 16.0}, ValueError, "output_stride=16.0"),
+        ({"decoder": "fpn"}, ValueError, "decoder='fpn'"),
+        ({"output_stride": 16, "input_shape": (36, 48, 1)}, ValueError,
+         "height 36 is not a multiple of 16 .*output_stride=16.* nearest valid height is 32"),
+        ({"output_stride": 16, "input_shape": (48, 8, 1)}, ValueError, "width 8 .* nearest valid width is 16"),
     ],
 )
 def test_bad_arguments(options, error, match):
@@ -363,3 +370,264 @@ def test_one_training_step_at_batch_size_one():
 def test_encoder_builder_alone():
     encoder = build_efficientnet_encoder((64, 64, 3))
     assert encoder.name == ENCODER_NAME and len(encoder.outputs) == 4
+
+
+# ---------------------------------------------------------------- output_stride=16 and decoder="paper"
+
+DILATED = ("block6a_dwconv", "block6b_dwconv", "block6c_dwconv", "block6d_dwconv", "block7a_dwconv")
+
+
+def dwconv_settings(encoder):
+    """``{name: (strides, dilation_rate)}`` of the encoder's depthwise convolutions."""
+    return {
+        layer.name: (tuple(layer.strides), tuple(layer.dilation_rate))
+        for layer in encoder.layers
+        if isinstance(layer, keras.layers.DepthwiseConv2D)
+    }
+
+
+def inbound(model, layer_name):
+    """``[(layer, node, tensor)]`` feeding ``layer_name`` in ``model``'s functional config."""
+    for layer in model.get_config()["layers"]:
+        if layer["name"] == layer_name:
+            args = layer["inbound_nodes"][0]["args"][0]
+            args = args if isinstance(args, list) else [args]
+            return [tuple(arg["config"]["keras_history"]) for arg in args]
+    raise KeyError(layer_name)
+
+
+def se_params(channels, ratio):
+    """SqueezeExcitation: 1x1 convolutions with bias, channels -> channels // ratio -> channels."""
+    hidden = channels // ratio
+    return channels * hidden + hidden + hidden * channels + channels
+
+
+def decoder_params(filters, se_ratio=4, rates=3, classes=3, paper=False):
+    """The decoder by hand (ConvBNReLU: conv without bias + BN's 4 values per channel)."""
+
+    def conv_bn(c_in, c_out, k):
+        return k * k * c_in * c_out + 4 * c_out
+
+    def conv_bias(c_in, c_out, k):
+        return k * k * c_in * c_out + c_out
+
+    aspp = (conv_bn(320, filters, 1) + rates * conv_bn(320, filters, 3) + conv_bias(320, filters, 1)
+            + conv_bn((rates + 2) * filters, filters, 1))
+    fpa = (conv_bn(filters, filters, 1) + conv_bias(filters, filters, 1) + conv_bias(filters, 1, 7)
+           + 2 * conv_bias(1, 1, 5) + 2 * conv_bias(1, 1, 3) + conv_bias(1, 1, 7))
+    gau = sum(conv_bn(c, filters, 3) + conv_bias(filters, filters, 1) for c in (112, 40, 24))
+    se = sum(se_params(c, se_ratio) for c in (24, 40, 112) + ((320,) if paper else ()))
+    return aspp + fpa + gau + se + conv_bias(filters, classes, 1)
+
+
+def depthwise_by_hand(x, kernel, rate):
+    """A stride-1 "same" depthwise convolution at dilation ``rate``, in numpy (float64)."""
+    size = kernel.shape[0]
+    half = rate * (size - 1) // 2
+    padded = np.pad(x.astype("float64"), ((0, 0), (half, half), (half, half), (0, 0)))
+    height, width = x.shape[1:3]
+    out = np.zeros(x.shape, "float64")
+    for a in range(size):
+        for b in range(size):
+            out += padded[:, a * rate : a * rate + height, b * rate : b * rate + width, :] * kernel[a, b, :, 0]
+    return out
+
+
+@pytest.mark.parametrize("input_shape, decoder", [((32, 32, 1), "smp"), ((48, 64, 3), "paper")])
+def test_output_stride_16_keeps_p5_at_one_sixteenth(input_shape, decoder):
+    model = build_model("effb0_pan", input_shape=input_shape, output_stride=16, decoder=decoder, **SMALL)
+    h, w = input_shape[:2]
+    encoder = model.get_layer(ENCODER_NAME)
+    assert [tuple(t.shape[1:]) for t in encoder.outputs] == [
+        (h // 4, w // 4, 24),
+        (h // 8, w // 8, 40),
+        (h // 16, w // 16, 112),
+        (h // 16, w // 16, 320),
+    ]
+    # ASPP, FPA and the first GAU work at 1/16: that GAU adds d5 to P4 without resizing.
+    for name in ("aspp", "fpa", "gau_p4"):
+        assert tuple(model.get_layer(name).output.shape[1:3]) == (h // 16, w // 16), name
+    probs = keras.ops.convert_to_numpy(model(random_inputs([(2,) + input_shape])))
+    assert probs.shape == (2, h, w, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert fast_layer_kinds(model)["plain_bn"] == 0  # the rebuilt encoder keeps the fast kernels
+
+
+def test_output_stride_16_dilates_block6a_on_and_changes_nothing_else():
+    e32 = build_efficientnet_encoder((32, 32, 1))
+    e16 = build_efficientnet_encoder((32, 32, 1), output_stride=16)
+    assert dwconv_settings(e32)["block6a_dwconv"] == ((2, 2), (1, 1))
+    expected = {
+        name: ((1, 1), (2, 2)) if name in DILATED else setting for name, setting in dwconv_settings(e32).items()
+    }
+    assert dwconv_settings(e16) == expected
+    assert e16.get_layer("block6a_dwconv_pad").padding == ((4, 4), (4, 4))  # "same" for a 5x5 at rate 2
+    assert all(tuple(layer.dilation_rate) == (1, 1) for layer in e16.layers if type(layer) is keras.layers.Conv2D)
+    # Same layers (fast kernels included), names and weight shapes: weight files fit both.
+    assert [(layer.name, type(layer)) for layer in e16.layers[1:]] == [
+        (layer.name, type(layer)) for layer in e32.layers[1:]
+    ]
+    assert [(w.path, w.shape) for w in e16.weights] == [(w.path, w.shape) for w in e32.weights]
+    assert e16.count_params() == e32.count_params() == 3_634_268
+    # Nothing before block6a changes: with the same weights, P2, P3 and P4 agree.
+    e16.set_weights(e32.get_weights())
+    x = random_inputs([(2, 32, 32, 1)])
+    for p32, p16 in zip(e32(x)[:3], e16(x)[:3]):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(p16), keras.ops.convert_to_numpy(p32), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_dilated_depthwise_convolutions_match_a_hand_computation():
+    # 128 px: an 8x8 map at 1/16, so every tap of a rate-2 5x5 (offsets up to 4) is live.
+    encoder = build_efficientnet_encoder((128, 128, 1), output_stride=16)
+    rng = np.random.default_rng(5)
+    names = []
+    for block in ("block6a", "block6b"):
+        dwconv = encoder.get_layer(f"{block}_dwconv")
+        dwconv.kernel.assign(rng.normal(size=dwconv.kernel.shape).astype("float32"))
+        names += [f"{block}_expand_activation", f"{block}_dwconv"]
+    probe = keras.Model(encoder.input, [encoder.get_layer(name).output for name in names])
+    outputs = [keras.ops.convert_to_numpy(t) for t in probe(random_inputs([(1, 128, 128, 1)]))]
+    for (inputs, got), block in zip(zip(outputs[::2], outputs[1::2]), ("block6a", "block6b")):
+        assert inputs.shape == got.shape == (1, 8, 8, 672 if block == "block6a" else 1152)
+        kernel = encoder.get_layer(f"{block}_dwconv").kernel.numpy()
+        np.testing.assert_allclose(got, depthwise_by_hand(inputs, kernel, rate=2), rtol=1e-4, atol=1e-4)
+
+
+def test_stride_32_weight_file_loads_into_a_stride_16_model(weights_file, reference_encoder):
+    model = build_model(
+        "effb0_pan", input_shape=(32, 32, 3), output_stride=16, encoder_weights=weights_file, **SMALL
+    )
+    encoder = model.get_layer(ENCODER_NAME)
+    assert dwconv_settings(encoder)["block6a_dwconv"] == ((1, 1), (2, 2))
+    compared = 0
+    for layer in encoder.layers[1:]:
+        for mine, theirs in zip(layer.weights, reference_encoder.get_layer(layer.name).weights):
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+            compared += 1
+    assert compared == len(encoder.weights) > 300
+
+
+def test_encoder_weights_saved_at_stride_32_load_at_stride_16(tmp_path):
+    e32 = build_efficientnet_encoder((32, 32, 1))
+    path = tmp_path / "encoder32.weights.h5"
+    e32.save_weights(path)
+    e16 = build_efficientnet_encoder((64, 64, 1), output_stride=16)
+    assert not np.array_equal(e16.get_layer("block6a_dwconv").kernel.numpy(),
+                              e32.get_layer("block6a_dwconv").kernel.numpy())
+    e16.load_weights(path)
+    for w32, w16 in zip(e32.weights, e16.weights):
+        assert w32.path == w16.path
+        np.testing.assert_array_equal(w16.numpy(), w32.numpy())
+
+
+def test_paper_decoder_puts_one_se_on_p5_before_aspp():
+    keras.utils.set_random_seed(3)
+    ours = build_model("effb0_pan", input_shape=(32, 32, 1), **SMALL)
+    keras.utils.set_random_seed(3)
+    paper = build_model("effb0_pan", input_shape=(32, 32, 1), decoder="paper", **SMALL)
+    assert inbound(ours, "aspp") == [(ENCODER_NAME, 0, 3)]
+    assert inbound(paper, "se_p5") == [(ENCODER_NAME, 0, 3)] and inbound(paper, "aspp") == [("se_p5", 0, 0)]
+    assert [inbound(paper, f"gau_p{i}")[0] for i in (4, 3, 2)] == [("se_p4", 0, 0), ("se_p3", 0, 0), ("se_p2", 0, 0)]
+    assert paper.count_params() - ours.count_params() == se_params(320, 4) == 51_600
+    for layer in ours.layers:
+        if layer.weights:
+            paper.get_layer(layer.name).set_weights(layer.get_weights())
+    x = random_inputs([(2, 32, 32, 1)])
+    taps = keras.Model(paper.input, [paper.get_layer("se_p5").input, paper.get_layer("aspp").input])
+    excite = paper.get_layer("se_p5").excite
+    excite.kernel.assign(np.zeros(excite.kernel.shape, "float32"))
+    # A gate of sigmoid(0) = 0.5: ASPP gets half of P5.
+    excite.bias.assign(np.zeros(excite.bias.shape, "float32"))
+    p5, aspp_input = (keras.ops.convert_to_numpy(t) for t in taps(x, training=False))
+    assert p5.shape == (2, 1, 1, 320) and np.abs(p5).max() > 0
+    np.testing.assert_allclose(aspp_input, 0.5 * p5, rtol=1e-6, atol=1e-7)
+    # A gate of sigmoid(30) = 1.0 in float32 passes P5 as is: the smp reading exactly.
+    excite.bias.assign(np.full(excite.bias.shape, 30.0, "float32"))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(taps(x, training=False)[1]), p5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(paper(x, training=False)),
+        keras.ops.convert_to_numpy(ours(x, training=False)),
+        rtol=1e-6, atol=1e-7,
+    )
+
+
+@pytest.mark.parametrize("output_stride", [32, 16])
+@pytest.mark.parametrize("decoder", ["smp", "paper"])
+def test_parameter_counts_by_hand(output_stride, decoder):
+    # Counts do not depend on the input size: 32x32 gives the 256x256 figures.
+    model = build_model("effb0_pan", input_shape=(32, 32, 1), output_stride=output_stride, decoder=decoder)
+    paper = decoder == "paper"
+    assert model.count_params() == 3_634_268 + decoder_params(64, paper=paper)
+    assert model.count_params() == {False: 4_384_182, True: 4_435_782}[paper]
+    assert decoder_params(8) == 3_730_270 - 3_634_268  # test_parameter_count_is_pinned
+
+
+def test_gau_at_equal_sizes_adds_the_high_level_features_unresized():
+    # At output_stride=16 the first GAU gets P4 and d5 at the same size (upsampling x1).
+    gau = GlobalAttentionUpsample(filters=4)
+    low, high = random_inputs([(2, 4, 4, 3), (2, 4, 4, 4)])
+    gau([low, high])
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=gau.attention.kernel.shape).astype("float32")
+    bias = rng.normal(size=gau.attention.bias.shape).astype("float32")
+    gau.attention.kernel.assign(kernel)
+    gau.attention.bias.assign(bias)
+    weights = 1.0 / (1.0 + np.exp(-(high.mean(axis=(1, 2), keepdims=True) @ kernel[0, 0] + bias)))
+    detail = keras.ops.convert_to_numpy(gau.detail(low, training=False))
+    expected = detail * weights + high
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(gau([low, high], training=False)), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_output_stride_16_under_mixed_float16_outputs_float32():
+    with dtype_policy("mixed_float16"):
+        model = build_model("effb0_pan", input_shape=(32, 32, 1), output_stride=16, decoder="paper", **SMALL)
+        encoder = model.get_layer(ENCODER_NAME)
+        assert encoder.get_layer("block6a_dwconv").compute_dtype == "float16"
+        assert model.get_layer("se_p5").compute_dtype == "float16"
+        assert model.output.dtype == "float32"
+        probs = model(random_inputs([(1, 32, 32, 1)]))
+        assert keras.backend.standardize_dtype(probs.dtype) == "float32"
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(probs).sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_output_stride_16_paper_decoder_keras_round_trip(tmp_path):
+    model = build_model("effb0_pan", input_shape=(32, 32, 3), output_stride=16, decoder="paper", **SMALL)
+    original, reloaded, clone = save_and_reload(model, tmp_path / "pan16.keras", random_inputs([(2, 32, 32, 3)]))
+    np.testing.assert_array_equal(original, reloaded)
+    encoder = clone.get_layer(ENCODER_NAME)
+    assert tuple(encoder.outputs[3].shape[1:3]) == (2, 2)
+    assert dwconv_settings(encoder) == dwconv_settings(model.get_layer(ENCODER_NAME))
+    assert encoder.get_layer("block6a_dwconv_pad").padding == ((4, 4), (4, 4))
+    assert clone.count_params() == model.count_params() and clone.get_layer("se_p5").ratio == 4
+
+
+@pytest.mark.slow
+def test_one_training_step_at_output_stride_16():
+    model = build_model("effb0_pan", input_shape=(32, 32, 1), output_stride=16, decoder="paper", **SMALL)
+    # Eager, as test_one_training_step_at_batch_size_one: tracing the gradient costs more than a step.
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", run_eagerly=True)
+    x = random_inputs([(2, 32, 32, 1)])
+    y = keras.utils.to_categorical(np.random.default_rng(0).integers(0, 3, (2, 32, 32)), 3)
+    watched = [
+        model.get_layer(ENCODER_NAME).get_layer("block6b_dwconv").kernel,
+        model.get_layer("se_p5").excite.kernel,
+        model.get_layer("gau_p4").attention.kernel,
+    ]
+    before = [w.numpy().copy() for w in watched]
+    loss = model.fit(x, y, batch_size=2, epochs=1, verbose=0).history["loss"][0]
+    assert 0.5 < loss < 3.0  # categorical cross entropy near ln 3 at initialization
+    assert all(not np.allclose(b, w.numpy()) for b, w in zip(before, watched))
+
+
+@pytest.mark.slow
+def test_docstring_examples_run():
+    import doctest
+
+    from keras_livseg.models import efficientnet_pan
+
+    result = doctest.testmod(efficientnet_pan)
+    assert result.failed == 0 and result.attempted >= 7
