@@ -53,20 +53,50 @@ def imagenet_weights_path() -> Path:
     return Path(keras_home) / "models" / IMAGENET_NOTOP_FILE
 
 
+#: keras.applications' MD5 of the no-top file (``WEIGHTS_HASHES["b0"][1]``), checked after a download.
+IMAGENET_NOTOP_MD5 = "50bc09e76180e00e4465e1a485ddc09d"
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+def download_imagenet_weights(path: Path) -> Path | None:
+    """Fetch the no-top file into Keras's own cache (``keras.utils.get_file``) at ``path``.
+
+    Returns the file, or None (logged) when it cannot be downloaded: no network, a proxy
+    refusing, a hash mismatch. Sockets time out after ``DOWNLOAD_TIMEOUT_S`` so an offline
+    machine answers in seconds, not minutes.
+    """
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        fetched = keras.utils.get_file(IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, cache_dir=str(path.parent.parent),
+                                       cache_subdir=path.parent.name, file_hash=IMAGENET_NOTOP_MD5)
+    except Exception as error:  # URLError, HTTPError, timeouts, hash mismatch: all mean "not here"
+        logger.info("could not download %s: %s", IMAGENET_NOTOP_URL, error)
+        return None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return Path(fetched)
+
+
 def _resolve_weights(encoder_weights) -> Path | None:
     if encoder_weights is None:
         return None
     if encoder_weights == "imagenet":
         path = imagenet_weights_path()
-        if not path.is_file():
+        if path.is_file():  # Keras's cache, or a file placed there by hand
+            return path
+        fetched = download_imagenet_weights(path)
+        if fetched is None or not fetched.is_file():
             raise FileNotFoundError(
                 f"encoder_weights='imagenet' needs the Keras EfficientNetB0 no-top weights file "
-                f"{IMAGENET_NOTOP_FILE!r} in the folder {str(path.parent)!r} (looked for {str(path)!r}); "
-                f"there is no network here, so download it elsewhere from {IMAGENET_NOTOP_URL} and "
-                f"copy it to {str(path)!r}, pass its path as encoder_weights, or use "
+                f"{IMAGENET_NOTOP_FILE!r} in the folder {str(path.parent)!r} (looked for {str(path)!r}) and it "
+                f"could not be downloaded from {IMAGENET_NOTOP_URL}: download it on a machine with a network "
+                f"and copy it to {str(path)!r}, pass its path as encoder_weights, or use "
                 f"encoder_weights=None to train from scratch."
             )
-        return path
+        return fetched
     if isinstance(encoder_weights, (str, os.PathLike)):
         path = Path(encoder_weights).expanduser()
         if not path.is_file():
@@ -352,7 +382,8 @@ def build_effb0_pan(
         decoder: ``"smp"`` (default, SE on the skips) or ``"paper"`` (SE on P5 too,
             before ASPP, as Algorithm 1 orders it; see above).
         encoder_weights: ``None`` (default, random init), ``"imagenet"`` (read from
-            ``~/.keras/models/efficientnetb0_notop.h5``, never downloaded) or a path
+            Keras's cache ``~/.keras/models/efficientnetb0_notop.h5``, downloaded into it by
+            ``keras.utils.get_file`` when missing and a network is at hand) or a path
             to an EfficientNetB0 no-top weights file, for either output stride. See
             :func:`load_encoder_weights`.
         encoder_trainable: bool. False freezes the encoder. Defaults to True.

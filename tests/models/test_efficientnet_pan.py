@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import keras
 import numpy as np
@@ -161,17 +163,52 @@ def test_imagenet_weights_read_from_the_keras_cache(tmp_path, monkeypatch, refer
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     expected_path = tmp_path / "models" / "efficientnetb0_notop.h5"
     assert imagenet_weights_path() == expected_path
+    # Offline: Keras's downloader fails; one error says which file to place where.
+    asked = []
+
+    def offline(fname, origin, **kwargs):
+        asked.append((fname, origin, kwargs))
+        raise OSError("no network")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
     with pytest.raises(FileNotFoundError) as missing:
         build_model("effb0_pan", input_shape=(32, 32, 3), encoder_weights="imagenet", **SMALL)
     assert "'efficientnetb0_notop.h5'" in str(missing.value)
-    assert f"'{tmp_path / 'models'}'" in str(missing.value)
+    assert f"'{tmp_path / 'models'}'" in str(missing.value) and "could not be downloaded" in str(missing.value)
+    # The download goes through Keras's cache, into exactly that folder, with the hash checked.
+    fname, origin, kwargs = asked[0]
+    assert (fname, kwargs["cache_dir"], kwargs["cache_subdir"]) == ("efficientnetb0_notop.h5", str(tmp_path), "models")
+    assert origin.endswith("efficientnetb0_notop.h5") and kwargs["file_hash"]
     # The official file is in the legacy HDF5 layout: write one the same way.
     from keras.src.legacy.saving import legacy_h5_format
 
     expected_path.parent.mkdir()
     with h5py.File(expected_path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, reference_encoder)
+    asked.clear()
     model = build_model("effb0_pan", input_shape=(32, 32, 3), encoder_weights="imagenet", **SMALL)
+    assert not asked  # a cached file is used as it is
+    np.testing.assert_array_equal(
+        model.get_layer(ENCODER_NAME).get_layer("block5c_project_conv").kernel.numpy(),
+        reference_encoder.get_layer("block5c_project_conv").kernel.numpy(),
+    )
+
+
+def test_imagenet_weights_downloaded_into_the_keras_cache_when_missing(tmp_path, monkeypatch, reference_encoder):
+    from keras.src.legacy.saving import legacy_h5_format
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def online(fname, origin, cache_dir, cache_subdir, file_hash):  # what get_file does, minus the network
+        target = Path(cache_dir) / cache_subdir / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(target, "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, reference_encoder)
+        return str(target)
+
+    monkeypatch.setattr(keras.utils, "get_file", online)
+    model = build_model("effb0_pan", input_shape=(32, 32, 3), encoder_weights="imagenet", **SMALL)
+    assert (tmp_path / "models" / "efficientnetb0_notop.h5").is_file()
     np.testing.assert_array_equal(
         model.get_layer(ENCODER_NAME).get_layer("block5c_project_conv").kernel.numpy(),
         reference_encoder.get_layer("block5c_project_conv").kernel.numpy(),
