@@ -129,13 +129,36 @@ def render_fit_loop(data: dict) -> str:
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
+def _models_params_cell(row: dict) -> str:
+    match, side = row.get("params_match"), row["torch_side"]
+    if match is None:
+        return "–"
+    if match:
+        # smp's PSPNet(encoder_depth=3) builds ResNet stages that never run; the check counts what runs.
+        unused = row["torch_float32"].get("params_all_modules", 0) - row["torch_float32"]["params"]
+        return f"✓ equal (PyTorch: {unused:,} more in modules never run)" if unused else "✓ equal"
+    theirs = f"PyTorch {row['torch_float32']['trainable_params']:,} trainable"
+    return f"differs ({theirs})" if not side["same_architecture"] else f"✗ {theirs}"
+
+
+def _models_ratio_cell(ratio: float | None, row: dict) -> str:
+    if ratio is None:
+        return "–"
+    if not row.get("torch_side", {}).get("same_architecture", True):
+        return f"{ratio:.2f} (not comparable)"
+    return f"**{ratio:.2f}** {_mark(ratio >= 1.5)}"
+
+
 def render_models(data: dict) -> str:
     settings = data["settings"]
     batch = settings["batch"]
+    # models.json from before the whole registry was benchmarked has no "torch_side": its table keeps its shape.
+    sides = all("torch_side" in row for row in data["rows"])
+    extra_head, extra_rule = (" PyTorch side | params = PyTorch's |", " --- | --- |") if sides else ("", "")
     rows = [
         "| model | params | GFLOPs/slice (fwd) | Keras f32 s/step | Keras bf16 s/step | PyTorch f32 s/step | "
-        "Keras slices/s | PyTorch slices/s | Keras/PyTorch (goal ≥ 1.5) | peak RSS MB (Keras f32 / bf16 / PyTorch) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"Keras slices/s | PyTorch slices/s | Keras/PyTorch (goal ≥ 1.5) |{extra_head} peak RSS MB (Keras f32 / bf16 / PyTorch) |",
+        f"| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |{extra_rule} ---: |",
     ]
     for row in data["rows"]:
         k32, kbf, pt = row.get("keras_float32", {}), row.get("keras_mixed_bfloat16", {}), row.get("torch_float32", {})
@@ -144,14 +167,16 @@ def render_models(data: dict) -> str:
         ratio = k_rate / p_rate if k_rate and p_rate else None
         rss = " / ".join(_n(d.get("peak_rss_mb"), ".0f") for d in (k32, kbf, pt))
         params = f"{k32['params']:,}" if "params" in k32 else "–"
+        side = f" {row['torch_side']['built_by']} | {_models_params_cell(row)} |" if sides else ""
         rows.append(
             f"| {row['model']} | {params} | {_n(k32.get('gflops_per_slice'))} | {_n(k32.get('step_s'), '.3f')} | "
             f"{_n(kbf.get('step_s'), '.3f')} | {_n(pt.get('step_s'), '.3f')} | {_n(k_rate, '.1f')} | {_n(p_rate, '.1f')} | "
-            f"{'–' if ratio is None else f'**{ratio:.2f}** {_mark(ratio >= 1.5)}'} | {rss} |"
+            f"{_models_ratio_cell(ratio, row)} |{side} {rss} |"
         )
+    others = "; the others at their registry defaults" if sides else ""
     head = (f"{settings['size']}×{settings['size']}×{settings['channels']}, batch {batch}, train step = Adam + cross "
             f"entropy; U-Nets base {settings['filters']}, depth {settings['depth']}; effb0_pan decoder "
-            f"{settings['decoder_filters']}; s/step = best of {settings['steps']} steps after {settings['warmup']} "
+            f"{settings['decoder_filters']}{others}; s/step = best of {settings['steps']} steps after {settings['warmup']} "
             "warm-up (medians and every step in models.json).")
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 

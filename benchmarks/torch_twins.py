@@ -1,8 +1,10 @@
 """PyTorch twins of the Keras models, layer for layer, for the side-by-side benchmark.
 
 Same layers, kernel sizes, channels, paddings and parameter counts as
-``keras_livseg.models`` (the benchmark checks that the counts agree). Never imported
-by the package or its tests.
+``keras_livseg.models`` (the benchmark checks that the counts agree). The U-Net family
+(``unet``, ``tam_unet``, ``attention_unet``, ``unet_cbam``) and ``effb0_pan`` are written
+here; the ResNet and MiT models come from segmentation_models.pytorch (configured in
+``bench_models.py``). Never imported by the package or its tests.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+UNET_VARIANTS = ("unet", "tam_unet", "attention_unet", "unet_cbam")
+
 
 def count_params_like_keras(model: nn.Module) -> int:
     """Parameters plus BatchNorm moving statistics (Keras counts those as weights)."""
@@ -18,7 +22,35 @@ def count_params_like_keras(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) + buffers
 
 
-# ------------------------------------------------------------------ U-Net / TAM-U-Net
+def count_used_params(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
+    """Parameter counts of the modules that one forward pass of ``sample`` runs.
+
+    smp builds modules it never calls (``PSPNet(encoder_depth=3)`` creates ResNet
+    stages 3-4 and skips them); Keras builds only what the graph uses, so the
+    comparison counts what runs. Returns ``trainable`` (parameters), ``params``
+    (those plus BatchNorm moving statistics, like Keras ``count_params()``) and
+    ``params_all_modules`` (everything ``model.parameters()`` holds, statistics included).
+    """
+    ran: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda module, _: ran.append(module)) for m in model.modules()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    used = {id(m): m for m in ran}.values()
+    trainable = sum(p.numel() for m in used for p in m.parameters(recurse=False))
+    statistics = sum(
+        b.numel() for m in used for n, b in m.named_buffers(recurse=False) if n in ("running_mean", "running_var")
+    )
+    return {"trainable": trainable, "params": trainable + statistics, "params_all_modules": count_params_like_keras(model)}
+
+
+# ------------------------------------------------------------------ U-Net family
 
 
 class TumorAttention(nn.Module):
@@ -30,47 +62,98 @@ class TumorAttention(nn.Module):
         return x * torch.sigmoid(self.gate(x))
 
 
+class CBAM(nn.Module):
+    """``keras_livseg.models.layers.CBAM``: shared MLP on avg/max pools, then a kxk spatial gate."""
+
+    def __init__(self, channels: int, ratio: int = 16, kernel_size: int = 7):
+        super().__init__()
+        hidden = max(1, channels // ratio)
+        self.channel_mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
+        )
+        self.spatial_conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x):
+        # The MLP runs twice, as in the Keras layer, rather than once on the stacked pools.
+        channel = self.channel_mlp(x.mean((2, 3), keepdim=True)) + self.channel_mlp(x.amax((2, 3), keepdim=True))
+        x = x * torch.sigmoid(channel)
+        maps = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial_conv(maps))
+
+
+class AttentionGate(nn.Module):
+    """``keras_livseg.models.layers.AttentionGate``: ``x * sigmoid(psi(relu(W_x x + W_g g)))``, 1x1 convs."""
+
+    def __init__(self, channels: int, gating_channels: int, inter_channels: int):
+        super().__init__()
+        self.skip_projection = nn.Conv2d(channels, inter_channels, 1, bias=False)
+        self.gating_projection = nn.Conv2d(gating_channels, inter_channels, 1)
+        self.psi = nn.Conv2d(inter_channels, 1, 1)
+
+    def forward(self, skip, gating):
+        joint = F.relu(self.skip_projection(skip) + self.gating_projection(gating))
+        return skip * torch.sigmoid(self.psi(joint))
+
+
+class UngatedSkip(nn.Module):
+    def forward(self, skip, gating):
+        return skip
+
+
 def conv_relu(cin, cout, k):
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding="same"), nn.ReLU(inplace=True))
 
 
 class UNet(nn.Module):
-    """``build_unet``/``build_tam_unet`` (no batch norm, nearest upsampling, 2x2 up-conv)."""
+    """``build_unet`` and its variants (no batch norm, nearest upsampling, 2x2 up-conv).
 
-    def __init__(self, in_channels=1, num_classes=3, filters=64, depth=4, tam=False):
+    ``variant`` is the registry name: ``"tam_unet"`` puts a TAM and ``"unet_cbam"`` a CBAM
+    after every encoder block, the bottleneck and every decoder block;
+    ``"attention_unet"`` gates every skip with the decoder's up-convolution output
+    (``F_int = max(1, C // 2)``).
+    """
+
+    def __init__(self, in_channels=1, num_classes=3, filters=64, depth=4, variant="unet"):
         super().__init__()
+        if variant not in UNET_VARIANTS:
+            raise ValueError(f"variant must be one of {UNET_VARIANTS}, got variant={variant!r}.")
+        attention = {"tam_unet": TumorAttention, "unet_cbam": CBAM}.get(variant, lambda c: nn.Identity())
+        gated = variant == "attention_unet"
         self.depth = depth
-        maybe_tam = (lambda c: TumorAttention(c)) if tam else (lambda c: nn.Identity())
-        self.encoders, self.enc_tams = nn.ModuleList(), nn.ModuleList()
+        self.encoders, self.enc_attention = nn.ModuleList(), nn.ModuleList()
         cin = in_channels
         for level in range(depth):
             f = filters * 2**level
             self.encoders.append(nn.Sequential(conv_relu(cin, f, 3), conv_relu(f, f, 3)))
-            self.enc_tams.append(maybe_tam(f))
+            self.enc_attention.append(attention(f))
             cin = f
         fb = filters * 2**depth
         self.bottleneck = nn.Sequential(conv_relu(cin, fb, 3), conv_relu(fb, fb, 3))
-        self.bottleneck_tam = maybe_tam(fb)
-        self.ups, self.decoders, self.dec_tams = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.bottleneck_attention = attention(fb)
+        self.ups, self.gates = nn.ModuleList(), nn.ModuleList()
+        self.decoders, self.dec_attention = nn.ModuleList(), nn.ModuleList()
         cin = fb
         for level in reversed(range(depth)):
             f = filters * 2**level
             self.ups.append(conv_relu(cin, f, 2))
+            self.gates.append(AttentionGate(f, f, max(1, f // 2)) if gated else UngatedSkip())
             self.decoders.append(nn.Sequential(conv_relu(2 * f, f, 3), conv_relu(f, f, 3)))
-            self.dec_tams.append(maybe_tam(f))
+            self.dec_attention.append(attention(f))
             cin = f
         self.logits = nn.Conv2d(cin, num_classes, 1)
 
     def forward(self, x):
         skips = []
-        for encoder, tam in zip(self.encoders, self.enc_tams):
-            x = tam(encoder(x))
+        for encoder, attend in zip(self.encoders, self.enc_attention):
+            x = attend(encoder(x))
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        x = self.bottleneck_tam(self.bottleneck(x))
-        for up, decoder, tam, skip in zip(self.ups, self.decoders, self.dec_tams, reversed(skips)):
+        x = self.bottleneck_attention(self.bottleneck(x))
+        for up, gate, decoder, attend, skip in zip(
+            self.ups, self.gates, self.decoders, self.dec_attention, reversed(skips)
+        ):
             x = up(F.interpolate(x, scale_factor=2, mode="nearest"))
-            x = tam(decoder(torch.cat([skip, x], dim=1)))
+            x = attend(decoder(torch.cat([gate(skip, x), x], dim=1)))
         return self.logits(x)  # softmax lives in the loss
 
 

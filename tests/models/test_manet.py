@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+
+if os.environ.get("KERAS_LIVSEG_TORCH_FIRST"):
+    # torchvision (through torch._dynamo and triton) crashes the process when it is loaded after
+    # TensorFlow: the smp comparison runs in a process that loads it first (see below).
+    import segmentation_models_pytorch  # noqa: F401
 
 import keras
 import numpy as np
@@ -491,7 +498,12 @@ def port_smp_decoder(keras_model, smp_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
 def test_decoder_matches_segmentation_models_pytorch(interpolation):
-    # Runs where smp (and torch) are installed; the project does not depend on them.
+    # Runs where smp (and torch) are installed (pip install -e ".[bench]"); the project does not
+    # depend on them. Loaded after TensorFlow, torchvision kills the process: run it as
+    # KERAS_LIVSEG_TORCH_FIRST=1 python -m pytest tests/models/test_manet.py -k segmentation_models
+    if "segmentation_models_pytorch" not in sys.modules and "tensorflow" in sys.modules:
+        pytest.skip("needs torch loaded before TensorFlow: KERAS_LIVSEG_TORCH_FIRST=1 python -m pytest "
+                    "tests/models/test_manet.py -k segmentation_models")
     smp = pytest.importorskip("segmentation_models_pytorch")
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
