@@ -28,6 +28,13 @@ def check_positive_int(name: str, value, owner: str) -> int:
     return value
 
 
+def check_choice(name: str, value, choices, owner: str):
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` quoting it and them."""
+    if isinstance(value, bool) or value not in tuple(choices):
+        raise ValueError(f"{owner}: `{name}` must be one of {tuple(choices)}, got {name}={value!r}.")
+    return value
+
+
 def check_rate(name: str, value, owner: str) -> float:
     """Return ``value`` if it is a float in [0, 1), else raise ``ValueError`` quoting it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

@@ -8,13 +8,12 @@ import keras
 from keras import layers
 
 from keras_livseg.models._heads import check_head, ct_input, probabilities
-from keras_livseg.models._utils import channel_axis, check_input_shape
+from keras_livseg.models._utils import channel_axis, check_choice, check_input_shape
 from keras_livseg.models.layers._fast_kernels import TORCH_BN_EPSILON, FusedBatchNormalization
-from keras_livseg.models.resnet_encoder import RESNET_BLOCKS, STAGE_FILTERS, build_resnet_encoder
+from keras_livseg.models.resnet_encoder import ENCODERS, RESNET_BLOCKS, STAGE_FILTERS, build_resnet_encoder
 
 logger = logging.getLogger(__name__)
 
-ENCODERS = tuple(RESNET_BLOCKS)  # ("resnet18", "resnet34")
 OUTPUT_STRIDE = 32
 #: Channels of the last decoder block (smp's ``prefinal_channels``).
 PREFINAL_FILTERS = 32
@@ -126,8 +125,7 @@ def build_linknet(
     """
     owner = name
     check_head(head, num_classes, owner)
-    if encoder not in ENCODERS:
-        raise ValueError(f"{owner}: `encoder` must be one of {ENCODERS}, got encoder={encoder!r}.")
+    check_choice("encoder", encoder, ENCODERS, owner)
     check_input_shape(input_shape, OUTPUT_STRIDE, owner, "the ResNet encoder reaches stride 32")
 
     # Layers.

@@ -8,18 +8,17 @@ import keras
 from keras import layers
 
 from keras_livseg.models._heads import check_head, ct_input, probabilities
-from keras_livseg.models._utils import channel_axis, check_input_shape, check_positive_int
+from keras_livseg.models._utils import channel_axis, check_choice, check_input_shape, check_positive_int
 from keras_livseg.models.layers._fast_kernels import TORCH_BN_EPSILON, FusedBatchNormalization
 from keras_livseg.models.layers.multiscale_fusion_attention import (
     INTERPOLATIONS,
     MultiscaleFusionAttention,
 )
 from keras_livseg.models.layers.position_attention import VARIANTS, PositionAttention
-from keras_livseg.models.resnet_encoder import RESNET_BLOCKS, build_resnet_encoder
+from keras_livseg.models.resnet_encoder import ENCODERS, RESNET_BLOCKS, build_resnet_encoder
 
 logger = logging.getLogger(__name__)
 
-ENCODERS = tuple(RESNET_BLOCKS)  # ("resnet18", "resnet34")
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 OUTPUT_STRIDE = 32
 
@@ -38,17 +37,9 @@ def _conv_bn_relu(x, filters: int, batchnorm: bool, name: str):
 
 
 def _check_options(owner, encoder, decoder_channels, pab_variant, decoder_interpolation):
-    if encoder not in ENCODERS:
-        raise ValueError(f"{owner}: `encoder` must be one of {ENCODERS}, got encoder={encoder!r}.")
-    if pab_variant not in VARIANTS:
-        raise ValueError(
-            f"{owner}: `pab_variant` must be one of {VARIANTS}, got pab_variant={pab_variant!r}."
-        )
-    if decoder_interpolation not in INTERPOLATIONS:
-        raise ValueError(
-            f"{owner}: `decoder_interpolation` must be one of {INTERPOLATIONS}, got "
-            f"decoder_interpolation={decoder_interpolation!r}."
-        )
+    check_choice("encoder", encoder, ENCODERS, owner)
+    check_choice("pab_variant", pab_variant, VARIANTS, owner)
+    check_choice("decoder_interpolation", decoder_interpolation, INTERPOLATIONS, owner)
     if not isinstance(decoder_channels, (list, tuple)) or len(decoder_channels) != 5:
         raise ValueError(
             f"{owner}: `decoder_channels` must be 5 positive integers, one per decoder block "

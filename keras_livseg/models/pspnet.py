@@ -8,10 +8,11 @@ import keras
 from keras import layers
 
 from keras_livseg.models._heads import check_head, ct_input, probabilities
-from keras_livseg.models._utils import channel_axis, check_input_shape, check_positive_int, check_rate
+from keras_livseg.models._utils import channel_axis, check_choice, check_input_shape, check_positive_int, check_rate
 from keras_livseg.models.layers._fast_kernels import TORCH_BN_EPSILON, FusedBatchNormalization
 from keras_livseg.models.layers.pyramid_pooling import PyramidPooling
 from keras_livseg.models.resnet_encoder import (
+    ENCODERS,
     OUTPUT_STRIDES,
     RESNET_BLOCKS,
     STAGE_FILTERS,
@@ -20,7 +21,6 @@ from keras_livseg.models.resnet_encoder import (
 
 logger = logging.getLogger(__name__)
 
-ENCODERS = tuple(RESNET_BLOCKS)  # ("resnet18", "resnet34")
 ENCODER_DEPTHS = (3, 4, 5)
 
 
@@ -113,16 +113,9 @@ def build_pspnet(
     """
     owner = name
     check_head(head, num_classes, owner)
-    if encoder not in ENCODERS:
-        raise ValueError(f"{owner}: `encoder` must be one of {ENCODERS}, got encoder={encoder!r}.")
-    if encoder_depth not in ENCODER_DEPTHS:
-        raise ValueError(
-            f"{owner}: `encoder_depth` must be one of {ENCODER_DEPTHS}, got encoder_depth={encoder_depth!r}."
-        )
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(
-            f"{owner}: `output_stride` must be one of {OUTPUT_STRIDES}, got output_stride={output_stride!r}."
-        )
+    check_choice("encoder", encoder, ENCODERS, owner)
+    check_choice("encoder_depth", encoder_depth, ENCODER_DEPTHS, owner)
+    check_choice("output_stride", output_stride, OUTPUT_STRIDES, owner)
     check_positive_int("psp_filters", psp_filters, owner)
     check_rate("psp_dropout", psp_dropout, owner)
     pyramid = PyramidPooling(bins=bins, name="pyramid_pooling")  # checks bins

@@ -12,11 +12,12 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from keras_livseg.models._utils import channel_axis, check_input_shape, check_positive_int
+from keras_livseg.models._utils import channel_axis, check_choice, check_input_shape, check_positive_int
 from keras_livseg.models.layers._fast_kernels import TORCH_BN_EPSILON, FusedBatchNormalization
 
 #: Blocks per stage of the two BasicBlock ResNets.
 RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+ENCODERS = tuple(RESNET_BLOCKS)
 STAGE_FILTERS = (64, 128, 256, 512)
 #: Pyramid output names, with their strides at output_stride=32.
 PYRAMID = ("P1", "P2", "P3", "P4", "P5")  # 1/2 (stem), 1/4, 1/8, 1/16, 1/32
@@ -96,9 +97,7 @@ def build_resnet_encoder(
                          f"blocks={blocks!r} filters={filters!r}.")
     for value in blocks + filters:
         check_positive_int("blocks/filters entry", value, owner)
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"{owner}: `output_stride` must be one of {OUTPUT_STRIDES}, got "
-                         f"output_stride={output_stride!r}.")
+    check_choice("output_stride", output_stride, OUTPUT_STRIDES, owner)
     check_input_shape(input_shape, output_stride, owner, f"the encoder's output stride is {output_stride}")
     data_format = keras.config.image_data_format()
 

@@ -19,6 +19,7 @@ from keras import layers
 
 from keras_livseg.models._heads import check_head, ct_input, probabilities
 from keras_livseg.models._utils import (
+    check_choice,
     channel_axis,
     check_input_shape,
     check_positive_int,
@@ -105,10 +106,7 @@ def _build_unet(
     check_positive_int("depth", depth, owner)
     check_rate("dropout", dropout, owner)
     check_head(head, num_classes, owner)
-    if upsampling not in UPSAMPLING_MODES:
-        raise ValueError(
-            f"{owner}: `upsampling` must be one of {UPSAMPLING_MODES}, got upsampling={upsampling!r}."
-        )
+    check_choice("upsampling", upsampling, UPSAMPLING_MODES, owner)
     check_input_shape(input_shape, 2**depth, owner, f"{depth} max-pool halvings need 2**depth={2**depth}")
     data_format = keras.config.image_data_format()
 

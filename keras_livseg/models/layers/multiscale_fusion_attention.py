@@ -6,6 +6,7 @@ import keras
 from keras import layers, ops
 
 from keras_livseg.models._utils import (
+    check_choice,
     channel_axis,
     check_positive_int,
     spatial_axes,
@@ -77,11 +78,7 @@ class MultiscaleFusionAttention(layers.Layer):
         owner = "MultiscaleFusionAttention"
         self.filters = check_positive_int("filters", filters, owner)
         self.reduction = check_positive_int("reduction", reduction, owner)
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"{owner}: `interpolation` must be one of {INTERPOLATIONS}, got "
-                f"interpolation={interpolation!r}."
-            )
+        check_choice("interpolation", interpolation, INTERPOLATIONS, owner)
         self.use_batchnorm = bool(use_batchnorm)
         self.interpolation = interpolation
         self.kernel_initializer = keras.initializers.get(kernel_initializer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from keras_livseg.models._utils import channel_axis, check_positive_int
+from keras_livseg.models._utils import channel_axis, check_choice, check_positive_int
 
 VARIANTS = ("smp", "danet")
 
@@ -80,10 +80,7 @@ class PositionAttention(layers.Layer):
     ):
         super().__init__(**kwargs)
         self.key_channels = check_positive_int("key_channels", key_channels, "PositionAttention")
-        if variant not in VARIANTS:
-            raise ValueError(
-                f"PositionAttention: `variant` must be one of {VARIANTS}, got variant={variant!r}."
-            )
+        check_choice("variant", variant, VARIANTS, "PositionAttention")
         self.variant = variant
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.data_format = keras.config.image_data_format()

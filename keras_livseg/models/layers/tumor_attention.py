@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from keras_livseg.models._utils import channel_axis
+from keras_livseg.models._utils import channel_axis, check_choice
 
 _MODES = ("channel", "spatial")
 
@@ -60,10 +60,7 @@ class TumorAttention(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if mode not in _MODES:
-            raise ValueError(
-                f"TumorAttention: `mode` must be one of {_MODES}, got mode={mode!r}."
-            )
+        check_choice("mode", mode, _MODES, "TumorAttention")
         self.mode = mode
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
