@@ -13,6 +13,7 @@ U-Nets); ``--set model.<name>.<key>=value`` sets one model's option only.
 Examples:
     python -m keras_livseg.compare --models unet,tam_unet --seeds 3
     python -m keras_livseg.compare --models unet,tam_unet,effb0_pan --epochs 5 --name quick
+    python -m keras_livseg.compare --models unet,manet --epochs 100 --minutes 30 --seeds 3
     python -m keras_livseg.compare --pipeline pipelines/lits_tam_unet.toml --data /data/LiTS --seeds 3 \\
         --set model.linknet.encoder=resnet18
     python -m keras_livseg.compare --runs runs/tam_unet-lits runs/unet-lits --out runs/compare-lits
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--minutes", type=float, help="time budget per run: stop after the first epoch that ends past "
+                        "it (the same wall time for every model; set --epochs high enough)")
     parser.add_argument("--name", help="folder under runs/ (default compare-<recipe>)")
     parser.add_argument("--runs-dir", help="parent folder (default runs/)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -55,7 +58,8 @@ def split_overrides(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str
     per_model: dict[str, dict] = {}
     for section, key, value in ((("data", "src", args.data), ("training", "epochs", args.epochs),
                                  ("training", "steps_per_epoch", args.steps_per_epoch),
-                                 ("training", "batch_size", args.batch_size), ("run", "runs_dir", args.runs_dir))):
+                                 ("training", "batch_size", args.batch_size), ("training", "max_minutes", args.minutes),
+                                 ("run", "runs_dir", args.runs_dir))):
         if value is not None:
             shared.setdefault(section, {})[key] = value
     for item in args.set:

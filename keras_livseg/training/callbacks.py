@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,34 @@ logger = logging.getLogger(__name__)
 
 # RGBA overlay colours: liver green, tumor red.
 _CLASS_COLOURS = np.array([[0, 0, 0], [0, 200, 0], [230, 0, 0]], dtype=np.float32) / 255.0
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stop at the end of the first epoch that ends ``minutes`` or more after training began.
+
+    The budget of ``compare --minutes``: models of different speeds get the same wall time.
+    Counted in this process (a resumed run gets the budget again); ``stopped_at`` is the epoch
+    it stopped after, or None.
+
+    Example:
+        >>> TimeBudget(0.5).seconds
+        30.0
+    """
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__()
+        self.seconds = float(minutes) * 60.0
+        self.stopped_at: int | None = None
+        self._started = time.perf_counter()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if time.perf_counter() - self._started >= self.seconds:
+            self.stopped_at = epoch
+            self.model.stop_training = True
+            logger.info("time budget of %.1f min reached after epoch %d: stopping", self.seconds / 60, epoch + 1)
 
 
 class LearningRateLogger(keras.callbacks.Callback):

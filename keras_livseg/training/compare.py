@@ -174,7 +174,11 @@ def run_comparison(
 def _budget(training: Mapping[str, Any]) -> str:
     steps = int(training.get("steps_per_epoch") or 0)
     per_epoch = f"{steps} steps" if steps else "one pass over the training slices"
-    return f"{training['epochs']} epochs of {per_epoch}, batch {training['batch_size']}"
+    budget = f"{training['epochs']} epochs of {per_epoch}, batch {training['batch_size']}"
+    minutes = float(training.get("max_minutes") or 0)
+    if minutes > 0:
+        budget = f"at most {budget}, each run stopped after the first epoch that ended past {minutes:g} min"
+    return budget
 
 
 def _write_json(path: Path, payload: Any) -> None:

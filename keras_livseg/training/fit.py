@@ -35,7 +35,7 @@ TRAINING_KEYS = frozenset(
         "epochs", "batch_size", "steps_per_epoch", "optimizer", "learning_rate", "weight_decay", "schedule",
         "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
-        "shuffle_buffer", "monitor", "validation", "init_from", "score_volumes",
+        "shuffle_buffer", "monitor", "validation", "init_from", "score_volumes", "max_minutes",
     }
 )
 EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
@@ -72,6 +72,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "validation": "split",
         "init_from": "",
         "score_volumes": True,  # also score the held-out cases' whole volumes (native grid, LiTS)
+        "max_minutes": 0.0,  # > 0: stop after the first epoch that ends past this many minutes
     },
     "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},
 }
@@ -160,8 +161,8 @@ def _finished_run(run_dir: Path, epochs: int) -> FitResult | None:
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
-    if int(done["epochs_done"]) < epochs:
-        return None  # --resume with more epochs: train on
+    if int(done["epochs_done"]) < epochs and not done.get("stopped_early"):
+        return None  # --resume with more epochs: train on (a run its budget or early stopping ended is done)
     best = Path(done["best_checkpoint"]) if done.get("best_checkpoint") else None
     return FitResult(run_dir, best, None, done.get("test_metrics") or {}, int(done["epochs_done"]), 0.0,
                      volume_metrics=done.get("volume_metrics"), already_complete=True)
@@ -385,7 +386,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     from keras_livseg.data.prepare import load_manifest, verify_shards
     from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
     from keras_livseg.models import build_model
-    from keras_livseg.training.callbacks import PredictionImages, pick_tumor_slices, standard_callbacks
+    from keras_livseg.training.callbacks import PredictionImages, TimeBudget, pick_tumor_slices, standard_callbacks
     from keras_livseg.training.metrics import default_metrics
     from keras_livseg.training.precision import apply_precision, choose_cpu_policy
     from keras_livseg.training.strategy import choose_strategy
@@ -496,6 +497,9 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         images, masks = pick_tumor_slices(val_ds, count=4)
         if len(images):
             extra.append(PredictionImages(images, masks, run_dir / "tensorboard", every=int(training["image_every"])))
+    budget = TimeBudget(float(training.get("max_minutes") or 0)) if float(training.get("max_minutes") or 0) > 0 else None
+    if budget is not None:
+        extra.append(budget)
     callbacks, nan_stop = standard_callbacks(run_dir, monitor=monitor, resume=resume,
                                              early_stopping_patience=int(training["early_stopping_patience"]) or None,
                                              extra=extra)
@@ -506,6 +510,8 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                         validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
                         shuffle=False)  # the dataset shuffles itself
     epochs_done = len(history.epoch) and history.epoch[-1] + 1
+    stopped_early = (budget is not None and budget.stopped_at is not None) or any(
+        getattr(callback, "stopped_epoch", 0) for callback in callbacks if isinstance(callback, keras.callbacks.EarlyStopping))
 
     best = run_dir / "checkpoints" / "best.keras"
     if nan_stop.stopped_at is not None:
@@ -534,10 +540,10 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
 
     result = FitResult(run_dir, best if best.is_file() else None, None, test_metrics, epochs_done,
                        time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start)
-    if epochs_done >= epochs:
+    if epochs_done >= epochs or stopped_early:
         # Last, atomically: a run killed before this line resumes instead of passing for done.
         record = {"epochs_done": epochs_done, "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-                  "test_metrics": test_metrics, "volume_metrics": volume_metrics}
+                  "test_metrics": test_metrics, "volume_metrics": volume_metrics, "stopped_early": bool(stopped_early)}
         partial = run_dir / f".{COMPLETE_FILE}.partial"
         partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
         os.replace(partial, run_dir / COMPLETE_FILE)

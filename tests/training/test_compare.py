@@ -204,3 +204,15 @@ def test_compare_reuses_finished_runs_and_refuses_other_settings(tiny_comparison
     metrics_path.write_text(json.dumps(metrics))
     code, _, err = run_cli(["--runs", str(out_dir / "unet-seed0"), str(other), "--out", str(tmp_path / "c"), "--no-speed"])
     assert code == 2 and "different data or splits" in err and "999" in err
+
+
+def test_the_budget_line_names_epochs_and_minutes():
+    from keras_livseg.training.compare import _budget
+
+    assert _budget({"epochs": 5, "steps_per_epoch": 80, "batch_size": 8}) == "5 epochs of 80 steps, batch 8"
+    line = _budget({"epochs": 100, "steps_per_epoch": 0, "batch_size": 4, "max_minutes": 30.0})
+    assert line == ("at most 100 epochs of one pass over the training slices, batch 4, each run stopped after the "
+                    "first epoch that ended past 30 min")
+    args = compare_cli.build_parser().parse_args(["--minutes", "12.5", "--epochs", "50"])
+    shared, _ = compare_cli.split_overrides(args)
+    assert shared["training"] == {"epochs": 50, "max_minutes": 12.5}

@@ -718,3 +718,19 @@ def test_resume_of_a_finished_run_says_so_and_exits_zero(tiny_run):
     assert f"{run_dir} had already finished its 2 epochs: nothing to do" in out
     assert "liver" in out  # the held-out figures of the finished run are shown again
     assert {p: p.read_bytes() for p in files} == files
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_at_an_epoch_end_and_the_run_counts_as_done(cache_dir, tmp_path):
+    args = [*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "budget", "--epochs", "4", "--steps-per-epoch", "3",
+            "--set", "training.max_minutes=0.001", "--set", "training.score_volumes=false"]
+    code, out, err = run_cli(args)
+    assert code == 0, err[-3000:]
+    run_dir = tmp_path / "budget"
+    assert [int(row["epoch"]) for row in read_history(run_dir)] == [0]  # 0.06 s: past after the first epoch
+    done = json.loads((run_dir / "complete.json").read_text())
+    assert done["epochs_done"] == 1 and done["stopped_early"] is True
+    # A rerun of the job (a scheduler's) finds it done instead of training the other 3 epochs.
+    code, out, err = run_cli([*args, "--resume"])
+    assert code == 0 and "had already finished its 1 epochs: nothing to do" in out, err[-2000:]
+    assert [int(row["epoch"]) for row in read_history(run_dir)] == [0]
