@@ -107,8 +107,18 @@ def _check_int_tuple(name: str, value, owner: str, length: int | None = None, mi
 # ---------------------------------------------------------------------------- DeepLabV3+
 
 
+class _KerasCVNetwork(layers.Layer):
+    """What both wrappers share: ``self.network`` (built in ``build()``) gives logits, channels last."""
+
+    def call(self, inputs, training=None):
+        return self.network(inputs, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:3]) + (self.num_classes,)
+
+
 @keras.saving.register_keras_serializable(package="keras_livseg")
-class KerasCVDeepLabV3Plus(layers.Layer):
+class KerasCVDeepLabV3Plus(_KerasCVNetwork):
     """keras-cv's ``DeepLabV3Plus`` on a ``ResNetV2Backbone``, as one layer that outputs logits.
 
     The network is keras-cv's, built in ``build()`` from this layer's arguments (never
@@ -210,12 +220,6 @@ class KerasCVDeepLabV3Plus(layers.Layer):
         # handed to the optimizer, which would warn that it has no gradient.
         backbone.get_layer("post_bn").trainable = False
         self.built = True
-
-    def call(self, inputs, training=None):
-        return self.network(inputs, training=training)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:3]) + (self.num_classes,)
 
     def get_config(self):
         config = super().get_config()
@@ -361,7 +365,7 @@ def build_deeplabv3plus(
 
 
 @keras.saving.register_keras_serializable(package="keras_livseg")
-class KerasCVSegFormer(layers.Layer):
+class KerasCVSegFormer(_KerasCVNetwork):
     """keras-cv's ``SegFormer`` on a ``MiTBackbone``, as one layer that outputs logits.
 
     The network is keras-cv's, built in ``build()`` from this layer's arguments (never
@@ -418,12 +422,6 @@ class KerasCVSegFormer(layers.Layer):
             )
         classifier.activation = keras.activations.linear  # logits, resized; the model's head follows
         self.built = True
-
-    def call(self, inputs, training=None):
-        return self.network(inputs, training=training)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:3]) + (self.num_classes,)
 
     def get_config(self):
         config = super().get_config()
