@@ -258,6 +258,26 @@ def render_kill_resume(data: dict) -> str:
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
+def render_compare_phantom(data: dict) -> str:
+    rows = [
+        "| model | parameters | GFLOPs / slice | training slices/s | liver Dice (range over seeds) | tumour Dice (range) | tumour p vs unet |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: |",
+    ]
+    for row in data["rows"]:
+        rows.append(
+            f"| {row['model']} | {row['parameters']:,} | {_n(row.get('gflops'))} | {_n(row.get('train_slices_per_s'), '.1f')} | "
+            f"{_n(row['liver_dice'], '.3f')} ({_n(row['liver_dice_min'], '.3f')} – {_n(row['liver_dice_max'], '.3f')}) | "
+            f"{_n(row['tumor_dice'], '.3f')} ({_n(row['tumor_dice_min'], '.3f')} – {_n(row['tumor_dice_max'], '.3f')}) | "
+            f"{_n(row.get('tumor_p_vs_first'), '.3f')} |"
+        )
+    seeds = len(data["rows"][0]["seeds"]) if data["rows"] else 0
+    head = (f"`{data['command']}`: {data['budget']}, {seeds} seeds per model, scored on the same "
+            f"{len(data['cases'])} held-out phantom volumes (whole volumes, LiTS scoring, mean per case); "
+            f"slices/s on in-memory batches of {data['speed_batch']} at {data['input_shape']}, timed one model after "
+            f"another ({data['timed_on']}).")
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "prepare": render_prepare,
     "pipeline": render_pipeline,
@@ -268,6 +288,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "fuzz": render_fuzz,
     "kill_resume": render_kill_resume,
     "real_ct": render_real_ct,
+    "compare_phantom": render_compare_phantom,
 }
 
 

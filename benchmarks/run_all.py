@@ -60,6 +60,8 @@ BENCHMARKS = (
               what="prepare, fit and export SIGKILLed at random points, then resumed"),
     Benchmark("phantom_realism", "phantom_realism.py", quick_args=None, needs_real_data=True,
               what="phantom intensities against the real scans"),
+    Benchmark("compare_phantom", "bench_compare.py", quick_args=None,
+              what="every model in the same budget on the phantom: Dice, speed, paired tests (~1 h)"),
     Benchmark("real_ct", "bench_real.py", args=("demo", "sim2real", "lopo"), quick_args=None, needs_real_data=True,
               what="the demo's held-out Dice, sim-to-real and leave-one-patient-out on real CT"),
 )
