@@ -399,6 +399,7 @@ def plot_attention(image: np.ndarray, mask: np.ndarray, maps: Mapping[str, Mappi
         image: ``[H, W, C]`` the model input (standardized; the middle channel is shown).
         mask: ``[H, W]`` its reference labels (contours on the first column).
         maps: ``{model: {map name: [H, W] in [0, 1]}}`` (gates, Grad-CAM tumour, Grad-CAM liver).
+            Grad-CAM maps are drawn on [0, 1]; gate maps on their own range (stated in the title).
         path: The PNG.
         title: What the slice is (case, slice, why).
 
@@ -426,12 +427,18 @@ def plot_attention(image: np.ndarray, mask: np.ndarray, maps: Mapping[str, Mappi
         for axis, kind in zip(row[1:], kinds):
             if kind not in model_maps:
                 continue
+            value = np.asarray(model_maps[kind], np.float32)
             axis.imshow(ct, cmap="gray")
-            axis.imshow(model_maps[kind], cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0)
-            axis.set_title(f"{name}: {kind}", fontsize=8)
+            if kind.startswith("Grad-CAM"):  # already scaled to [0, 1] per slice
+                axis.imshow(value, cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0)
+                axis.set_title(f"{name}: {kind}", fontsize=8)
+            else:  # gates hover near 0.5; their own range shows where they open and close
+                low, high = float(value.min()), float(value.max())
+                axis.imshow(value, cmap="inferno", alpha=0.6, vmin=low, vmax=max(high, low + 1e-6))
+                axis.set_title(f"{name}: {kind}\n(colours span {low:.2f}–{high:.2f})", fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     _save(figure, path)
     plt.close(figure)
     return {"What each model attends to": path}

@@ -150,7 +150,7 @@ def attention_maps(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarr
     maps: dict[str, np.ndarray] = {}
     gates = gate_maps(model, images)
     if gates:
-        maps[f"attention gates (mean of {len(gates)})"] = np.mean(np.stack(list(gates.values())), axis=0)
+        maps["attention gates (mean over layers)"] = np.mean(np.stack(list(gates.values())), axis=0)
     if keras.backend.backend() == "tensorflow":
         maps["Grad-CAM tumour"] = grad_cam(model, images, 2)
         maps["Grad-CAM liver"] = grad_cam(model, images, 1)

@@ -53,6 +53,6 @@ def test_default_layer_and_the_maps_of_every_kind():
     model = build_model("tam_unet", input_shape=(32, 32, 1), filters=4, depth=2)
     assert default_cam_layer(model) == "bottleneck_tam"  # the deepest map, last of its size
     maps = attention_maps(model, np.random.default_rng(1).normal(size=(3, 32, 32, 1)).astype("float32"))
-    assert list(maps) == ["attention gates (mean of 5)", "Grad-CAM tumour", "Grad-CAM liver"]
+    assert list(maps) == ["attention gates (mean over layers)", "Grad-CAM tumour", "Grad-CAM liver"]
     for value in maps.values():
         assert value.shape == (3, 32, 32) and value.min() >= 0.0 and value.max() <= 1.0 + 1e-6
