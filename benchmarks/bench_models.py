@@ -153,23 +153,10 @@ def worker_keras(args) -> dict:
         "peak_rss_mb": peak_rss_mb(),
     }
     if args.policy == "float32":
-        result["gflops_per_slice"] = tf_profiler_gflops(model, shape)
+        from keras_livseg.models.complexity import count_flops
+
+        result["gflops_per_slice"] = count_flops(model) / 1e9
     return result
-
-
-def tf_profiler_gflops(model, shape) -> float:
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    function = tf.function(lambda x: model(x, training=False))
-    concrete = function.get_concrete_function(tf.TensorSpec((1,) + shape, tf.float32))
-    frozen = convert_variables_to_constants_v2(concrete)
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    profile = tf.compat.v1.profiler.profile(
-        graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=options
-    )
-    return profile.total_float_ops / 1e9
 
 
 def worker_torch(args) -> dict:

@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 sys.path.insert(0, str(HERE))
 from _common import results_dir  # noqa: E402
+from bench_models import params_cell  # noqa: E402  (the same cell as the script's own table)
 
 
 def _mark(ok: bool | None) -> str:
@@ -129,18 +130,6 @@ def render_fit_loop(data: dict) -> str:
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
-def _models_params_cell(row: dict) -> str:
-    match, side = row.get("params_match"), row["torch_side"]
-    if match is None:
-        return "–"
-    if match:
-        # smp's PSPNet(encoder_depth=3) builds ResNet stages that never run; the check counts what runs.
-        unused = row["torch_float32"].get("params_all_modules", 0) - row["torch_float32"]["params"]
-        return f"✓ equal (PyTorch: {unused:,} more in modules never run)" if unused else "✓ equal"
-    theirs = f"PyTorch {row['torch_float32']['trainable_params']:,} trainable"
-    return f"differs ({theirs})" if not side["same_architecture"] else f"✗ {theirs}"
-
-
 def _models_ratio_cell(ratio: float | None, row: dict) -> str:
     if ratio is None:
         return "–"
@@ -167,7 +156,7 @@ def render_models(data: dict) -> str:
         ratio = k_rate / p_rate if k_rate and p_rate else None
         rss = " / ".join(_n(d.get("peak_rss_mb"), ".0f") for d in (k32, kbf, pt))
         params = f"{k32['params']:,}" if "params" in k32 else "–"
-        side = f" {row['torch_side']['built_by']} | {_models_params_cell(row)} |" if sides else ""
+        side = f" {row['torch_side']['built_by']} | {params_cell(row)} |" if sides else ""
         rows.append(
             f"| {row['model']} | {params} | {_n(k32.get('gflops_per_slice'))} | {_n(k32.get('step_s'), '.3f')} | "
             f"{_n(kbf.get('step_s'), '.3f')} | {_n(pt.get('step_s'), '.3f')} | {_n(k_rate, '.1f')} | {_n(p_rate, '.1f')} | "
