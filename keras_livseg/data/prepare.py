@@ -40,6 +40,7 @@ from keras_livseg.data.preprocessing import (
     ForegroundStatistics,
     Preprocessing,
     body_floor,
+    merge_foreground,
 )
 from keras_livseg.data.volumes import CaseFiles, DataError, discover_cases, load_case, parse_label_map
 
@@ -436,30 +437,121 @@ def _run_cases(todo: list[CaseFiles], options: PrepareOptions, work_dir: Path) -
         yield from pool.imap(_worker, jobs, chunksize=1)
 
 
-def _assemble_split(
-    split: str, summaries: list[dict], out: Path, work_dir: Path, options: PrepareOptions
-) -> list[str]:
-    """Concatenate per-case record files into shards of about ``shard_mb`` (cases kept whole)."""
+def plan_split_shards(split: str, summaries: Sequence[Mapping[str, Any]], options: PrepareOptions) -> list[tuple[str, list[str]]]:
+    """Shards of one split, cases kept whole: ``[(shard name, [case id, ...]), ...]`` of about ``shard_mb`` each."""
     counts = shards.plan_shards([s["record_bytes"] for s in summaries], int(options.shard_mb * 1e6))
-    compression = options.compression or None
-    names = []
+    plan = []
     position = 0
     for shard_index, count in enumerate(counts):
-        name = shards.shard_name(split, shard_index, len(counts), compression)
-        with shards.TFRecordWriter(out / name, compression) as writer:
-            for summary in summaries[position : position + count]:
-                for record in shards.read_records(work_dir / f"{summary['case_id']}.tfrecord"):
-                    writer.write(record)
+        name = shards.shard_name(split, shard_index, len(counts), options.compression or None)
+        plan.append((name, [s["case_id"] for s in summaries[position : position + count]]))
         position += count
-        names.append(name)
-    return names
+    return plan
 
 
-def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
-    """Run ``prepare`` and return the manifest (also written to ``<out>/manifest.json``).
+def write_shard(out: Path, work_dir: Path, name: str, case_ids: Sequence[str], compression: str | None) -> dict[str, Any]:
+    """Concatenate the per-case record files of ``case_ids`` into ``out/name``, record by record.
+
+    Returns ``{"name", "sha256", "bytes"}`` of the written shard, as the manifest lists them.
+    """
+    with shards.TFRecordWriter(out / name, compression or None) as writer:
+        for case_id in case_ids:
+            for record in shards.read_records(work_dir / f"{case_id}.tfrecord"):
+                writer.write(record)
+    return {"name": name, "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+
+
+def assign_splits(options: PrepareOptions, order: Sequence[str], patients: Mapping[str, str]) -> dict[str, list[str]]:
+    """The split of the prepared cases ``order``: the explicit assignment, else by patient with the seed.
 
     Raises:
-        DataError: any bad input, with the file and the fix in the message.
+        DataError: the assignment misses a case or leaves train empty.
+    """
+    if options.assignment is None:
+        return split_cases(order, options.split, options.seed, patients)
+    missing = [cid for cid in order if cid not in options.assignment]
+    if missing:
+        raise DataError(f"the split assignment has no entry for cases {', '.join(missing[:8])}; assign every case")
+    splits = {split: [cid for cid in order if options.assignment[cid] == split] for split in SPLITS}
+    if not splits["train"]:
+        raise DataError("the split assignment puts no case in train; a model needs training cases")
+    return splits
+
+
+def standardized_preprocessing(options: PrepareOptions, foreground: ForegroundStatistics) -> Preprocessing:
+    """The manifest's preprocessing: with the training split's foreground mean and std where asked.
+
+    Raises:
+        DataError: foreground normalization with no foreground voxel in the training split.
+    """
+    prep = options.preprocessing()
+    if prep.normalization != "foreground":
+        return prep
+    if foreground.count == 0:
+        raise DataError("the training split has no foreground (label > 0) voxels; check the labels or --label-map")
+    return prep.with_statistics(foreground.mean, foreground.std)
+
+
+def split_record(members: Sequence[Mapping[str, Any]], written: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One split's entry in the manifest, from its cases' summaries and its written shards."""
+    return {
+        "cases": [m["case_id"] for m in members],
+        "slices": int(sum(len(m["slice_indices"]) for m in members)),
+        "shards": [w["name"] for w in written],
+        # Checked before training (verify_shards): a shard changed since is named, not read.
+        "shard_sha256": {w["name"]: w["sha256"] for w in written},
+        "shard_bytes": {w["name"]: w["bytes"] for w in written},
+        "class_pixels": [int(sum(m["class_pixels"][k] for m in members)) for k in range(3)],
+        "tumor_slices": int(sum(sum(1 for t in m["tumor_pixels"] if t > 0) for m in members)),
+    }
+
+
+_CASE_KEYS = (
+    "image", "image_sha256", "label", "label_sha256", "shape", "spacing", "slices_total",
+    "slice_indices", "tumor_pixels", "liver_pixels", "class_pixels", "volume_statistics",
+)
+
+
+def build_manifest(
+    options: PrepareOptions,
+    prep: Preprocessing,
+    foreground: ForegroundStatistics,
+    splits: Mapping[str, Sequence[str]],
+    split_info: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    patients: Mapping[str, str],
+    skipped: Sequence[Mapping[str, str]],
+) -> dict[str, Any]:
+    """The manifest of a finished run; every engine writes exactly this.
+
+    ``by_id`` holds the prepared cases' summaries in the source's case order.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": "keras_livseg",
+        "tool_version": __version__,
+        "source": str(Path(options.src).resolve()),
+        "preprocessing": prep.to_dict(),
+        "selection": {"slices": options.slices, "margin": options.margin},
+        "label_map": parse_label_map(options.label_map),
+        "split": {"fractions": list(options.split), "seed": options.seed,
+                  "assignment": dict(options.assignment) if options.assignment is not None else None},
+        "compression": options.compression or None,
+        "statistics": {"computed_on": "train", "foreground": foreground.to_dict()},
+        "splits": dict(split_info),
+        "cases": {
+            cid: {key: by_id[cid][key] for key in _CASE_KEYS}
+            | {"split": next(s for s in SPLITS if cid in splits[s]), "patient": patients[cid]}
+            for cid in by_id
+        },
+        "skipped": list(skipped),
+    }
+
+
+def start_run(options: PrepareOptions) -> tuple[Path, list[CaseFiles], dict[str, dict] | None]:
+    """Validate, find the cases and make ``out`` ready: ``(out, cases, reused summaries)``.
+
+    The summaries are ``None`` when ``--resume`` finds the same run already complete.
     """
     options.validate()
     out = Path(options.out)
@@ -469,21 +561,44 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if _check_output(out, options, {c.case_id for c in all_cases}):
         logger.info("%s is already complete (same source, cases and parameters): nothing to do", out / MANIFEST_NAME)
-        return load_manifest(out)
+        return out, all_cases, None
     work_dir = out / WORK_DIR
     work_dir.mkdir(exist_ok=True)
-
-    summaries: dict[str, dict] = {}
-    todo = []
-    for files in all_cases:
-        reused = _reusable_summary(files, options, work_dir) if options.resume else None
-        if reused is not None:
-            summaries[files.case_id] = reused
-        else:
-            todo.append(files)
+    reused: dict[str, dict] = {}
     if options.resume:
-        logger.info("resume: %d cases done before, %d to do", len(summaries), len(todo))
+        for files in all_cases:
+            summary = _reusable_summary(files, options, work_dir)
+            if summary is not None:
+                reused[files.case_id] = summary
+        logger.info("resume: %d cases done before, %d to do", len(reused), len(all_cases) - len(reused))
+    return out, all_cases, reused
 
+
+def finish_run(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest last, atomically, then drop the per-case work files."""
+    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    manifest["_dir"] = str(out)  # as load_manifest sets it; not part of the file
+    info = manifest["splits"]
+    logger.info(
+        "wrote %s: %s",
+        out / MANIFEST_NAME,
+        ", ".join(f"{s} {info[s]['slices']} slices / {len(info[s]['cases'])} cases" for s in SPLITS),
+    )
+    return manifest
+
+
+def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
+    """Run ``prepare`` with local worker processes and return the manifest (also ``<out>/manifest.json``).
+
+    Raises:
+        DataError: any bad input, with the file and the fix in the message.
+    """
+    out, all_cases, summaries = start_run(options)
+    if summaries is None:
+        return load_manifest(out)
+    work_dir = out / WORK_DIR
+    todo = [files for files in all_cases if files.case_id not in summaries]
     skipped: list[dict[str, str]] = []
     for case_id, summary, error in _progress(_run_cases(todo, options, work_dir), len(todo), options.progress, "prepare"):
         if error is not None:
@@ -496,95 +611,20 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
 
     if not summaries:
         raise DataError(f"every case in {options.src} was skipped; see the warnings above")
-    order = [c.case_id for c in all_cases if c.case_id in summaries]
+    by_id = {c.case_id: summaries[c.case_id] for c in all_cases if c.case_id in summaries}
     patients = {c.case_id: c.patient for c in all_cases}
-    if options.assignment is not None:
-        missing = [cid for cid in order if cid not in options.assignment]
-        if missing:
-            raise DataError(f"the split assignment has no entry for cases {', '.join(missing[:8])}; assign every case")
-        splits = {split: [cid for cid in order if options.assignment[cid] == split] for split in SPLITS}
-        if not splits["train"]:
-            raise DataError("the split assignment puts no case in train; a model needs training cases")
-    else:
-        splits = split_cases(order, options.split, options.seed, patients)
-    by_id = {cid: summaries[cid] for cid in order}
-
-    foreground = ForegroundStatistics(options.preprocessing().window)
-    for case_id in splits["train"]:
-        part = by_id[case_id]["foreground"]
-        foreground.count += part["count"]
-        foreground.total += part["total"]
-        foreground.total_sq += part["total_sq"]
-        foreground.histogram += np.asarray(part["histogram"], dtype=np.int64)
-    prep = options.preprocessing()
-    if prep.normalization == "foreground":
-        if foreground.count == 0:
-            raise DataError(
-                "the training split has no foreground (label > 0) voxels; check the labels or --label-map"
-            )
-        prep = prep.with_statistics(foreground.mean, foreground.std)
-
+    splits = assign_splits(options, list(by_id), patients)
+    foreground = merge_foreground(options.preprocessing().window, (by_id[cid]["foreground"] for cid in splits["train"]))
+    prep = standardized_preprocessing(options, foreground)
     split_info = {}
     for split in SPLITS:
         members = [by_id[cid] for cid in splits[split]]
-        names = _assemble_split(split, members, out, work_dir, options) if members else []
-        split_info[split] = {
-            "cases": splits[split],
-            "slices": int(sum(len(m["slice_indices"]) for m in members)),
-            "shards": names,
-            # Checked before training (verify_shards): a shard changed since is named, not read.
-            "shard_sha256": {name: sha256_file(out / name) for name in names},
-            "shard_bytes": {name: (out / name).stat().st_size for name in names},
-            "class_pixels": [int(sum(m["class_pixels"][k] for m in members)) for k in range(3)],
-            "tumor_slices": int(sum(sum(1 for t in m["tumor_pixels"] if t > 0) for m in members)),
-        }
-
-    src = Path(options.src)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tool": "keras_livseg",
-        "tool_version": __version__,
-        "source": str(src.resolve()),
-        "preprocessing": prep.to_dict(),
-        "selection": {"slices": options.slices, "margin": options.margin},
-        "label_map": parse_label_map(options.label_map),
-        "split": {"fractions": list(options.split), "seed": options.seed,
-                  "assignment": dict(options.assignment) if options.assignment is not None else None},
-        "compression": options.compression or None,
-        "statistics": {"computed_on": "train", "foreground": foreground.to_dict()},
-        "splits": split_info,
-        "cases": {
-            cid: {
-                key: by_id[cid][key]
-                for key in (
-                    "image",
-                    "image_sha256",
-                    "label",
-                    "label_sha256",
-                    "shape",
-                    "spacing",
-                    "slices_total",
-                    "slice_indices",
-                    "tumor_pixels",
-                    "liver_pixels",
-                    "class_pixels",
-                    "volume_statistics",
-                )
-            }
-            | {"split": next(s for s in SPLITS if cid in splits[s]), "patient": patients[cid]}
-            for cid in order
-        },
-        "skipped": skipped,
-    }
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    manifest["_dir"] = str(out)  # as load_manifest sets it; not part of the file
-    logger.info(
-        "wrote %s: %s",
-        out / MANIFEST_NAME,
-        ", ".join(f"{s} {split_info[s]['slices']} slices / {len(split_info[s]['cases'])} cases" for s in SPLITS),
-    )
-    return manifest
+        written = [
+            write_shard(out, work_dir, name, case_ids, options.compression)
+            for name, case_ids in plan_split_shards(split, members, options)
+        ]
+        split_info[split] = split_record(members, written)
+    return finish_run(out, build_manifest(options, prep, foreground, splits, split_info, by_id, patients, skipped))
 
 
 def prepare_in_fresh_process(options: PrepareOptions) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from fractions import Fraction
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -535,6 +536,63 @@ class ForegroundStatistics:
             "percentile_00_5": self.percentile(0.5),
             "percentile_99_5": self.percentile(99.5),
         }
+
+
+class StatisticsSum:
+    """Exact sum of per-case :class:`ForegroundStatistics` parts, whatever the order of adding.
+
+    Sums of floats depend on their order in the last bits; a parallel engine (Beam's combine)
+    adds the cases in any order, and its manifest must equal the local engine's. Totals are
+    therefore kept as exact fractions (every float is one) and rounded once, at the end.
+
+    Example:
+        >>> parts = [{"count": 1, "total": 0.1, "total_sq": 0.01, "histogram": [1, 0]},
+        ...          {"count": 1, "total": 0.2, "total_sq": 0.04, "histogram": [0, 1]}]
+        >>> a, b = StatisticsSum((0.0, 1.0)), StatisticsSum((0.0, 1.0))
+        >>> a.add(parts[0]); a.add(parts[1]); b.add(parts[1]); b.add(parts[0])
+        >>> a.result().total == b.result().total
+        True
+    """
+
+    def __init__(self, window: Sequence[float]) -> None:
+        self.window = (float(window[0]), float(window[1]))
+        self.count = 0
+        self.total = Fraction(0)
+        self.total_sq = Fraction(0)
+        self.histogram: np.ndarray | None = None
+
+    def add(self, part: Mapping[str, Any]) -> None:
+        """Add one case's ``{"count", "total", "total_sq", "histogram"}`` (as in prepare's summaries)."""
+        self.count += int(part["count"])
+        self.total += Fraction(float(part["total"]))
+        self.total_sq += Fraction(float(part["total_sq"]))
+        histogram = np.asarray(part["histogram"], dtype=np.int64)
+        self.histogram = histogram.copy() if self.histogram is None else self.histogram + histogram
+
+    def merge(self, other: "StatisticsSum") -> "StatisticsSum":
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+        if other.histogram is not None:
+            self.histogram = other.histogram.copy() if self.histogram is None else self.histogram + other.histogram
+        return self
+
+    def result(self) -> ForegroundStatistics:
+        stats = ForegroundStatistics(self.window)
+        stats.count = self.count
+        stats.total = float(self.total)
+        stats.total_sq = float(self.total_sq)
+        if self.histogram is not None:
+            stats.histogram = self.histogram.copy()
+        return stats
+
+
+def merge_foreground(window: Sequence[float], parts: Iterable[Mapping[str, Any]]) -> ForegroundStatistics:
+    """The foreground statistics of several cases from their parts (exact, order-independent)."""
+    total = StatisticsSum(window)
+    for part in parts:
+        total.add(part)
+    return total.result()
 
 
 PREPROCESSING_FILE = "preprocessing.json"
