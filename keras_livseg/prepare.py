@@ -5,6 +5,12 @@ Examples:
     python -m keras_livseg.prepare --src ../shared/data/real/totalseg-example-ct/pairs.csv \\
         --out shards/ts --label-map 5:1
     python -m keras_livseg.prepare --pipeline pipelines/lits_tam_unet.toml --resume
+    python -m keras_livseg.prepare --engine beam --src data/LiTS --out shards/lits --workers 2
+    python -m keras_livseg.prepare --engine beam --runner FlinkRunner --src /shared/LiTS \
+        --out /shared/shards --flink_master=flink:8081 --parallelism=16
+
+With --engine beam, arguments this command does not know are Beam pipeline options
+(--project, --flink_master, --parallelism, ...) and go to the runner as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Sequence
 from keras_livseg import cli
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
 from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
+
+ENGINES = ("local", "beam")
 
 
 def _floats(text: str) -> list[float]:
@@ -49,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished output folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--engine", choices=ENGINES, default="local",
+                        help="local worker processes (default) or an Apache Beam pipeline (extra [beam])")
+    parser.add_argument("--runner", default="DirectRunner",
+                        help="Beam runner with --engine beam: DirectRunner (default; --workers processes), "
+                        "FlinkRunner, SparkRunner, DataflowRunner, PortableRunner, PrismRunner")
     return parser
 
 
@@ -93,11 +106,22 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    if beam_args and args.engine != "beam":
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options need --engine beam)")
+    if args.runner != "DirectRunner" and args.engine != "beam":
+        parser.error("--runner needs --engine beam")
     cli.configure_logging(args.verbose)
 
     def body() -> int:
-        manifest = prepare_dataset(options_from_args(args))
+        options = options_from_args(args)
+        if args.engine == "beam":
+            from keras_livseg.data.prepare_beam import prepare_with_beam
+
+            manifest = prepare_with_beam(options, args.runner, beam_args, args.verbose)
+        else:
+            manifest = prepare_dataset(options)
         splits = manifest["splits"]
         print(
             "prepared "
