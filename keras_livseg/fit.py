@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Mapping, Sequence
 
 from keras_livseg import cli
+
+#: A peer worker of a multi-worker run was lost; restart every worker with --resume.
+EXIT_WORKER_LOST = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from keras_livseg.training.fit import cross_validate, resolve_config, train
+        from keras_livseg.training.multi_worker import WorkerLost
 
         config = resolve_config(args.pipeline, overrides_from_args(args))
+        if args.folds and os.environ.get("TF_CONFIG"):
+            raise ValueError("--folds trains several models in one process, which TensorFlow's multi-worker strategy "
+                             "cannot; run each fold as its own job of workers, or cross-validate without TF_CONFIG")
         if args.fold is not None and not args.folds:
             raise ValueError("--fold needs --folds K (the number of folds it belongs to)")
         if args.folds:
@@ -182,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         try:
             result = train(config, resume=args.resume)
+        except WorkerLost as lost:
+            print(f"fit: error: {lost}", file=sys.stderr)
+            return EXIT_WORKER_LOST
         except KeyboardInterrupt:
             print(
                 "fit: interrupted; checkpoints and the backup of the last finished epoch are intact. "
@@ -197,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 3
+        if not result.chief:
+            # The other workers of a multi-worker run: the chief writes, exports and summarizes.
+            print(f"worker finished {result.epochs_done} epochs with the chief (weights sha256 {result.weights_sha256}); "
+                  f"the run is {result.run_dir}")
+            return 0
         print(format_summary(export_trained(config, result)))
         return 0
 

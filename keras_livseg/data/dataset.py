@@ -118,6 +118,8 @@ def make_dataset(
     deterministic: bool = False,
     seed: int | None = None,
     drop_remainder: bool | None = None,
+    replicas: int = 1,
+    input_shard: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """Build the input pipeline for one split.
 
@@ -136,6 +138,13 @@ def make_dataset(
         deterministic: fixed order and fixed augmentation for a given ``seed`` (slower).
         seed: seed for shuffling and augmentation (required for ``deterministic``).
         drop_remainder: drop a final partial batch (default: ``training``).
+        replicas: training batches are ``replicas`` equal parts, each drawn as a batch of its
+            own (foreground quota, augmentation seed): a distribution strategy splits every
+            batch among its replicas, and each replica then trains on a well-composed batch.
+        input_shard: ``(count, index)``: this worker reads only its part of the training
+            split, by file (every ``count``-th shard from ``index``), or by record when the
+            split has fewer files than workers. Under ``MultiWorkerMirroredStrategy`` each
+            worker passes its own index; the strategy's auto-sharding is then turned off.
 
     Returns:
         ``tf.data.Dataset`` of ``(images [B, H, W, C] float32, masks [B, H, W] int32)``.
@@ -173,6 +182,33 @@ def make_dataset(
             image = prep.tf_standardize(parsed["image"])
         return image, parsed["mask"]
 
+    slices = int(manifest["splits"][split]["slices"])
+    tumor_slices = int(manifest["splits"][split].get("tumor_slices", 0))
+    my_cases = None  # the cases this worker reads, when it shares the split's files with others
+    if input_shard is not None and training:
+        count, index = input_shard
+        if not 0 <= index < count:
+            raise ValueError(f"input_shard index {index} is not in 0..{count - 1}")
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        shard_cases = manifest["splits"][split].get("shard_cases")
+        if len(paths) >= count and shard_cases is not None:
+            names = manifest["splits"][split]["shards"][index::count]
+            paths = paths[index::count]
+            mine = [cid for name in names for cid in shard_cases[name]]
+        else:
+            cases = manifest["splits"][split]["cases"]
+            if len(cases) < count:
+                raise DataError(f"split {split!r} of {manifest['_dir']} holds {len(cases)} case(s) for {count} workers; "
+                                "every worker needs cases of its own: use fewer workers or more cases")
+            logger.warning("split %s has %d shard file(s) for %d workers: each worker reads every file and keeps its "
+                           "own cases (prepare with a smaller --shard-mb to shard by file)", split, len(paths), count)
+            mine = cases[index::count]
+            my_cases = tf.constant(mine)
+        # This worker's own counts: its foreground quota must come from its own tumor slices.
+        slices = sum(len(manifest["cases"][cid]["slice_indices"]) for cid in mine)
+        tumor_slices = sum(sum(1 for t in manifest["cases"][cid]["tumor_pixels"] if t > 0) for cid in mine)
+    if replicas < 1 or batch_size % replicas:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of replicas {replicas}")
     files = tf.data.Dataset.from_tensor_slices(paths)
     if training and len(paths) > 1:
         files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
@@ -182,6 +218,8 @@ def make_dataset(
         num_parallel_calls=autotune,
         deterministic=options.deterministic,
     )
+    if my_cases is not None:
+        records = records.filter(lambda record: tf.reduce_any(tf.equal(_case_id(record), my_cases)))
 
     def cached(examples: tf.data.Dataset, suffix: str = "") -> tf.data.Dataset:
         if not cache:
@@ -195,8 +233,7 @@ def make_dataset(
         dataset = batches.map(lambda r: _int32_masks(*standardized(r)), num_parallel_calls=autotune, deterministic=True)
         return dataset.prefetch(autotune).with_options(options)
 
-    slices = int(manifest["splits"][split]["slices"])
-    tumor_slices = int(manifest["splits"][split].get("tumor_slices", 0))
+    whole_batch, batch_size = batch_size, batch_size // replicas  # drawn per replica, joined below
     n_foreground = 0
     if foreground_fraction > 0:
         if tumor_slices == 0:
@@ -238,7 +275,17 @@ def make_dataset(
     batches = tf.data.Dataset.zip((*streams, seeds)).map(
         assemble, num_parallel_calls=None if sequential else autotune, deterministic=options.deterministic
     )
+    if replicas > 1:
+        # [replicas, b, ...] -> [replicas * b, ...]: the strategy's split falls on the parts' borders.
+        batches = batches.batch(replicas, drop_remainder=True).map(
+            lambda images, masks: (tf.reshape(images, [whole_batch, *images.shape[2:]]),
+                                   tf.reshape(masks, [whole_batch, *masks.shape[2:]]))
+        )
     return batches.prefetch(autotune).with_options(options)
+
+
+def _case_id(record: tf.Tensor) -> tf.Tensor:
+    return tf.io.parse_single_example(record, {"case_id": FEATURE_SPEC["case_id"]})["case_id"]
 
 
 def _int32_masks(images: tf.Tensor, masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

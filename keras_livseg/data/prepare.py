@@ -452,13 +452,13 @@ def plan_split_shards(split: str, summaries: Sequence[Mapping[str, Any]], option
 def write_shard(out: Path, work_dir: Path, name: str, case_ids: Sequence[str], compression: str | None) -> dict[str, Any]:
     """Concatenate the per-case record files of ``case_ids`` into ``out/name``, record by record.
 
-    Returns ``{"name", "sha256", "bytes"}`` of the written shard, as the manifest lists them.
+    Returns ``{"name", "sha256", "bytes", "cases"}`` of the written shard, as the manifest lists them.
     """
     with shards.TFRecordWriter(out / name, compression or None) as writer:
         for case_id in case_ids:
             for record in shards.read_records(work_dir / f"{case_id}.tfrecord"):
                 writer.write(record)
-    return {"name": name, "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+    return {"name": name, "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size, "cases": list(case_ids)}
 
 
 def assign_splits(options: PrepareOptions, order: Sequence[str], patients: Mapping[str, str]) -> dict[str, list[str]]:
@@ -501,6 +501,8 @@ def split_record(members: Sequence[Mapping[str, Any]], written: Sequence[Mapping
         # Checked before training (verify_shards): a shard changed since is named, not read.
         "shard_sha256": {w["name"]: w["sha256"] for w in written},
         "shard_bytes": {w["name"]: w["bytes"] for w in written},
+        # Which cases each shard holds: workers that read their own shards know their slices.
+        "shard_cases": {w["name"]: w["cases"] for w in written},
         "class_pixels": [int(sum(m["class_pixels"][k] for m in members)) for k in range(3)],
         "tumor_slices": int(sum(sum(1 for t in m["tumor_pixels"] if t > 0) for m in members)),
     }

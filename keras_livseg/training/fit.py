@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -149,6 +150,10 @@ class FitResult:
     volume_metrics: dict[str, Any] | None = None
     warm_start: str | None = None
     already_complete: bool = False
+    #: False on the other workers of a multi-worker run: they write nothing and export nothing.
+    chief: bool = True
+    #: SHA-256 of the final weights (every worker logs it: equal on all workers).
+    weights_sha256: str | None = None
 
 
 #: Written last by a run that finished all its epochs and its held-out scoring.
@@ -313,8 +318,12 @@ def ensure_data(config: dict) -> Path:
     return out
 
 
-def new_run_dir(config: dict, resume: bool) -> Path:
-    """``runs/<name>``: a fresh name (``-2``, ``-3``...) unless resuming an existing run."""
+def new_run_dir(config: dict, resume: bool, exact_name: bool = False) -> Path:
+    """``runs/<name>``: a fresh name (``-2``, ``-3``...) unless resuming an existing run.
+
+    ``exact_name`` (several workers: a resumed job must find the same folder) refuses an
+    existing folder instead of choosing another name.
+    """
     runs = Path(config["run"]["runs_dir"])
     name = config["run"]["name"] or f"{config['model']['name']}-{Path(config['recipe']).stem}"
     run_dir = runs / name
@@ -322,6 +331,9 @@ def new_run_dir(config: dict, resume: bool) -> Path:
         if not (run_dir / "config.json").is_file():
             raise ValueError(f"--resume: no run to resume at {run_dir} (missing config.json); check --name")
         return run_dir
+    if exact_name and run_dir.exists():
+        raise ValueError(f"{run_dir} exists: pass --resume to continue it, or another --name (several workers "
+                         "never pick a new name on their own, so that a restarted job finds its run)")
     suffix = 2
     while run_dir.exists():
         run_dir = runs / f"{name}-{suffix}"
@@ -373,43 +385,40 @@ def check_model_matches_data(model_input_shape, prep) -> None:
         )
 
 
-def train(config: dict, resume: bool = False, verbose: int | str | None = None) -> FitResult:
-    """Run a whole training job from a resolved config (see :func:`resolve_config`).
+def _model_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    # TOML has no null: the string "none" stands for None (e.g. model.encoder_weights = "none").
+    return {
+        k: (None if isinstance(v, str) and v.lower() == "none" else v)
+        for k, v in config["model"].items()
+        if k not in MODEL_FIXED_KEYS
+    }
 
-    Example:
-        >>> result = train(resolve_config("pipelines/phantom_demo.toml"))  # doctest: +SKIP
-        >>> result.test_metrics["tumor_dice"]  # doctest: +SKIP
+
+def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str, Any]:
+    """The run folder, the data and the precision: what the chief (or a lone process) decides.
+
+    Returns ``{"finished": FitResult | None, "run_dir", "config", "shards", "precision"}``.
     """
     import keras
 
-    from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
     from keras_livseg.data.prepare import load_manifest, verify_shards
     from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
     from keras_livseg.models import build_model
-    from keras_livseg.training.callbacks import PredictionImages, TimeBudget, pick_tumor_slices, standard_callbacks
-    from keras_livseg.training.metrics import default_metrics
     from keras_livseg.training.precision import apply_precision, choose_cpu_policy
-    from keras_livseg.training.strategy import choose_strategy
 
-    started = time.perf_counter()
-    if verbose is None:
-        import sys
-
-        # A live progress bar on a terminal; one line per epoch in logs and CI.
-        verbose = 1 if sys.stdout.isatty() else 2
     training = config["training"]
     if resume:
         run_dir = new_run_dir(config, resume=True)
         finished = _finished_run(run_dir, int(training["epochs"]))
         if finished is not None:
             logger.info("%s already finished %d epochs: nothing to do", run_dir, finished.epochs_done)
-            return finished
+            return {"finished": finished, "run_dir": str(run_dir)}
         saved = json.loads((run_dir / "config.json").read_text())
         saved["training"]["epochs"] = training["epochs"]  # the one value a resume may extend
         config = saved
         training = config["training"]
     else:
-        run_dir = new_run_dir(config, resume=False)
+        run_dir = new_run_dir(config, resume=False, exact_name=several_workers)
     keras.utils.set_random_seed(int(config["run"]["seed"]))
     shard_dir = ensure_data(config)
     manifest = load_manifest(shard_dir)
@@ -421,12 +430,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
             "normalization='volume' models cannot be exported for serving (a request holds slices, not the "
             "volume); pass --no-export, or use preprocessing.normalization='foreground'"
         )
-    # TOML has no null: the string "none" stands for None (e.g. model.encoder_weights = "none").
-    model_options = {
-        k: (None if isinstance(v, str) and v.lower() == "none" else v)
-        for k, v in config["model"].items()
-        if k not in MODEL_FIXED_KEYS
-    }
+    model_options = _model_options(config)
     input_shape = (*prep.image_size, prep.context)
 
     def fastest_cpu_policy() -> str:
@@ -437,15 +441,99 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         )
 
     policy = apply_precision(training["precision"], probe=fastest_cpu_policy)
-    # The probe (first run only, then cached) draws random weights: seed again so that a run's
-    # initial weights and data order do not depend on whether it measured.
-    keras.utils.set_random_seed(int(config["run"]["seed"]))
     config["training"]["resolved_precision"] = policy
-    (run_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
+    partial = run_dir / ".config.json.partial"
+    partial.write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(partial, run_dir / "config.json")
     write_preprocessing_json(run_dir / "preprocessing.json", prep, model=config["model"]["name"],
                              classes=["background", "liver", "tumor"])
+    return {"finished": None, "run_dir": str(run_dir), "config": config, "shards": str(shard_dir), "precision": policy}
 
+
+def _copy_resume_state(chief_run: Path, scratch: Path) -> None:
+    """Give a non-chief worker the chief's backup and history, so that it restores the same epoch."""
+    backup = chief_run / "backup"
+    if not backup.is_dir():
+        return  # nothing saved yet: every worker starts at epoch 0
+    shutil.copytree(backup, scratch / "backup")
+    if (chief_run / "history.csv").is_file():
+        shutil.copy2(chief_run / "history.csv", scratch / "history.csv")
+
+
+def train(config: dict, resume: bool = False, verbose: int | str | None = None) -> FitResult:
+    """Run a whole training job from a resolved config (see :func:`resolve_config`).
+
+    Example:
+        >>> result = train(resolve_config("pipelines/phantom_demo.toml"))  # doctest: +SKIP
+        >>> result.test_metrics["tumor_dice"]  # doctest: +SKIP
+    """
+    import keras
+
+    from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
+    from keras_livseg.data.prepare import load_manifest
+    from keras_livseg.data.preprocessing import Preprocessing
+    from keras_livseg.models import build_model
+    from keras_livseg.training import multi_worker
+    from keras_livseg.training.callbacks import PredictionImages, TimeBudget, pick_tumor_slices, standard_callbacks
+    from keras_livseg.training.metrics import default_metrics
+    from keras_livseg.training.precision import apply_precision
+    from keras_livseg.training.strategy import choose_strategy, cluster_task
+
+    started = time.perf_counter()
+    if verbose is None:
+        import sys
+
+        # A live progress bar on a terminal; one line per epoch in logs and CI.
+        verbose = 1 if sys.stdout.isatty() else 2
+    task = cluster_task()  # a malformed TF_CONFIG stops here, naming the field
+    # Under TF_CONFIG the strategy must exist before any other TensorFlow operation.
     strategy = choose_strategy()
+    chief = task is None or task.is_chief
+    if task is not None:
+        multi_worker.patch_keras_for_multi_worker()
+        multi_worker.check_same_recipe(strategy, {**config, "resume": resume}, task.name)
+        if float(config["training"].get("max_minutes") or 0) > 0:
+            raise ValueError("training.max_minutes cannot stop several workers at the same step (each has its own "
+                             "clock); give training.epochs instead")
+
+    if chief:
+        try:
+            setup = _chief_setup(config, resume, several_workers=task is not None)
+        except Exception as error:  # the others must stop too, with the reason, not wait for the chief
+            if task is not None:
+                multi_worker.share_from_chief(strategy, True, {"error": str(error)})
+            raise
+        if task is not None:
+            multi_worker.share_from_chief(strategy, True, {k: v for k, v in setup.items() if k != "finished"}
+                                          | {"finished": setup["finished"] is not None})
+        if setup["finished"] is not None:
+            return setup["finished"]
+        run_dir, config = Path(setup["run_dir"]), setup["config"]
+        shard_dir = Path(setup["shards"])
+        manifest = load_manifest(shard_dir)
+    else:
+        shared = multi_worker.share_from_chief(strategy, False, None)
+        if shared["finished"]:
+            logger.info("%s: the chief found the run already finished: nothing to do", task.name)
+            return FitResult(Path(shared["run_dir"]), None, None, {}, 0, 0.0, already_complete=True, chief=False)
+        config, shard_dir = shared["config"], Path(shared["shards"])
+        scratch = Path(tempfile.mkdtemp(prefix=f"keras_livseg-{task.name}-"))
+        run_dir = scratch
+        error = None
+        try:
+            manifest = load_manifest(shard_dir)
+            apply_precision(shared["precision"])
+            if resume:
+                _copy_resume_state(Path(shared["run_dir"]), scratch)
+        except Exception as failure:
+            error = f"{task.name}: {failure}"
+        multi_worker.agree(strategy, error)
+    if task is not None and chief:
+        multi_worker.agree(strategy, None)
+    training = config["training"]
+    keras.utils.set_random_seed(int(config["run"]["seed"]))
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    model_options = _model_options(config)
     replicas = strategy.num_replicas_in_sync
     global_batch = int(training["batch_size"]) * replicas
     steps = int(training["steps_per_epoch"]) or steps_per_epoch(manifest, "train", global_batch)
@@ -463,10 +551,12 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         raise ValueError(f"training.validation must be 'split' or 'none', got {training['validation']!r}")
     monitor = training["monitor"] if has_val else None
     augmentation = Augmentation.from_config(training["augmentation"])
+    # Each worker reads its own shards; every batch is made of one part per replica.
     train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation,
                             foreground_fraction=float(training["foreground_fraction"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
-                            shuffle_buffer=int(training["shuffle_buffer"]))
+                            shuffle_buffer=int(training["shuffle_buffer"]), replicas=replicas,
+                            input_shard=(task.num_workers, task.worker_index) if task is not None else None)
     val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"])) if has_val else None
 
     head = model_options.get("head", "softmax")
@@ -506,10 +596,20 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     # Exact batch counts of the finite splits: Keras otherwise learns them by running out of
     # data, and warns "Your input ran out of data" on every first pass.
     val_steps = math.ceil(manifest["splits"]["val"]["slices"] / global_batch) if has_val else None
-    history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                        validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
-                        shuffle=False)  # the dataset shuffles itself
+    try:
+        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
+                            validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
+                            shuffle=False)  # the dataset shuffles itself
+    except Exception as error:
+        if task is not None and multi_worker.is_peer_failure(error):
+            raise multi_worker.WorkerLost(
+                f"{task.name} lost a peer worker during training ({type(error).__name__}); the chief's checkpoints "
+                f"of the last finished epoch are intact: start every worker again with --resume --name {config['run']['name'] or run_dir.name}"
+            ) from None
+        raise
     epochs_done = len(history.epoch) and history.epoch[-1] + 1
+    digest = multi_worker.weights_digest(model.get_weights())
+    logger.info("%sweights sha256 %s after %d epoch(s)", f"{task.name}: " if task else "", digest, epochs_done)
     stopped_early = (budget is not None and budget.stopped_at is not None) or any(
         getattr(callback, "stopped_epoch", 0) for callback in callbacks if isinstance(callback, keras.callbacks.EarlyStopping))
 
@@ -533,17 +633,23 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         test_metrics["split"] = held_out
         test_metrics["covers"] = f"{manifest['selection']['slices']} slices of the shards, {len(manifest['splits'][held_out]['cases'])} case(s), model grid"
         (run_dir / "eval" / "test_metrics.json").write_text(json.dumps(test_metrics, indent=1, sort_keys=True) + "\n")
-        if best.is_file() and bool(training.get("score_volumes", True)):
+        if chief and best.is_file() and bool(training.get("score_volumes", True)):
             volume_metrics = score_held_out_volumes(best, manifest, held_out, run_dir / "eval")
     else:
         logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
 
     result = FitResult(run_dir, best if best.is_file() else None, None, test_metrics, epochs_done,
-                       time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start)
+                       time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start,
+                       weights_sha256=digest)
+    if not chief:
+        # This worker's files were its own copy of the chief's; the chief holds the run.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return dataclasses.replace(result, run_dir=Path(shared["run_dir"]), best_checkpoint=None, chief=False)
     if epochs_done >= epochs or stopped_early:
         # Last, atomically: a run killed before this line resumes instead of passing for done.
         record = {"epochs_done": epochs_done, "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-                  "test_metrics": test_metrics, "volume_metrics": volume_metrics, "stopped_early": bool(stopped_early)}
+                  "test_metrics": test_metrics, "volume_metrics": volume_metrics, "stopped_early": bool(stopped_early),
+                  "weights_sha256": digest, "workers": task.num_workers if task else 1}
         partial = run_dir / f".{COMPLETE_FILE}.partial"
         partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
         os.replace(partial, run_dir / COMPLETE_FILE)
