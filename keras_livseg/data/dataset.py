@@ -145,6 +145,7 @@ def make_dataset(
             split, by file (every ``count``-th shard from ``index``), or by record when the
             split has fewer files than workers. Under ``MultiWorkerMirroredStrategy`` each
             worker passes its own index; the strategy's auto-sharding is then turned off.
+            Evaluation datasets (``training=False``) are split by batch instead.
 
     Returns:
         ``tf.data.Dataset`` of ``(images [B, H, W, C] float32, masks [B, H, W] int32)``.
@@ -229,6 +230,9 @@ def make_dataset(
         return examples.cache("" if cache is True else f"{cache}{suffix}")
 
     if not training:
+        if input_shard is not None:
+            # Evaluation under several workers: each keeps every N-th batch, whatever the files.
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         batches = cached(records).batch(batch_size, drop_remainder=drop_remainder)
         dataset = batches.map(lambda r: _int32_masks(*standardized(r)), num_parallel_calls=autotune, deterministic=True)
         return dataset.prefetch(autotune).with_options(options)

@@ -552,12 +552,15 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     monitor = training["monitor"] if has_val else None
     augmentation = Augmentation.from_config(training["augmentation"])
     # Each worker reads its own shards; every batch is made of one part per replica.
+    shard = (task.num_workers, task.worker_index) if task is not None else None
     train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation,
                             foreground_fraction=float(training["foreground_fraction"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
                             shuffle_buffer=int(training["shuffle_buffer"]), replicas=replicas,
-                            input_shard=(task.num_workers, task.worker_index) if task is not None else None)
-    val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"])) if has_val else None
+                            input_shard=shard)
+    # Several workers split the validation set by batch: a cache of it would hold one worker's part.
+    val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"]) and task is None,
+                          input_shard=shard) if has_val else None
 
     head = model_options.get("head", "softmax")
     with strategy.scope():
@@ -626,7 +629,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     volume_metrics = None
     (run_dir / "eval").mkdir(exist_ok=True)
     if held_out is not None:
-        test_ds = make_dataset(manifest, held_out, global_batch, training=False)
+        test_ds = make_dataset(manifest, held_out, global_batch, training=False, input_shard=shard)
         test_steps = math.ceil(manifest["splits"][held_out]["slices"] / global_batch)
         scores = model.evaluate(test_ds, steps=test_steps, verbose=0, return_dict=True)
         test_metrics = {k: float(v) for k, v in scores.items()}

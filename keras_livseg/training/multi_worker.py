@@ -175,7 +175,8 @@ def patch_keras_for_multi_worker() -> None:
     value (PerReplica...)" (the first-batch build reduces the input batch across workers),
     then each step with "Invalid reduction dimension 0 for input with 0 dimensions" (the
     metric results are scalars but are reduced along axis 0). The fixes: build from this
-    worker's own first batch, and reduce scalar results with ``axis=None``. Other strategies
+    worker's own first batch (and only when something is unbuilt: a finite validation set
+    loses no batch), and reduce scalar results with ``axis=None``. Other strategies
     take Keras's own paths unchanged. Idempotent.
     """
     global _PATCHED
@@ -205,6 +206,14 @@ def patch_keras_for_multi_worker() -> None:
         strategy = self._distribute_strategy
         if strategy is None or iterator is None or not multi_worker(strategy):
             return original_build(self, iterator=iterator, data_batch=data_batch)
+        built = (
+            all(layer.built for layer in self._flatten_layers())
+            and (self._compile_metrics is None or self._compile_metrics.built)
+            and (self._compile_loss is None or self._compile_loss.built)
+            and (self.optimizer is None or self.optimizer.built)
+        )
+        if built:  # nothing to build: leave the (finite, evaluation) data untouched
+            return
         for _, _, batches in iterator:
             first = next(batches)
             data_batch = tree.map_structure(

@@ -43,7 +43,8 @@ enabled = false
 FIT_ARGS = [
     "--no-export", "--precision", "float32", "--image-size", "32", "--batch-size", "4", "--steps-per-epoch", "4",
     "--set", "data.phantom_cases=6", "--set", "data.phantom_size=64", "--set", "data.phantom_slices=[12, 16]",
-    "--set", "data.split=[0.5, 0.25, 0.25]", "--set", "data.workers=1", "--set", "data.shard_mb=0.01",
+    # One validation and one test case: a single file each, split among the workers by batch.
+    "--set", "data.split=[0.6, 0.2, 0.2]", "--set", "data.workers=1", "--set", "data.shard_mb=0.01",
     "--set", "model.filters=8", "--set", "model.depth=2", "--name", "mw",
 ]
 
@@ -240,7 +241,7 @@ def _log_tail(tmp_path: Path) -> str:
 
 @pytest.mark.slow
 def test_two_workers_train_one_model_and_only_the_chief_writes(tmp_path):
-    codes = _wait(_launch(tmp_path, [free_port(), free_port()], [["--epochs", "2"]] * 2))
+    codes = _wait(_launch(tmp_path, [free_port(), free_port()], [["--epochs", "3"]] * 2))
     assert codes == [0, 0], _log_tail(tmp_path)
     first, second = _digests(tmp_path)
     assert first == second  # all-reduced gradients: bit-identical weights on both workers
@@ -249,12 +250,12 @@ def test_two_workers_train_one_model_and_only_the_chief_writes(tmp_path):
     complete = json.loads((run / "complete.json").read_text())
     assert complete["workers"] == 2 and complete["weights_sha256"] == first
     with (run / "history.csv").open() as handle:
-        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1]
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2]
     events = list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
     assert len(events) == 1  # one writer: the chief's
     # The other worker wrote only under its own temporary folder, and removed it.
     assert list((tmp_path / "tmp1").iterdir()) == []
-    assert "worker finished 2 epochs with the chief" in (tmp_path / "worker1.log").read_text()
+    assert "worker finished 3 epochs with the chief" in (tmp_path / "worker1.log").read_text()
 
 
 @pytest.mark.slow
