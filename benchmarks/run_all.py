@@ -44,6 +44,7 @@ class Benchmark:
 
 BENCHMARKS = (
     Benchmark("prepare", "bench_prepare.py", what="prepare against the nibabel floor, peak RSS per worker"),
+    Benchmark("scale", "bench_scale.py", what="prepare on Beam against local, 1 and 2 workers; fit on two workers"),
     Benchmark("pipeline", "bench_pipeline.py", what="tf.data with full augmentation against naive loaders",
               quick_args=("--cases", "2", "--batches", "5", "--size", "64", "--volume-size", "128", "--slices", "20-30",
                           "--rounds", "1")),
