@@ -250,13 +250,20 @@ def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
                 label = label if label.is_absolute() else base / label
             case_id = (row.get("case_id") or "").strip() or strip_nifti_suffix(image.name)
             patient = (row.get("patient") or row.get("patient_id") or "").strip() or None
-            if not image.is_file():
+            series_uid = (row.get("series_uid") or "").strip() or None
+            if image.is_dir():
+                from keras_livseg.data.dicom import is_dicom_folder
+
+                if not is_dicom_folder(image):
+                    raise DataError(f"{csv_path}:{line_number}: image {image} is a folder without DICOM files; "
+                                    "give a NIfTI file or the folder of one DICOM CT series")
+            elif not image.is_file():
                 raise DataError(f"{csv_path}:{line_number}: image {image} does not exist; fix the path")
             if label is not None and not label.is_file():
                 raise DataError(f"{csv_path}:{line_number}: label {label} does not exist; fix the path")
             if label is None and require_labels:
                 raise DataError(f"{csv_path}:{line_number}: {image} has no label; fill the label column")
-            cases.append(CaseFiles(case_id, image, label, patient))
+            cases.append(CaseFiles(case_id, image, label, patient, series_uid=series_uid))
     return cases
 
 

@@ -254,6 +254,80 @@ def _sorted_series_datasets(folder: Path, series_uid: str | None = None) -> list
     return sorted(datasets, key=lambda d: float(np.dot(np.asarray([float(v) for v in d.ImagePositionPatient]), normal)))
 
 
+#: Segmented property types read as the liver (label 1) and as a liver tumour (label 2), by
+#: code value: SNOMED CT, and the older SNOMED RT codes that dcmqi and 3D Slicer still write.
+LIVER_CODES = frozenset({"10200004", "T-62000", "181268008"})
+TUMOR_CODES = frozenset({"108369006", "M-80003", "4147007", "86049000", "363406005", "93870000"})
+
+
+def read_segmentation(seg_path: str | Path, series_folder: str | Path, series_uid: str | None = None) -> np.ndarray:
+    """A DICOM-SEG of a series as a label volume on that series' grid (0 background, 1 liver, 2 tumour).
+
+    Segments are recognized by their segmented property type (:data:`LIVER_CODES`,
+    :data:`TUMOR_CODES`); a tumour wins where both are drawn, as in LiTS. Other segments
+    (organs of a multi-organ SEG) are ignored, with a log line naming them.
+
+    Returns:
+        ``uint8 [rows, columns, slices]``, in the order :func:`read_series` stacks the slices.
+
+    Raises:
+        DataError: not a SEG, a SEG of another series, or neither a liver nor a tumour segment.
+    """
+    _pydicom()
+    import highdicom as hd
+
+    seg_path = Path(seg_path)
+    try:
+        seg = hd.seg.segread(str(seg_path))
+    except Exception as error:  # highdicom raises many types for non-SEG and damaged files
+        raise DataError(f"{seg_path} is not a readable DICOM Segmentation ({error}); pass the SEG object of the series") from None
+    datasets = _sorted_series_datasets(Path(series_folder), series_uid)
+    uids = [str(d.SOPInstanceUID) for d in datasets]
+    referenced = {str(item[2]) for item in seg.get_source_image_uids()}
+    if not referenced & set(uids):
+        raise DataError(f"{seg_path} segments another series than {series_folder} (none of its source images is "
+                        "in that folder); pair each SEG with the series it references")
+    liver, tumor, ignored = [], [], []
+    for number in seg.segment_numbers:
+        description = seg.get_segment_description(number)
+        code = str(description.segmented_property_type.value)
+        if code in LIVER_CODES:
+            liver.append(number)
+        elif code in TUMOR_CODES:
+            tumor.append(number)
+        else:
+            ignored.append(f"{number} {description.segment_label!r} ({code})")
+    if not liver and not tumor:
+        raise DataError(f"{seg_path} has no liver or liver-tumour segment (it holds {'; '.join(ignored)}); "
+                        f"keras_livseg reads segments coded liver ({', '.join(sorted(LIVER_CODES))}) or tumour "
+                        f"({', '.join(sorted(TUMOR_CODES))})")
+    if ignored:
+        logger.info("%s: ignoring segments %s (neither liver nor liver tumour)", seg_path, "; ".join(ignored))
+    present = [uid for uid in uids if uid in referenced]
+    rows, columns = int(datasets[0].Rows), int(datasets[0].Columns)
+    if (int(seg.Rows), int(seg.Columns)) != (rows, columns):
+        raise DataError(f"{seg_path} has frames of {seg.Rows}x{seg.Columns} but the series' images are {rows}x{columns}; "
+                        "keras_livseg reads SEGs drawn on the series' own pixel grid")
+    try:
+        # Frames are placed by the source image they reference, on its grid (checked above);
+        # dcmqi and others leave SpatialLocationsPreserved unset, which highdicom then refuses.
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=present, segment_numbers=liver + tumor, combine_segments=False,
+            assert_missing_frames_are_empty=True, ignore_spatial_locations=True,
+        )  # [instances, rows, columns, segments]
+    except (ValueError, RuntimeError, KeyError, AttributeError) as error:
+        raise DataError(f"{seg_path}: its frames cannot be placed on the series ({error})") from None
+    labels = np.zeros((rows, columns, len(uids)), dtype=np.uint8)
+    position = {uid: k for k, uid in enumerate(uids)}
+    for index, uid in enumerate(present):
+        frame = pixels[index]
+        if liver:
+            labels[:, :, position[uid]][frame[..., : len(liver)].any(axis=-1)] = 1
+        if tumor:
+            labels[:, :, position[uid]][frame[..., len(liver):].any(axis=-1)] = 2
+    return labels
+
+
 def write_segmentation(labels: np.ndarray, series_folder: str | Path, path: str | Path, model_name: str = "keras_livseg",
                        software_version: str | None = None, series_uid: str | None = None) -> Path:
     """Write predicted labels as a DICOM Segmentation object that references the source series.

@@ -270,6 +270,22 @@ def read_array(image: nib.Nifti1Image, path: Path, what: str = "volume", dtype=N
     return data
 
 
+def _load_labels(files: CaseFiles, image_nii: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The case's label map as NIfTI: a NIfTI file, or a DICOM-SEG of the case's DICOM series."""
+    from keras_livseg.data.dicom import looks_like_dicom
+
+    label = Path(files.label)
+    if not (label.is_file() and looks_like_dicom(label)):
+        return load_nifti(label, "segmentation")
+    if not Path(files.image).is_dir():
+        raise DataError(f"{label} is a DICOM Segmentation, which references a DICOM series, but the image "
+                        f"{files.image} is NIfTI; pair the SEG with the series' folder, or give a NIfTI label map")
+    from keras_livseg.data.dicom import read_segmentation
+
+    # The SEG's frames are placed on the series' own grid: the image's affine is theirs.
+    return nib.Nifti1Image(read_segmentation(label, files.image, files.series_uid), image_nii.affine)
+
+
 def load_case(
     files: CaseFiles,
     label_map: Mapping[int, int] | None = None,
@@ -298,7 +314,7 @@ def load_case(
     affine_zooms(image_nii.affine, files.image)  # a header without spacing fails before any read
     labels = None
     if with_labels and files.label is not None:
-        label_nii = load_nifti(files.label, "segmentation")
+        label_nii = _load_labels(files, image_nii)
         if tuple(label_nii.shape[:3]) != tuple(image_nii.shape[:3]):
             raise DataError(
                 f"{files.label} has shape {tuple(label_nii.shape[:3])} but {files.image} has "

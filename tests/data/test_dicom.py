@@ -92,6 +92,20 @@ def test_rescale_slope_gives_float_hu(series, tmp_path):
     np.testing.assert_allclose(np.asarray(image.dataobj), stored * 0.5 - 1024.0)
 
 
+@pytest.mark.parametrize("syntax", ["JPEG2000Lossless", "RLELossless"])
+def test_compressed_series_read_as_the_uncompressed_one(series, tmp_path, syntax):
+    from pydicom import uid
+
+    def compress(dataset, index):
+        dataset.compress(getattr(uid, syntax))  # pylibjpeg-openjpeg encodes JPEG 2000; pydicom RLE
+
+    folder = _copy(series, tmp_path / syntax, compress)
+    assert pydicom.dcmread(str(folder / "01.dcm")).file_meta.TransferSyntaxUID == getattr(uid, syntax)
+    image, plain = read_series(folder), read_series(series)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(plain.dataobj))
+    np.testing.assert_array_equal(image.affine, plain.affine)
+
+
 def test_no_series_in_a_folder_is_one_line(tmp_path, series):
     shutil.copy(series / "liver-seg.dcm", tmp_path / "seg.dcm")
     with pytest.raises(DataError, match="holds no DICOM image series"):

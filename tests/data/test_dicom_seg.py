@@ -53,3 +53,68 @@ def test_labels_that_do_not_fit_the_series_are_refused(series, tmp_path):
     with pytest.raises(DataError, match="do not fit the series"):
         write_segmentation(np.zeros((512, 512, 2), np.uint8), series, tmp_path / "seg.dcm")
     assert not (tmp_path / "seg.dcm").exists()
+
+
+# --- DICOM-SEG in: labelled DICOM series for prepare and evaluate --------------------------------
+
+
+def _pairs(tmp_path, image, label, case_id="3slice"):
+    path = tmp_path / f"pairs-{len(list(tmp_path.glob('pairs-*')))}.csv"
+    path.write_text(f"image,label,case_id\n{image},{label},{case_id}\n")
+    return path
+
+
+def test_series_with_its_seg_loads_as_its_nifti_conversion(series, real_data_dir, tmp_path):
+    from keras_livseg.data.cases import discover_cases
+    from keras_livseg.data.volumes import load_case
+
+    folder = real_data_dir / "dcmqi-ct-3slice"
+    dicom = load_case(discover_cases(_pairs(tmp_path, series, series / "liver-seg.dcm"))[0])
+    nifti = load_case(discover_cases(_pairs(tmp_path, folder / "volume-3slice.nii.gz", folder / "segmentation-3slice.nii.gz"))[0])
+    np.testing.assert_array_equal(dicom.image, nifti.image)
+    np.testing.assert_array_equal(dicom.labels, nifti.labels)  # dcmqi's liver, placed frame by frame
+    assert dicom.labels.max() == 1 and dicom.labels.sum() > 1000
+
+
+def test_prepare_on_dicom_series_with_segs_writes_the_nifti_shards(series, real_data_dir, tmp_path):
+    from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
+
+    folder = real_data_dir / "dcmqi-ct-3slice"
+    runs = {}
+    for name, (image, label) in {"dicom": (series, series / "liver-seg.dcm"),
+                                 "nifti": (folder / "volume-3slice.nii.gz", folder / "segmentation-3slice.nii.gz")}.items():
+        runs[name] = prepare_dataset(PrepareOptions(src=_pairs(tmp_path, image, label), out=tmp_path / name, image_size=32,
+                                                    workers=1, progress=False, split=(1.0, 0.0, 0.0)))
+    (shard,) = runs["dicom"]["splits"]["train"]["shards"]
+    assert (tmp_path / "dicom" / shard).read_bytes() == (tmp_path / "nifti" / shard).read_bytes()
+    assert runs["dicom"]["preprocessing"] == runs["nifti"]["preprocessing"]
+    # The series folder is fingerprinted as a whole: a changed slice gives a new hash.
+    assert len(runs["dicom"]["cases"]["3slice"]["image_sha256"]) == 64
+
+
+def test_our_seg_reads_back_as_the_labels_written(series, tmp_path):
+    from keras_livseg.data.dicom import read_segmentation
+
+    labels = dcmqi_liver(series)
+    labels[250:260, 250:260, 1] = 2 * labels[250:260, 250:260, 1]
+    path = write_segmentation(labels, series, tmp_path / "seg.dcm", model_name="test")
+    np.testing.assert_array_equal(read_segmentation(path, series), labels)
+
+
+def test_seg_refusals_are_one_clear_line(series, real_data_dir, tmp_path, monkeypatch):
+    from keras_livseg.data import dicom
+    from keras_livseg.data.cases import discover_cases
+    from keras_livseg.data.volumes import load_case
+
+    nifti_image = real_data_dir / "dcmqi-ct-3slice" / "volume-3slice.nii.gz"
+    with pytest.raises(DataError, match="is a DICOM Segmentation, which references a DICOM series, but the image"):
+        load_case(discover_cases(_pairs(tmp_path, nifti_image, series / "liver-seg.dcm"))[0])
+    with pytest.raises(DataError, match="is not a readable DICOM Segmentation"):
+        dicom.read_segmentation(series / "01.dcm", series)  # a CT slice, not a SEG
+    monkeypatch.setattr(dicom, "LIVER_CODES", frozenset())
+    with pytest.raises(DataError, match=r"has no liver or liver-tumour segment \(it holds 1 'Liver' \(T-62000\)\)"):
+        dicom.read_segmentation(series / "liver-seg.dcm", series)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="is a folder without DICOM files"):
+        discover_cases(_pairs(tmp_path, empty, series / "liver-seg.dcm"))
