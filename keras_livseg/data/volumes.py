@@ -270,20 +270,30 @@ def read_array(image: nib.Nifti1Image, path: Path, what: str = "volume", dtype=N
     return data
 
 
-def _load_labels(files: CaseFiles, image_nii: nib.Nifti1Image) -> nib.Nifti1Image:
-    """The case's label map as NIfTI: a NIfTI file, or a DICOM-SEG of the case's DICOM series."""
+def load_label_image(path: str | Path, image: str | Path | None, what: str = "segmentation",
+                     series_uid: str | None = None, image_nii: nib.Nifti1Image | None = None) -> nib.Nifti1Image:
+    """A label map as NIfTI: a NIfTI file, or a DICOM-SEG placed on the grid of its DICOM series ``image``.
+
+    ``image_nii`` (the series already read) spares reading the series again.
+
+    Raises:
+        DataError: unreadable file, or a SEG without its series.
+    """
     from keras_livseg.data.dicom import looks_like_dicom
 
-    label = Path(files.label)
-    if not (label.is_file() and looks_like_dicom(label)):
-        return load_nifti(label, "segmentation")
-    if not Path(files.image).is_dir():
-        raise DataError(f"{label} is a DICOM Segmentation, which references a DICOM series, but the image "
-                        f"{files.image} is NIfTI; pair the SEG with the series' folder, or give a NIfTI label map")
+    path = Path(path)
+    if not (path.is_file() and looks_like_dicom(path)):
+        return load_nifti(path, what)
+    if image is None or not Path(image).is_dir():
+        raise DataError(f"{path} is a DICOM Segmentation, which references a DICOM series, but the image "
+                        f"{image} is {'missing' if image is None else 'NIfTI'}; pair the SEG with the series' folder, "
+                        "or give a NIfTI label map")
     from keras_livseg.data.dicom import read_segmentation
 
+    if image_nii is None:
+        image_nii = load_nifti(image, "volume", series_uid)
     # The SEG's frames are placed on the series' own grid: the image's affine is theirs.
-    return nib.Nifti1Image(read_segmentation(label, files.image, files.series_uid), image_nii.affine)
+    return nib.Nifti1Image(read_segmentation(path, image, series_uid), image_nii.affine)
 
 
 def load_case(
@@ -314,7 +324,7 @@ def load_case(
     affine_zooms(image_nii.affine, files.image)  # a header without spacing fails before any read
     labels = None
     if with_labels and files.label is not None:
-        label_nii = _load_labels(files, image_nii)
+        label_nii = load_label_image(files.label, files.image, "segmentation", files.series_uid, image_nii)
         if tuple(label_nii.shape[:3]) != tuple(image_nii.shape[:3]):
             raise DataError(
                 f"{files.label} has shape {tuple(label_nii.shape[:3])} but {files.image} has "

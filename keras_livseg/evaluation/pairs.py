@@ -22,7 +22,7 @@ from keras_livseg.data.volumes import (
     DataError,
     apply_label_map,
     canonical_spacing,
-    load_nifti,
+    load_label_image,
     read_array,
     to_canonical,
 )
@@ -179,8 +179,9 @@ def load_pair(
         DataError: shapes or affines differ (the message names both shapes and spacings), or
             labels outside 0..2.
     """
-    pred_nii = load_nifti(case.prediction, "prediction")
-    ref_nii = load_nifti(case.reference, "reference")
+    # Either may be a DICOM-SEG of the case's DICOM series (placed on the series' grid).
+    pred_nii = load_label_image(case.prediction, case.image, "prediction")
+    ref_nii = load_label_image(case.reference, case.image, "reference")
     pred_shape, ref_shape = tuple(pred_nii.shape[:3]), tuple(ref_nii.shape[:3])
     pred_zooms = tuple(round(float(z), 4) for z in pred_nii.header.get_zooms()[:3])
     ref_zooms = tuple(round(float(z), 4) for z in ref_nii.header.get_zooms()[:3])

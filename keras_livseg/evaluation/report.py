@@ -65,7 +65,7 @@ from keras_livseg.data.cases import discover_cases
 from keras_livseg.data.labels import CLASS_NAMES
 from keras_livseg.data.volumes import (
     DataError,
-    load_nifti,
+    load_label_image,
     read_array,
     to_canonical,
 )
@@ -840,7 +840,7 @@ def evaluate_model(
         label_path = record.label or labels_of.get(Path(record.input).resolve())
         if prediction.sample_indices is None or label_path is None:
             return
-        label_nii = load_nifti(label_path, "segmentation")
+        label_nii = load_label_image(label_path, record.input, "segmentation")  # NIfTI, or a SEG of the series
         labels = to_canonical(
             checked_labels(read_array(label_nii, label_path, "segmentation"), options.label_map, label_path),
             label_nii.affine,

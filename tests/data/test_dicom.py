@@ -148,3 +148,20 @@ def keras_checkpoint_for_dicom(tmp_path_factory):
     build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(run / "checkpoints" / "best.keras")
     write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=60.0, std=40.0))
     return run / "checkpoints" / "best.keras"
+
+
+def test_evaluate_a_model_on_dicom_series_with_their_segs(series, tmp_path, keras_checkpoint_for_dicom):
+    import csv
+
+    from keras_livseg import evaluate as evaluate_cli
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image,label,case_id\n{series},{series / 'liver-seg.dcm'},3slice\n")
+    code = evaluate_cli.main(["--model", str(keras_checkpoint_for_dicom), "--data", str(pairs), "--out", str(tmp_path / "eval")])
+    assert code == 0
+    with (tmp_path / "eval" / "per_case.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["case_id"] == "3slice" and row["reference"].endswith("liver-seg.dcm")
+    # The reference liver is dcmqi's segment, all of its voxels, at the series' 0.81 x 0.81 x 1 mm.
+    assert int(row["liver_ref_voxels"]) == 107098
+    assert float(row["liver_ref_volume_ml"]) == pytest.approx(107098 * 0.810547**2 / 1000, rel=1e-4)
