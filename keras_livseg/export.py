@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Sequence
 
 from keras_livseg import cli
+from keras_livseg.data import storage
 from keras_livseg.data.preprocessing import PREPROCESSING_FILE, find_preprocessing_json, read_preprocessing_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser("export", "Export a trained .keras model as a SavedModel (TF Serving layout <out>/<version>/) "
         "whose serving_default signature takes raw Hounsfield units.", __doc__)
-    parser.add_argument("--model", required=True, help="the .keras checkpoint, e.g. RUN/checkpoints/best.keras")
-    parser.add_argument("--out", required=True, help="model base folder, e.g. saved_models/livseg")
+    parser.add_argument("--model", required=True, help="the .keras checkpoint, e.g. RUN/checkpoints/best.keras "
+                        "(local, s3:// or gs://)")
+    parser.add_argument("--out", required=True, help="model base folder, e.g. saved_models/livseg or gs://bucket/livseg")
     parser.add_argument("--version", type=int, help="version number (default: 1 + the largest existing one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
     parser.add_argument(
@@ -65,24 +67,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.configure_logging(args.verbose, tensorflow=True)
 
     def body() -> int:
-        model_path = Path(args.model)
+        model_path = storage.local_model(args.model)
         if model_path.suffix != ".keras":
             raise ValueError(
                 f"{model_path} is not a .keras model file; pass a checkpoint such as RUN/checkpoints/best.keras"
             )
         if not model_path.is_file():
             raise FileNotFoundError(f"model file {model_path} does not exist")
-        prep, _ = resolve_preprocessing(args.model, args.preprocessing)
+        prep, _ = resolve_preprocessing(str(model_path), storage.local_input(args.preprocessing) if args.preprocessing else None)
         # TensorFlow is imported only once the arguments are known to be good.
-        from keras_livseg.serving import export_saved_model
+        from keras_livseg.serving import export_to
 
-        target = export_saved_model(
+        target = export_to(
             model_path, args.out, prep, version=args.version, overwrite=args.overwrite
         )
-        print(f"exported {model_path} -> {target}")
+        print(f"exported {args.model} -> {target}")
+        base = str(target).rsplit("/", 1)[0] if storage.is_url(target) else Path(target).parent.resolve()
         print(
             "serve it with: tensorflow_model_server --rest_api_port=8501 "
-            f"--model_name={target.parent.name} --model_base_path={target.parent.resolve()}"
+            f"--model_name={str(base).rstrip('/').rsplit('/', 1)[-1]} --model_base_path={base}"
         )
         return 0
 

@@ -156,10 +156,10 @@ def export_trained(config: Mapping[str, Any], result):
     if not export["enabled"] or result.best_checkpoint is None or result.already_complete:
         return result  # a finished run resumed again was exported the first time
     from keras_livseg.data.preprocessing import find_preprocessing_json, read_preprocessing_json
-    from keras_livseg.serving import export_saved_model
+    from keras_livseg.serving import export_to
 
     prep, _ = read_preprocessing_json(find_preprocessing_json(result.best_checkpoint))
-    target = export_saved_model(result.best_checkpoint, export["out"], prep, version=int(export["version"]) or None,
+    target = export_to(result.best_checkpoint, export["out"], prep, version=int(export["version"]) or None,
                                 overwrite=bool(export["overwrite"]),
                                 metadata={"model": config["model"]["name"], "run": str(result.run_dir)})
     return dataclasses.replace(result, export_dir=target)

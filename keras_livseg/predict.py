@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from keras_livseg import cli
+from keras_livseg.data import storage
 from keras_livseg.data.volumes import DataError
 
 
@@ -83,14 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_lesion_mm3=args.min_lesion_mm3, liver_margin_mm=args.liver_margin_mm
         )
         label_map = parse_output_label_map(args.label_map)
-        model = SegmentationModel.load(args.model)
-        written = predict_paths(
-            model, args.inputs, args.out, batch_size=args.batch_size, tta_flip=args.tta,
-            postprocess=postprocess, save_probabilities=args.save_probabilities,
-            label_map=label_map, progress=not args.no_progress, output_format=args.format, series_uid=args.series,
-        )
+        model = SegmentationModel.load(storage.local_model(args.model))
+        inputs = [storage.local_input(item) for item in args.inputs]  # URLs: their local mirrors
+        # Predictions for a bucket are written locally, then uploaded beside whatever is there already.
+        with storage.local_output(args.out, mirror=False) as out:
+            written = predict_paths(
+                model, inputs, out, batch_size=args.batch_size, tta_flip=args.tta,
+                postprocess=postprocess, save_probabilities=args.save_probabilities,
+                label_map=label_map, progress=not args.no_progress, output_format=args.format, series_uid=args.series,
+            )
         for record in written:
-            print(f"{record.input} -> {record.output}")
+            shown = f"{str(args.out).rstrip('/')}/{Path(record.output).name}" if storage.is_url(args.out) else record.output
+            print(f"{record.input} -> {shown}")
         print(f"predicted {len(written)} case(s) into {args.out}")
         return 0
 

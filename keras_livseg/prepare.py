@@ -16,11 +16,13 @@ With --engine beam, arguments this command does not know are Beam pipeline optio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Sequence
 
 from keras_livseg import cli
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
+from keras_livseg.data import storage
 from keras_livseg.data.prepare import PrepareOptions, prepare_dataset
 
 ENGINES = ("local", "beam")
@@ -35,8 +37,9 @@ def _floats(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser("prepare", "Window, standardize-statistics, resize and shard CT volumes into TFRecords.", __doc__)
-    parser.add_argument("--src", help="dataset folder (LiTS or MSD layout) or a CSV of image,label pairs")
-    parser.add_argument("--out", help="output folder for shards and manifest.json")
+    parser.add_argument("--src", help="dataset folder (LiTS or MSD layout) or a CSV of image,label pairs; "
+                        "local, s3:// or gs://")
+    parser.add_argument("--out", help="output folder for shards and manifest.json; local, s3:// or gs://")
     parser.add_argument("--pipeline", help="recipe TOML (its [data] and [preprocessing] tables)")
     parser.add_argument("--label-map", help="remap labels, SRC:DST,... (unlisted labels become 0)")
     parser.add_argument("--window", type=_floats, help="HU window low,high (default -200,250)")
@@ -116,17 +119,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         options = options_from_args(args)
-        if args.engine == "beam":
-            from keras_livseg.data.prepare_beam import prepare_with_beam
+        # gs:// and s3:// work through local mirrors: the source downloaded, the output uploaded
+        # (manifest last) once prepare has finished; a finished output in the bucket counts as one.
+        with storage.local_output(options.out, pull=True) as out:
+            local = dataclasses.replace(options, src=storage.local_input(options.src), out=out)
+            if args.engine == "beam":
+                from keras_livseg.data.prepare_beam import prepare_with_beam
 
-            manifest = prepare_with_beam(options, args.runner, beam_args, args.verbose)
-        else:
-            manifest = prepare_dataset(options)
+                manifest = prepare_with_beam(local, args.runner, beam_args, args.verbose)
+            else:
+                manifest = prepare_dataset(local)
         splits = manifest["splits"]
         print(
             "prepared "
             + ", ".join(f"{s}: {splits[s]['slices']} slices from {len(splits[s]['cases'])} cases" for s in splits)
-            + f" -> {manifest['_dir']}"
+            + f" -> {options.out if storage.is_url(options.out) else manifest['_dir']}"
         )
         return 0
 

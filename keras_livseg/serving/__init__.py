@@ -39,7 +39,7 @@ records the preprocessing, model name, classes and signature names.
 """
 
 from keras_livseg.models.saving import load_keras_model
-from keras_livseg.serving.saved_model import export_saved_model, next_version
+from keras_livseg.serving.saved_model import export_saved_model, export_to, next_version
 from keras_livseg.serving.signature import (
     CLASSES,
     INPUT_NAME,
@@ -60,6 +60,7 @@ __all__ = [
     "SIGNATURES",
     "SPACING_INPUT",
     "export_saved_model",
+    "export_to",
     "load_keras_model",
     "make_serving_function",
     "next_version",

@@ -152,3 +152,35 @@ def export_saved_model(
             shutil.rmtree(partial, ignore_errors=True)
     logger.info("exported %s (%s, context %d) -> %s", model.name, "x".join(map(str, prep.image_size)), prep.context, target)
     return target
+
+
+def export_to(
+    model: keras.Model | str | os.PathLike,
+    out_base: str | os.PathLike,
+    prep: Preprocessing,
+    version: int | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Path | str:
+    """:func:`export_saved_model` to a local base folder or to object storage (``gs://``, ``s3://``).
+
+    For a URL the version is chosen from the versions in the bucket, the SavedModel is written
+    into a local mirror and uploaded with ``saved_model.pb`` last: TF Serving, polling the
+    bucket, loads a version only once that file is there, so it never loads a partial upload.
+
+    Returns:
+        The version folder written: a path, or the URL.
+    """
+    from keras_livseg.data import storage
+
+    if not storage.is_url(out_base):
+        return export_saved_model(model, out_base, prep, version=version, overwrite=overwrite, metadata=metadata)
+    url = str(out_base).rstrip("/")
+    versions = [int(name) for name in storage.child_names(url) if name.isdigit()]
+    version = int(version) if version else max(versions, default=0) + 1
+    if version in versions and not overwrite:
+        raise ValueError(f"{url}/{version} already exists; pass --overwrite to replace it or another --version")
+    mirror = storage.mirror_path(url)
+    local = export_saved_model(model, mirror, prep, version=version, overwrite=True, metadata=metadata)
+    storage.upload(local, f"{url}/{version}", last=("saved_model.pb",))
+    return f"{url}/{version}"

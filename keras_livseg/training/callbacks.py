@@ -49,6 +49,23 @@ class TimeBudget(keras.callbacks.Callback):
             logger.info("time budget of %.1f min reached after epoch %d: stopping", self.seconds / 60, epoch + 1)
 
 
+class UploadRun(keras.callbacks.Callback):
+    """After every epoch, upload what changed in the run folder to object storage (``run.runs_dir`` a URL).
+
+    Last in the callback list, so that the epoch's checkpoints, backup and history are written;
+    a job killed mid-epoch resumes from the bucket's last epoch (``fit --resume`` downloads it).
+    """
+
+    def __init__(self, run_dir: str | Path, url: str) -> None:
+        super().__init__()
+        self.run_dir, self.url = Path(run_dir), url
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from keras_livseg.data import storage
+
+        storage.upload(self.run_dir, self.url, last=("complete.json",))
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Adds ``learning_rate`` to the epoch logs (so TensorBoard and the CSV history show it).
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from keras_livseg.data import storage
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -224,8 +225,10 @@ def ensure_source(config: dict) -> Path:
     """
     data = config["data"]
     mix = mixed_phantom_count(config)
-    if data.get("src") and not mix:
-        return Path(data["src"])
+    # A gs:// or s3:// source is read from its local mirror (downloaded once, then only what changed).
+    src = storage.local_input(data["src"]) if data.get("src") else None
+    if src is not None and not mix:
+        return src
     phantom_dir = _phantom_dir(data)
     if not data.get("src"):
         return phantom_dir
@@ -236,7 +239,7 @@ def ensure_source(config: dict) -> Path:
             "data.mix_phantom cannot be combined with data.label_map (the phantom's labels are already "
             "0/1/2); remap your labels first or set data.mix_phantom=0"
         )
-    real = discover_cases(data["src"])
+    real = discover_cases(src)
     clash = [c.case_id for c in real if c.case_id.startswith(MIXED_PHANTOM_PREFIX)]
     if clash:
         raise ValueError(f"case ids {clash[:3]} start with {MIXED_PHANTOM_PREFIX!r}, reserved for mixed phantom cases; rename them")
@@ -309,13 +312,14 @@ def ensure_data(config: dict) -> Path:
     from keras_livseg.data.preprocessing import PREPROCESSING_VERSION
 
     out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp, PREPROCESSING_VERSION])}"
-    out = Path(out)
-    if (out / MANIFEST_NAME).is_file():
-        logger.info("reusing shards in %s", out)
-        return out
-    # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
-    prepare_in_fresh_process(PrepareOptions(out=out, resume=True, **prep_keys))
-    return out
+    # Shards in a bucket: the mirror holds what is there (reused if finished), and new ones go up after prepare.
+    with storage.local_output(out, pull=True) as local:
+        if (local / MANIFEST_NAME).is_file():
+            logger.info("reusing shards in %s", out)
+            return local
+        # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
+        prepare_in_fresh_process(PrepareOptions(out=local, resume=True, **prep_keys))
+    return local
 
 
 def new_run_dir(config: dict, resume: bool, exact_name: bool = False) -> Path:
@@ -324,22 +328,38 @@ def new_run_dir(config: dict, resume: bool, exact_name: bool = False) -> Path:
     ``exact_name`` (several workers: a resumed job must find the same folder) refuses an
     existing folder instead of choosing another name.
     """
-    runs = Path(config["run"]["runs_dir"])
+    runs_value = str(config["run"]["runs_dir"])
+    remote = storage.is_url(runs_value)
+    # Runs in a bucket are trained in a local mirror and uploaded as they go (run_url).
+    runs = storage.mirror_path(runs_value) if remote else Path(runs_value)
     name = config["run"]["name"] or f"{config['model']['name']}-{Path(config['recipe']).stem}"
     run_dir = runs / name
+
+    def taken(folder: Path) -> bool:
+        return folder.exists() or (remote and storage.exists(run_url(config, folder)))
+
     if resume:
+        if remote and storage.exists(run_url(config, run_dir)):
+            storage.download(run_url(config, run_dir))
         if not (run_dir / "config.json").is_file():
-            raise ValueError(f"--resume: no run to resume at {run_dir} (missing config.json); check --name")
+            raise ValueError(f"--resume: no run to resume at {run_url(config, run_dir) if remote else run_dir} "
+                             "(missing config.json); check --name")
         return run_dir
-    if exact_name and run_dir.exists():
+    if exact_name and taken(run_dir):
         raise ValueError(f"{run_dir} exists: pass --resume to continue it, or another --name (several workers "
                          "never pick a new name on their own, so that a restarted job finds its run)")
     suffix = 2
-    while run_dir.exists():
+    while taken(run_dir):
         run_dir = runs / f"{name}-{suffix}"
         suffix += 1
     run_dir.mkdir(parents=True)
     return run_dir
+
+
+def run_url(config: Mapping[str, Any], run_dir: Path) -> str | None:
+    """Where a run folder goes in a bucket (``run.runs_dir`` is a URL), else None."""
+    runs = str(config["run"]["runs_dir"])
+    return f"{runs.rstrip('/')}/{run_dir.name}" if storage.is_url(runs) else None
 
 
 def build_optimizer(training: Mapping[str, Any], total_steps: int):
@@ -474,7 +494,13 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     from keras_livseg.data.preprocessing import Preprocessing
     from keras_livseg.models import build_model
     from keras_livseg.training import multi_worker
-    from keras_livseg.training.callbacks import PredictionImages, TimeBudget, pick_tumor_slices, standard_callbacks
+    from keras_livseg.training.callbacks import (
+        PredictionImages,
+        TimeBudget,
+        UploadRun,
+        pick_tumor_slices,
+        standard_callbacks,
+    )
     from keras_livseg.training.metrics import default_metrics
     from keras_livseg.training.precision import apply_precision
     from keras_livseg.training.strategy import choose_strategy, cluster_task
@@ -524,7 +550,9 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
             manifest = load_manifest(shard_dir)
             apply_precision(shared["precision"])
             if resume:
-                _copy_resume_state(Path(shared["run_dir"]), scratch)
+                chief_run = Path(shared["run_dir"])
+                url = run_url(config, chief_run)  # runs in a bucket: this worker's own copy of the chief's
+                _copy_resume_state(storage.download(url) if url else chief_run, scratch)
         except Exception as failure:
             error = f"{task.name}: {failure}"
         multi_worker.agree(strategy, error)
@@ -596,6 +624,9 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
     callbacks, nan_stop = standard_callbacks(run_dir, monitor=monitor, resume=resume,
                                              early_stopping_patience=int(training["early_stopping_patience"]) or None,
                                              extra=extra)
+    upload_to = run_url(config, run_dir) if chief else None
+    if upload_to:
+        callbacks.append(UploadRun(run_dir, upload_to))
     # Exact batch counts of the finite splits: Keras otherwise learns them by running out of
     # data, and warns "Your input ran out of data" on every first pass.
     val_steps = math.ceil(manifest["splits"]["val"]["slices"] / global_batch) if has_val else None
@@ -656,6 +687,8 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         partial = run_dir / f".{COMPLETE_FILE}.partial"
         partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
         os.replace(partial, run_dir / COMPLETE_FILE)
+    if upload_to:
+        storage.upload(run_dir, upload_to, last=(COMPLETE_FILE,))  # the held-out scores, complete.json last
     # The export is the command's last step (keras_livseg.fit), not the training stage's.
     return result
 

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -17,8 +18,13 @@ import pytest
 from keras_livseg.training import multi_worker
 from keras_livseg.training.strategy import parse_tf_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import free_port  # noqa: E402
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 TINY_RECIPE = """
 [run]
@@ -214,6 +220,37 @@ def _launch(tmp_path: Path, ports: list[int], extra: list[list[str]] | None = No
     return processes
 
 
+_PORT_TAKEN = ("address already in use", "failed to add port", "could not start grpc server")
+
+
+def _port_lost(tmp_path: Path, start_offsets: list[int]) -> bool:
+    """Whether a worker failed because another process took its port between probe and bind."""
+    for index, offset in enumerate(start_offsets):
+        text = (tmp_path / f"worker{index}.log").read_bytes()[offset:].decode(errors="replace").lower()
+        if any(marker in text for marker in _PORT_TAKEN):
+            return True
+    return False
+
+
+def _start(tmp_path: Path, extra: list[list[str]]) -> list[subprocess.Popen]:
+    """Launch two workers on free ports; relaunch on new ports when a port was taken meanwhile."""
+    for _ in range(3):
+        offsets = [(tmp_path / f"worker{i}.log").stat().st_size if (tmp_path / f"worker{i}.log").exists() else 0
+                   for i in range(2)]
+        processes = _launch(tmp_path, [free_port(), free_port()], extra)
+        time.sleep(3)  # the gRPC servers bind at start-up
+        if not (any(p.poll() is not None for p in processes) and _port_lost(tmp_path, offsets)):
+            return processes
+        for process in processes:
+            process.kill()
+            process.wait()
+    return processes
+
+
+def _run(tmp_path: Path, extra: list[list[str]], timeout: float = 400) -> list[int]:
+    return _wait(_start(tmp_path, extra), timeout)
+
+
 def _wait(processes: list[subprocess.Popen], timeout: float = 400) -> list[int]:
     deadline = time.monotonic() + timeout
     codes = []
@@ -241,7 +278,7 @@ def _log_tail(tmp_path: Path) -> str:
 
 @pytest.mark.slow
 def test_two_workers_train_one_model_and_only_the_chief_writes(tmp_path):
-    codes = _wait(_launch(tmp_path, [free_port(), free_port()], [["--epochs", "3"]] * 2))
+    codes = _run(tmp_path, [["--epochs", "3"]] * 2)
     assert codes == [0, 0], _log_tail(tmp_path)
     first, second = _digests(tmp_path)
     assert first == second  # all-reduced gradients: bit-identical weights on both workers
@@ -260,7 +297,7 @@ def test_two_workers_train_one_model_and_only_the_chief_writes(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_a_worker_is_killed(tmp_path):
-    processes = _launch(tmp_path, [free_port(), free_port()], [["--epochs", "5"]] * 2)
+    processes = _start(tmp_path, [["--epochs", "5"]] * 2)
     history = tmp_path / "runs" / "mw" / "history.csv"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 3):
@@ -276,7 +313,7 @@ def test_resume_after_a_worker_is_killed(tmp_path):
     assert "start every worker again with --resume --name mw" in chief_log
     done_before = len(history.read_text().splitlines()) - 1
     assert 2 <= done_before < 5
-    codes = _wait(_launch(tmp_path, [free_port(), free_port()], [["--epochs", "5", "--resume"]] * 2))
+    codes = _run(tmp_path, [["--epochs", "5", "--resume"]] * 2)
     assert codes == [0, 0], _log_tail(tmp_path)
     with history.open() as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2, 3, 4]  # no epoch twice
@@ -288,7 +325,7 @@ def test_resume_after_a_worker_is_killed(tmp_path):
 @pytest.mark.slow
 def test_workers_that_disagree_on_the_recipe_both_stop_with_one_line(tmp_path):
     extra = [["--epochs", "2"], ["--epochs", "2", "--learning-rate", "0.5"]]
-    codes = _wait(_launch(tmp_path, [free_port(), free_port()], extra), timeout=200)
+    codes = _run(tmp_path, extra, timeout=200)
     assert codes == [2, 2], _log_tail(tmp_path)
     for index in (0, 1):
         text = (tmp_path / f"worker{index}.log").read_text(errors="replace")
