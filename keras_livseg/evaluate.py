@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from keras_livseg import cli
+from keras_livseg.data import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,15 +132,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         training_manifest = _training_manifest(args.train_manifest)
         common = dict(options=options, history=args.history, compare=args.compare, figures=not args.no_figures,
                       split=args.split, training_manifest=training_manifest)
-        if args.model:
-            summary = evaluate_model(
-                args.model, args.data, args.out, batch_size=args.batch_size, tta_flip=args.tta,
-                postprocess=None if args.no_postprocess else "default", sample_voxels=args.sample_voxels,
-                progress=not args.no_progress, model_name=args.name, **common,
-            )
-        else:
-            summary = evaluate_folders(args.pred, args.ref, args.out, model_name=args.name, images=args.images,
-                                       **common)
+        def local(value):  # s3:// and gs:// inputs: their local mirrors
+            return storage.local_input(value) if value else value
+
+        # The report for a bucket is written locally and uploaded beside what is there.
+        with storage.local_output(args.out, mirror=False) as out:
+            if args.model:
+                summary = evaluate_model(
+                    storage.local_model(args.model), local(args.data), out, batch_size=args.batch_size,
+                    tta_flip=args.tta, postprocess=None if args.no_postprocess else "default",
+                    sample_voxels=args.sample_voxels, progress=not args.no_progress, model_name=args.name, **common,
+                )
+            else:
+                summary = evaluate_folders(local(args.pred), local(args.ref), out, model_name=args.name,
+                                           images=local(args.images), **common)
         volume = summary["volume"]
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         print(

@@ -143,7 +143,7 @@ def _upload_phantom(url: str, tmp_path: Path, cases: int = 6) -> Path:
 
 
 @pytest.mark.slow
-def test_prepare_fit_export_predict_through_s3(s3, tmp_path, capsys):
+def test_prepare_fit_export_predict_evaluate_through_s3(s3, tmp_path, capsys):
     from keras_livseg import export as export_cli
     from keras_livseg import fit as fit_cli
     from keras_livseg import predict as predict_cli
@@ -190,6 +190,14 @@ def test_prepare_fit_export_predict_through_s3(s3, tmp_path, capsys):
     predicted = nib.load(str(tmp_path / "pred.nii.gz"))
     assert predicted.shape == nib.load(str(src / "volume-0.nii.gz")).shape
     assert set(np.unique(np.asarray(predicted.dataobj))) <= {0, 1, 2}
+
+    from keras_livseg import evaluate as evaluate_cli
+
+    assert evaluate_cli.main(["--model", "s3://runs/tiny/checkpoints/best.keras", "--data", f"{data}/lits",
+                              "--out", "s3://data/eval", "--no-progress", "--no-figures"]) == 0
+    report = set(runs.find("data/eval/"))
+    assert {"data/eval/report.md", "data/eval/per_case.csv", "data/eval/metrics.json"} <= report
+    assert len(runs.cat("data/eval/per_case.csv").decode().strip().splitlines()) == 1 + 6  # header + every case
 
 
 @pytest.mark.slow
