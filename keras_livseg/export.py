@@ -26,6 +26,18 @@ from keras_livseg.data import storage
 from keras_livseg.data.preprocessing import PREPROCESSING_FILE, find_preprocessing_json, read_preprocessing_json
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser("export", "Export a trained .keras model as a SavedModel (TF Serving layout <out>/<version>/) "
         "whose serving_default signature takes raw Hounsfield units.", __doc__)
@@ -34,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="model base folder, e.g. saved_models/livseg or gs://bucket/livseg")
     parser.add_argument("--version", type=int, help="version number (default: 1 + the largest existing one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
+    parser.add_argument("--metadata", type=_json_object, default={},
+                        help="JSON object of extra entries for assets.extra/preprocessing.json (e.g. the run)")
     parser.add_argument(
         "--preprocessing",
         help=f"the run's {PREPROCESSING_FILE} (default: found beside the checkpoint or in its run folder)",
@@ -79,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from keras_livseg.serving import export_to
 
         target = export_to(
-            model_path, args.out, prep, version=args.version, overwrite=args.overwrite
+            model_path, args.out, prep, version=args.version, overwrite=args.overwrite, metadata=args.metadata or None
         )
         print(f"exported {args.model} -> {target}")
         base = str(target).rsplit("/", 1)[0] if storage.is_url(target) else Path(target).parent.resolve()

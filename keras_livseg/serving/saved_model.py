@@ -173,6 +173,8 @@ def export_to(
     """
     from keras_livseg.data import storage
 
+    if keras.backend.backend() != "tensorflow":
+        return _export_with_tensorflow(model, out_base, version, overwrite, metadata)
     if not storage.is_url(out_base):
         return export_saved_model(model, out_base, prep, version=version, overwrite=overwrite, metadata=metadata)
     url = str(out_base).rstrip("/")
@@ -184,3 +186,34 @@ def export_to(
     local = export_saved_model(model, mirror, prep, version=version, overwrite=True, metadata=metadata)
     storage.upload(local, f"{url}/{version}", last=("saved_model.pb",))
     return f"{url}/{version}"
+
+
+def _export_with_tensorflow(model, out_base, version, overwrite, metadata) -> Path | str:
+    """Export from another backend (JAX): the serving graph is TensorFlow's, so a fresh process
+    with ``KERAS_BACKEND=tensorflow`` runs ``keras_livseg.export`` on the saved ``.keras`` file
+    (checkpoints are backend-neutral)."""
+    import json
+    import subprocess
+    import sys
+
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"on the {keras.backend.backend()} backend, export takes the saved .keras file, not a model object")
+    command = [sys.executable, "-m", "keras_livseg.export", "--model", str(model), "--out", str(out_base),
+               "--metadata", json.dumps(metadata or {})]
+    if version:
+        command += ["--version", str(int(version))]
+    if overwrite:
+        command.append("--overwrite")
+    logger.info("exporting with the TensorFlow backend in a fresh process (this process runs %s)", keras.backend.backend())
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise ValueError(lines[-1] if lines else f"export failed with exit status {done.returncode}")
+    target = next(line.split(" -> ", 1)[1] for line in done.stdout.splitlines() if line.startswith("exported "))
+    return target if storage_is_url(target) else Path(target)
+
+
+def storage_is_url(value: str) -> bool:
+    from keras_livseg.data import storage
+
+    return storage.is_url(value)
