@@ -34,9 +34,10 @@ write_preprocessing_json(sys.argv[1] + '/preprocessing.json', Preprocessing(imag
 _FORWARD = """
 import resource, sys, time, numpy as np, keras
 import keras_livseg.models
-model = keras.saving.load_model(sys.argv[1] + '/model.keras', compile=False)
-n, slices = int(sys.argv[2]), int(sys.argv[3])
-batches = [np.random.default_rng(i).normal(size=(8, n, n, 1)).astype('float32') for i in range(-(-slices // 8))]
+model = keras.saving.load_model(sys.argv[1], compile=False)
+slices = int(sys.argv[3])
+_, n, _, channels = model.input_shape  # the model's own size and context
+batches = [np.random.default_rng(i).normal(size=(8, n, n, channels)).astype('float32') for i in range(-(-slices // 8))]
 model.predict_on_batch(batches[0])  # build and trace once, as predict does
 t = time.perf_counter()
 for b in batches:
@@ -48,11 +49,11 @@ print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 _PREDICT = """
 import resource, sys, time
 from keras_livseg.inference import SegmentationModel, predict_paths
-model = SegmentationModel.load(sys.argv[1] + '/model.keras')
-model.predict_slices(__import__('numpy').zeros((8, int(sys.argv[3]), int(sys.argv[3])), 'float32'))  # the same one-off tracing
+model = SegmentationModel.load(sys.argv[1])
+model.predict_slices(__import__('numpy').zeros((8, int(sys.argv[3]), int(sys.argv[3]), model.context), 'float32'), spacing=(0.8, 0.8))  # the same one-off tracing
 t = time.perf_counter()
 post = None if sys.argv[4] == "none" else __import__("keras_livseg.inference", fromlist=["PostProcessing"]).PostProcessing()
-out = predict_paths(model, [sys.argv[2]], sys.argv[1] + '/out', batch_size=8, progress=False, postprocess=post)
+out = predict_paths(model, [sys.argv[2]], sys.argv[5], batch_size=8, progress=False, postprocess=post)
 seconds, rss = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 labels = __import__("nibabel").load(str(out[0].output)).get_fdata()
 print(seconds, rss, float((labels >= 1).mean()))  # the share of voxels labelled liver or tumour
@@ -73,17 +74,33 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="the model's input size")
     parser.add_argument("--quick", action="store_true", help="a test of the script: a tiny volume and model")
     parser.add_argument("--name", default="predict", help="JSON file name (predict_long for the 1000-slice run)")
+    parser.add_argument("--checkpoint", help="a trained .keras model (its run's preprocessing.json found as predict finds it) "
+                        "instead of a random one, e.g. the demo's runs/tam_unet-phantom_demo/checkpoints/best.keras")
     args = parser.parse_args()
     if args.quick:
         args.filters, args.size, args.slices, args.image_size = 4, 64, 9, 32
     src = phantom_volumes(1, size=args.size, slices=(args.slices, args.slices), seed=3)
     volume = sorted(src.glob("volume-*.nii.gz"))[0]
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run([sys.executable, "-c", _SETUP, work, args.model, str(args.filters), str(args.image_size)],
-                       check=True, capture_output=True)
-        forward_s, forward_kb = run(_FORWARD, work, str(args.image_size), str(args.slices))[-2:]
-        predict_s, predict_kb, _ = run(_PREDICT, work, str(volume), str(args.size), "default")
-        bare_s, bare_kb, labelled = run(_PREDICT, work, str(volume), str(args.size), "none")  # the raw prediction's share
+        if args.checkpoint:
+            if not Path(args.checkpoint).is_file():
+                raise SystemExit(f"{args.checkpoint} does not exist: train it first (python benchmarks/bench_real.py demo, "
+                                 "or python -m keras_livseg.fit), or pass another trained .keras")
+            model_file = str(Path(args.checkpoint).resolve())
+            config = Path(model_file).parents[1] / "config.json"
+            if config.is_file():  # describe the trained model as its run recorded it
+                import json
+
+                recorded = json.loads(config.read_text())
+                args.model, args.filters = recorded["model"]["name"], recorded["model"].get("filters", args.filters)
+                args.image_size = recorded["preprocessing"]["image_size"]
+        else:
+            model_file = work + "/model.keras"
+            subprocess.run([sys.executable, "-c", _SETUP, work, args.model, str(args.filters), str(args.image_size)],
+                           check=True, capture_output=True)
+        forward_s, forward_kb = run(_FORWARD, model_file, str(args.image_size), str(args.slices))[-2:]
+        predict_s, predict_kb, _ = run(_PREDICT, model_file, str(volume), str(args.size), "default", work + "/out")
+        bare_s, bare_kb, labelled = run(_PREDICT, model_file, str(volume), str(args.size), "none", work + "/bare")
     rows = [
         {"what": f"model forward only ({args.model}, filters {args.filters}, batch 8)", "seconds": f"{forward_s:.1f}",
          "x forward": "1.00", "peak RSS GB": f"{forward_kb / 2**20:.2f}"},
@@ -99,8 +116,10 @@ def main() -> None:
                                   "predict_s": predict_s, "ratio": predict_s / forward_s,
                                   "predict_without_postprocessing_s": bare_s, "labelled_fraction": labelled,
                                   "predict_without_postprocessing_peak_rss_gb": bare_kb / 2**20,
-                                  "model_weights": "random (untrained): it labels most of the volume, so post-processing "
-                                                   "works on the whole scan instead of the liver's bounding box",
+                                  "model_weights": (f"trained: {args.checkpoint}" if args.checkpoint else
+                                                    "random (untrained): it labels most of the volume, so post-processing "
+                                                    "works on the whole scan instead of the liver's bounding box"),
+                                  "checkpoint": args.checkpoint,
                                   "predict_peak_rss_gb": predict_kb / 2**20})
     print(f"\ngoals: <= 1.3x forward; peak RSS <= 3 GB -> {path}")
 

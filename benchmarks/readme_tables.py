@@ -106,7 +106,11 @@ def render_predict(data: dict) -> str:
         f"| `predict`: read NIfTI, preprocess, forward, resize back, post-process, write NIfTI | {data['predict_s']:.1f} | "
         f"**{ratio:.2f}** {_mark(ratio <= 1.3)} | **{rss:.2f} GB** {_mark(rss <= 3.0)} |"
     )
-    if "labelled_fraction" in data:
+    if data.get("checkpoint"):
+        rows += ["", f"A trained model, `{data['checkpoint']}`: the phantom demo (`benchmarks/bench_real.py demo` trains "
+                 f"it with seed 0, as `python -m keras_livseg.fit` does). Before post-processing it labels "
+                 f"{data['labelled_fraction']:.1%} of the volume liver or tumour."]
+    elif "labelled_fraction" in data:
         rows += ["", f"The model's weights are random (seed 0): before post-processing it labels "
                  f"{data['labelled_fraction']:.0%} of the volume liver or tumour (a trained model: the liver, a few "
                  "per cent); post-processing works inside the bounding box of what is labelled, so its share "
@@ -300,6 +304,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "pipeline": render_pipeline,
     "models": render_models,
     "predict": render_predict,
+    "predict_long_trained": render_predict,
     "predict_long": render_predict,
     "fit_loop": render_fit_loop,
     "fuzz": render_fuzz,

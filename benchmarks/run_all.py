@@ -65,6 +65,10 @@ BENCHMARKS = (
               what="every model in the same budget on the phantom: Dice, speed, paired tests (~1 h)"),
     Benchmark("real_ct", "bench_real.py", args=("demo", "sim2real", "lopo"), quick_args=None, needs_real_data=True,
               what="the demo's held-out Dice, sim-to-real and leave-one-patient-out on real CT"),
+    Benchmark("predict_long_trained", "bench_predict.py", quick_args=None, needs_real_data=True,
+              args=("--slices", "1000", "--checkpoint", "runs/bench_real/demo-seed0/checkpoints/best.keras",
+                    "--name", "predict_long_trained"),
+              what="predict's peak memory on 512x512x1000 with the demo model real_ct trained"),
 )
 NAMES = tuple(b.name for b in BENCHMARKS)
 REAL_DATA = HERE.parent.parent / "shared" / "data" / "real"
