@@ -165,3 +165,22 @@ def test_evaluate_a_model_on_dicom_series_with_their_segs(series, tmp_path, kera
     # The reference liver is dcmqi's segment, all of its voxels, at the series' 0.81 x 0.81 x 1 mm.
     assert int(row["liver_ref_voxels"]) == 107098
     assert float(row["liver_ref_volume_ml"]) == pytest.approx(107098 * 0.810547**2 / 1000, rel=1e-4)
+
+
+def test_evaluate_predictions_against_a_csv_of_series_and_segs(series, tmp_path, keras_checkpoint_for_dicom):
+    import csv
+
+    from keras_livseg import evaluate as evaluate_cli
+    from keras_livseg import predict as predict_cli
+
+    assert predict_cli.main(["--model", str(keras_checkpoint_for_dicom), str(series), "--out", str(tmp_path / "pred"),
+                             "--no-progress"]) == 0
+    (prediction,) = sorted((tmp_path / "pred").glob("*.nii.gz"))
+    case_id = prediction.name.removesuffix(".nii.gz")
+    refs = tmp_path / "refs.csv"
+    refs.write_text(f"image,label,case_id\n{series},{series / 'liver-seg.dcm'},{case_id}\n")
+    assert evaluate_cli.main(["--pred", str(tmp_path / "pred"), "--ref", str(refs), "--out", str(tmp_path / "eval"),
+                              "--no-figures"]) == 0
+    with (tmp_path / "eval" / "per_case.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["case_id"] == case_id and int(row["liver_ref_voxels"]) == 107098
