@@ -190,31 +190,28 @@ def _finalize(_, plan: Mapping[str, Any], statistics: StatisticsSum, written: Se
     finish_run(out, manifest)
 
 
-class _StatisticsCombine:
-    """Beam ``CombineFn`` over per-case foreground parts (built lazily: Beam is an extra)."""
+def _statistics_combine(window: Sequence[float]):
+    """A Beam ``CombineFn`` summing per-case foreground parts (defined here: Beam is an extra)."""
+    import apache_beam as beam
 
-    @staticmethod
-    def make(window: Sequence[float]):
-        import apache_beam as beam
+    class StatisticsCombine(beam.CombineFn):
+        def create_accumulator(self) -> StatisticsSum:
+            return StatisticsSum(window)
 
-        class StatisticsCombine(beam.CombineFn):
-            def create_accumulator(self) -> StatisticsSum:
-                return StatisticsSum(window)
+        def add_input(self, accumulator: StatisticsSum, part: Mapping[str, Any]) -> StatisticsSum:
+            accumulator.add(part)
+            return accumulator
 
-            def add_input(self, accumulator: StatisticsSum, part: Mapping[str, Any]) -> StatisticsSum:
-                accumulator.add(part)
-                return accumulator
+        def merge_accumulators(self, accumulators) -> StatisticsSum:
+            merged = StatisticsSum(window)
+            for accumulator in accumulators:
+                merged.merge(accumulator)
+            return merged
 
-            def merge_accumulators(self, accumulators) -> StatisticsSum:
-                merged = StatisticsSum(window)
-                for accumulator in accumulators:
-                    merged.merge(accumulator)
-                return merged
+        def extract_output(self, accumulator: StatisticsSum) -> StatisticsSum:
+            return accumulator
 
-            def extract_output(self, accumulator: StatisticsSum) -> StatisticsSum:
-                return accumulator
-
-        return StatisticsCombine()
+    return StatisticsCombine()
 
 
 def pipeline_options(runner: str, workers: int, pipeline_args: Sequence[str] = (), verbose: bool = False) -> Any:
@@ -315,7 +312,7 @@ def prepare_with_beam(options: PrepareOptions, runner: str = "DirectRunner",
         statistics = (
             outcomes
             | "TrainingParts" >> beam.FlatMap(_training_parts, plan=beam.pvalue.AsSingleton(plan))
-            | "TrainStatistics" >> beam.CombineGlobally(_StatisticsCombine.make(window))
+            | "TrainStatistics" >> beam.CombineGlobally(_statistics_combine(window))
         )
         written = (
             plan

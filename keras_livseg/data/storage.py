@@ -80,7 +80,7 @@ def filesystem(url: str):
         if endpoint:
             options["endpoint_url"] = endpoint
     else:
-        options = {"retries": 1, "timeout": _TIMEOUT_S}
+        options = {"requests_timeout": _TIMEOUT_S}
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             options["token"] = "anon"  # an emulator takes no credentials
     if scheme != "s3" and os.environ.get("STORAGE_EMULATOR_HOST"):

@@ -196,6 +196,8 @@ def _export_with_tensorflow(model, out_base, version, overwrite, metadata) -> Pa
     import subprocess
     import sys
 
+    from keras_livseg.data import storage
+
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"on the {keras.backend.backend()} backend, export takes the saved .keras file, not a model object")
     command = [sys.executable, "-m", "keras_livseg.export", "--model", str(model), "--out", str(out_base),
@@ -210,10 +212,4 @@ def _export_with_tensorflow(model, out_base, version, overwrite, metadata) -> Pa
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise ValueError(lines[-1] if lines else f"export failed with exit status {done.returncode}")
     target = next(line.split(" -> ", 1)[1] for line in done.stdout.splitlines() if line.startswith("exported "))
-    return target if storage_is_url(target) else Path(target)
-
-
-def storage_is_url(value: str) -> bool:
-    from keras_livseg.data import storage
-
-    return storage.is_url(value)
+    return target if storage.is_url(target) else Path(target)

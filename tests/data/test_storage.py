@@ -131,6 +131,23 @@ def test_bad_urls_and_unreachable_storage_are_one_line(s3, monkeypatch):
     assert time.monotonic() - started < 30  # two attempts, not a retry storm
 
 
+def test_a_csv_in_a_bucket_brings_its_volumes(s3, tmp_path):
+    from keras_livseg.data.cases import discover_cases
+
+    data = s3("pairs")
+    src = tmp_path / "lits"
+    write_case(src, "1", seed=1)
+    write_case(src, "2", seed=2)
+    # One row relative to the CSV, one a full URL: both are fetched, the CSV rewritten with local paths.
+    (src / "pairs.csv").write_text("image,label\nvolume-1.nii.gz,segmentation-1.nii.gz\n"
+                                   f"{data}/set/volume-2.nii.gz,{data}/set/segmentation-2.nii.gz\n")
+    storage.upload(src, f"{data}/set")
+    local = storage.local_input(f"{data}/set/pairs.csv")
+    cases = discover_cases(local)
+    assert [c.case_id for c in cases] == ["volume-1", "volume-2"]
+    assert all(c.image.read_bytes() == (src / c.image.name).read_bytes() for c in cases)
+
+
 # --- the commands, end to end ----------------------------------------------------------------------
 
 
