@@ -1202,25 +1202,115 @@ def tumor_free_cases(cases: int, seed: int) -> list[bool]:
     return [(i + offset) % TUMOR_FREE_PERIOD == 0 for i in range(cases)]
 
 
+#: LiTS's training set: 131 volumes, 58,638 slices, 74 to 987 per volume; by index, volumes 0-100
+#: hold 39,307 slices, 101-115 hold 12,045 and 116-130 hold 7,286 (the KiU-Net split's counts, as
+#: documented for LiTS17 by kaiko-ai/eva, docs/datasets/lits.md).
+LITS_VOLUMES = 131
+LITS_SLICES = 58_638
+LITS_SLICE_RANGE = (74, 987)
+LITS_GROUPS = ((101, 39_307), (15, 12_045), (15, 7_286))
+
+
+def lits_slice_counts(seed: int = 0) -> list[int]:
+    """Slice counts of a LiTS-sized set: 131 volumes, 58,638 slices, 74 to 987 each.
+
+    LiTS publishes no per-volume list here, so the counts are drawn (log-normal around each
+    index group's mean) and then adjusted to LiTS's facts exactly: the total, the range (its
+    minimum and maximum both occur) and the slices of each index group (:data:`LITS_GROUPS`).
+
+    Args:
+        seed: seed of the draw; the same seed gives the same list.
+
+    Returns:
+        131 integers, case ``i``'s slice count at index ``i``.
+
+    Example:
+        >>> counts = lits_slice_counts()
+        >>> len(counts), sum(counts), min(counts), max(counts)
+        (131, 58638, 74, 987)
+    """
+    low, high = LITS_SLICE_RANGE
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 131]))
+    counts: list[int] = []
+    for group, (n, total) in enumerate(LITS_GROUPS):
+        values = np.clip(rng.lognormal(math.log(total / n), 0.4, n), low, high)
+        pinned = np.zeros(n, bool)
+        if group == 0:  # the set's extremes, placed where their group's mean allows them
+            values[int(np.argmin(values))], pinned[int(np.argmin(values))] = low, True
+        if group == 1:
+            values[int(np.argmax(values))], pinned[int(np.argmax(values))] = high, True
+        free = ~pinned
+        for _ in range(50):  # scale the free values to the group's total, within the range
+            scale = (total - values[pinned].sum()) / values[free].sum()
+            values[free] = np.clip(values[free] * scale, low, high)
+        ints = np.round(values).astype(int)
+        order = np.flatnonzero(free)
+        step = 0
+        while ints.sum() != total:  # rounding: move one slice at a time, within the range
+            i = order[step % len(order)]
+            delta = 1 if ints.sum() < total else -1
+            if low <= ints[i] + delta <= high:
+                ints[i] += delta
+            step += 1
+        counts += ints.tolist()
+    return counts
+
+
 def iter_phantom_cases(
-    cases: int, seed: int = 0, **case_kwargs
+    cases: int, seed: int = 0, *, slice_counts: Sequence[int] | None = None, **case_kwargs
 ) -> Iterator[tuple[int, PhantomCase]]:
     """Yields ``(index, case)`` for a set; case ``i`` depends only on ``seed`` and ``i``.
 
     Args:
         cases: number of cases, at least 1.
         seed: seed of the set; each case is seeded from ``SeedSequence(seed).spawn``.
+        slice_counts: one slice count per case (e.g. :func:`lits_slice_counts`), replacing
+            ``slices``; None (default) draws each from ``slices``.
         **case_kwargs: passed to :func:`make_phantom_case` (not ``tumor_free``).
 
     Example:
         >>> [i for i, _ in iter_phantom_cases(2, seed=1, size=32, slices=(8, 8))]
         [0, 1]
     """
+    for index, args in _case_arguments(cases, seed, slice_counts, case_kwargs):
+        yield index, make_phantom_case(**args)
+
+
+def _case_arguments(cases, seed, slice_counts, case_kwargs) -> list[tuple[int, dict]]:
+    """``(index, make_phantom_case keyword arguments)`` for each case of a set."""
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
         raise ValueError(f"cases must be a positive integer, got {cases!r}")
+    if slice_counts is not None:
+        slice_counts = [int(n) for n in slice_counts]
+        if len(slice_counts) != cases or min(slice_counts) < 1:
+            raise ValueError(f"slice_counts must hold {cases} positive counts, one per case; got {len(slice_counts)}")
     children = np.random.SeedSequence(seed).spawn(cases)
+    arguments = []
     for index, (child, free) in enumerate(zip(children, tumor_free_cases(cases, seed))):
-        yield index, make_phantom_case(child, tumor_free=free, **case_kwargs)
+        kwargs = dict(case_kwargs, seed=child, tumor_free=free)
+        if slice_counts is not None:
+            kwargs["slices"] = (slice_counts[index], slice_counts[index])
+        arguments.append((index, kwargs))
+    return arguments
+
+
+def _write_case(index: int, kwargs: dict, volume_path: Path, label_path: Path) -> dict:
+    """Makes case ``index``, writes its two files atomically, returns its ``phantom.json`` entry."""
+    case = make_phantom_case(**kwargs)
+    _save_atomic(_nifti(case.volume_hu, case.affine), volume_path)
+    _save_atomic(_nifti(case.labels, case.affine), label_path)
+    logger.info(
+        "case %d: %s, spacing %s mm, %d lesion(s)", index, case.volume_hu.shape,
+        "x".join(f"{s:.2f}" for s in case.spacing), len(case.tumors),
+    )
+    return {
+        "id": index, "volume": volume_path.name, "segmentation": label_path.name,
+        "shape": list(case.volume_hu.shape), "spacing_mm": [round(s, 4) for s in case.spacing],
+        "pad_hu": case.pad_hu, "liver_hu": round(case.liver_hu, 2), "noise_hu": round(case.noise_hu, 2),
+        "phase": case.phase, "gallbladder": case.anatomy.get("gallbladder"),
+        "streaks": case.anatomy.get("streaks"),
+        "tumors": [dataclasses.asdict(t) for t in case.tumors],
+    }
 
 
 def write_phantom_dataset(
@@ -1230,27 +1320,35 @@ def write_phantom_dataset(
     *,
     size: int = DEFAULT_SIZE,
     slices: tuple[int, int] = DEFAULT_SLICES,
+    slice_counts: Sequence[int] | None = None,
     spacing_mm: tuple[float, float] = DEFAULT_SPACING_MM,
     thickness_mm: tuple[float, float] = DEFAULT_THICKNESS_MM,
     gzip: bool = True,
     overwrite: bool = False,
     progress: bool = False,
+    workers: int = 1,
 ) -> list[Path]:
     """Writes a phantom set in the LiTS layout and a ``phantom.json`` describing it.
 
     Files are ``volume-<i>.nii[.gz]`` (int16 HU) and ``segmentation-<i>.nii[.gz]`` (uint8,
     0/1/2) for ``i = 0 .. cases - 1``, each written under a temporary name and renamed, so an
     interrupted run never leaves a half-written file under a final name. ``phantom.json``
-    (written last) lists every case's shape, spacing, pad value and lesions.
+    (written last) lists every case's shape, spacing, pad value and lesions. Cases are made
+    and written one at a time per worker (memory: one case per worker), so a LiTS-sized set
+    (``slice_counts=lits_slice_counts()``, ~13 GB at 512 px) is never all in memory.
 
     Args:
         out_dir: output folder, created if missing.
         cases: number of cases, at least 1. Default 12.
         seed: seed of the set. Default 0.
         size, slices, spacing_mm, thickness_mm: as in :func:`make_phantom_case`.
+        slice_counts: one slice count per case, replacing ``slices`` (see
+            :func:`iter_phantom_cases`). Default None.
         gzip: write ``.nii.gz`` (True, default) or ``.nii``.
         overwrite: replace existing case files; without it an existing file is an error.
         progress: show a tqdm bar on stderr.
+        workers: processes making cases in parallel (default 1: in this process). The files
+            are the same bytes whatever the count.
 
     Returns:
         Paths written: volume and segmentation of each case in order, then ``phantom.json``.
@@ -1266,8 +1364,10 @@ def write_phantom_dataset(
         >>> [p.name for p in paths]
         ['volume-0.nii.gz', 'segmentation-0.nii.gz', 'phantom.json']
     """
-    if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
-        raise ValueError(f"cases must be a positive integer, got {cases!r}")
+    kwargs = dict(size=size, slices=slices, spacing_mm=spacing_mm, thickness_mm=thickness_mm)
+    arguments = _case_arguments(cases, seed, slice_counts, kwargs)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder; choose another --out")
@@ -1283,35 +1383,30 @@ def write_phantom_dataset(
 
     from tqdm import tqdm
 
-    written: list[Path] = []
-    described = []
-    kwargs = dict(size=size, slices=slices, spacing_mm=spacing_mm, thickness_mm=thickness_mm)
+    jobs = [(index, case_kwargs, *names[index]) for index, case_kwargs in arguments]
     bar = tqdm(total=cases, desc="phantom", unit="case", disable=not progress)
     try:
-        for index, case in iter_phantom_cases(cases, seed, **kwargs):
-            volume_path, label_path = names[index]
-            _save_atomic(_nifti(case.volume_hu, case.affine), volume_path)
-            _save_atomic(_nifti(case.labels, case.affine), label_path)
-            written += [volume_path, label_path]
-            described.append(
-                {
-                    "id": index, "volume": volume_path.name, "segmentation": label_path.name,
-                    "shape": list(case.volume_hu.shape), "spacing_mm": [round(s, 4) for s in case.spacing],
-                    "pad_hu": case.pad_hu, "liver_hu": round(case.liver_hu, 2), "noise_hu": round(case.noise_hu, 2),
-                    "phase": case.phase, "gallbladder": case.anatomy.get("gallbladder"),
-                    "streaks": case.anatomy.get("streaks"),
-                    "tumors": [dataclasses.asdict(t) for t in case.tumors],
-                }
-            )
-            logger.info(
-                "case %d: %s, spacing %s mm, %d lesion(s)", index, case.volume_hu.shape,
-                "x".join(f"{s:.2f}" for s in case.spacing), len(case.tumors),
-            )
-            bar.update(1)
+        if workers == 1:
+            described = []
+            for job in jobs:
+                described.append(_write_case(*job))
+                bar.update(1)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(workers, cases)) as pool:
+                futures = [pool.submit(_write_case, *job) for job in jobs]
+                described = []
+                for future in futures:  # in case order, so phantom.json does not depend on timing
+                    described.append(future.result())
+                    bar.update(1)
     finally:
         bar.close()
+    written = [p for pair in names for p in pair]
     meta = {"generator": "keras_livseg.data.phantom", "seed": seed, "cases": described, **{
         k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    if slice_counts is not None:
+        meta["slice_counts"] = [int(n) for n in slice_counts]
     meta_path = out / "phantom.json"
     tmp = meta_path.with_name(f".phantom.json.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")

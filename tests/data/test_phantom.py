@@ -16,7 +16,9 @@ from keras_livseg.data.phantom import (
     PAD_VALUES_HU,
     PHASES,
     SMALL_TUMOR_MAX_MM,
+    LITS_GROUPS,
     iter_phantom_cases,
+    lits_slice_counts,
     make_phantom_case,
     tumor_free_cases,
     write_phantom_dataset,
@@ -180,6 +182,35 @@ def test_written_files_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_lits_slice_counts_have_lits_total_range_and_index_groups():
+    counts = lits_slice_counts(0)
+    assert len(counts) == 131 and sum(counts) == 58_638
+    assert min(counts) == 74 and max(counts) == 987
+    start = 0
+    for n, total in LITS_GROUPS:
+        assert sum(counts[start:start + n]) == total
+        start += n
+    assert counts == lits_slice_counts(0) and counts != lits_slice_counts(1)
+    assert sum(lits_slice_counts(1)) == 58_638
+    assert len(set(counts)) > 100  # drawn, not a handful of repeated values
+
+
+def test_slice_counts_and_workers_give_the_same_files(tmp_path):
+    counts = [9, 12, 10]
+    one = write_phantom_dataset(tmp_path / "one", cases=3, seed=2, size=32, slice_counts=counts)
+    two = write_phantom_dataset(tmp_path / "two", cases=3, seed=2, size=32, slice_counts=counts, workers=2)
+    assert [p.name for p in one] == [p.name for p in two]
+    for a, b in zip(one[:-1], two[:-1]):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+    assert [nib.load(tmp_path / "one" / f"volume-{i}.nii.gz").shape[2] for i in range(3)] == counts
+    assert json.loads(one[-1].read_text()) == json.loads(two[-1].read_text())
+    assert json.loads(one[-1].read_text())["slice_counts"] == counts
+    with pytest.raises(ValueError, match="one per case"):
+        write_phantom_dataset(tmp_path / "bad", cases=3, size=32, slice_counts=[9, 9])
+    with pytest.raises(ValueError, match="workers"):
+        write_phantom_dataset(tmp_path / "bad", cases=1, size=32, slices=(8, 8), workers=0)
+
+
 def test_existing_files_need_overwrite(tmp_path):
     write_phantom_dataset(tmp_path, cases=1, seed=0, **TINY)
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -206,6 +237,7 @@ def test_cli_writes_files_and_returns_zero(tmp_path, capsys):
         (["--cases", "0"], "cases must be a positive integer"),
         (["--size", "8"], "size must be an integer >= 32"),
         (["--out", "/proc/phantom-here"], "phantom-here"),
+        (["--lits-sized"], "--slices cannot be combined with --lits-sized"),
     ],
 )
 def test_cli_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
