@@ -145,32 +145,42 @@ def _models_ratio_cell(ratio: float | None, row: dict) -> str:
 def render_models(data: dict) -> str:
     settings = data["settings"]
     batch = settings["batch"]
-    # models.json from before the whole registry was benchmarked has no "torch_side": its table keeps its shape.
-    sides = all("torch_side" in row for row in data["rows"])
-    extra_head, extra_rule = (" PyTorch side | params = PyTorch's |", " --- | --- |") if sides else ("", "")
+    peak = (data.get("float32_matmul_peak_gflops") or {}).get("peak")
     rows = [
-        "| model | params | GFLOPs/slice (fwd) | Keras f32 s/step | Keras bf16 s/step | PyTorch f32 s/step | "
-        f"Keras slices/s | PyTorch slices/s | Keras/PyTorch (goal ≥ 1.5) |{extra_head} peak RSS MB (Keras f32 / bf16 / PyTorch) |",
-        f"| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |{extra_rule} ---: |",
+        "| model | params | GFLOPs/slice (fwd) | Keras f32 s/step | PyTorch f32 s/step | Keras f32 slices/s | "
+        "Keras/PyTorch f32 (goal ≥ 1.5) | Keras bf16 s/step | PyTorch bf16 s/step | Keras/PyTorch bf16 | "
+        "share of f32 peak (Keras / PyTorch) | PyTorch side | params = PyTorch's | peak RSS MB (Keras f32 / bf16 / PyTorch f32) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
+
+    def ratio(keras: dict, torch: dict) -> float | None:
+        return torch["step_s"] / keras["step_s"] if "step_s" in keras and "step_s" in torch else None
+
     for row in data["rows"]:
-        k32, kbf, pt = row.get("keras_float32", {}), row.get("keras_mixed_bfloat16", {}), row.get("torch_float32", {})
+        k32, kbf = row.get("keras_float32", {}), row.get("keras_mixed_bfloat16", {})
+        p32, pbf = row.get("torch_float32", {}), row.get("torch_mixed_bfloat16", {})
         k_rate = batch / k32["step_s"] if "step_s" in k32 else None
-        p_rate = batch / pt["step_s"] if "step_s" in pt else None
-        ratio = k_rate / p_rate if k_rate and p_rate else None
-        rss = " / ".join(_n(d.get("peak_rss_mb"), ".0f") for d in (k32, kbf, pt))
+        rss = " / ".join(_n(d.get("peak_rss_mb"), ".0f") for d in (k32, kbf, p32))
         params = f"{k32['params']:,}" if "params" in k32 else "–"
-        side = f" {row['torch_side']['built_by']} | {params_cell(row)} |" if sides else ""
+        shares = " / ".join("–" if row.get(k) is None else f"{100 * row[k]:.0f} %"
+                            for k in ("keras_share_of_peak", "torch_share_of_peak"))
+        bf_ratio = ratio(kbf, pbf)
+        bf_cell = "–" if bf_ratio is None else (
+            f"{bf_ratio:.2f}" if row.get("torch_side", {}).get("same_architecture", True) else f"{bf_ratio:.2f} (not comparable)")
         rows.append(
             f"| {row['model']} | {params} | {_n(k32.get('gflops_per_slice'))} | {_n(k32.get('step_s'), '.3f')} | "
-            f"{_n(kbf.get('step_s'), '.3f')} | {_n(pt.get('step_s'), '.3f')} | {_n(k_rate, '.1f')} | {_n(p_rate, '.1f')} | "
-            f"{_models_ratio_cell(ratio, row)} |{side} {rss} |"
+            f"{_n(p32.get('step_s'), '.3f')} | {_n(k_rate, '.1f')} | {_models_ratio_cell(ratio(k32, p32), row)} | "
+            f"{_n(kbf.get('step_s'), '.3f')} | {_n(pbf.get('step_s'), '.3f')} | {bf_cell} | {shares} | "
+            f"{row['torch_side']['built_by']} | {params_cell(row)} | {rss} |"
         )
-    others = "; the others at their registry defaults" if sides else ""
     head = (f"{settings['size']}×{settings['size']}×{settings['channels']}, batch {batch}, train step = Adam + cross "
             f"entropy; U-Nets base {settings['filters']}, depth {settings['depth']}; effb0_pan decoder "
-            f"{settings['decoder_filters']}{others}; s/step = best of {settings['steps']} steps after {settings['warmup']} "
-            "warm-up (medians and every step in models.json).")
+            f"{settings['decoder_filters']}; the others at their registry defaults; s/step = best of {settings['steps']} "
+            f"steps after {settings['warmup']} warm-up (medians and every step in models.json); bf16 = Keras' "
+            "mixed_bfloat16 policy and PyTorch's CPU autocast.")
+    if peak:
+        head += (f" Share of f32 peak: the f32 train step at 3× the forward GFLOPs against this machine's float32 "
+                 f"matrix-multiply peak measured in the same run ({peak:.0f} GFLOP/s, best of TensorFlow and PyTorch).")
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
@@ -298,9 +308,35 @@ def render_scale(data: dict) -> str:
     return "\n".join([head, "", *rows, "", lits, "", fit_line, "", _machine_line(data)])
 
 
+def render_lits_scale(data: dict) -> str:
+    made, runs = data["set"], data["runs"]
+    rows = [
+        "| engine | workers | wall min | slices/s | × local, same workers (goal ≤ 1.5) | peak RSS per worker | RSS / largest volume |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for engine, label in (("local", "local (processes)"), ("beam", "Beam DirectRunner")):
+        for workers in (1, 2):
+            run = runs[f"{engine}_{workers}"]
+            ratio = f"**{run['x_local']:.2f}** {_mark(run['x_local'] <= 1.5)}" if engine == "beam" else "1.00"
+            rows.append(f"| {label} | {workers} | {run['wall_s'] / 60:.1f} | {run['slices_per_s']:.0f} | {ratio} | "
+                        f"{run['worker_peak_rss_mb']:.0f} MB | {run['rss_over_largest_volume']:.2f} |")
+    head = (f"`python -m keras_livseg.phantom --lits-sized`: {made['volumes']} volumes of {made['size']}×{made['size']}, "
+            f"{made['slices']:,} slices ({made['min_slices']}–{made['max_slices']} a volume, LiTS's total and range), "
+            f"{made['gzip_gb']:.1f} GB gzipped → {data['image_size']} px shards ({runs['local_1']['out_gb']:.1f} GB, "
+            f"{runs['local_1']['files']} files); all four outputs byte-identical: "
+            f"{'yes' if data['byte_identical'] else '**no**'}.")
+    projection = data["projection_s"]
+    lits = (f"Measured 1 → 2 worker efficiency: local {data['local_scaling_efficiency_2']:.2f}, Beam "
+            f"{data['beam_scaling_efficiency_2']:.2f}; at that efficiency Beam would take "
+            f"{projection['beam_8'] / 60:.1f} min on 8 workers and {projection['beam_32'] / 60:.1f} min on 32 "
+            "(a projection: a cluster's storage sets its own pace).")
+    return "\n".join([head, "", *rows, "", lits, "", _machine_line(data)])
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "prepare": render_prepare,
     "scale": render_scale,
+    "lits_scale": render_lits_scale,
     "pipeline": render_pipeline,
     "models": render_models,
     "predict": render_predict,

@@ -45,6 +45,8 @@ class Benchmark:
 BENCHMARKS = (
     Benchmark("prepare", "bench_prepare.py", what="prepare against the nibabel floor, peak RSS per worker"),
     Benchmark("scale", "bench_scale.py", what="prepare on Beam against local, 1 and 2 workers; fit on two workers"),
+    Benchmark("lits_scale", "bench_lits_scale.py",
+              what="prepare on a LiTS-sized phantom (131 volumes, 58,638 slices), local and Beam, 1 and 2 workers (~45 min)"),
     Benchmark("pipeline", "bench_pipeline.py", what="tf.data with full augmentation against naive loaders",
               quick_args=("--cases", "2", "--batches", "5", "--size", "64", "--volume-size", "128", "--slices", "20-30",
                           "--rounds", "1")),

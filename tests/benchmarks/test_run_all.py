@@ -50,7 +50,7 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
                            "--skip", "real_ct", "phantom_realism"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "run_all_quick.json").read_text())
-    assert [run["name"] for run in summary["runs"]] == ["prepare", "scale", "pipeline", "models", "predict", "fit_loop", "fuzz"]
+    assert [run["name"] for run in summary["runs"]] == ["prepare", "scale", "lits_scale", "pipeline", "models", "predict", "fit_loop", "fuzz"]
     for run in summary["runs"]:
         data = json.loads((tmp_path / "results" / f"{run['name']}.json").read_text())
         machine = data["machine"]
@@ -62,6 +62,10 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     assert scale["byte_identical"] is True  # the Beam engine wrote exactly the local engine's folder
     assert scale["beam_2"]["x_local"] == pytest.approx(scale["beam_2"]["wall_s"] / scale["local_2"]["wall_s"])
     assert scale["fit"]["two_over_one"] == pytest.approx(scale["fit"]["two_workers_slices_per_s"] / scale["fit"]["one_worker_slices_per_s"])
+    lits = json.loads((tmp_path / "results" / "lits_scale.json").read_text())
+    assert lits["byte_identical"] is True and lits["set"]["volumes"] == 3  # the quick set: LiTS's first 3 counts / 40
+    assert all(run["slices"] == lits["set"]["slices"] for run in lits["runs"].values())
+    assert lits["runs"]["beam_1"]["x_local"] == pytest.approx(lits["runs"]["beam_1"]["wall_s"] / lits["runs"]["local_1"]["wall_s"])
     models = json.loads((tmp_path / "results" / "models.json").read_text())
     assert [row["model"] for row in models["rows"]] == ["unet", "effb0_pan"]
     assert all(row["keras_float32"]["step_s"] > 0 for row in models["rows"])
