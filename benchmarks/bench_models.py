@@ -6,7 +6,9 @@ GFLOPs per slice (TensorFlow profiler on the frozen inference graph, multiply-ad
 entropy, ``train_on_batch``; the best of the timed steps after warm-up, the one
 least disturbed by other users of a shared machine; medians are in the JSON), peak
 RSS of the process. The same architecture in PyTorch is timed in the same run,
-float32, and the table gives Keras slices/s over PyTorch slices/s (goal >= 1.5).
+float32, and the table gives Keras slices/s over PyTorch slices/s (goal >= 1.5); both are
+also timed in mixed bfloat16 (Keras' ``mixed_bfloat16`` policy, PyTorch's CPU autocast), the
+precision ``precision = "auto"`` trains in on a CPU with native bfloat16 where it is faster.
 
 The PyTorch side (:func:`torch_side`, :data:`SMP_CONFIGS`): segmentation_models.pytorch
 0.6 where it has the architecture (linknet, pspnet, manet, segformer; no pretrained
@@ -16,6 +18,12 @@ runs (smp's PSPNet builds ResNet stages it never calls). deeplabv3plus is keras-
 (ResNetV2 backbone), which smp has no twin of: its row times the closest smp
 DeepLabV3Plus (ResNet-18), not the same architecture, so its ratio is reported and
 not judged. deeplabv3plus and segformer need the [cv] extra on the Keras side.
+
+Share of peak: the machine's float32 matrix-multiply peak is measured in the same run
+(:func:`worker_peak`: the best GFLOP/s of 2048x2048 matmuls, TensorFlow and PyTorch each in
+its own process, the higher kept), and each side's train step is put against it at 3x the
+forward GFLOPs (forward, input gradient, weight gradient). A model whose Keras step already
+runs near the peak cannot be made faster without doing less arithmetic.
 
 Keras options: the U-Nets at --filters/--depth, effb0_pan at --decoder-filters, the
 others at their registry defaults.
@@ -177,9 +185,14 @@ def worker_torch(args) -> dict:
     y = torch.from_numpy(rng.integers(0, 3, (args.batch, args.size, args.size)))
     model.train()
 
+    # mixed_bfloat16: torch.autocast on the CPU, PyTorch's counterpart of Keras' mixed policy
+    # (convolutions and matmuls in bfloat16, weights and the loss in float32).
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.policy == "mixed_bfloat16")
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with autocast:
+            loss = loss_fn(model(x).float(), y)
         loss.backward()
         optimizer.step()
 
@@ -206,6 +219,39 @@ def worker_torch(args) -> dict:
         "torch": torch.__version__,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def worker_peak(framework: str, size: int = 2048, repeats: int = 10) -> dict:
+    """Best float32 GFLOP/s of ``size x size`` matmuls in ``framework`` (2 size^3 FLOPs each)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).normal(size=(size, size)).astype("float32")
+    if framework == "keras":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import tensorflow as tf
+
+        x = tf.constant(a)
+        run = lambda: tf.linalg.matmul(x, x).numpy()  # noqa: E731
+    else:
+        import torch
+
+        x = torch.from_numpy(a)
+        run = lambda: torch.mm(x, x)  # noqa: E731
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"gflops_per_s": 2 * size**3 / min(times) / 1e9, "size": size}
+
+
+def share_of_peak(result: dict, gflops_per_slice: float | None, batch: int, peak: float | None) -> float | None:
+    """A train step's FLOP rate (3x forward) as a fraction of the measured matmul peak."""
+    if not gflops_per_slice or not peak or "step_s" not in result:
+        return None
+    return 3 * gflops_per_slice * batch / result["step_s"] / peak
 
 
 def forward_gflops_torch(model, sample) -> float:
@@ -265,46 +311,6 @@ def params_cell(row: dict) -> str:
     return f"✗ {theirs}" if side.get("same_architecture", True) else f"differs ({theirs})"
 
 
-def ratio_cell(ratio: float | None, row: dict) -> str:
-    if ratio is None:
-        return "–"
-    if not row.get("torch_side", {}).get("same_architecture", True):
-        return f"{ratio:.2f} (not comparable)"
-    return f"{ratio:.2f}"
-
-
-def table(rows, args) -> str:
-    lines = [
-        f"Models at {args.size}×{args.size}×{args.channels}, batch {args.batch}, train step = Adam + "
-        f"cross entropy; U-Nets base {args.filters}, depth {args.depth}; effb0_pan decoder "
-        f"{args.decoder_filters}; the others at their registry defaults; {os.cpu_count()} CPU cores (shared); "
-        f"s/step = best of {args.steps} steps after {args.warmup} warm-up (medians in models.json).",
-        "",
-        "| model | params | GFLOPs/slice (fwd) | Keras f32 s/step | Keras bf16 s/step | PyTorch f32 s/step "
-        "| Keras f32 slices/s | PyTorch slices/s | Keras/PyTorch | PyTorch side | params = PyTorch's "
-        "| peak RSS MB (Keras f32 / bf16 / PyTorch) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
-    ]
-    for row in rows:
-        k32, kbf, pt = row.get("keras_float32", {}), row.get("keras_mixed_bfloat16", {}), row.get("torch_float32", {})
-        k_rate = args.batch / k32["step_s"] if "step_s" in k32 else None
-        p_rate = args.batch / pt["step_s"] if "step_s" in pt else None
-        ratio = k_rate / p_rate if k_rate and p_rate else None
-        rss = " / ".join(fmt(d.get("peak_rss_mb"), ".0f") for d in (k32, kbf, pt))
-        lines.append(
-            f"| {row['model']} | {fmt(k32.get('params'), ',')} | {fmt(k32.get('gflops_per_slice'), '.2f')} "
-            f"| {fmt(k32.get('step_s'), '.3f')} | {fmt(kbf.get('step_s'), '.3f')} | {fmt(pt.get('step_s'), '.3f')} "
-            f"| {fmt(k_rate, '.1f')} | {fmt(p_rate, '.1f')} | {ratio_cell(ratio, row)} "
-            f"| {row['torch_side']['built_by']} | {params_cell(row)} | {rss} |"
-        )
-        row["keras_over_torch"] = ratio
-    errors = [
-        f"- {row['model']} {key}: {value['error']}"
-        for row in rows for key, value in row.items() if isinstance(value, dict) and "error" in value
-    ]
-    return "\n".join(lines + ([""] + errors if errors else []))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
@@ -322,37 +328,58 @@ def main(argv=None) -> int:
     parser.add_argument("--policy", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("keras", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 3, 1
 
     if args.worker:
-        result = worker_keras(args) if args.worker == "keras" else worker_torch(args)
+        if args.peak:
+            result = worker_peak(args.worker)
+        else:
+            result = worker_keras(args) if args.worker == "keras" else worker_torch(args)
         print(json.dumps(result))
         return 0
+
+    peaks = {}
+    for framework in ("keras",) + (() if args.no_torch else ("torch",)):
+        print(f"[bench] float32 matmul peak, {framework} ...", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, __file__, "--worker", framework, "--peak"], capture_output=True, text=True)
+        if done.returncode == 0:
+            peaks[framework] = json.loads(done.stdout.strip().splitlines()[-1])["gflops_per_s"]
+    peak = max(peaks.values()) if peaks else None
 
     rows = []
     for name in args.models:
         row = {"model": name, "keras_options": keras_options(args, name), "torch_side": torch_side(name)}
-        runs = [("keras", "float32"), ("torch", "float32"), ("keras", "mixed_bfloat16")]
+        runs = [("keras", "float32"), ("torch", "float32"), ("keras", "mixed_bfloat16"), ("torch", "mixed_bfloat16")]
         for framework, policy in runs:
             if framework == "torch" and args.no_torch:
                 continue
             print(f"[bench] {name} {framework} {policy} ...", file=sys.stderr, flush=True)
             row[f"{framework}_{policy}"] = run_worker(args, framework, name, policy)
         row["params_match"] = params_match(row["keras_float32"], row.get("torch_float32", {}))
+        flops = row["keras_float32"].get("gflops_per_slice")
+        row["keras_share_of_peak"] = share_of_peak(row["keras_float32"], flops, args.batch, peak)
+        if row.get("torch_side", {}).get("same_architecture", True):
+            row["torch_share_of_peak"] = share_of_peak(row.get("torch_float32", {}), flops, args.batch, peak)
         rows.append(row)
 
-    text = table(rows, args)
-    print(text)
+    for row in rows:
+        k32, p32 = row.get("keras_float32", {}), row.get("torch_float32", {})
+        row["keras_over_torch"] = p32["step_s"] / k32["step_s"] if "step_s" in k32 and "step_s" in p32 else None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "model", "policy", "output")},
         "machine": machine(),
+        "float32_matmul_peak_gflops": {"by_framework": peaks, "peak": peak},
         "rows": rows,
-        "table": text,
     }
+    from readme_tables import render_models  # the README's table, printed as the README shows it
+
+    payload["table"] = render_models(payload)
+    print(payload["table"])
     args.output.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {args.output}", file=sys.stderr)
     return 0
