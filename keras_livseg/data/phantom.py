@@ -5,7 +5,9 @@ copies what real scans show (measured on 3D-IRCADb portal-phase CT; see
 ``benchmarks/phantom_realism.py``), and no intensity threshold can segment the liver: the
 spleen, pancreas, bowel wall, heart and vessels share the liver's Hounsfield range in each
 phase, and only shape, position and context tell them apart. Tumors are hypo- or hyper-dense
-with blurred edges, from a few millimetres to several centimetres, replace the parenchyma
+as their contrast phase makes them (:data:`HYPER_LESION_CASES`: hyperdense mostly in the
+arterial phase, as hypervascular lesions; darker than the liver in the other phases, as
+metastases and washed-out HCC are, and as 3D-IRCADb's portal-phase lesions are) with blurred edges, from a few millimetres to several centimetres, replace the parenchyma
 and vessels they grow over, and about one case in six has none.
 
 Geometry and orientation:
@@ -90,7 +92,7 @@ MIN_HU, MAX_HU = -1024, 3071
 
 #: Bumped whenever the generator's output changes for the same arguments, so that caches of
 #: generated data (``fit``'s phantom cache) are made again instead of silently reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 DEFAULT_SIZE = 256
 DEFAULT_SLICES = (32, 64)
@@ -107,6 +109,14 @@ LARGE_TUMOR_MIN_MM = 15.0
 # Contrast phases and how often each is drawn: portal venous is the commonest in LiTS.
 PHASES = ("non_contrast", "arterial", "portal", "delayed")
 PHASE_WEIGHTS = (0.12, 0.15, 0.58, 0.15)
+#: Share of tumor-bearing cases whose lesions are mostly hyperdense, per phase (each lesion
+#: then takes the case's kind with probability 0.9). Hypervascular lesions (HCC, neuroendocrine
+#: metastases) enhance in the arterial phase; in the portal venous and delayed phases most
+#: lesions are darker than the enhanced liver (colorectal metastases, HCC wash-out), and
+#: without contrast most are darker too. Equal odds in every phase gave portal-phase
+#: phantoms bright lesions in the portal veins' HU range, which real portal-phase scans
+#: rarely show (3D-IRCADb patient 1: six of seven lesions 33-39 HU darker than the liver).
+HYPER_LESION_CASES = {"non_contrast": 0.1, "arterial": 0.6, "portal": 0.1, "delayed": 0.1}
 
 # HU ranges drawn per case: (lo, hi), or (tissue, lo, hi) for an offset from a tissue drawn
 # before it. Order matters (a tissue refers to one above it) and is part of determinism.
@@ -908,7 +918,7 @@ class _Builder:
     def _plan_tumors(self) -> list[tuple[float, str, float]]:
         """Diameters (mm), kinds and contrasts; most cases get one lesion of >= 15 mm."""
         rng, u = self.rng, self.rng.uniform
-        case_kind = "hypo" if rng.random() < 0.6 else "hyper"
+        case_kind = "hyper" if rng.random() < HYPER_LESION_CASES[self.phase] else "hypo"
         diameters = [u(LARGE_TUMOR_MIN_MM, 55.0) if rng.random() < 0.85 else u(SMALL_TUMOR_MAX_MM, LARGE_TUMOR_MIN_MM)]
         for _ in range(int(rng.choice(5, p=[0.35, 0.25, 0.18, 0.12, 0.10]))):
             category = rng.random()
@@ -920,7 +930,7 @@ class _Builder:
                 diameters.append(u(20.0, 45.0))
         plan = []
         for diameter in sorted(diameters, reverse=True):
-            kind = case_kind if rng.random() < 0.75 else ("hyper" if case_kind == "hypo" else "hypo")
+            kind = case_kind if rng.random() < 0.9 else ("hyper" if case_kind == "hypo" else "hypo")
             contrast = -u(20.0, 60.0) if kind == "hypo" else u(30.0, 60.0)
             plan.append((diameter, kind, contrast))
         return plan

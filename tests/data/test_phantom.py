@@ -16,6 +16,7 @@ from keras_livseg.data.phantom import (
     PAD_VALUES_HU,
     PHASES,
     SMALL_TUMOR_MAX_MM,
+    HYPER_LESION_CASES,
     LITS_GROUPS,
     iter_phantom_cases,
     lits_slice_counts,
@@ -70,7 +71,7 @@ def test_affine_is_lps_with_the_case_spacing():
 
 
 def test_tumor_lies_inside_the_liver(case_set):
-    checked = 0
+    checked, shells = 0, []
     for case in case_set:
         tumor = case.labels == 2
         if not tumor.any():
@@ -79,10 +80,15 @@ def test_tumor_lies_inside_the_liver(case_set):
         for index in range(1, count + 1):
             lesion = components == index
             shell = ndimage.binary_dilation(lesion) & ~lesion
-            # Surrounded mostly by liver: a lesion at the liver's edge may touch background.
-            assert (case.labels[shell] == 1).mean() >= 0.5
+            # Surrounded by liver: a lesion at the liver's edge (or at the hilum, whose portal
+            # trunk is background) may touch background on one side.
+            inside = (case.labels[shell] == 1).mean()
+            assert inside >= 0.35
+            shells.append((inside, lesion.sum()))
             checked += 1
     assert checked > 0
+    fractions, sizes = np.array(shells).T
+    assert np.average(fractions, weights=sizes) >= 0.75  # lesions lie within the liver as a rule
 
 
 def test_liver_on_the_patients_right_by_the_affine(case_set):
@@ -120,6 +126,19 @@ def test_set_has_hypo_hyper_small_large_and_tumor_free_cases(case_set):
     with_tumor = [case for case in case_set if case.tumors]
     with_large = [c for c in with_tumor if max(t.diameter_mm for t in c.tumors) >= LARGE_TUMOR_MIN_MM]
     assert len(with_large) >= len(with_tumor) / 2
+
+
+def test_lesion_kind_follows_the_contrast_phase():
+    """Bright lesions mostly in the arterial phase; darker than the liver in the portal phase."""
+    kinds: dict[str, list[str]] = {}
+    for _, case in iter_phantom_cases(48, seed=3, size=48, slices=(8, 8)):
+        kinds.setdefault(case.phase, []).extend(t.kind for t in case.tumors)
+    portal = kinds["portal"]
+    assert len(portal) >= 20 and portal.count("hyper") / len(portal) < 0.35
+    assert HYPER_LESION_CASES["arterial"] > 0.5 > HYPER_LESION_CASES["portal"]
+    arterial = [k for phase in ("arterial",) for k in kinds.get(phase, [])]
+    if len(arterial) >= 8:
+        assert arterial.count("hyper") / len(arterial) > portal.count("hyper") / len(portal)
 
 
 def test_lesion_contrast_against_liver(case_set):
@@ -283,7 +302,9 @@ def _cases_by_phase(**kwargs) -> dict:
 
 def test_phase_changes_liver_and_vessel_hu_in_the_documented_direction():
     cases = _cases_by_phase(**TINY)
-    liver = {phase: float(case.volume_hu[case.labels == 1].mean()) for phase, case in cases.items()}
+    # The median inside the eroded liver: at 64 px a one-voxel rim is mostly partial volume with fat.
+    liver = {phase: float(np.median(case.volume_hu[ndimage.binary_erosion(case.labels == 1)]))
+             for phase, case in cases.items()}
     for phase, case in cases.items():
         lo, hi = LIVER_HU_BY_PHASE[phase]
         assert lo <= case.liver_hu <= hi
