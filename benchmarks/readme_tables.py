@@ -198,8 +198,12 @@ def render_real_ct(data: dict) -> str:
     rows = [
         "| what | measured | goal | met |",
         "| --- | --- | --- | --- |",
-        f"| demo wall time ({len(data['demo']['runs'])} seeds, data made by the first) | {demo['minutes']['min']:.1f} – "
-        f"{demo['minutes']['max']:.1f} min | ≤ 5 min | {_mark(demo['minutes']['max'] <= 5)} |",
+        *([f"| demo wall time, first run on a new machine (empty cache: phantom, shards, training, scoring) | "
+           f"{data['fresh']['minutes']:.1f} min | ≤ 5 min | {_mark(data['fresh']['minutes'] <= 5)} |",
+           f"| demo wall time, training seeds 0–{len(data['demo']['runs']) - 1} (data cached) | {demo['minutes']['min']:.1f} – "
+           f"{demo['minutes']['max']:.1f} min | | |"] if "fresh" in data else
+          [f"| demo wall time ({len(data['demo']['runs'])} seeds, data made by the first) | {demo['minutes']['min']:.1f} – "
+           f"{demo['minutes']['max']:.1f} min | ≤ 5 min | {_mark(demo['minutes']['max'] <= 5)} |"]),
         f"| demo held-out phantom liver Dice (mean per case; seeds: mean, range) | {spread(demo['liver_dice'])} | ≥ 0.95 | "
         f"{_mark(demo['liver_dice']['mean'] >= 0.95)} |",
         f"| demo held-out phantom tumour Dice (same) | {spread(demo['tumor_dice'])} | ≥ 0.75 | "

@@ -65,7 +65,7 @@ BENCHMARKS = (
               what="phantom intensities against the real scans"),
     Benchmark("compare_phantom", "bench_compare.py", quick_args=None,
               what="every model in the same budget on the phantom: Dice, speed, paired tests (~1 h)"),
-    Benchmark("real_ct", "bench_real.py", args=("demo", "sim2real", "lopo"), quick_args=None, needs_real_data=True,
+    Benchmark("real_ct", "bench_real.py", args=("demo", "fresh", "sim2real", "lopo"), quick_args=None, needs_real_data=True,
               what="the demo's held-out Dice, sim-to-real and leave-one-patient-out on real CT"),
     Benchmark("predict_long_trained", "bench_predict.py", quick_args=None, needs_real_data=True,
               args=("--slices", "1000", "--checkpoint", "runs/bench_real/demo-seed0/checkpoints/best.keras",
