@@ -133,13 +133,15 @@ def test_the_readme_table_names_the_pytorch_side_and_judges_only_the_same_archit
 
     settings = {"size": 64, "channels": 1, "batch": 8, "filters": 16, "depth": 4, "decoder_filters": 64,
                 "steps": 3, "warmup": 1}
-    data = {"settings": settings, "rows": [
-        row("attention_unet", 0.5, 1.0, 100), row("pspnet", 1.0, 1.0, 100, all_modules=150),
-        row("deeplabv3plus", 0.5, 1.0, 120),
-    ]}
+    rows = [row("attention_unet", 0.5, 1.0, 100), row("pspnet", 1.0, 1.0, 100, all_modules=150),
+            row("deeplabv3plus", 0.5, 1.0, 120)]
+    rows[0]["keras_mixed_bfloat16"], rows[0]["torch_mixed_bfloat16"] = {"step_s": 0.25}, {"step_s": 0.75}
+    rows[0]["keras_share_of_peak"], rows[0]["torch_share_of_peak"] = 0.6, 0.3
+    data = {"settings": settings, "rows": rows, "float32_matmul_peak_gflops": {"peak": 400.0}}
     lines = {line.split(" | ")[0]: line for line in readme_tables.render_models(data).splitlines()}
     assert "| PyTorch side | params = PyTorch's |" in lines["| model"]
-    assert "**2.00** ✓ | hand-written twin | ✓ equal |" in lines["| attention_unet"]
-    assert "**1.00** ✗ | smp.PSPNet | ✓ equal (PyTorch: 40 more in modules never run) |" in lines["| pspnet"]
-    assert "| 2.00 (not comparable) | closest smp (DeepLabV3Plus, resnet18), not the same architecture | " \
+    assert "| **2.00** ✓ | 0.250 | 0.750 | 3.00 | 60 % / 30 % | hand-written twin | ✓ equal |" in lines["| attention_unet"]
+    assert "**1.00** ✗ | – | – | – | – / – | smp.PSPNet | ✓ equal (PyTorch: 40 more in modules never run) |" in lines["| pspnet"]
+    assert "| 2.00 (not comparable) | – | – | – | – / – | closest smp (DeepLabV3Plus, resnet18), not the same architecture | " \
            "differs (PyTorch 120 trainable) |" in lines["| deeplabv3plus"]
+    assert "400 GFLOP/s" in readme_tables.render_models(data)
