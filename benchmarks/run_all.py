@@ -1,6 +1,6 @@
 """Run every benchmark, write its JSON with the machine's description, regenerate the README's tables.
 
-    python -m benchmarks.run_all                    # everything (~45 min on 2 cores; real CT ~25 of them)
+    python -m benchmarks.run_all                    # everything (~3 h on 2 cores; compare ~1 h, lits_scale ~35 min, real CT ~30 min)
     python -m benchmarks.run_all --only models pipeline
     python -m benchmarks.run_all --skip real_ct     # without the real-scan training runs
     python -m benchmarks.run_all --quick            # a test of the scripts: tiny sizes, minutes
@@ -46,7 +46,7 @@ BENCHMARKS = (
     Benchmark("prepare", "bench_prepare.py", what="prepare against the nibabel floor, peak RSS per worker"),
     Benchmark("scale", "bench_scale.py", what="prepare on Beam against local, 1 and 2 workers; fit on two workers"),
     Benchmark("lits_scale", "bench_lits_scale.py",
-              what="prepare on a LiTS-sized phantom (131 volumes, 58,638 slices), local and Beam, 1 and 2 workers (~45 min)"),
+              what="prepare on a LiTS-sized phantom (131 volumes, 58,638 slices), local and Beam, 1 and 2 workers (~35 min)"),
     Benchmark("pipeline", "bench_pipeline.py", what="tf.data with full augmentation against naive loaders",
               quick_args=("--cases", "2", "--batches", "5", "--size", "64", "--volume-size", "128", "--slices", "20-30",
                           "--rounds", "1")),
