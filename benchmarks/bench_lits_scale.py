@@ -99,22 +99,19 @@ def main() -> None:
         args.image_size = 32
     src, made = lits_sized_set(args.seed, args.workers_generate, args.quick)
     results = {"set": made, "image_size": args.image_size, "runs": {}}
-    rows = []
+    runs, outputs, rows = results["runs"], {}, []
     for engine in ("local", "beam"):
         for workers in (1, 2):
             print(f"prepare: {engine} engine, {workers} worker(s), {made['slices']:,} slices ...", flush=True)
             run = prepare_run(engine, src, workers, args.image_size)
-            results["runs"][f"{engine}_{workers}"] = {
+            key = f"{engine}_{workers}"
+            outputs[key] = run["digests"]
+            runs[key] = {
                 "wall_s": run["wall_s"], "slices": run["slices"], "slices_per_s": run["slices"] / run["wall_s"],
-                "worker_peak_rss_mb": run["worker_peak_rss_mb"], "out_gb": run["out_gb"],
+                "worker_peak_rss_mb": run["worker_peak_rss_mb"], "out_gb": run["out_gb"], "files": len(run["digests"]),
                 "rss_over_largest_volume": run["worker_peak_rss_mb"] / made["largest_volume_mb"],
             }
-            results["runs"][f"{engine}_{workers}"]["digests"] = run["digests"]
-    runs = results["runs"]
-    reference = runs["local_1"]["digests"]
-    results["byte_identical"] = all(r["digests"] == reference for r in runs.values())
-    for run in runs.values():
-        run["files"] = len(run.pop("digests"))
+    results["byte_identical"] = all(digests == outputs["local_1"] for digests in outputs.values())
     for key, run in runs.items():
         engine, workers = key.split("_")
         local = runs[f"local_{workers}"]

@@ -285,17 +285,26 @@ def render_compare_phantom(data: dict) -> str:
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
-def render_scale(data: dict) -> str:
+def _engine_rows(runs: dict, minutes: bool, volume_ratio: bool = False) -> list[str]:
+    """The prepare table of the scale benchmarks: local and Beam engines, 1 and 2 workers each."""
     rows = [
-        "| engine | workers | wall s | slices/s | × local, same workers (goal ≤ 1.5) | peak RSS per worker |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| engine | workers | wall {'min' if minutes else 's'} | slices/s | × local, same workers (goal ≤ 1.5) | "
+        f"peak RSS per worker |{' RSS / largest volume |' if volume_ratio else ''}",
+        f"| --- | ---: | ---: | ---: | ---: | ---: |{' ---: |' if volume_ratio else ''}",
     ]
     for engine, label in (("local", "local (processes)"), ("beam", "Beam DirectRunner")):
         for workers in (1, 2):
-            run = data[f"{engine}_{workers}"]
+            run = runs[f"{engine}_{workers}"]
             ratio = f"**{run['x_local']:.2f}** {_mark(run['x_local'] <= 1.5)}" if engine == "beam" else "1.00"
-            rows.append(f"| {label} | {workers} | {run['wall_s']:.1f} | {run['slices_per_s']:.0f} | {ratio} | "
-                        f"{run['worker_peak_rss_mb']:.0f} MB |")
+            wall = run["wall_s"] / 60 if minutes else run["wall_s"]
+            extra = f" {run['rss_over_largest_volume']:.2f} |" if volume_ratio else ""
+            rows.append(f"| {label} | {workers} | {wall:.1f} | {run['slices_per_s']:.0f} | {ratio} | "
+                        f"{run['worker_peak_rss_mb']:.0f} MB |{extra}")
+    return rows
+
+
+def render_scale(data: dict) -> str:
+    rows = _engine_rows({key: data[key] for key in ("local_1", "local_2", "beam_1", "beam_2")}, minutes=False)
     projection = data["lits_projection_s"]
     fit = data["fit"]
     head = (f"{data['cases']} phantom volumes of {data['size']}×{data['size']}×{'–'.join(map(str, data['slices']))} → "
@@ -314,16 +323,7 @@ def render_scale(data: dict) -> str:
 
 def render_lits_scale(data: dict) -> str:
     made, runs = data["set"], data["runs"]
-    rows = [
-        "| engine | workers | wall min | slices/s | × local, same workers (goal ≤ 1.5) | peak RSS per worker | RSS / largest volume |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for engine, label in (("local", "local (processes)"), ("beam", "Beam DirectRunner")):
-        for workers in (1, 2):
-            run = runs[f"{engine}_{workers}"]
-            ratio = f"**{run['x_local']:.2f}** {_mark(run['x_local'] <= 1.5)}" if engine == "beam" else "1.00"
-            rows.append(f"| {label} | {workers} | {run['wall_s'] / 60:.1f} | {run['slices_per_s']:.0f} | {ratio} | "
-                        f"{run['worker_peak_rss_mb']:.0f} MB | {run['rss_over_largest_volume']:.2f} |")
+    rows = _engine_rows(runs, minutes=True, volume_ratio=True)
     head = (f"`python -m keras_livseg.phantom --lits-sized`: {made['volumes']} volumes of {made['size']}×{made['size']}, "
             f"{made['slices']:,} slices ({made['min_slices']}–{made['max_slices']} a volume, LiTS's total and range), "
             f"{made['gzip_gb']:.1f} GB gzipped → {data['image_size']} px shards ({runs['local_1']['out_gb']:.1f} GB, "

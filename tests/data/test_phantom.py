@@ -257,6 +257,7 @@ def test_cli_writes_files_and_returns_zero(tmp_path, capsys):
         (["--size", "8"], "size must be an integer >= 32"),
         (["--out", "/proc/phantom-here"], "phantom-here"),
         (["--lits-sized"], "--slices cannot be combined with --lits-sized"),
+        (["--workers", "0"], "workers must be a positive integer"),
     ],
 )
 def test_cli_bad_arguments_give_one_line(tmp_path, capsys, argv, message):

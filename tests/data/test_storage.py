@@ -33,6 +33,16 @@ def _answers(port: int) -> bool:
         return True
 
 
+def _bucket_maker(scheme: str):
+    """A function making a bucket on the emulator and returning its URL."""
+    def bucket(name: str) -> str:
+        fs, _ = storage.filesystem(f"{scheme}://{name}/x")
+        fs.mkdir(name)
+        return f"{scheme}://{name}"
+
+    return bucket
+
+
 @pytest.fixture
 def s3(start_server, monkeypatch, tmp_path):
     """A moto S3 server; the AWS variables point at it. Yields a function making buckets."""
@@ -42,12 +52,7 @@ def s3(start_server, monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("KERAS_LIVSEG_CACHE", str(tmp_path / "cache"))
 
-    def bucket(name: str) -> str:
-        fs, _ = storage.filesystem(f"s3://{name}/x")
-        fs.mkdir(name)
-        return f"s3://{name}"
-
-    return bucket
+    return _bucket_maker("s3")
 
 
 @pytest.fixture
@@ -60,12 +65,7 @@ def gcs(start_server, monkeypatch, tmp_path):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("KERAS_LIVSEG_CACHE", str(tmp_path / "cache"))
 
-    def bucket(name: str) -> str:
-        fs, _ = storage.filesystem(f"gs://{name}/x")
-        fs.mkdir(name)
-        return f"gs://{name}"
-
-    return bucket
+    return _bucket_maker("gs")
 
 
 def _tree(root: Path) -> dict[str, bytes]:
