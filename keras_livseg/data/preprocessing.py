@@ -350,12 +350,30 @@ def antialias_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
+@functools.lru_cache(maxsize=64)
+def _sparse_antialias_weights(in_size: int, out_size: int):
+    from scipy import sparse
+
+    return sparse.csr_array(antialias_weights(in_size, out_size))
+
+
 def resize_stack_antialiased(slices: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Antialiased twin of :func:`resize_stack`: ``[n, rows, cols]`` → ``[n, H, W]`` (two matrix products)."""
+    """Antialiased twin of :func:`resize_stack`: ``[n, rows, cols]`` → ``[n, H, W]``.
+
+    Two products with the sparse weight matrices, each over the whole stack at once: a
+    512 → 137 row has 7 non-zero taps out of 512, so dense products (and NumPy's
+    per-slice loop over a strided stack) spent over 95 % of their time on zeros.
+    """
     slices = np.asarray(slices, dtype=np.float32)
-    rows = antialias_weights(slices.shape[1], int(size[0]))
-    cols = antialias_weights(slices.shape[2], int(size[1]))
-    return np.matmul(np.matmul(rows, slices), cols.T)
+    n, height, width = slices.shape
+    out_h, out_w = int(size[0]), int(size[1])
+    rows = _sparse_antialias_weights(height, out_h)  # [H, rows]
+    cols = _sparse_antialias_weights(width, out_w)  # [W, cols]
+    # Rows: [rows, n * cols] in one product; then columns, as the transposed product.
+    resized_rows = rows @ np.moveaxis(slices, 1, 0).reshape(height, n * width)  # [H, n * cols]
+    by_column = np.moveaxis(resized_rows.reshape(out_h * n, width), 1, 0)  # [cols, H * n]
+    resized = np.asarray(cols @ by_column, dtype=np.float32)  # [W, H * n]
+    return np.moveaxis(resized.reshape(out_w, out_h, n), (0, 1, 2), (2, 1, 0))
 
 
 def _linear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
