@@ -9,7 +9,8 @@ measured and a message says why the real side is missing.
 Measured per case: liver HU mean/std (label 1, tumour excluded, noise included), liver volume
 (ml, label >= 1), liver extent in x/y/z (mm, bounding box), body width (mm, median over
 slices of the largest connected region above -400 HU, left-right), body depth (front-back),
-and the fraction of slices that contain liver. Phantom cases also report their contrast phase.
+the fraction of slices that contain liver, and the share of the liver that lies left of the
+body's midline (each slice's body centre; the left lobe's reach). Phantom cases also report their contrast phase.
 
     python benchmarks/phantom_realism.py [--cases 8] [--size 256] [--slices 64:96]
 """
@@ -32,7 +33,7 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 IRCAD_CASES = (1, 7)
 COLUMNS = [
     "case", "phase", "liver_hu_mean", "liver_hu_std", "liver_ml", "extent_x_mm", "extent_y_mm",
-    "extent_z_mm", "body_width_mm", "body_depth_mm", "liver_slice_fraction", "spacing_mm",
+    "extent_z_mm", "body_width_mm", "body_depth_mm", "liver_slice_fraction", "liver_left_share", "spacing_mm",
 ]
 NUMERIC = COLUMNS[2:-1]
 
@@ -45,7 +46,10 @@ def measure(volume: np.ndarray, labels: np.ndarray, spacing) -> dict:
     idx = np.argwhere(liver)
     extent = (idx.max(0) - idx.min(0) + 1) * np.array([dx, dy, dz]) if idx.size else np.zeros(3)
     widths, depths = [], []
-    for k in range(0, volume.shape[2], max(1, volume.shape[2] // 24)):
+    left = 0
+    liver_slices = set(np.flatnonzero(liver.any(axis=(0, 1))).tolist())
+    sampled = set(range(0, volume.shape[2], max(1, volume.shape[2] // 24)))
+    for k in sorted(sampled | liver_slices):
         body = volume[:, :, k] > -400
         components, count = ndimage.label(body)
         if not count:
@@ -53,8 +57,11 @@ def measure(volume: np.ndarray, labels: np.ndarray, spacing) -> dict:
         sizes = ndimage.sum(body, components, range(1, count + 1))
         largest = components == int(np.argmax(sizes)) + 1
         ii, jj = np.flatnonzero(largest.any(1)), np.flatnonzero(largest.any(0))
-        widths.append((ii[-1] - ii[0] + 1) * dx)
-        depths.append((jj[-1] - jj[0] + 1) * dy)
+        if k in liver_slices:  # liver beyond the body's midline (i runs toward the patient's left)
+            left += int(liver[int(np.ceil((ii[0] + ii[-1]) / 2)):, :, k].sum())
+        if k in sampled:
+            widths.append((ii[-1] - ii[0] + 1) * dx)
+            depths.append((jj[-1] - jj[0] + 1) * dy)
     return {
         "liver_hu_mean": round(float(parenchyma.mean()), 1) if parenchyma.size else float("nan"),
         "liver_hu_std": round(float(parenchyma.std()), 1) if parenchyma.size else float("nan"),
@@ -65,6 +72,7 @@ def measure(volume: np.ndarray, labels: np.ndarray, spacing) -> dict:
         "body_width_mm": round(float(np.median(widths)), 0) if widths else float("nan"),
         "body_depth_mm": round(float(np.median(depths)), 0) if depths else float("nan"),
         "liver_slice_fraction": round(float(liver.any(axis=(0, 1)).mean()), 2),
+        "liver_left_share": round(left / max(int(liver.sum()), 1), 3),
         "spacing_mm": "x".join(f"{s:.2f}" for s in (dx, dy, dz)),
     }
 
@@ -73,7 +81,8 @@ def summary(name: str, rows: list[dict]) -> dict:
     out = {"case": name, "phase": "", "spacing_mm": ""}
     for column in NUMERIC:
         values = [r[column] for r in rows if isinstance(r[column], (int, float))]
-        out[column] = round(float(np.mean(values)), 1) if values else float("nan")
+        digits = 3 if column == "liver_left_share" else 1  # a share: 0.1 would say nothing
+        out[column] = round(float(np.mean(values)), digits) if values else float("nan")
     return out
 
 

@@ -11,6 +11,8 @@ from scipy import ndimage
 
 from keras_livseg import phantom as phantom_cli
 from keras_livseg.data.phantom import (
+    DOMINANT_MASS_SHARE,
+    LARGE_LEFT_LOBE_SHARE,
     LARGE_TUMOR_MIN_MM,
     LIVER_HU_BY_PHASE,
     PAD_VALUES_HU,
@@ -126,6 +128,28 @@ def test_set_has_hypo_hyper_small_large_and_tumor_free_cases(case_set):
     with_tumor = [case for case in case_set if case.tumors]
     with_large = [c for c in with_tumor if max(t.diameter_mm for t in c.tumors) >= LARGE_TUMOR_MIN_MM]
     assert len(with_large) >= len(with_tumor) / 2
+
+
+def test_large_left_lobes_reach_the_left_flank_and_dominant_masses_occur():
+    """Some livers reach far toward the left flank; some cases carry a mass of over 55 mm."""
+    cases = [case for _, case in iter_phantom_cases(24, seed=5, size=64, slices=(40, 40))]
+    large = np.array([case.anatomy["large_left_lobe"] for case in cases])
+    assert 0.15 <= large.mean() <= 0.5 and 0 < LARGE_LEFT_LOBE_SHARE < 0.5
+
+    def reach(case) -> float:
+        # How far left the liver gets (i runs toward the patient's left), in body half-widths
+        # from each slice's body midline; the most over the liver's slices.
+        liver, most = case.labels >= 1, -1.0
+        for k in np.flatnonzero(liver.any(axis=(0, 1))):
+            ii = np.flatnonzero((case.volume_hu[:, :, k] > -400).any(axis=1))
+            leftmost = np.flatnonzero(liver[:, :, k].any(axis=1))[-1]
+            most = max(most, (leftmost - (ii[0] + ii[-1]) / 2) / ((ii[-1] - ii[0]) / 2))
+        return most
+
+    reaches = np.array([reach(case) for case in cases])
+    assert reaches[large].mean() > reaches[~large].mean() + 0.1
+    biggest = [max(t.diameter_mm for t in case.tumors) for case in cases if case.tumors]
+    assert any(d > 55.0 for d in biggest) and max(biggest) <= 100.0 and DOMINANT_MASS_SHARE <= 0.2
 
 
 def test_lesion_kind_follows_the_contrast_phase():
