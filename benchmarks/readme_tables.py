@@ -106,7 +106,10 @@ def render_predict(data: dict) -> str:
         f"| `predict`: read NIfTI, preprocess, forward, resize back, post-process, write NIfTI | {data['predict_s']:.1f} | "
         f"**{ratio:.2f}** {_mark(ratio <= 1.3)} | **{rss:.2f} GB** {_mark(rss <= 3.0)} |"
     )
-    if data.get("checkpoint"):
+    if data.get("trained_by"):
+        rows += ["", f"A trained model, `{data['checkpoint']}`: {data['trained_by']}. Before post-processing it "
+                 f"labels {data['labelled_fraction']:.1%} of the volume liver or tumour."]
+    elif data.get("checkpoint"):
         rows += ["", f"A trained model, `{data['checkpoint']}`: the phantom demo (`benchmarks/bench_real.py demo` trains "
                  f"it with seed 0, as `python -m keras_livseg.fit` does). Before post-processing it labels "
                  f"{data['labelled_fraction']:.1%} of the volume liver or tumour."]
@@ -344,6 +347,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "pipeline": render_pipeline,
     "models": render_models,
     "predict": render_predict,
+    "predict_trained": render_predict,
     "predict_long_trained": render_predict,
     "predict_long": render_predict,
     "fit_loop": render_fit_loop,

@@ -54,6 +54,8 @@ BENCHMARKS = (
               quick_args=("--quick", "--models", "unet", "effb0_pan", "--size", "32", "--batch", "2", "--filters", "4",
                           "--depth", "2", "--decoder-filters", "8", "--no-torch")),
     Benchmark("predict", "bench_predict.py", what="predict against the model's forward pass, peak RSS"),
+    Benchmark("predict_trained", "bench_predict.py", args=("--train", "--name", "predict_trained"), quick_args=None,
+              what="predict against the forward pass with a 256-pixel model trained on the phantom (~5 min to train)"),
     Benchmark("predict_long", "bench_predict.py", args=("--slices", "1000", "--name", "predict_long"),
               quick_args=None, what="predict's peak memory on a 512x512x1000 volume"),
     Benchmark("fit_loop", "bench_fit_loop.py", what="fit from shards against in-memory tensors"),

@@ -13,7 +13,11 @@ Three pieces, usable alone:
   volume keeps uint8 labels and, on request, uint8 probabilities (0–255 per class), so a
   512×512×800 scan needs 200 MB of labels (+600 MB with probabilities) beyond the CT itself.
   Optional flip test-time augmentation averages the prediction with that of the
-  left-right-flipped slices, and :func:`postprocess_labels` cleans the result.
+  left-right-flipped slices, and :func:`postprocess_labels` cleans the result. For a
+  ``.keras`` model asked for labels only, each slice is windowed and resampled once (not once
+  per context channel) and the model-grid probabilities are brought back to the scan's size
+  around the foreground only (:class:`~keras_livseg.inference.predictor.GridForward`): the
+  same labels, voxel for voxel, in less time.
 - :func:`predict_paths` finds the cases (a NIfTI file, a folder of them, a LiTS or MSD dataset),
   predicts each and writes the label map **on the input's own grid, shape and affine**
   (``volume-N.nii.gz`` → ``segmentation-N.nii.gz``, any other name unchanged), plus optional 4D

@@ -6,6 +6,7 @@ probabilities ``[n, rows, cols, 3]`` at the same size, with the preprocessing of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from keras_livseg.data.preprocessing import (
     Preprocessing,
     find_preprocessing_json,
+    labels_at_size,
     read_preprocessing_json,
 )
 from keras_livseg.models.saving import load_keras_model
@@ -22,6 +24,27 @@ from keras_livseg.models.saving import load_keras_model
 from keras_livseg.serving.signature import SPACING_INPUT
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridForward:
+    """A ``.keras`` model's forward pass split at its own grid, for whole volumes.
+
+    :func:`~keras_livseg.inference.volume.predict_volume` windows and resamples each slice of
+    a volume once (``to_grid``) and builds the context channels from the result, instead of
+    resampling every slice once per channel, then asks for labels only (``labels``), which
+    :func:`~keras_livseg.data.preprocessing.labels_at_size` brings back to the slices' size
+    around the foreground alone.
+
+    Attributes:
+        to_grid: raw HU ``[rows, cols, n]`` and their ``(row, col)`` spacing → windowed
+            ``[H, W, n]`` on the model's grid (:meth:`Preprocessing.slices_to_model_grid`).
+        labels: windowed ``[B, H, W, context]``, the volume's statistics (or ``None``), the
+            slices' ``(rows, cols)`` and spacing → uint8 labels ``[B, rows, cols]``.
+    """
+
+    to_grid: Callable[[np.ndarray, tuple[float, float] | None], np.ndarray]
+    labels: Callable[[np.ndarray, tuple[float, float] | None, tuple[int, int], tuple[float, float] | None], np.ndarray]
 
 
 class SegmentationModel:
@@ -38,6 +61,8 @@ class SegmentationModel:
             ``assets.extra/preprocessing.json``, or ``None`` when it has none).
         context: Adjacent slices the model takes as channels (1 for plain 2D).
         name: A short name for reports (the run or export name).
+        on_grid: The forward pass split at the model's grid (:class:`GridForward`), for whole
+            volumes; ``None`` for SavedModels, whose graph preprocesses raw HU itself.
     """
 
     def __init__(
@@ -48,6 +73,7 @@ class SegmentationModel:
         forward: Callable[[np.ndarray, tuple[float, float] | None, tuple[float, float] | None], np.ndarray],
         context: int,
         name: str,
+        on_grid: "GridForward | None" = None,
     ) -> None:
         self.path = Path(path)
         self.kind = kind
@@ -55,6 +81,7 @@ class SegmentationModel:
         self.context = int(context)
         self.name = name
         self._forward = forward
+        self.on_grid = on_grid
 
     def __repr__(self) -> str:
         return f"SegmentationModel({str(self.path)!r}, kind={self.kind!r}, context={self.context})"
@@ -125,6 +152,18 @@ class SegmentationModel:
         prep = preprocessing
         padding: dict[str, int] = {}
 
+        def grid_probabilities(windowed: np.ndarray, statistics: tuple[float, float] | None) -> np.ndarray:
+            # [B, H, W, K] windowed HU on the model's grid → [B, H, W, C] float32.
+            batch = windowed.shape[0]
+            mean, std = statistics if statistics is not None else (None, None)
+            x = prep.standardize(windowed, mean, std)
+            # A volume's last batch is usually short; padding it to the first batch's size
+            # spares a second trace of the whole network (seconds for a U-Net).
+            full = padding.setdefault("batch", batch)
+            if batch < full:
+                x = np.concatenate([x, np.zeros((full - batch,) + x.shape[1:], x.dtype)])
+            return np.asarray(network.predict_on_batch(x)[:batch], np.float32)
+
         def forward(raw: np.ndarray, statistics: tuple[float, float] | None,
                     spacing: tuple[float, float] | None) -> np.ndarray:
             batch, rows, cols, k = raw.shape
@@ -133,19 +172,17 @@ class SegmentationModel:
             gridded = prep.slices_to_model_grid(stacked, spacing)
             height, width = gridded.shape[:2]
             x = np.transpose(gridded.reshape(height, width, batch, k), (2, 0, 1, 3))
-            mean, std = statistics if statistics is not None else (None, None)
-            x = prep.standardize(x, mean, std)
-            # A volume's last batch is usually short; padding it to the first batch's size
-            # spares a second trace of the whole network (seconds for a U-Net).
-            full = padding.setdefault("batch", batch)
-            if batch < full:
-                x = np.concatenate([x, np.zeros((full - batch,) + x.shape[1:], x.dtype)])
-            probabilities = network.predict_on_batch(x)[:batch]
-            probabilities = prep.model_grid_to_slices(np.asarray(probabilities, np.float32), (rows, cols), spacing)
+            probabilities = prep.model_grid_to_slices(grid_probabilities(x, statistics), (rows, cols), spacing)
             return _resize_probabilities(probabilities, (rows, cols))
 
+        def labels(windowed: np.ndarray, statistics: tuple[float, float] | None, size: tuple[int, int],
+                   spacing: tuple[float, float] | None) -> np.ndarray:
+            probabilities = prep.model_grid_to_slices(grid_probabilities(windowed, statistics), size, spacing)
+            return labels_at_size(probabilities, size, resize=_resize_probabilities)
+
         name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
-        return cls(path, "keras", prep, forward, prep.context, name)
+        return cls(path, "keras", prep, forward, prep.context, name,
+                   on_grid=GridForward(to_grid=prep.slices_to_model_grid, labels=labels))
 
     @classmethod
     def _load_saved_model(cls, path: Path, preprocessing: Preprocessing | None) -> "SegmentationModel":

@@ -21,7 +21,7 @@ from keras_livseg.data.volumes import (
     NUM_CLASSES,
 )
 from keras_livseg.inference.postprocess import PostProcessing, postprocess_labels
-from keras_livseg.inference.predictor import SegmentationModel
+from keras_livseg.inference.predictor import GridForward, SegmentationModel
 
 logger = logging.getLogger(__name__)
 
@@ -117,34 +117,40 @@ def predict_volume(
     sample_p: list[np.ndarray] = []
     sample_i: list[np.ndarray] = []
     calls = 0
+    # Labels alone: each slice is windowed and resampled once, and only the foreground's
+    # surroundings are brought back to the scan's size (see GridForward).
+    on_grid = model.on_grid if (not tta_flip and probabilities is None and sample_voxels <= 0) else None
     with _progress(n_slices, case.case_id, progress) as bar:
-        for start in range(0, n_slices, batch_size):
-            stop = min(start + batch_size, n_slices)
-            raw = np.stack([context_stack(image, k, model.context) for k in range(start, stop)], axis=0)
-            batch_p = model.predict_slices(raw, statistics, case.spacing[:2])
-            calls += 1
-            if tta_flip:
-                flipped = model.predict_slices(raw[:, :, ::-1], statistics, case.spacing[:2])[:, :, ::-1]
+        if on_grid is not None:
+            calls = _labels_on_grid(on_grid, image, case.spacing[:2], statistics, batch_size, model.context, labels, bar)
+        else:
+            for start in range(0, n_slices, batch_size):
+                stop = min(start + batch_size, n_slices)
+                raw = np.stack([context_stack(image, k, model.context) for k in range(start, stop)], axis=0)
+                batch_p = model.predict_slices(raw, statistics, case.spacing[:2])
                 calls += 1
-                batch_p += flipped
-                batch_p *= 0.5
-                del flipped
-            del raw
-            # [B, rows, cols, C] → the volume's [rows, cols, B] slab.
-            labels[:, :, start:stop] = np.argmax(batch_p, axis=-1).transpose(1, 2, 0)
-            if probabilities is not None:
-                probabilities[:, :, start:stop] = np.rint(
-                    np.clip(batch_p, 0.0, 1.0) * 255.0
-                ).astype(np.uint8).transpose(1, 2, 0, 3)
-            if sample_voxels > 0:
-                share = sample_voxels * (stop - start) / n_slices
-                count = int(share) + int(rng.random() < share - int(share))
-                if count:
-                    b, r, c = (rng.integers(0, n, count) for n in (stop - start, rows, cols))
-                    sample_p.append(batch_p[b, r, c].astype(np.float16))
-                    sample_i.append(np.ravel_multi_index((r, c, b + start), (rows, cols, n_slices)))
-            del batch_p
-            bar.update(stop - start)
+                if tta_flip:
+                    flipped = model.predict_slices(raw[:, :, ::-1], statistics, case.spacing[:2])[:, :, ::-1]
+                    calls += 1
+                    batch_p += flipped
+                    batch_p *= 0.5
+                    del flipped
+                del raw
+                # [B, rows, cols, C] → the volume's [rows, cols, B] slab.
+                labels[:, :, start:stop] = np.argmax(batch_p, axis=-1).transpose(1, 2, 0)
+                if probabilities is not None:
+                    probabilities[:, :, start:stop] = np.rint(
+                        np.clip(batch_p, 0.0, 1.0) * 255.0
+                    ).astype(np.uint8).transpose(1, 2, 0, 3)
+                if sample_voxels > 0:
+                    share = sample_voxels * (stop - start) / n_slices
+                    count = int(share) + int(rng.random() < share - int(share))
+                    if count:
+                        b, r, c = (rng.integers(0, n, count) for n in (stop - start, rows, cols))
+                        sample_p.append(batch_p[b, r, c].astype(np.float16))
+                        sample_i.append(np.ravel_multi_index((r, c, b + start), (rows, cols, n_slices)))
+                del batch_p
+                bar.update(stop - start)
     if postprocess is not None and postprocess.enabled:
         postprocess_labels(labels, case.spacing, postprocess)
     seconds = time.perf_counter() - started
@@ -157,6 +163,35 @@ def predict_volume(
         seconds=seconds,
         forward_calls=calls,
     )
+
+
+def _labels_on_grid(on_grid: GridForward, image: np.ndarray, spacing: Sequence[float],
+                    statistics: tuple[float, float] | None, batch_size: int, context: int,
+                    labels: np.ndarray, bar) -> int:
+    """Fill ``labels`` batch by batch through ``on_grid``; returns the forward calls made.
+
+    Each slice is windowed and resampled once and the context channels are picked from the
+    result. (Preparing the next batch in a thread while the network runs gained nothing
+    on 2 cores, where the network already uses both.)
+    """
+    rows, cols, n_slices = image.shape
+    half = context // 2
+    pixel = (float(spacing[0]), float(spacing[1]))
+
+    def model_input(start: int) -> np.ndarray:
+        stop = min(start + batch_size, n_slices)
+        low, high = max(start - half, 0), min(stop + half, n_slices)
+        gridded = on_grid.to_grid(image[:, :, low:high], pixel)  # [H, W, high - low]
+        picks = np.clip(np.arange(start, stop)[:, None] + np.arange(-half, half + 1)[None], 0, n_slices - 1)
+        return np.transpose(gridded[:, :, picks - low], (2, 0, 1, 3))  # [B, H, W, context]
+
+    starts = range(0, n_slices, batch_size)
+    for start in starts:
+        windowed = model_input(start)
+        stop = start + windowed.shape[0]
+        labels[:, :, start:stop] = on_grid.labels(windowed, statistics, (rows, cols), pixel).transpose(1, 2, 0)
+        bar.update(stop - start)
+    return len(starts)
 
 
 def check_hounsfield(image: np.ndarray, source: str | Path) -> bool:

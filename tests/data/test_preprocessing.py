@@ -149,3 +149,25 @@ def test_spacing_downsampling_averages_noise_instead_of_picking_pixels():
     prep = Preprocessing(image_size=(64, 64), window=(-1000, 1000), spacing_mm=3.0)
     gridded = prep.slices_to_model_grid(noise, (0.5, 0.5))
     assert gridded.std() < 60 / 4  # point sampling would keep ~60
+
+
+def test_labels_at_size_is_the_argmax_of_the_full_bilinear_resize():
+    """Computing only around the foreground changes no label, up- or downsampling."""
+    import tensorflow as tf
+
+    from keras_livseg.data.preprocessing import labels_at_size
+
+    rng = np.random.default_rng(0)
+    for height, width, rows, cols in ((9, 13, 40, 31), (24, 20, 7, 11), (16, 16, 16, 16), (5, 30, 50, 12)):
+        logits = rng.normal(size=(2, height, width, 3)).astype(np.float32)
+        logits[..., 0] += 2.0  # mostly background, as on a scan
+        probabilities = tf.nn.softmax(logits).numpy()
+        expected = tf.argmax(tf.image.resize(probabilities, (rows, cols), method="bilinear"), axis=-1).numpy()
+        got = labels_at_size(probabilities, (rows, cols))
+        assert got.dtype == np.uint8 and 0 < (got > 0).mean() < 0.9
+        np.testing.assert_array_equal(got, expected)
+        resized = lambda p, size: tf.image.resize(p, size, method="bilinear").numpy()  # noqa: E731
+        np.testing.assert_array_equal(labels_at_size(probabilities, (rows, cols), resize=resized), expected)
+    empty = np.zeros((1, 4, 4, 3), np.float32)
+    empty[..., 0] = 1.0
+    assert not labels_at_size(empty, (9, 9)).any()

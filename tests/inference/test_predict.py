@@ -470,3 +470,34 @@ def test_lesions_away_from_the_liver_match_a_whole_volume_distance_transform():
         _drop_lesions_away_from_liver(got, spacing, margin)
         np.testing.assert_array_equal(got, expected)
         assert (expected == 2).sum() < (view == 2).sum() or seed > 3  # the cases remove something
+
+
+def test_whole_volume_labels_on_the_model_grid_match_the_slice_by_slice_path(tmp_path):
+    """Resampling each slice once and resizing only around the foreground: the same labels."""
+    import keras
+
+    # A 1x1 convolution that thresholds the centre slice (standardized HU / 100): liver
+    # above 50 HU, tumour above 150 HU, so the labels follow the planted anatomy.
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1, activation="softmax")(inputs))
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    kernel[0, 0, 1] = [0.0, 4.0, 8.0]
+    model.layers[-1].set_weights([kernel, np.array([0.0, -2.0, -8.0], np.float32)])
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    model.save(str(run / "checkpoints" / "best.keras"))
+    write_preprocessing_json(run / "preprocessing.json", Preprocessing(
+        image_size=(32, 32), context=3, mean=0.0, std=100.0, spacing_mm=2.0))
+    grid_model = SegmentationModel.load(run / "checkpoints" / "best.keras")
+    assert grid_model.on_grid is not None
+    by_slice = SegmentationModel(grid_model.path, "keras", grid_model.preprocessing, grid_model._forward, 3, "by-slice")
+    hu = np.full((70, 56, 11), -1000, np.int16)
+    hu[10:40, 12:44, 2:9] = 100  # liver
+    hu[18:26, 20:28, 4:7] = 200  # tumour
+    source = write_volume(tmp_path / "volume-1.nii.gz", hu, np.diag([0.9, 0.8, 2.0, 1.0]))
+    case = load_case(CaseFiles("1", source, None), with_labels=False)
+    fast = predict_volume(grid_model, case, batch_size=4, postprocess=None, progress=False)
+    slow = predict_volume(by_slice, case, batch_size=4, postprocess=None, progress=False)
+    np.testing.assert_array_equal(fast.labels, slow.labels)
+    assert set(np.unique(fast.labels)) == {0, 1, 2} and fast.forward_calls == slow.forward_calls == 3
+    assert (fast.labels[:, :, 4:7] == 2).sum() > 0 and (fast.labels[:, :, :2] == 0).all()
