@@ -217,11 +217,17 @@ class Preprocessing:
         if self.spacing_mm is None:
             return probabilities
         height, width = self.resampled_size(int(size[0]), int(size[1]), spacing)
-        background = np.zeros(probabilities.shape[-1], np.float32)
-        background[0] = 1.0
-        moved = np.moveaxis(np.asarray(probabilities, np.float32), 0, 2)  # [H, W, B, C]
-        restored = crop_or_pad(moved - background, (height, width), fill=0.0) + background
-        return np.moveaxis(restored, 2, 0)
+        probabilities = np.asarray(probabilities, np.float32)
+        restored = np.zeros((probabilities.shape[0], height, width, probabilities.shape[-1]), np.float32)
+        restored[..., 0] = 1.0  # one-hot background where the model saw nothing
+        # The inverse of the input's crop/pad: the same offsets, source and target swapped.
+        source, target = [slice(None)], [slice(None)]
+        for have, want in zip(probabilities.shape[1:3], (height, width)):
+            length = min(have, want)
+            source.append(slice(max(have - want, 0) // 2, max(have - want, 0) // 2 + length))
+            target.append(slice(max(want - have, 0) // 2, max(want - have, 0) // 2 + length))
+        restored[tuple(target)] = probabilities[tuple(source)]
+        return restored
 
     def model_input(self, hu_volume: np.ndarray, indices: Sequence[int],
                     spacing: Sequence[float] | None = None) -> np.ndarray:
