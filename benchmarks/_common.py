@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
+from typing import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("KERAS_LIVSEG_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "keras_livseg"))
@@ -19,6 +21,18 @@ def phantom_volumes(cases: int, size: int = 512, slices: tuple[int, int] = (200,
     if not (folder / "phantom.json").is_file():
         write_phantom_dataset(folder, cases, seed, size=size, slices=slices, overwrite=True)
     return folder
+
+
+def step_times(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, step_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("KERAS_LIVSEG_BENCH_RESULTS") or ROOT / "benchmarks" / "results") / "models.json"
@@ -143,13 +143,7 @@ def worker_keras(args) -> dict:
     start = time.perf_counter()
     model.train_on_batch(x, y)  # trace (and XLA-compile when jit is on)
     first = time.perf_counter() - start
-    for _ in range(args.warmup - 1):
-        model.train_on_batch(x, y)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
+    times = step_times(lambda: model.train_on_batch(x, y), args.steps, warmup=args.warmup - 1)
     result = {
         "params": int(model.count_params()),
         "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
@@ -199,13 +193,7 @@ def worker_torch(args) -> dict:
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
-    for _ in range(args.warmup - 1):
-        step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = step_times(step, args.steps, warmup=args.warmup - 1)
     return {
         "params": counts["params"],
         "trainable_params": counts["trainable"],
@@ -237,13 +225,7 @@ def worker_peak(framework: str, size: int = 2048, repeats: int = 10) -> dict:
 
         x = torch.from_numpy(a)
         run = lambda: torch.mm(x, x)  # noqa: E731
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    times = step_times(run, repeats, warmup=3)
     return {"gflops_per_s": 2 * size**3 / min(times) / 1e9, "size": size}
 
 

@@ -49,6 +49,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import step_times  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, BATCH, DECODER_FILTERS, CLASSES = 256, 1, 8, 64, 3
 
@@ -59,14 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def best_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(step_times(fn, repeats, warmup))
 
 
 def md_table(header, rows) -> str:
