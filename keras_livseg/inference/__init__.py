@@ -16,8 +16,8 @@ Three pieces, usable alone:
   left-right-flipped slices, and :func:`postprocess_labels` cleans the result. For a
   ``.keras`` model asked for labels only, each slice is windowed and resampled once (not once
   per context channel) and the model-grid probabilities are brought back to the scan's size
-  around the foreground only (:class:`~keras_livseg.inference.predictor.GridForward`): the
-  same labels, voxel for voxel, in less time.
+  around the foreground only (:attr:`SegmentationModel.labels_on_grid`): the same labels,
+  voxel for voxel, in less time.
 - :func:`predict_paths` finds the cases (a NIfTI file, a folder of them, a LiTS or MSD dataset),
   predicts each and writes the label map **on the input's own grid, shape and affine**
   (``volume-N.nii.gz`` → ``segmentation-N.nii.gz``, any other name unchanged), plus optional 4D

@@ -6,7 +6,6 @@ probabilities ``[n, rows, cols, 3]`` at the same size, with the preprocessing of
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,25 +25,10 @@ from keras_livseg.serving.signature import SPACING_INPUT
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class GridForward:
-    """A ``.keras`` model's forward pass split at its own grid, for whole volumes.
-
-    :func:`~keras_livseg.inference.volume.predict_volume` windows and resamples each slice of
-    a volume once (``to_grid``) and builds the context channels from the result, instead of
-    resampling every slice once per channel, then asks for labels only (``labels``), which
-    :func:`~keras_livseg.data.preprocessing.labels_at_size` brings back to the slices' size
-    around the foreground alone.
-
-    Attributes:
-        to_grid: raw HU ``[rows, cols, n]`` and their ``(row, col)`` spacing → windowed
-            ``[H, W, n]`` on the model's grid (:meth:`Preprocessing.slices_to_model_grid`).
-        labels: windowed ``[B, H, W, context]``, the volume's statistics (or ``None``), the
-            slices' ``(rows, cols)`` and spacing → uint8 labels ``[B, rows, cols]``.
-    """
-
-    to_grid: Callable[[np.ndarray, tuple[float, float] | None], np.ndarray]
-    labels: Callable[[np.ndarray, tuple[float, float] | None, tuple[int, int], tuple[float, float] | None], np.ndarray]
+#: ``labels_on_grid(windowed, statistics, size, spacing)``: windowed HU ``[B, H, W, context]`` on
+#: the model's grid, the volume's statistics (or ``None``), the slices' ``(rows, cols)`` and
+#: spacing → uint8 labels ``[B, rows, cols]``.
+GridLabels = Callable[[np.ndarray, "tuple[float, float] | None", "tuple[int, int]", "tuple[float, float] | None"], np.ndarray]
 
 
 class SegmentationModel:
@@ -61,8 +45,11 @@ class SegmentationModel:
             ``assets.extra/preprocessing.json``, or ``None`` when it has none).
         context: Adjacent slices the model takes as channels (1 for plain 2D).
         name: A short name for reports (the run or export name).
-        on_grid: The forward pass split at the model's grid (:class:`GridForward`), for whole
-            volumes; ``None`` for SavedModels, whose graph preprocesses raw HU itself.
+        labels_on_grid: Labels from input already windowed and resampled to the model's grid
+            with :attr:`preprocessing` (:data:`GridLabels`): whole-volume prediction resamples
+            each slice once and brings back only the foreground's surroundings
+            (:func:`~keras_livseg.data.preprocessing.labels_at_size`). ``None`` for SavedModels,
+            whose graph preprocesses raw HU itself.
     """
 
     def __init__(
@@ -73,7 +60,7 @@ class SegmentationModel:
         forward: Callable[[np.ndarray, tuple[float, float] | None, tuple[float, float] | None], np.ndarray],
         context: int,
         name: str,
-        on_grid: "GridForward | None" = None,
+        labels_on_grid: GridLabels | None = None,
     ) -> None:
         self.path = Path(path)
         self.kind = kind
@@ -81,7 +68,7 @@ class SegmentationModel:
         self.context = int(context)
         self.name = name
         self._forward = forward
-        self.on_grid = on_grid
+        self.labels_on_grid = labels_on_grid
 
     def __repr__(self) -> str:
         return f"SegmentationModel({str(self.path)!r}, kind={self.kind!r}, context={self.context})"
@@ -182,7 +169,7 @@ class SegmentationModel:
 
         name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
         return cls(path, "keras", prep, forward, prep.context, name,
-                   on_grid=GridForward(to_grid=prep.slices_to_model_grid, labels=labels))
+                   labels_on_grid=labels)
 
     @classmethod
     def _load_saved_model(cls, path: Path, preprocessing: Preprocessing | None) -> "SegmentationModel":

@@ -21,7 +21,7 @@ from keras_livseg.data.volumes import (
     NUM_CLASSES,
 )
 from keras_livseg.inference.postprocess import PostProcessing, postprocess_labels
-from keras_livseg.inference.predictor import GridForward, SegmentationModel
+from keras_livseg.inference.predictor import SegmentationModel
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,11 @@ def predict_volume(
     sample_i: list[np.ndarray] = []
     calls = 0
     # Labels alone: each slice is windowed and resampled once, and only the foreground's
-    # surroundings are brought back to the scan's size (see GridForward).
-    on_grid = model.on_grid if (not tta_flip and probabilities is None and sample_voxels <= 0) else None
+    # surroundings are brought back to the scan's size (see SegmentationModel.labels_on_grid).
+    on_grid = model.labels_on_grid is not None and not tta_flip and probabilities is None and sample_voxels <= 0
     with _progress(n_slices, case.case_id, progress) as bar:
-        if on_grid is not None:
-            calls = _labels_on_grid(on_grid, image, case.spacing[:2], statistics, batch_size, model.context, labels, bar)
+        if on_grid:
+            calls = _labels_on_grid(model, image, case.spacing[:2], statistics, batch_size, labels, bar)
         else:
             for start in range(0, n_slices, batch_size):
                 stop = min(start + batch_size, n_slices)
@@ -165,23 +165,22 @@ def predict_volume(
     )
 
 
-def _labels_on_grid(on_grid: GridForward, image: np.ndarray, spacing: Sequence[float],
-                    statistics: tuple[float, float] | None, batch_size: int, context: int,
-                    labels: np.ndarray, bar) -> int:
-    """Fill ``labels`` batch by batch through ``on_grid``; returns the forward calls made.
+def _labels_on_grid(model: SegmentationModel, image: np.ndarray, spacing: Sequence[float],
+                    statistics: tuple[float, float] | None, batch_size: int, labels: np.ndarray, bar) -> int:
+    """Fill ``labels`` batch by batch through ``model.labels_on_grid``; returns the forward calls made.
 
     Each slice is windowed and resampled once and the context channels are picked from the
     result. (Preparing the next batch in a thread while the network runs gained nothing
     on 2 cores, where the network already uses both.)
     """
     rows, cols, n_slices = image.shape
-    half = context // 2
+    half = model.context // 2
     pixel = (float(spacing[0]), float(spacing[1]))
 
     def model_input(start: int) -> np.ndarray:
         stop = min(start + batch_size, n_slices)
         low, high = max(start - half, 0), min(stop + half, n_slices)
-        gridded = on_grid.to_grid(image[:, :, low:high], pixel)  # [H, W, high - low]
+        gridded = model.preprocessing.slices_to_model_grid(image[:, :, low:high], pixel)  # [H, W, high - low]
         picks = np.clip(np.arange(start, stop)[:, None] + np.arange(-half, half + 1)[None], 0, n_slices - 1)
         return np.transpose(gridded[:, :, picks - low], (2, 0, 1, 3))  # [B, H, W, context]
 
@@ -189,7 +188,7 @@ def _labels_on_grid(on_grid: GridForward, image: np.ndarray, spacing: Sequence[f
     for start in starts:
         windowed = model_input(start)
         stop = start + windowed.shape[0]
-        labels[:, :, start:stop] = on_grid.labels(windowed, statistics, (rows, cols), pixel).transpose(1, 2, 0)
+        labels[:, :, start:stop] = model.labels_on_grid(windowed, statistics, (rows, cols), pixel).transpose(1, 2, 0)
         bar.update(stop - start)
     return len(starts)
 

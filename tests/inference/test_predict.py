@@ -489,7 +489,7 @@ def test_whole_volume_labels_on_the_model_grid_match_the_slice_by_slice_path(tmp
     write_preprocessing_json(run / "preprocessing.json", Preprocessing(
         image_size=(32, 32), context=3, mean=0.0, std=100.0, spacing_mm=2.0))
     grid_model = SegmentationModel.load(run / "checkpoints" / "best.keras")
-    assert grid_model.on_grid is not None
+    assert grid_model.labels_on_grid is not None
     by_slice = SegmentationModel(grid_model.path, "keras", grid_model.preprocessing, grid_model._forward, 3, "by-slice")
     hu = np.full((70, 56, 11), -1000, np.int16)
     hu[10:40, 12:44, 2:9] = 100  # liver
