@@ -26,6 +26,13 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+try:  # ISA-L's gzip: the same bytes as zlib's, inflated about twice as fast (see _read_gzip_proxy)
+    from isal import igzip
+    from isal.isal_zlib import error as IsalError
+except ImportError:  # pragma: no cover - a platform without its wheel falls back to nibabel's reader
+    igzip = None
+    IsalError = zlib.error
+
 # Discovery and file names live in cases.py; re-exported here because every stage reads both.
 from keras_livseg.data.cases import CaseFiles, discover_cases  # noqa: F401
 from keras_livseg.data.errors import DataError  # noqa: F401
@@ -235,6 +242,35 @@ def _check_size(image: nib.Nifti1Image, path: Path, what: str) -> None:
                             f"{tuple(image.shape)}: the file is truncated or its header damaged; re-export it")
 
 
+def _read_gzip_proxy(proxy) -> np.ndarray | None:
+    """The unscaled array behind a ``.nii.gz`` proxy, decompressed by ISA-L; None where that does not apply.
+
+    Intel's ISA-L inflates about twice as fast as zlib, and reading straight into the array
+    skips the chunked copies of Python's ``gzip`` module: on a 512 x 512 x 119 int16 CT, 0.12 s
+    against nibabel's 0.24 s, the largest cost of ``predict`` after the network. The bytes are
+    the same, and reading on to the gzip trailer checks its CRC, so damaged data fails here
+    where nibabel would return it. Files nibabel would read another way (uncompressed, in
+    memory) return None.
+    """
+    if igzip is None or not isinstance(proxy, nib.arrayproxy.ArrayProxy):
+        return None
+    source = getattr(proxy, "file_like", None)
+    if not isinstance(source, (str, Path)) or not str(source).endswith(".gz"):
+        return None
+    array = np.empty(proxy.shape, proxy.dtype, order=proxy.order)
+    with igzip.open(source, "rb") as handle:
+        handle.seek(int(proxy.offset))
+        view = memoryview(array.reshape(-1, order="A")).cast("B")
+        got = 0
+        while got < array.nbytes:  # readinto may stop short of a large buffer
+            read = handle.readinto(view[got:])
+            if not read:
+                raise EOFError(f"{array.nbytes - got:,} bytes short of the header's shape {tuple(proxy.shape)}")
+            got += read
+        handle.read()  # to the end, where the gzip trailer's checksum catches damaged data
+    return array
+
+
 def read_array(image: nib.Nifti1Image, path: Path, what: str = "volume", dtype=None) -> np.ndarray:
     """Read a 3D array (decompressing now), squeezing a singleton 4th axis.
 
@@ -244,8 +280,10 @@ def read_array(image: nib.Nifti1Image, path: Path, what: str = "volume", dtype=N
     try:
         proxy = image.dataobj
         slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
-        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-    except (EOFError, zlib.error, OSError, ValueError, OverflowError, MemoryError) as error:
+        raw = _read_gzip_proxy(proxy)
+        if raw is None:
+            raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    except (EOFError, zlib.error, IsalError, OSError, ValueError, OverflowError, MemoryError) as error:
         raise DataError(
             f"{path} is truncated or corrupt ({type(error).__name__}: {error}); re-download or re-export it"
         ) from None

@@ -165,3 +165,45 @@ def test_real_dcmqi_scan_loads(real_data_dir):
     assert case.image.shape == (512, 512, 3) and case.image.dtype == np.int16
     assert case.image.min() == -3024 and set(np.unique(case.labels)) == {0, 1}
     assert case.spacing == pytest.approx((0.8105, 0.8105, 1.0), abs=1e-3)
+
+
+@pytest.mark.parametrize("shape, dtype, slope", [((40, 48, 12), np.int16, None), ((9, 7, 5, 1), np.uint8, None),
+                                                   ((9, 7, 5), np.int16, (0.5, -1024.0)), ((9, 7, 5), np.float32, None)])
+def test_gzip_volumes_read_exactly_as_nibabel_reads_them(tmp_path, shape, dtype, slope):
+    from keras_livseg.data import volumes
+
+    data = np.random.default_rng(0).integers(-1000, 1000, shape).astype(dtype)
+    image = nib.Nifti1Image(data, np.diag([-0.8, -0.8, 2.5, 1]))
+    image.header.set_data_dtype(dtype)
+    if slope:
+        image.header.set_slope_inter(*slope)
+    path = tmp_path / "volume-1.nii.gz"
+    nib.save(image, str(path))
+    loaded = nib.load(str(path))
+    assert volumes.igzip is not None  # installed with the package: predict's reading speed rests on it
+    fast = volumes._read_gzip_proxy(loaded.dataobj)
+    assert fast is not None and fast.dtype == loaded.dataobj.get_unscaled().dtype
+    np.testing.assert_array_equal(fast, loaded.dataobj.get_unscaled())
+    expected = np.asarray(loaded.dataobj, np.float32)
+    np.testing.assert_array_equal(volumes.read_array(loaded, path), expected.reshape(expected.shape[:3]))
+    uncompressed = tmp_path / "volume-2.nii"
+    nib.save(image, str(uncompressed))
+    assert volumes._read_gzip_proxy(nib.load(str(uncompressed)).dataobj) is None  # nibabel's memory map instead
+
+
+def test_damaged_gzip_data_is_refused_by_its_checksum(tmp_path):
+    """A byte changed inside the compressed data: the gzip CRC fails, where nibabel returned wrong voxels."""
+    write_case(tmp_path, "1")
+    path = tmp_path / "volume-1.nii.gz"
+    raw = bytearray(path.read_bytes())
+    for offset in range(len(raw) // 2, len(raw) - 16):
+        damaged = raw.copy()
+        damaged[offset] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        try:  # some flips break the deflate stream itself; find one that only changes voxels
+            np.asarray(nib.load(str(path)).dataobj)
+        except Exception:
+            continue
+        break
+    with pytest.raises(DataError, match="volume-1.nii.gz is truncated or corrupt .*CRC"):
+        load_case(discover_cases(tmp_path)[0])
