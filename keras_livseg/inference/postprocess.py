@@ -98,24 +98,27 @@ def _set_where(view: np.ndarray, components: np.ndarray, chosen: np.ndarray, val
         slab[table[components[..., start:start + _SLAB]]] = value
 
 
-def _drop_lesions_away_from_liver(view: np.ndarray, spacing: Sequence[float], margin_mm: float) -> None:
-    """Remove tumor components farther than ``margin_mm`` from the liver parenchyma.
+def _lesions_away_from_liver(view: np.ndarray, lesions: np.ndarray, count: int, spacing: Sequence[float],
+                             margin_mm: float) -> np.ndarray:
+    """Labels (of ``lesions``' components) of the lesions farther than ``margin_mm`` from the liver parenchyma.
 
     Judged per lesion, by its nearest voxel: a large lesion inside the liver keeps its
     centre however far that is from parenchyma. Lesions touching parenchyma (the usual
-    case) are kept without computing any distance; for the others the distance transform runs
-    in the lesion's box grown by ``margin_mm``, which holds every parenchyma voxel that could
-    be near enough (memory scales with the lesion, not the scan).
+    case) are kept without computing any distance, and that test runs only in the box around
+    all lesions; for the others the distance transform runs in the lesion's box grown by
+    ``margin_mm``, which holds every parenchyma voxel that could be near enough (memory scales
+    with the lesion, not the scan).
     """
     parenchyma = view == 1
     if not parenchyma.any():
-        view[view == 2] = 0
-        return
-    lesions, count = _label(view == 2)
-    touching = np.unique(lesions[ndimage.binary_dilation(parenchyma) & (lesions > 0)])
+        return np.arange(1, count + 1)
+    # One voxel around the lesions' box is all a one-voxel dilation can reach.
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in bounding_box(lesions > 0))
+    near_lesions = lesions[box]
+    touching = np.unique(near_lesions[ndimage.binary_dilation(parenchyma[box]) & (near_lesions > 0)])
     detached = np.setdiff1d(np.arange(1, count + 1), touching)
     if detached.size == 0:
-        return
+        return detached
     grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
     objects = ndimage.find_objects(lesions)
     far = []
@@ -125,9 +128,7 @@ def _drop_lesions_away_from_liver(view: np.ndarray, spacing: Sequence[float], ma
         # No parenchyma in the grown box: every parenchyma voxel is farther than the margin.
         if not near.any() or ndimage.distance_transform_edt(~near, sampling=spacing)[lesions[box] == index].min() > margin_mm:
             far.append(index)
-    if far:
-        _set_where(view, lesions, np.asarray(far), 0)
-        logger.debug("post-processing: removed %d lesions beyond %.1f mm of the liver", len(far), margin_mm)
+    return np.asarray(far, dtype=np.int64)
 
 
 def postprocess_labels(
@@ -166,17 +167,24 @@ def postprocess_labels(
             _set_where(view, components, islands, 0)
             logger.debug("post-processing: removed %d liver islands", count - 1)
         del components
-    if options.tumor_in_liver and (view == 2).any():
-        _drop_lesions_away_from_liver(view, spacing, options.liver_margin_mm)
     min_voxels = max(options.min_lesion_voxels, 0)
     if options.min_lesion_mm3 > 0:
         min_voxels = max(min_voxels, int(math.ceil(options.min_lesion_mm3 / float(np.prod(spacing)) - 1e-9)))
-    if min_voxels > 1 and (view == 2).any():
-        components, count = _label(view == 2)
-        sizes = _component_sizes(components, count)
-        small = np.flatnonzero(sizes < min_voxels)
-        small = small[small > 0]
+    if not ((options.tumor_in_liver or min_voxels > 1) and (view == 2).any()):
+        return labels
+    # The lesions' components, labelled once for both rules (dropping some leaves the others' labels).
+    lesions, count = _label(view == 2)
+    far = np.zeros(0, np.int64)
+    if options.tumor_in_liver:
+        far = _lesions_away_from_liver(view, lesions, count, spacing, options.liver_margin_mm)
+        if far.size:
+            _set_where(view, lesions, far, 0)
+            logger.debug("post-processing: removed %d lesions beyond %.1f mm of the liver", far.size,
+                         options.liver_margin_mm)
+    if min_voxels > 1:
+        sizes = _component_sizes(lesions, count)
+        small = np.setdiff1d(np.flatnonzero(sizes < min_voxels), np.concatenate([[0], far]))
         if small.size:
-            _set_where(view, components, small, 1)
+            _set_where(view, lesions, small, 1)
             logger.debug("post-processing: %d lesions under %d voxels became liver", small.size, min_voxels)
     return labels

@@ -441,12 +441,13 @@ def test_cli_writes_a_dicom_seg_for_a_dicom_series(keras_checkpoint, real_data_d
 
 
 def test_lesions_away_from_the_liver_match_a_whole_volume_distance_transform():
-    """The per-lesion boxed distance gives the decisions of one distance transform over the scan."""
+    """The per-lesion boxed distance gives the decisions of one distance transform over the scan,
+    and the minimum size then applies to the lesions left (labelled once for both rules)."""
     from scipy import ndimage
 
-    from keras_livseg.inference.postprocess import _drop_lesions_away_from_liver
+    from keras_livseg.inference.postprocess import PostProcessing, postprocess_labels
 
-    def reference(view, spacing, margin):
+    def reference(view, spacing, margin, min_voxels):
         parenchyma = view == 1
         lesions, count = ndimage.label(view == 2)
         distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
@@ -455,6 +456,8 @@ def test_lesions_away_from_the_liver_match_a_whole_volume_distance_transform():
         for index in range(1, count + 1):
             if not touching[lesions == index].any() and distance[lesions == index].min() > margin:
                 out[lesions == index] = 0
+            elif (lesions == index).sum() < min_voxels:
+                out[lesions == index] = 1
         return out
 
     for seed in range(6):
@@ -465,11 +468,15 @@ def test_lesions_away_from_the_liver_match_a_whole_volume_distance_transform():
             r, c, k = rng.integers(0, 38), rng.integers(0, 34), rng.integers(0, 11)
             view[r:r + rng.integers(1, 3), c:c + rng.integers(1, 3), k:k + 1] = 2
         spacing, margin = (0.8, 0.7, 2.5), float(rng.uniform(1.0, 6.0))
-        expected = reference(view, spacing, margin)
+        min_voxels = 0 if seed < 3 else 3
+        expected = reference(view, spacing, margin, min_voxels)
         got = view.copy()
-        _drop_lesions_away_from_liver(got, spacing, margin)
+        options = PostProcessing(largest_liver_component=False, liver_margin_mm=margin, min_lesion_mm3=0.0,
+                                 min_lesion_voxels=min_voxels)
+        postprocess_labels(got, spacing, options)
         np.testing.assert_array_equal(got, expected)
         assert (expected == 2).sum() < (view == 2).sum() or seed > 3  # the cases remove something
+        assert min_voxels == 0 or ((expected == 1) & (view == 2)).any()  # and the size rule turns some to liver
 
 
 def test_whole_volume_labels_on_the_model_grid_match_the_slice_by_slice_path(tmp_path):
