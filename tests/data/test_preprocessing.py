@@ -47,6 +47,11 @@ def test_every_path_gives_the_same_model_input():
 def test_window_clips_padding_and_bone():
     prep = Preprocessing()
     assert prep.window_hu(np.array([-3024, -1000, 50, 3000])).tolist() == [-200, -200, 50, 250]
+    hu = np.array([[-500.5, 0.25], [260.0, np.nan]], np.float32)
+    windowed = prep.window_hu(hu)
+    assert windowed.dtype == np.float32 and windowed is not hu
+    np.testing.assert_array_equal(windowed, [[-200.0, 0.25], [250.0, np.nan]])  # NaN stays NaN, as np.clip
+    assert hu[0, 0] == -500.5 and hu[1, 0] == 260.0  # a float32 input is not clipped in place
 
 
 def test_normalization_none_maps_window_to_unit_range():
