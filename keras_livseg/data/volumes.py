@@ -412,7 +412,8 @@ def save_like(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    native = np.ascontiguousarray(from_canonical(data, reference_affine))
+    # NIfTI stores Fortran order: an array already in it is written without a transposing copy.
+    native = np.asfortranarray(from_canonical(data, reference_affine))
     image = nib.Nifti1Image(native, reference_affine, header=reference_header)
     image.set_data_dtype(native.dtype)
     if reference_header is not None:

@@ -111,7 +111,10 @@ def predict_volume(
     prep = model.preprocessing
     if model.kind == "keras" and prep is not None and prep.normalization == "volume":
         statistics = _streaming_volume_statistics(image, prep.window)
-    labels = np.empty((rows, cols, n_slices), dtype=np.uint8)
+    # Slice-major memory under the [rows, cols, slices] shape: each batch is written as one
+    # block, and on a LiTS-oriented (DICOM LPS) scan the native grid is Fortran-ordered, as
+    # NIfTI stores it, so writing the file needs no transposing copy.
+    labels = np.empty((n_slices, rows, cols), dtype=np.uint8).transpose(1, 2, 0)
     probabilities = np.empty((rows, cols, n_slices, NUM_CLASSES), np.uint8) if return_probabilities else None
     rng = np.random.default_rng(seed)
     sample_p: list[np.ndarray] = []
