@@ -475,6 +475,10 @@ def test_lesions_away_from_the_liver_match_a_whole_volume_distance_transform():
                                  min_lesion_voxels=min_voxels)
         postprocess_labels(got, spacing, options)
         np.testing.assert_array_equal(got, expected)
+        # predict's slice-major layout (the axes permuted in memory): the same decisions
+        slice_major = np.ascontiguousarray(view.transpose(2, 0, 1)).transpose(1, 2, 0)
+        postprocess_labels(slice_major, spacing, options)
+        np.testing.assert_array_equal(slice_major, expected)
         assert (expected == 2).sum() < (view == 2).sum() or seed > 3  # the cases remove something
         assert min_voxels == 0 or ((expected == 1) & (view == 2)).any()  # and the size rule turns some to liver
 
