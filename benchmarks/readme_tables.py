@@ -48,9 +48,12 @@ def render_prepare(data: dict) -> str:
     rows = [
         "| what | wall s | × floor (goal ≤ 1.5) | peak RSS per worker | RSS / one volume (goal ≤ 2.5) |",
         "| --- | ---: | ---: | ---: | ---: |",
-        f"| nibabel load of volumes + segmentations (the floor) | {data['load_s']:.2f} | 1.00 | "
-        f"{_n(data.get('load_peak_rss_mb'), '.0f')} MB | {_n(data.get('load_rss_over_volume'))} |",
     ]
+    floor = data.get("floor_s", data["load_s"])
+    rows.append(f"| nibabel load of volumes + segmentations | {data['load_s']:.2f} | {data['load_s'] / floor:.2f} | "
+                f"{_n(data.get('load_peak_rss_mb'), '.0f')} MB | {_n(data.get('load_rss_over_volume'))} |")
+    if "read_s" in data:
+        rows.append(f"| the same with keras_livseg's reader (ISA-L gzip) | {data['read_s']:.2f} | {data['read_s'] / floor:.2f} | | |")
     for label, run in (("`prepare`, default workers (one per core)", default), ("`prepare`, 1 worker", single)):
         rows.append(
             f"| {label} | {run['wall_s']:.2f} | **{run['x_floor']:.2f}** {_mark(run['x_floor'] <= 1.5)} | "
@@ -120,6 +123,10 @@ def render_predict(data: dict) -> str:
                  "of the time depends on the prediction."]
     head = (f"{data.get('size', 512)}×{data.get('size', 512)}×{data.get('slices', 119)} phantom volume, "
             f"{data['model']} base {data['filters']} at {data.get('image_size', 256)}×{data.get('image_size', 256)}, batch 8.")
+    if data.get("repeats", 1) > 1:
+        runs = data["predict_runs_s"]
+        head += (f" Medians of {data['repeats']} runs of each, taking turns in fresh processes (`predict` "
+                 f"{min(runs):.1f}–{max(runs):.1f} s; forward {min(data['forward_runs_s']):.1f}–{max(data['forward_runs_s']):.1f} s).")
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
