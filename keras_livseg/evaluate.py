@@ -27,6 +27,8 @@ Examples:
         --compare runs/unet runs/effb0_pan
     python -m keras_livseg.evaluate --model saved_models/tam_unet \\
         --data ../shared/data/real/totalseg-example-ct/pairs.csv --label-map 5:1 --out eval/ts
+    python -m keras_livseg.evaluate --model runs/demo-seed0/checkpoints/best.keras \\
+        --model runs/demo-seed1/checkpoints/best.keras --data ../shared/data/real/ircadb --out eval/ens
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from keras_livseg.data import storage
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser("evaluate", "Score liver and liver-tumor segmentations as the LiTS challenge and the papers do.", __doc__)
-    parser.add_argument("--model", help=".keras checkpoint or SavedModel: predict --data first")
+    parser.add_argument("--model", action="append",
+                        help=".keras checkpoint or SavedModel: predict --data first; repeat it to score the "
+                             "average of several models (an ensemble of folds or seeds)")
     parser.add_argument("--data", help="labelled dataset (LiTS, MSD or .csv) or prepared shard folder "
                         "(manifest.json, with --split) to predict and score")
     parser.add_argument("--split", metavar="SPLIT",
@@ -139,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with storage.local_output(args.out, mirror=False) as out:
             if args.model:
                 summary = evaluate_model(
-                    storage.local_model(args.model), local(args.data), out, batch_size=args.batch_size,
+                    [storage.local_model(path) for path in args.model], local(args.data), out, batch_size=args.batch_size,
                     tta_flip=args.tta, postprocess=None if args.no_postprocess else "default",
                     sample_voxels=args.sample_voxels, progress=not args.no_progress, model_name=args.name, **common,
                 )

@@ -9,6 +9,8 @@ Examples:
         --no-postprocess --batch-size 4
     python -m keras_livseg.predict --model runs/tam_unet/checkpoints/best.keras \\
         ../shared/data/real/dcmqi-ct-3slice/dicom --out seg --format dicom-seg
+    python -m keras_livseg.predict --model runs/demo-seed0/checkpoints/best.keras \\
+        --model runs/demo-seed1/checkpoints/best.keras scans/ --out out     # an ensemble
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser("predict", "Segment liver and liver tumors in CT volumes (NIfTI) with a trained model.", __doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="a NIfTI file, a folder of them, a LiTS/MSD dataset, a folder of one DICOM CT series, or a .csv list")
-    parser.add_argument("--model", required=True,
-                        help=".keras checkpoint (with its run's preprocessing.json) or SavedModel folder")
+    parser.add_argument("--model", required=True, action="append",
+                        help=".keras checkpoint (with its run's preprocessing.json) or SavedModel folder; "
+                             "repeat it to average several models' probabilities (folds or seeds, as nnU-Net does)")
     parser.add_argument("--out", required=True, help="output folder for the label maps")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
     parser.add_argument("--tta", action="store_true", help="average with the left-right-flipped prediction")
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_lesion_mm3=args.min_lesion_mm3, liver_margin_mm=args.liver_margin_mm
         )
         label_map = parse_output_label_map(args.label_map)
-        model = SegmentationModel.load(storage.local_model(args.model))
+        model = SegmentationModel.ensemble([SegmentationModel.load(storage.local_model(path)) for path in args.model])
         inputs = [storage.local_input(item) for item in args.inputs]  # URLs: their local mirrors
         # Predictions for a bucket are written locally, then uploaded beside whatever is there already.
         with storage.local_output(args.out, mirror=False) as out:

@@ -748,7 +748,7 @@ def evaluate_folders(
 
 
 def evaluate_model(
-    model_path: str | Path,
+    model_path: str | Path | Sequence[str | Path],
     data: str | Path,
     out_dir: str | Path,
     *,
@@ -778,7 +778,8 @@ def evaluate_model(
 
     Args:
         model_path: ``.keras`` checkpoint or SavedModel (see
-            :meth:`~keras_livseg.inference.SegmentationModel.load`).
+            :meth:`~keras_livseg.inference.SegmentationModel.load`), or several, whose averaged
+            probabilities are scored (:meth:`~keras_livseg.inference.SegmentationModel.ensemble`).
         data: Labelled dataset (LiTS, MSD or ``.csv``), or a prepared shard folder
             (``manifest.json``): then only the cases of ``split`` are predicted and scored, from
             the source NIfTI files the manifest names.
@@ -826,10 +827,15 @@ def evaluate_model(
             )
         cases = discover_cases(data, require_labels=True)
         inputs = [data]
+    paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
     if training_manifest is None:
-        training_manifest = training_manifest_for_model(model_path)
+        manifests = [m for m in (training_manifest_for_model(path) for path in paths) if m is not None]
+        if len({Path(m).resolve() for m in manifests}) > 1:
+            logger.warning("the ensemble's members trained on different data; training cases are checked against "
+                           "%s only (pass --train-manifest to choose)", manifests[0])
+        training_manifest = manifests[0] if manifests else None
     labels_of = {Path(c.image).resolve(): c.label for c in cases}
-    model = SegmentationModel.load(model_path)
+    model = SegmentationModel.ensemble([SegmentationModel.load(path) for path in paths])
     if postprocess == "default":
         postprocess = PostProcessing()
     per_case = int(math.ceil(sample_voxels / max(len(cases), 1))) if sample_voxels > 0 else 0

@@ -36,11 +36,12 @@ class SegmentationModel:
 
     Build it with :meth:`load`. ``kind`` is ``"keras"`` (a ``.keras`` checkpoint, preprocessed
     here in NumPy with the run's :class:`Preprocessing`) or ``"saved_model"`` (an exported
-    SavedModel whose ``serving_default`` signature takes raw HU and preprocesses in its graph).
+    SavedModel whose ``serving_default`` signature takes raw HU and preprocesses in its graph);
+    :meth:`ensemble` averages several.
 
     Attributes:
         path: The file or folder loaded.
-        kind: ``"keras"`` or ``"saved_model"``.
+        kind: ``"keras"``, ``"saved_model"`` or ``"ensemble"`` (:meth:`ensemble`).
         preprocessing: The model's :class:`Preprocessing` (for a SavedModel the copy in
             ``assets.extra/preprocessing.json``, or ``None`` when it has none).
         context: Adjacent slices the model takes as channels (1 for plain 2D).
@@ -49,7 +50,10 @@ class SegmentationModel:
             with :attr:`preprocessing` (:data:`GridLabels`): whole-volume prediction resamples
             each slice once and brings back only the foreground's surroundings
             (:func:`~keras_livseg.data.preprocessing.labels_at_size`). ``None`` for SavedModels,
-            whose graph preprocesses raw HU itself.
+            whose graph preprocesses raw HU itself, and for ensembles.
+        needs_volume_statistics: Whether :meth:`predict_slices` takes the volume's windowed
+            statistics (``normalization="volume"``).
+        members: The models an ensemble averages; empty otherwise.
     """
 
     def __init__(
@@ -69,6 +73,9 @@ class SegmentationModel:
         self.name = name
         self._forward = forward
         self.labels_on_grid = labels_on_grid
+        # A SavedModel standardizes in its own graph.
+        self.needs_volume_statistics = kind == "keras" and preprocessing is not None and preprocessing.normalization == "volume"
+        self.members: list[SegmentationModel] = []
 
     def __repr__(self) -> str:
         return f"SegmentationModel({str(self.path)!r}, kind={self.kind!r}, context={self.context})"
@@ -215,6 +222,62 @@ class SegmentationModel:
         forward.keep_alive = loaded  # the signature needs its object's variables alive
         name = path.parent.name if path.name.isdigit() else path.name
         return cls(path, "saved_model", preprocessing, forward, context, name)
+
+    @classmethod
+    def ensemble(cls, members: Sequence["SegmentationModel"]) -> "SegmentationModel":
+        """One model that averages its members' probabilities (nnU-Net's ensemble of folds or seeds).
+
+        Each member keeps its own preprocessing (HU window, spacing, size, context): the
+        ensemble takes the widest context and hands each member its own centre channels, and
+        the averaged probabilities are at the slices' size. Three demo models (seeds 0-2)
+        together score higher on the real scans than each of them
+        (``benchmarks/bench_real.py sim2real``).
+
+        Args:
+            members: Loaded models (:meth:`load`), at least one; one is returned as it is.
+
+        Returns:
+            A model of kind ``"ensemble"`` (whole-volume prediction takes the slice-by-slice path).
+
+        Raises:
+            ValueError: no member, or members with per-volume normalization in different HU
+                windows (the volume's statistics are computed once, in one window).
+
+        Example:
+            >>> paths = [f"runs/demo-seed{s}/checkpoints/best.keras" for s in range(3)]  # doctest: +SKIP
+            >>> SegmentationModel.ensemble([SegmentationModel.load(p) for p in paths]).kind  # doctest: +SKIP
+            'ensemble'
+        """
+        members = list(members)
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        if len(members) == 1:
+            return members[0]
+        by_volume = [m for m in members if m.needs_volume_statistics]
+        if len({tuple(m.preprocessing.window) for m in by_volume}) > 1:
+            raise ValueError(
+                "ensemble members with normalization='volume' use different HU windows "
+                f"({', '.join(f'{m.name}: {m.preprocessing.window}' for m in by_volume)}); "
+                "ensemble models trained with the same window"
+            )
+        context = max(m.context for m in members)
+
+        def forward(raw: np.ndarray, statistics: tuple[float, float] | None,
+                    spacing: tuple[float, float] | None) -> np.ndarray:
+            total = None
+            for member in members:
+                first = (context - member.context) // 2
+                p = member.predict_slices(raw[..., first:first + member.context], statistics, spacing)
+                total = p if total is None else total + p
+            return total / np.float32(len(members))
+
+        # The preprocessing that decides the volume statistics (the members' shared window), else the first's.
+        preprocessing = by_volume[0].preprocessing if by_volume else members[0].preprocessing
+        model = cls(members[0].path, "ensemble", preprocessing, forward, context,
+                    "+".join(m.name for m in members))
+        model.members = members
+        model.needs_volume_statistics = bool(by_volume)
+        return model
 
     # -- prediction ------------------------------------------------------------------------
     def predict_slices(

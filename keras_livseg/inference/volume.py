@@ -109,7 +109,7 @@ def predict_volume(
     rows, cols, n_slices = image.shape
     statistics = None
     prep = model.preprocessing
-    if model.kind == "keras" and prep is not None and prep.normalization == "volume":
+    if model.needs_volume_statistics:
         statistics = _streaming_volume_statistics(image, prep.window)
     # Slice-major memory under the [rows, cols, slices] shape: each batch is written as one
     # block, and on a LiTS-oriented (DICOM LPS) scan the native grid is Fortran-ordered, as

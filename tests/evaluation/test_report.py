@@ -391,6 +391,32 @@ def test_evaluate_model_on_a_shard_split_flags_its_own_training_cases(folders, t
         evaluate_model(run / "checkpoints" / "last.keras", shards, tmp_path / "eval2", progress=False)
 
 
+def test_evaluate_model_scores_an_ensemble_and_flags_its_members_training_cases(folders, tmp_path):
+    """Two checkpoints: one prediction from their averaged probabilities, named after both;
+    a member's run still flags the cases it trained on."""
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+
+    _, ref_dir, _ = folders
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": ["0"], "val": ["1"], "test": ["2"]})
+    checkpoints = []
+    for name, seed in (("plain", 1), ("trained_here", 2)):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(str(run / "checkpoints" / "last.keras"))
+        write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=40.0, std=50.0))
+        checkpoints.append(run / "checkpoints" / "last.keras")
+    (tmp_path / "trained_here" / "config.json").write_text(json.dumps({"data": {"shards": str(shards)}}))
+    summary = evaluate_model(checkpoints, shards, tmp_path / "eval", split="train", sample_voxels=0, progress=False,
+                             figures=False)
+    assert summary["model"] == "plain+trained_here" and summary["cases"] == ["0"]
+    assert summary["scored_training_cases"] == ["0"]
+    assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == ["segmentation-0.nii.gz"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Overlays with the CT
 # ---------------------------------------------------------------------------------------------

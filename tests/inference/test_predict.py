@@ -512,3 +512,69 @@ def test_whole_volume_labels_on_the_model_grid_match_the_slice_by_slice_path(tmp
     np.testing.assert_array_equal(fast.labels, slow.labels)
     assert set(np.unique(fast.labels)) == {0, 1, 2} and fast.forward_calls == slow.forward_calls == 3
     assert (fast.labels[:, :, 4:7] == 2).sum() > 0 and (fast.labels[:, :, :2] == 0).all()
+
+
+def constant_model(probabilities, context: int, name: str, normalization: str = "none",
+                   window=(-200.0, 250.0), seen: list | None = None) -> SegmentationModel:
+    """A model answering fixed class probabilities everywhere; it records the channels it was given."""
+
+    def forward(raw, statistics, spacing=None):
+        if seen is not None:
+            seen.append((name, raw.shape[-1], raw[0, 0, 0].tolist(), statistics))
+        return np.broadcast_to(np.asarray(probabilities, np.float32), raw.shape[:3] + (3,)).copy()
+
+    prep = Preprocessing(image_size=(32, 32), context=context, normalization=normalization, window=window)
+    return SegmentationModel(Path(f"{name}.keras"), "keras", prep, forward, context, name)
+
+
+def test_an_ensemble_averages_its_members_each_on_its_own_centre_channels():
+    seen: list = []
+    members = [constant_model([0.7, 0.2, 0.1], 1, "a", seen=seen), constant_model([0.1, 0.3, 0.6], 3, "b", seen=seen),
+               constant_model([0.4, 0.4, 0.2], 5, "c", seen=seen)]
+    ensemble = SegmentationModel.ensemble(members)
+    assert ensemble.kind == "ensemble" and ensemble.context == 5 and ensemble.members == members
+    assert ensemble.name == "a+b+c" and ensemble.labels_on_grid is None
+    raw = np.broadcast_to(np.arange(5, dtype=np.float32), (2, 4, 6, 5))  # channel k holds the value k
+    probabilities = ensemble.predict_slices(raw)
+    np.testing.assert_allclose(probabilities, np.broadcast_to([0.4, 0.3, 0.3], (2, 4, 6, 3)), atol=1e-6)
+    assert [(name, k, centre) for name, k, centre, _ in seen] == [("a", 1, [2.0]), ("b", 3, [1.0, 2.0, 3.0]),
+                                                                 ("c", 5, [0.0, 1.0, 2.0, 3.0, 4.0])]
+    assert SegmentationModel.ensemble(members[:1]) is members[0]
+    with pytest.raises(ValueError, match="at least one"):
+        SegmentationModel.ensemble([])
+
+
+def test_an_ensemble_labels_a_volume_by_its_averaged_probabilities(tmp_path):
+    """Two members that each call a different class most likely: the average decides, voxel by voxel."""
+    liver_leaning = constant_model([0.3, 0.45, 0.25], 1, "liver")
+    tumour_leaning = constant_model([0.35, 0.1, 0.55], 3, "tumour")
+    case = load_case(CaseFiles("1", write_volume(tmp_path / "volume-1.nii.gz", planted_volume()), None), with_labels=False)
+    ensemble = SegmentationModel.ensemble([liver_leaning, tumour_leaning])
+    labels = predict_volume(ensemble, case, postprocess=None, progress=False).labels
+    assert labels.shape == case.image.shape and (labels == 2).all()  # (0.325, 0.275, 0.4): tumour
+    alone = predict_volume(liver_leaning, case, postprocess=None, progress=False).labels
+    assert (alone == 1).all()
+
+
+def test_an_ensemble_of_volume_normalized_models_gets_the_volume_statistics_once(tmp_path):
+    seen: list = []
+    members = [constant_model([1, 0, 0], 1, name, normalization="volume", seen=seen) for name in ("a", "b")]
+    case = load_case(CaseFiles("1", write_volume(tmp_path / "volume-1.nii.gz", planted_volume()), None), with_labels=False)
+    predict_volume(SegmentationModel.ensemble(members), case, postprocess=None, progress=False)
+    statistics = {entry[3] for entry in seen}
+    assert len(statistics) == 1 and None not in statistics  # both members, the same (mean, std)
+    other_window = constant_model([1, 0, 0], 1, "c", normalization="volume", window=(-100.0, 200.0))
+    with pytest.raises(ValueError, match="different HU windows"):
+        SegmentationModel.ensemble([*members, other_window])
+
+
+def test_cli_averages_models_given_twice(tmp_path, capsys, keras_checkpoint):
+    """--model twice: one label map, the average of the two (here one checkpoint twice: its own labels)."""
+    write_volume(tmp_path / "data" / "volume-4.nii.gz", planted_volume())
+    single = run_cli(["--model", keras_checkpoint, tmp_path / "data", "--out", tmp_path / "one", "--no-progress"], capsys)
+    double = run_cli(["--model", keras_checkpoint, "--model", keras_checkpoint, tmp_path / "data",
+                      "--out", tmp_path / "two", "--no-progress"], capsys)
+    assert single[0] == 0 and double[0] == 0, double[2]
+    one = np.asarray(nib.load(str(tmp_path / "one" / "segmentation-4.nii.gz")).dataobj)
+    two = np.asarray(nib.load(str(tmp_path / "two" / "segmentation-4.nii.gz")).dataobj)
+    np.testing.assert_array_equal(one, two)
