@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--train", action="store_true",
                         help="train a 256-pixel model on the phantom first (or reuse it) and predict with it")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: give 1 or more")
     if args.quick:
         args.filters, args.size, args.slices, args.image_size, args.repeats = 4, 64, 9, 32, 1
     if args.train:

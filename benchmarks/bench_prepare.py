@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, taking turns; medians compared")
     parser.add_argument("--quick", action="store_true", help="a test of the script: 2 tiny volumes")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: give 1 or more")
     if args.quick:
         args.cases, args.size, args.slices, args.image_size, args.repeats = 2, 64, (8, 10), 32, 1
     src = phantom_volumes(args.cases, size=args.size, slices=tuple(args.slices))

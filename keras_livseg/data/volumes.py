@@ -242,15 +242,21 @@ def _check_size(image: nib.Nifti1Image, path: Path, what: str) -> None:
                             f"{tuple(image.shape)}: the file is truncated or its header damaged; re-export it")
 
 
+#: Bytes inflated per read: the file object's readinto copies through a temporary of this size.
+_GZIP_CHUNK = 16 * 2**20
+
+
 def _read_gzip_proxy(proxy) -> np.ndarray | None:
     """The unscaled array behind a ``.nii.gz`` proxy, decompressed by ISA-L; None where that does not apply.
 
-    Intel's ISA-L inflates about twice as fast as zlib, and reading straight into the array
-    skips the chunked copies of Python's ``gzip`` module: on a 512 x 512 x 119 int16 CT, 0.12 s
-    against nibabel's 0.24 s, the largest cost of ``predict`` after the network. The bytes are
-    the same, and reading on to the gzip trailer checks its CRC, so damaged data fails here
-    where nibabel would return it. Files nibabel would read another way (uncompressed, in
-    memory) return None.
+    Intel's ISA-L inflates about twice as fast as zlib (``benchmarks/bench_prepare.py`` times
+    both readers), the largest cost of ``predict`` after the network. The bytes are the same.
+    Reading on to the gzip trailer checks its CRC, so damaged data fails here where nibabel
+    returns it; a trailer cut off or followed by other bytes, after complete data, is accepted
+    (with a warning once the data is read) as nibabel, which never reads the trailer, accepts
+    it. None where nibabel should read instead: files it reads another way (uncompressed, in
+    memory, an open file object), and streams that end early (nibabel then reads what is there
+    or raises its own error).
     """
     if igzip is None or not isinstance(proxy, nib.arrayproxy.ArrayProxy):
         return None
@@ -262,12 +268,23 @@ def _read_gzip_proxy(proxy) -> np.ndarray | None:
         handle.seek(int(proxy.offset))
         view = memoryview(array.reshape(-1, order="A")).cast("B")
         got = 0
-        while got < array.nbytes:  # readinto may stop short of a large buffer
-            read = handle.readinto(view[got:])
-            if not read:
-                raise EOFError(f"{array.nbytes - got:,} bytes short of the header's shape {tuple(proxy.shape)}")
-            got += read
-        handle.read()  # to the end, where the gzip trailer's checksum catches damaged data
+        try:
+            while got < array.nbytes:  # in bounded chunks: each readinto copies through a temporary
+                read = handle.readinto(view[got:got + _GZIP_CHUNK])
+                if not read:
+                    break
+                got += read
+        except EOFError:  # ISA-L reads ahead into the trailer; nibabel's reader tells a short file from a cut trailer
+            read = 0
+        if got < array.nbytes:
+            logger.debug("%s: ISA-L stopped %d bytes short; reading it with nibabel", source, array.nbytes - got)
+            return None
+        try:
+            while handle.read(_GZIP_CHUNK):  # on to the trailer, whose CRC catches damaged data
+                pass
+        except EOFError:
+            logger.warning("%s: the data is complete but the gzip trailer is cut off or followed by other bytes; "
+                           "its checksum could not be checked", source)
     return array
 
 

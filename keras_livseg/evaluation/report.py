@@ -55,6 +55,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -827,7 +828,7 @@ def evaluate_model(
             )
         cases = discover_cases(data, require_labels=True)
         inputs = [data]
-    paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
     if training_manifest is None:
         manifests = [m for m in (training_manifest_for_model(path) for path in paths) if m is not None]
         if len({Path(m).resolve() for m in manifests}) > 1:

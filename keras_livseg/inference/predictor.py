@@ -268,8 +268,12 @@ class SegmentationModel:
             for member in members:
                 first = (context - member.context) // 2
                 p = member.predict_slices(raw[..., first:first + member.context], statistics, spacing)
-                total = p if total is None else total + p
-            return total / np.float32(len(members))
+                if total is None:
+                    total = np.array(p, np.float32)  # a copy: the sum accumulates in place
+                else:
+                    total += p
+            total /= np.float32(len(members))
+            return total
 
         # The preprocessing that decides the volume statistics (the members' shared window), else the first's.
         preprocessing = by_volume[0].preprocessing if by_volume else members[0].preprocessing

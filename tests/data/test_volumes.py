@@ -169,8 +169,10 @@ def test_real_dcmqi_scan_loads(real_data_dir):
 
 @pytest.mark.parametrize("shape, dtype, slope", [((40, 48, 12), np.int16, None), ((9, 7, 5, 1), np.uint8, None),
                                                    ((9, 7, 5), np.int16, (0.5, -1024.0)), ((9, 7, 5), np.float32, None)])
-def test_gzip_volumes_read_exactly_as_nibabel_reads_them(tmp_path, shape, dtype, slope):
+def test_gzip_volumes_read_exactly_as_nibabel_reads_them(tmp_path, shape, dtype, slope, monkeypatch):
     from keras_livseg.data import volumes
+
+    monkeypatch.setattr(volumes, "_GZIP_CHUNK", 999)  # many chunks, none aligned to a voxel
 
     data = np.random.default_rng(0).integers(-1000, 1000, shape).astype(dtype)
     image = nib.Nifti1Image(data, np.diag([-0.8, -0.8, 2.5, 1]))
@@ -207,3 +209,19 @@ def test_damaged_gzip_data_is_refused_by_its_checksum(tmp_path):
         break
     with pytest.raises(DataError, match="volume-1.nii.gz is truncated or corrupt .*CRC"):
         load_case(discover_cases(tmp_path)[0])
+
+
+def test_gzip_trailer_cut_or_followed_by_bytes_is_read_as_nibabel_reads_it(tmp_path, monkeypatch):
+    """Complete data with its trailer cut off, or other bytes after it: read as nibabel reads it."""
+    from keras_livseg.data import volumes
+
+    monkeypatch.setattr(volumes, "_GZIP_CHUNK", 1000)
+    write_case(tmp_path, "1")
+    path = tmp_path / "volume-1.nii.gz"
+    expected = np.asarray(nib.load(str(path)).dataobj)
+    raw = path.read_bytes()
+    for name, data in (("cut", raw[:-4]), ("followed", raw + b"not gzip")):
+        damaged = tmp_path / f"{name}.nii.gz"
+        damaged.write_bytes(data)
+        got = volumes.read_array(nib.load(str(damaged)), damaged)  # ISA-L hands such a file to nibabel
+        np.testing.assert_array_equal(got, expected)
