@@ -224,12 +224,8 @@ class Preprocessing:
         restored = np.zeros((probabilities.shape[0], height, width, probabilities.shape[-1]), np.float32)
         restored[..., 0] = 1.0  # one-hot background where the model saw nothing
         # The inverse of the input's crop/pad: the same offsets, source and target swapped.
-        source, target = [slice(None)], [slice(None)]
-        for have, want in zip(probabilities.shape[1:3], (height, width)):
-            length = min(have, want)
-            source.append(slice(max(have - want, 0) // 2, max(have - want, 0) // 2 + length))
-            target.append(slice(max(want - have, 0) // 2, max(want - have, 0) // 2 + length))
-        restored[tuple(target)] = probabilities[tuple(source)]
+        source, target = crop_or_pad_slices(probabilities.shape[1:3], (height, width))
+        restored[(slice(None), *target)] = probabilities[(slice(None), *source)]
         return restored
 
     def model_input(self, hu_volume: np.ndarray, indices: Sequence[int],
@@ -322,15 +318,27 @@ def crop_or_pad(array: np.ndarray, size: Sequence[int], fill: float = 0.0) -> np
         [[-1.0, 1.0, -1.0], [-1.0, 2.0, -1.0]]
     """
     out = np.full(tuple(int(s) for s in size[:2]) + array.shape[2:], fill, dtype=array.dtype)
+    source, target = crop_or_pad_slices(array.shape[:2], out.shape[:2])
+    out[target] = array[source]
+    return out
+
+
+def crop_or_pad_slices(have: Sequence[int], want: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The ``(source, target)`` index slices of :func:`crop_or_pad` from shape ``have`` to ``want``.
+
+    Swapping ``have`` and ``want`` gives the inverse: where the model's grid came from.
+
+    Example:
+        >>> crop_or_pad_slices((4, 1), (2, 3))
+        ((slice(1, 3, None), slice(0, 1, None)), (slice(0, 2, None), slice(1, 2, None)))
+    """
     source, target = [], []
-    for have, want in zip(array.shape[:2], out.shape[:2]):
-        length = min(have, want)
-        start_in = max(have - want, 0) // 2
-        start_out = max(want - have, 0) // 2
+    for size_in, size_out in zip(have, want):
+        length = min(size_in, size_out)
+        start_in, start_out = max(size_in - size_out, 0) // 2, max(size_out - size_in, 0) // 2
         source.append(slice(start_in, start_in + length))
         target.append(slice(start_out, start_out + length))
-    out[tuple(target)] = array[tuple(source)]
-    return out
+    return tuple(source), tuple(target)
 
 
 @functools.lru_cache(maxsize=64)

@@ -275,7 +275,7 @@ def _read_gzip_proxy(proxy) -> np.ndarray | None:
                     break
                 got += read
         except EOFError:  # ISA-L reads ahead into the trailer; nibabel's reader tells a short file from a cut trailer
-            read = 0
+            pass
         if got < array.nbytes:
             logger.debug("%s: ISA-L stopped %d bytes short; reading it with nibabel", source, array.nbytes - got)
             return None
