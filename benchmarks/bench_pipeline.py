@@ -99,6 +99,48 @@ def timed_pipeline(make: Callable[[], Any], warmup: int, batches: int, batch_siz
     return result
 
 
+def augmentation_cost(batch: int, size: int, rounds: int, calls: int = 30) -> dict[str, dict[str, float]]:
+    """CPU ms a batch of the augmentation alone (``augment_batch`` on ``[batch, size, size, 1]``),
+    on each path (OpenCV, TensorFlow's kernels), with everything and with each transform left
+    out: what a transform costs is "all" minus "without" it. Paths and variants alternate
+    ``rounds`` times; the least CPU time of each is kept."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from keras_livseg.data import augment
+
+    full = augment.Augmentation()
+    variants = {
+        "all": full,
+        "without warp": dataclasses.replace(full, rotation=0.0, zoom=0.0, translation=0.0),
+        "without noise": dataclasses.replace(full, noise_std=0.0),
+        "without gamma": dataclasses.replace(full, gamma=0.0),
+    }
+    images = tf.random.normal([batch, size, size, 1])
+    masks = tf.cast(tf.random.uniform([batch, size, size], 0, 3, tf.int32), tf.uint8)
+    opencv = augment._opencv
+    best: dict[str, dict[str, float]] = {"opencv": {}, "tensorflow": {}}
+    try:
+        for _ in range(rounds):
+            for path in best:
+                augment._opencv = opencv if path == "opencv" else (lambda: None)
+                for name, a in variants.items():
+                    run = tf.function(lambda x, m, s, a=a: augment.augment_batch(x, m, s, a))
+                    run(images, masks, tf.constant([0, 0], tf.int64))
+                    cpu = time.process_time()
+                    for k in range(calls):
+                        run(images, masks, tf.constant([k, 1], tf.int64))[0].numpy()
+                    ms = 1e3 * (time.process_time() - cpu) / calls
+                    best[path][name] = min(ms, best[path].get(name, ms))
+    finally:
+        augment._opencv = opencv
+    for costs in best.values():
+        for transform in ("warp", "noise", "gamma"):
+            costs[transform] = costs["all"] - costs[f"without {transform}"]
+    return best
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=4, help="phantom volumes (default 4)")
@@ -146,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 best[name] = (rate, cpu)
 
     typical, vectorized = best["typical"][0], best["vectorized"][0]
+    augment_ms = augmentation_cost(batch, args.size, args.rounds)
 
     def row(loader: str, name: str, compared: bool = True) -> dict:
         rate, cpu = best[name]
@@ -169,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nCPU time per slice, pipeline against the naive loaders: {cpu_ratio_typical:.1f}x less than the typical one, "
           f"{cpu_ratio_vectorized:.1f}x less than the vectorized one (they use one core, the pipeline {os.cpu_count()}); "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs")
+    print(f"\nthe augmentation alone, CPU ms a batch of {batch}:")
+    print(table([{"path": path, **{k: f"{costs[k]:.1f}" for k in ("all", "warp", "noise", "gamma")}}
+                 for path, costs in augment_ms.items()], ["path", "all", "warp", "noise", "gamma"]))
     path = write_json("pipeline", {
         "pipeline_slices_per_s": rate,
         "pipeline_reads": "shards every epoch (tumor slices kept in memory when they fit the shuffle buffer)",
@@ -178,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         "naive_vectorized_slices_per_s": vectorized,
         "naive_typical_slices_per_s": typical,
         "cpu_ms_per_slice": {name: cpu for name, (_, cpu) in best.items()},
+        "augment_cpu_ms_per_batch": augment_ms,
         "ratio_typical": rate / typical,
         "ratio_vectorized": rate / vectorized,
         "cpu_ratio_typical": cpu_ratio_typical,

@@ -89,6 +89,14 @@ def render_pipeline(data: dict) -> str:
     head = (f"{data['slices']} slices at {data['size']}×{data['size']}, batch {data['batch_size']}, best of "
             f"{data['rounds']} alternating rounds; CPU time per slice: the pipeline uses "
             f"{data['cpu_ratio_typical']:.1f}× less than the typical naive loader.")
+    augment = data.get("augment_cpu_ms_per_batch")
+    if augment:
+        names = {"opencv": "OpenCV + NumPy, one pass (the default)", "tensorflow": "TensorFlow's kernels (without OpenCV)"}
+        rows += ["", f"The augmentation alone, CPU ms a batch of {data['batch_size']} (a transform's cost: everything, "
+                     "less a run without it):", "",
+                 "| augmentation path | everything | warp | noise | gamma |", "| --- | ---: | ---: | ---: | ---: |"]
+        rows += [f"| {names.get(path, path)} | {c['all']:.1f} | {c['warp']:.1f} | {c['noise']:.1f} | {c['gamma']:.1f} |"
+                 for path, c in augment.items()]
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 

@@ -74,3 +74,8 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     assert f"**{fit_loop['ratio']:.2f}**" in readme_tables.render_fit_loop(fit_loop)
     pipeline = json.loads((tmp_path / "results" / "pipeline.json").read_text())
     assert pipeline["ratio_typical"] == pytest.approx(pipeline["pipeline_slices_per_s"] / pipeline["naive_typical_slices_per_s"])
+    augment_ms = pipeline["augment_cpu_ms_per_batch"]
+    assert set(augment_ms) == {"opencv", "tensorflow"}
+    for costs in augment_ms.values():
+        assert costs["all"] > 0 and costs["warp"] == pytest.approx(costs["all"] - costs["without warp"])
+    assert "| OpenCV + NumPy, one pass (the default) |" in readme_tables.render_pipeline(pipeline)

@@ -25,6 +25,16 @@ EVERYTHING = Augmentation(flip="horizontal_and_vertical", rotation=0.1, zoom=0.2
 FLAGS = ("warp_on", "gamma_on", "intensity_on", "noise_on")
 
 
+@pytest.fixture(params=["opencv", "tensorflow"])
+def backend(request, monkeypatch):
+    """Runs a test on the OpenCV pass and again on TensorFlow's kernels (used without OpenCV)."""
+    if request.param == "opencv":
+        assert augment._opencv() is not None, "opencv-python-headless is an install requirement"
+    else:
+        monkeypatch.setattr(augment, "_opencv", lambda: None)
+    return request.param
+
+
 def checkerboard(size=64, batch=6):
     """Labels 0, 1, 2 in 16-pixel squares; the image is the label as a float."""
     r, c = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
@@ -32,7 +42,7 @@ def checkerboard(size=64, batch=6):
     return np.repeat(labels[None, ..., None].astype(np.float32), batch, 0), np.repeat(labels[None], batch, 0)
 
 
-def test_warped_checkerboard_keeps_image_and_mask_aligned():
+def test_warped_checkerboard_keeps_image_and_mask_aligned(backend):
     images, masks = checkerboard()
     batch, size = images.shape[0], images.shape[1]
     params = draw_parameters(STRONG_WARP, batch, [3, 4])
@@ -62,7 +72,7 @@ def test_warped_checkerboard_keeps_image_and_mask_aligned():
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32])
 @pytest.mark.parametrize("fused", [True, False])
-def test_labels_stay_integral_and_within_the_label_set(dtype, fused):
+def test_labels_stay_integral_and_within_the_label_set(dtype, fused, backend):
     images, labels = checkerboard(size=32, batch=8)
     masks = (labels * (labels != 1)).astype(dtype)  # labels {0, 2}: an interpolating warp would make 1s
     augmentation = Augmentation(**{**EVERYTHING.__dict__, "fused": fused})
@@ -71,6 +81,39 @@ def test_labels_stay_integral_and_within_the_label_set(dtype, fused):
     assert set(np.unique(out_masks.numpy())) <= {0, 2}
     assert (out_masks.numpy() == 2).any() and (out_masks.numpy() != masks).any()
     assert out_images.dtype == tf.float32 and np.isfinite(out_images.numpy()).all()
+
+
+@pytest.mark.parametrize("channels, mask_dtype", [(1, np.uint8), (5, np.int32)])
+def test_opencv_and_tensorflow_paths_agree(channels, mask_dtype, monkeypatch):
+    """The same parameters through both paths: the same points sampled, the same fill, the
+    same gamma and contrast (noise aside: each path draws its own)."""
+    size, batch = 48, 12
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    # A smooth image (OpenCV quantizes bilinear weights to 1/32 pixel: < 0.01 here), offset
+    # per sample so that the fill value (each image's minimum) differs.
+    smooth = np.stack([np.sin(rows / 7 + c) * np.cos(cols / 9 - c) for c in range(channels)], -1)
+    images = tf.constant((smooth[None] + np.arange(batch)[:, None, None, None] * 3 - 5).astype(np.float32))
+    masks = tf.constant(np.repeat((((rows // 12 + cols // 12) % 3) * 2)[None], batch, 0).astype(mask_dtype))
+    a = Augmentation(**{**EVERYTHING.__dict__, "noise_std": 0.0, "probability": 0.6})
+    params = draw_parameters(a, batch, [8, 9])
+    assert 0 < params["warp_on"].numpy().sum() < batch and 0 < params["gamma_on"].numpy().sum() < batch
+    cv_images, cv_masks = (t.numpy() for t in augment_batch(images, masks, [1, 2], a, parameters=params))
+    monkeypatch.setattr(augment, "_opencv", lambda: None)
+    tf_images, tf_masks = (t.numpy() for t in augment_batch(images, masks, [1, 2], a, parameters=params))
+    assert cv_images.dtype == np.float32 and cv_masks.dtype == mask_dtype
+    assert np.abs(cv_images - tf_images).max() < 0.03
+    # Nearest: a pixel whose source lies within 1/32 pixel of a square's edge may round either way.
+    assert (cv_masks != tf_masks).mean() < 0.01
+    assert set(np.unique(cv_masks)) <= {0, 2, 4}
+    untouched = ~(params["warp_on"] | params["gamma_on"] | params["intensity_on"]).numpy()
+    assert untouched.any()
+    np.testing.assert_array_equal(cv_images[untouched], images.numpy()[untouched])
+    warped = params["warp_on"].numpy()
+    plain = warped & ~(params["gamma_on"] | params["intensity_on"]).numpy()
+    fill = images.numpy().min(axis=(1, 2, 3))[:, None, None, None]
+    outside = plain[:, None, None] & np.all(np.isclose(tf_images, fill), -1)
+    assert outside.sum() > 0.02 * plain.sum() * size * size  # the strong warp leaves frame corners to fill
+    np.testing.assert_allclose(cv_images[outside], np.broadcast_to(fill, tf_images.shape)[outside])
 
 
 def _per_sample_draws(augmentation, n, seed):
@@ -158,7 +201,7 @@ def test_samples_in_a_batch_draw_independent_transforms():
     assert len({x.tobytes() for x in out_images.numpy()}) == 8
 
 
-def test_same_seed_same_augmentation():
+def test_same_seed_same_augmentation(backend):
     images, masks = checkerboard(size=32, batch=4)
     first = augment_batch(tf.constant(images), tf.constant(masks), [2, 3], EVERYTHING)
     again = augment_batch(tf.constant(images), tf.constant(masks), [2, 3], EVERYTHING)
@@ -168,7 +211,7 @@ def test_same_seed_same_augmentation():
     assert not np.array_equal(first[0].numpy(), other[0].numpy())
 
 
-def test_noise_is_gaussian_with_the_drawn_std():
+def test_noise_is_gaussian_with_the_drawn_std(backend):
     batch, size = 4, 64
     images = tf.zeros([batch, size, size, 1])
     parameters = draw_parameters(Augmentation.none(), batch, [0, 0])
@@ -184,7 +227,7 @@ def test_noise_is_gaussian_with_the_drawn_std():
     assert noisy.numpy()[3].std() == pytest.approx(2, rel=0.05)
 
 
-def test_intensity_only_leaves_unchosen_samples_bit_for_bit():
+def test_intensity_only_leaves_unchosen_samples_bit_for_bit(backend):
     images, masks = checkerboard(size=32, batch=16)
     images = images + np.random.default_rng(0).normal(size=images.shape).astype(np.float32)
     a = Augmentation(rotation=0, zoom=0, translation=0, probability=0.25)
