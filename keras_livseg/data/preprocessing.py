@@ -377,20 +377,43 @@ def _sparse_antialias_weights(in_size: int, out_size: int):
 def resize_stack_antialiased(slices: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Antialiased twin of :func:`resize_stack`: ``[n, rows, cols]`` → ``[n, H, W]``.
 
-    Two products with the sparse weight matrices, each over the whole stack at once: a
-    512 → 137 row has 7 non-zero taps out of 512, so dense products (and NumPy's
-    per-slice loop over a strided stack) spent over 95 % of their time on zeros.
+    Products with the sparse weight matrices: a 512 → 137 row has 7 non-zero taps out of 512,
+    so dense products spent over 95 % of their time on zeros. Each slice is first resized
+    along its axis that is slowest in memory (for NIfTI's Fortran-ordered slices, the
+    columns), which a sparse product reads in place; only the smaller intermediate is then
+    transposed for the other axis. (Resizing rows first on a Fortran-ordered stack
+    transposed the whole input, and then the intermediate: 2-4x the time.)
+
+    Example:
+        >>> resize_stack_antialiased(np.ones((2, 8, 6), np.float32), (4, 3)).shape
+        (2, 4, 3)
     """
     slices = np.asarray(slices, dtype=np.float32)
     n, height, width = slices.shape
     out_h, out_w = int(size[0]), int(size[1])
     rows = _sparse_antialias_weights(height, out_h)  # [H, rows]
     cols = _sparse_antialias_weights(width, out_w)  # [W, cols]
-    # Rows: [rows, n * cols] in one product; then columns, as the transposed product.
-    resized_rows = rows @ np.moveaxis(slices, 1, 0).reshape(height, n * width)  # [H, n * cols]
-    by_column = np.moveaxis(resized_rows.reshape(out_h * n, width), 1, 0)  # [cols, H * n]
-    resized = np.asarray(cols @ by_column, dtype=np.float32)  # [W, H * n]
-    return np.moveaxis(resized.reshape(out_w, out_h, n), (0, 1, 2), (2, 1, 0))
+    if n == 0:
+        return np.zeros((0, out_h, out_w), np.float32)
+    if slices[0].flags.f_contiguous and not slices[0].flags.c_contiguous:
+        by_cols = np.stack([cols @ slices[k].T for k in range(n)])  # [n, W, rows]; slices[k].T is C-ordered
+        resized = rows @ _transposed(by_cols.reshape(n * out_w, height))  # [H, n * W]
+        return np.asarray(resized, np.float32).reshape(out_h, n, out_w).transpose(1, 0, 2)
+    by_rows = np.stack([rows @ np.ascontiguousarray(slices[k]) for k in range(n)])  # [n, H, cols]
+    resized = cols @ _transposed(by_rows.reshape(n * out_h, width))  # [W, n * H]
+    return np.asarray(resized, np.float32).reshape(out_w, n, out_h).transpose(1, 2, 0)
+
+
+def _transposed(matrix: np.ndarray, block: int = 32) -> np.ndarray:
+    """``matrix.T`` as a C-ordered copy, ``block`` source rows at a time.
+
+    NumPy copies a transposed view element by element across the whole matrix, a cache miss
+    a write; a band of 32 rows stays in cache: 3-7x faster on 512-wide matrices.
+    """
+    out = np.empty(matrix.shape[::-1], matrix.dtype)
+    for start in range(0, matrix.shape[0], block):
+        out[:, start:start + block] = matrix[start:start + block].T
+    return out
 
 
 def _linear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -439,10 +462,14 @@ def labels_at_size(probabilities: np.ndarray, size: Sequence[int],
         >>> labels_at_size(p, (8, 8))[0, 1:5, 1:5].max(), labels_at_size(p, (8, 8))[0, 6:, 6:].max()
         (np.uint8(1), np.uint8(0))
     """
-    batch, height, width, _ = probabilities.shape
+    batch, height, width, classes = probabilities.shape
     rows, cols = int(size[0]), int(size[1])
     labels = np.zeros((batch, rows, cols), np.uint8)
-    foreground = np.argmax(probabilities, axis=-1) > 0
+    # argmax > 0: some class beats background strictly (a tie goes to background, as in argmax).
+    foreground = probabilities[..., 1]
+    for k in range(2, classes):
+        foreground = np.maximum(foreground, probabilities[..., k])
+    foreground = foreground > probabilities[..., 0]
     source_rows = np.flatnonzero(foreground.any(axis=(0, 2)))
     if source_rows.size == 0:
         return labels
@@ -453,13 +480,38 @@ def labels_at_size(probabilities: np.ndarray, size: Sequence[int],
     ys = np.flatnonzero((bottom >= source_rows[0]) & (top <= source_rows[-1]))
     xs = np.flatnonzero((right >= source_cols[0]) & (left <= source_cols[-1]))
     if resize is not None and ys.size * xs.size > 0.5 * rows * cols:
-        return np.argmax(resize(probabilities, (rows, cols)), axis=-1).astype(np.uint8)
+        return argmax_classes(resize(probabilities, (rows, cols)))
     p = np.asarray(probabilities, np.float32)
     upper, lower = p[:, top[ys]], p[:, bottom[ys]]
     by_rows = upper + (lower - upper) * y_lerp[ys][None, :, None, None]
     first, second = by_rows[:, :, left[xs]], by_rows[:, :, right[xs]]
     resized = first + (second - first) * x_lerp[xs][None, None, :, None]
-    labels[:, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1] = np.argmax(resized, axis=-1)
+    labels[:, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1] = argmax_classes(resized)
+    return labels
+
+
+def argmax_classes(probabilities: np.ndarray) -> np.ndarray:
+    """``np.argmax(probabilities, axis=-1)`` as uint8, for a few classes on the last axis.
+
+    One comparison pass per class: NumPy's argmax over a short, innermost axis runs ~2x slower
+    (3 classes). Ties go to the lowest class, as with ``np.argmax``.
+
+    Example:
+        >>> argmax_classes(np.array([[0.2, 0.5, 0.3], [0.4, 0.4, 0.2], [0.1, 0.3, 0.6]], np.float32)).tolist()
+        [1, 0, 2]
+    """
+    classes = probabilities.shape[-1]
+    if classes == 1:
+        return np.zeros(probabilities.shape[:-1], np.uint8)
+    best = probabilities[..., 0]
+    labels = (probabilities[..., 1] > best).view(np.uint8)  # bool and uint8 share their 0/1 bytes
+    if classes > 2:
+        best = np.maximum(best, probabilities[..., 1])
+    for k in range(2, classes):
+        better = probabilities[..., k] > best
+        labels[better] = k
+        if k + 1 < classes:
+            np.maximum(best, probabilities[..., k], out=best)
     return labels
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_livseg.data.preprocessing import (
     BodyStatistics,
+    argmax_classes,
     body_floor,
     context_stack,
 )
@@ -140,7 +141,7 @@ def predict_volume(
                     del flipped
                 del raw
                 # [B, rows, cols, C] → the volume's [rows, cols, B] slab.
-                labels[:, :, start:stop] = np.argmax(batch_p, axis=-1).transpose(1, 2, 0)
+                labels[:, :, start:stop] = argmax_classes(batch_p).transpose(1, 2, 0)
                 if probabilities is not None:
                     probabilities[:, :, start:stop] = np.rint(
                         np.clip(batch_p, 0.0, 1.0) * 255.0

@@ -146,6 +146,36 @@ def test_antialiased_resize_matches_tensorflow(src, dst):
     image = np.random.default_rng(4).normal(0, 100, (2,) + src).astype(np.float32)
     expected = tf.image.resize(image[..., None], dst, method="bilinear", antialias=True).numpy()[..., 0]
     np.testing.assert_allclose(resize_stack_antialiased(image, dst), expected, atol=1e-3)
+    # The same values whatever the slices' memory order: Fortran slices (NIfTI's order, seen
+    # slices first), slices from a C-ordered volume (strided), and a reversed view.
+    fortran_slices = np.moveaxis(np.asfortranarray(np.moveaxis(image, 0, -1)), -1, 0)
+    strided = np.moveaxis(np.ascontiguousarray(np.moveaxis(image, 0, -1)), -1, 0)
+    assert fortran_slices[0].flags.f_contiguous and not strided[0].flags.c_contiguous
+    for layout in (fortran_slices, strided, image[:, ::-1][:, ::-1]):
+        np.testing.assert_allclose(resize_stack_antialiased(layout, dst), expected, atol=1e-3)
+    assert resize_stack_antialiased(image[:0], dst).shape == (0,) + tuple(dst)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (31, 7), (32, 64), (65, 33), (0, 5)])
+def test_blocked_transpose_is_the_transpose(shape):
+    from keras_livseg.data.preprocessing import _transposed
+
+    matrix = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    out = _transposed(matrix)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, matrix.T)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 4])
+def test_argmax_classes_is_numpys_argmax_ties_included(classes):
+    from keras_livseg.data.preprocessing import argmax_classes
+
+    # Values from a coarse set make ties common: they go to the lowest class, as in np.argmax.
+    probabilities = np.random.default_rng(classes).integers(0, 3, (5, 7, 9, classes)).astype(np.float32) / 2
+    got = argmax_classes(probabilities)
+    assert got.dtype == np.uint8 and got.shape == (5, 7, 9)
+    np.testing.assert_array_equal(got, np.argmax(probabilities, axis=-1))
+    assert classes == 1 or len(np.unique(got)) == classes
 
 
 def test_spacing_downsampling_averages_noise_instead_of_picking_pixels():
@@ -176,3 +206,8 @@ def test_labels_at_size_is_the_argmax_of_the_full_bilinear_resize():
     empty = np.zeros((1, 4, 4, 3), np.float32)
     empty[..., 0] = 1.0
     assert not labels_at_size(empty, (9, 9)).any()
+    # A tie with background is background (np.argmax's first maximum), here and after resizing.
+    tied = empty.copy()
+    tied[0, 1, 1] = [0.5, 0.5, 0.0]
+    tied[0, 2, 2] = [0.4, 0.2, 0.4]
+    assert not labels_at_size(tied, (4, 4)).any() and not labels_at_size(tied, (9, 9)).any()

@@ -582,3 +582,14 @@ def test_cli_averages_models_given_twice(tmp_path, capsys, keras_checkpoint):
     one = np.asarray(nib.load(str(tmp_path / "one" / "segmentation-4.nii.gz")).dataobj)
     two = np.asarray(nib.load(str(tmp_path / "two" / "segmentation-4.nii.gz")).dataobj)
     np.testing.assert_array_equal(one, two)
+
+
+def test_component_sizes_count_each_label_over_slabs(monkeypatch):
+    from keras_livseg.inference import postprocess
+
+    monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 50)  # slabs of 2 planes of 5 x 5
+    components = np.random.default_rng(3).integers(0, 5, (7, 5, 5)).astype(np.uint16)
+    sizes = postprocess._component_sizes(components, 6)
+    expected = np.bincount(components.ravel(), minlength=7)
+    expected[0] = 0  # background is not counted
+    np.testing.assert_array_equal(sizes, expected)
