@@ -586,10 +586,12 @@ class BodyStatistics:
         self.total_sq = 0.0
 
     def update(self, windowed: np.ndarray) -> None:
-        body = np.asarray(windowed)[np.asarray(windowed) > self.floor].astype(np.float64)
+        body = np.asarray(windowed)[np.asarray(windowed) > self.floor]
         self.count += body.size
-        self.total += float(body.sum())
-        self.total_sq += float(np.square(body).sum())
+        # Accumulated in float64 without float64 copies (and not through BLAS, whose threads
+        # would contend with prepare's other workers): exact for integer HU.
+        self.total += float(body.sum(dtype=np.float64))
+        self.total_sq += float(np.einsum("i,i->", body.ravel(), body.ravel(), dtype=np.float64))
 
     def result(self) -> tuple[float, float]:
         if self.count == 0:

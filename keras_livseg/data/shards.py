@@ -24,6 +24,7 @@ windowed statistics, for per-volume normalization).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import struct
@@ -93,25 +94,44 @@ def _masked_crc(data: bytes) -> bytes:
     return struct.pack("<I", masked)
 
 
+class _HashedFile:
+    """A binary file opened for writing that keeps the SHA-256 of every byte written to it
+    (``digest`` None: passes the bytes through only)."""
+
+    def __init__(self, raw: BinaryIO, digest: bool = True) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256() if digest else None
+
+    def write(self, data: bytes) -> int:
+        if self.digest is not None:
+            self.digest.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 class TFRecordWriter:
     """Append records to a TFRecord file (optionally GZIP), under a temporary name until closed.
 
     The file is written as ``.<name>.partial`` and renamed on :meth:`close`, so an interrupted
-    run never leaves a shard that looks finished.
+    run never leaves a shard that looks finished. :attr:`sha256` is the file's SHA-256, kept
+    while writing (no second reading of the file) unless ``digest=False``.
 
     Example:
         >>> with TFRecordWriter("/tmp/x.tfrecord") as writer:  # doctest: +SKIP
         ...     writer.write(encode_example({"a": 1}))
     """
 
-    def __init__(self, path: str | Path, compression: str | None = None) -> None:
+    def __init__(self, path: str | Path, compression: str | None = None, digest: bool = True) -> None:
         self.path = Path(path)
         self.temporary = self.path.with_name(f".{self.path.name}.partial")
         self.compression = compression
         self._raw: BinaryIO = open(self.temporary, "wb")
-        self._stream: BinaryIO = self._raw
+        self._hashed = _HashedFile(self._raw, digest)
+        self._stream: BinaryIO | _HashedFile | gzip.GzipFile = self._hashed
         if compression == "GZIP":
-            self._stream = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6)
+            self._stream = gzip.GzipFile(filename="", mode="wb", fileobj=self._hashed, mtime=0, compresslevel=6)
         elif compression not in (None, ""):
             raise ValueError(f"compression must be None or 'GZIP', got {compression!r}")
         self.bytes_written = 0
@@ -123,8 +143,32 @@ class TFRecordWriter:
         self.bytes_written += len(record) + 16
         self.records += 1
 
+    def append_file(self, path: str | Path, block: int = 1 << 22) -> None:
+        """Append every record of an uncompressed TFRecord file as its bytes stand.
+
+        TFRecord framing is self-contained (each record carries its length and CRCs), so two
+        files' bytes one after the other are one valid file: no record is parsed or framed
+        again. Only for an uncompressed writer; :attr:`records` does not count these.
+        """
+        if self.compression:
+            raise ValueError("append_file copies uncompressed records; write them one by one into a GZIP writer")
+        with open(path, "rb") as source:
+            if source.read(2) == b"\x1f\x8b":
+                raise ValueError(f"{path} is GZIP-compressed: append_file takes uncompressed TFRecord files")
+            source.seek(0)
+            for chunk in iter(lambda: source.read(block), b""):
+                self._hashed.write(chunk)
+                self.bytes_written += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 (hex) of the bytes written so far; of the whole file once closed."""
+        if self._hashed.digest is None:
+            raise ValueError(f"{self.path} is written with digest=False: it keeps no SHA-256")
+        return self._hashed.digest.hexdigest()
+
     def close(self) -> Path:
-        if self._stream is not self._raw:
+        if self._stream is not self._hashed:
             self._stream.close()
         self._raw.flush()
         os.fsync(self._raw.fileno())
@@ -135,7 +179,7 @@ class TFRecordWriter:
     def abort(self) -> None:
         """Close and delete the temporary file (on error)."""
         try:
-            if self._stream is not self._raw:
+            if self._stream is not self._hashed:
                 self._stream.close()
             self._raw.close()
         finally:

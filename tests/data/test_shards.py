@@ -27,6 +27,41 @@ def test_tensorflow_reads_what_we_write(tmp_path, compression):
     assert int(parsed["tumor_pixels"]) == int((mask == 2).sum()) and int(parsed["liver_pixels"]) == int((mask > 0).sum())
     assert float(parsed["volume_mean"]) == -12.5 and int(parsed["context"]) == 3
     assert shards.read_records(path) == [r.numpy() for r in records]
+    import hashlib
+
+    assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()  # kept while writing
+
+
+def test_appended_files_are_one_valid_file_with_its_hash(tmp_path):
+    """Uncompressed TFRecord files copied byte for byte, one after the other: TensorFlow reads
+    every record in order, and the kept SHA-256 is the file's."""
+    import hashlib
+
+    parts = []
+    for k in range(3):
+        parts.append(tmp_path / f"part{k}.tfrecord")
+        with shards.TFRecordWriter(parts[-1], digest=False) as writer:
+            for j in range(k + 1):
+                writer.write(shards.encode_example({"k": np.array([k, j])}))
+        with pytest.raises(ValueError, match="digest=False"):
+            writer.sha256
+    path = tmp_path / "joined.tfrecord"
+    with shards.TFRecordWriter(path) as writer:
+        writer.write(shards.encode_example({"k": np.array([9, 9])}))
+        for part in parts:
+            writer.append_file(part, block=7)  # blocks that cut records: bytes are bytes
+    records = list(tf.data.TFRecordDataset(str(path)))
+    keys = [tf.io.parse_single_example(r, {"k": tf.io.FixedLenFeature([2], tf.int64)})["k"].numpy().tolist() for r in records]
+    assert keys == [[9, 9], [0, 0], [1, 0], [1, 1], [2, 0], [2, 1], [2, 2]]
+    assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert writer.bytes_written == path.stat().st_size
+    gzipped = tmp_path / "z.tfrecord.gz"
+    with shards.TFRecordWriter(gzipped, "GZIP") as writer:
+        with pytest.raises(ValueError, match="uncompressed"):
+            writer.append_file(parts[0])
+    with shards.TFRecordWriter(tmp_path / "plain.tfrecord") as writer:
+        with pytest.raises(ValueError, match="GZIP-compressed"):
+            writer.append_file(gzipped)
 
 
 def test_negative_and_large_integers_round_trip():
