@@ -138,10 +138,16 @@ def lopo(checkpoint: Path) -> dict:
     walls = RUNS / name / "wall.json"
     wall = json.loads(walls.read_text())["seconds"] if walls.is_file() else 0.0
     if not (walls.is_file() and (RUNS / name / "eval" / "metrics.json").is_file()):
-        # A run cut short continues (--resume); its wall time adds to what the first attempt recorded.
-        wall += fit(["--pipeline", "pipelines/ircadb_finetune.toml", "--data", str(REAL / "ircadb"), "--folds", "2",
-                     "--name", name, "--init-from", str(checkpoint)] + (["--resume"] if (RUNS / name).exists() else []))
-        walls.write_text(json.dumps({"seconds": wall}))
+        # A run cut short continues (--resume); its wall time adds to what the attempts before recorded.
+        resume = ["--resume"] if (RUNS / name).exists() else []
+        started = time.perf_counter()
+        try:
+            fit(["--pipeline", "pipelines/ircadb_finetune.toml", "--data", str(REAL / "ircadb"), "--folds", "2",
+                 "--name", name, "--init-from", str(checkpoint)] + resume)
+        finally:
+            wall += time.perf_counter() - started
+            if (RUNS / name).is_dir():
+                walls.write_text(json.dumps({"seconds": wall}))
     rows = []
     for fold in sorted((RUNS / name).glob("fold-*")):
         volumes = json.loads((fold / "eval" / "held_out_volumes.json").read_text())

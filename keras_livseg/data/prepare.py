@@ -637,7 +637,12 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=2) as threads:
         written = {split: [threads.submit(write_shard, out, work_dir, name, case_ids, options.compression)
                            for name, case_ids in plans[split]] for split in SPLITS}
-        split_info = {split: split_record(members[split], [job.result() for job in written[split]]) for split in SPLITS}
+        try:
+            split_info = {split: split_record(members[split], [job.result() for job in written[split]])
+                          for split in SPLITS}
+        except BaseException:  # one shard failed, or Ctrl-C: the queued ones are not started
+            threads.shutdown(cancel_futures=True)
+            raise
     return finish_run(out, build_manifest(options, prep, foreground, splits, split_info, by_id, patients, skipped))
 
 

@@ -465,6 +465,8 @@ def labels_at_size(probabilities: np.ndarray, size: Sequence[int],
     batch, height, width, classes = probabilities.shape
     rows, cols = int(size[0]), int(size[1])
     labels = np.zeros((batch, rows, cols), np.uint8)
+    if classes < 2:  # one output channel: every pixel is class 0, as np.argmax says
+        return labels
     # argmax > 0: some class beats background strictly (a tie goes to background, as in argmax).
     foreground = probabilities[..., 1]
     for k in range(2, classes):

@@ -94,6 +94,17 @@ def _masked_crc(data: bytes) -> bytes:
     return struct.pack("<I", masked)
 
 
+def _gzipped(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (its first 12 bytes or more) is GZIP, not TFRecord.
+
+    The magic bytes alone are not enough: an uncompressed TFRecord whose first record is
+    0x8B1F bytes long (mod 65536) starts with them too, but its header carries a valid CRC.
+    """
+    if head[:2] != b"\x1f\x8b":
+        return False
+    return not (len(head) >= 12 and _masked_crc(head[:8]) == head[8:12])
+
+
 class _HashedFile:
     """A binary file opened for writing that keeps the SHA-256 of every byte written to it
     (``digest`` None: passes the bytes through only)."""
@@ -153,7 +164,7 @@ class TFRecordWriter:
         if self.compression:
             raise ValueError("append_file copies uncompressed records; write them one by one into a GZIP writer")
         with open(path, "rb") as source:
-            if source.read(2) == b"\x1f\x8b":
+            if _gzipped(source.read(12)):
                 raise ValueError(f"{path} is GZIP-compressed: append_file takes uncompressed TFRecord files")
             source.seek(0)
             for chunk in iter(lambda: source.read(block), b""):
@@ -202,7 +213,7 @@ def read_records(path: str | Path) -> list[bytes]:
     """
     path = Path(path)
     data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
+    if _gzipped(data[:12]):
         data = gzip.decompress(data)
     stream = io.BytesIO(data)
     records = []

@@ -211,3 +211,6 @@ def test_labels_at_size_is_the_argmax_of_the_full_bilinear_resize():
     tied[0, 1, 1] = [0.5, 0.5, 0.0]
     tied[0, 2, 2] = [0.4, 0.2, 0.4]
     assert not labels_at_size(tied, (4, 4)).any() and not labels_at_size(tied, (9, 9)).any()
+    # One output channel (a sigmoid head with one class): class 0 everywhere, as np.argmax says.
+    one = labels_at_size(np.random.default_rng(1).random((2, 4, 4, 1)).astype(np.float32), (9, 9))
+    assert one.shape == (2, 9, 9) and not one.any()

@@ -93,3 +93,17 @@ def test_corrupt_record_is_detected(tmp_path):
 def test_plan_shards_keeps_target_size():
     assert shards.plan_shards([40, 40, 40, 40, 200, 10], 100) == [2, 2, 1, 1]
     assert shards.plan_shards([], 100) == []
+
+
+def test_a_record_whose_length_looks_like_gzip_magic_is_still_plain_tfrecord(tmp_path):
+    """A first record of 0x8B1F bytes makes the file start with GZIP's magic bytes; its header's
+    CRC says it is TFRecord, and both readers treat it so."""
+    record = b"x" * 0x8B1F
+    path = tmp_path / "plain.tfrecord"
+    with shards.TFRecordWriter(path) as writer:
+        writer.write(record)
+    assert path.read_bytes()[:2] == b"\x1f\x8b"
+    assert shards.read_records(path) == [record]
+    with shards.TFRecordWriter(tmp_path / "joined.tfrecord") as writer:
+        writer.append_file(path)
+    assert shards.read_records(tmp_path / "joined.tfrecord") == [record]
