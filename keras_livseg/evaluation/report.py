@@ -55,8 +55,8 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 

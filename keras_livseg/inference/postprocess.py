@@ -190,8 +190,7 @@ def postprocess_labels(
     if options.largest_liver_component:
         components, count = _label(view >= 1)
         if count > 1:
-            sizes = _component_sizes(components, count)
-            sizes[0] = 0
+            sizes = _component_sizes(components, count)  # background's entry is 0
             islands = np.setdiff1d(np.arange(1, count + 1), [int(np.argmax(sizes))])
             _set_where(view, components, islands, 0)
             logger.debug("post-processing: removed %d liver islands", count - 1)

@@ -230,8 +230,7 @@ class SegmentationModel:
         Each member keeps its own preprocessing (HU window, spacing, size, context): the
         ensemble takes the widest context and hands each member its own centre channels, and
         the averaged probabilities are at the slices' size. Three demo models (seeds 0-2)
-        together score higher on the real scans than each of them
-        (``benchmarks/bench_real.py sim2real``).
+        together score above their mean on every real scan (``benchmarks/bench_real.py sim2real``).
 
         Args:
             members: Loaded models (:meth:`load`), at least one; one is returned as it is.
