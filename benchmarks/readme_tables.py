@@ -202,6 +202,29 @@ def render_models(data: dict) -> str:
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
+def render_memory(data: dict) -> str:
+    config = data["config"]
+    rows = [
+        "| model | Keras peak RSS | PyTorch peak RSS | Keras step: RSS rise | = traced graph and kernels | "
+        "+ live tensors (TF's peak in a step) | + rest | PyTorch step: RSS rise | live tensors ≤ PyTorch's step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in data["rows"]:
+        torch_step = row.get("torch_step_rss_mb")
+        fits = None if torch_step is None else row["keras_live_peak_mb"] <= torch_step
+        rows.append(
+            f"| {row['model']} | {_n(row['keras_peak_rss_mb'], ',.0f')} | {_n(row.get('torch_peak_rss_mb'), ',.0f')} | "
+            f"{_n(row['keras_step_rss_mb'], ',.0f')} | {_n(row['keras_graph_mb'], ',.0f')} | "
+            f"{_n(row['keras_live_peak_mb'], ',.0f')} | {_n(row['keras_rest_mb'], ',.0f')} | {_n(torch_step, ',.0f')} | "
+            f"{_mark(fits)} |"
+        )
+    head = (f"MB; {config['size']}×{config['size']}×{config['channels']}, batch {config['batch']}, {config['policy']}, "
+            f"{config['optimizer']} + {config['loss']}, the settings of the models table. A step's RSS rise is the "
+            "peak RSS after a few train steps less the RSS after import, build and compile. Traced graph and kernels: "
+            "the same rise for the same model at 64 px and batch 1, where tensors are tiny.")
+    return "\n".join([head, "", *rows, "", _machine_line(data)])
+
+
 def render_real_ct(data: dict) -> str:
     demo, sim, lopo = data["demo"]["summary"], data["sim2real"], data["lopo"]
 
@@ -367,6 +390,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "lits_scale": render_lits_scale,
     "pipeline": render_pipeline,
     "models": render_models,
+    "memory": render_memory,
     "predict": render_predict,
     "predict_trained": render_predict,
     "predict_long_trained": render_predict,

@@ -53,6 +53,7 @@ BENCHMARKS = (
     Benchmark("models", "bench_models.py", what="parameters, FLOPs, train step time, Keras against PyTorch",
               quick_args=("--quick", "--models", "unet", "effb0_pan", "--size", "32", "--batch", "2", "--filters", "4",
                           "--depth", "2", "--decoder-filters", "8", "--no-torch")),
+    Benchmark("memory", "bench_memory.py", what="a train step's peak memory split into graph, live tensors and the rest, Keras and PyTorch"),
     Benchmark("predict", "bench_predict.py", what="predict against the model's forward pass, peak RSS"),
     Benchmark("predict_trained", "bench_predict.py", args=("--train", "--name", "predict_trained"), quick_args=None,
               what="predict against the forward pass with a 256-pixel model trained on the phantom (~5 min to train)"),

@@ -45,9 +45,10 @@ def test_every_readme_table_matches_the_committed_json():
 
 @pytest.mark.slow
 def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
+    # memory's quick form takes a minute of subprocesses; tests/benchmarks/test_bench_memory.py covers it in-process
     env = {**os.environ, "KERAS_LIVSEG_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--results", str(tmp_path / "results"),
-                           "--skip", "real_ct", "phantom_realism"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--skip", "real_ct", "phantom_realism", "memory"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "run_all_quick.json").read_text())
     assert [run["name"] for run in summary["runs"]] == ["prepare", "scale", "lits_scale", "pipeline", "models", "predict", "fit_loop", "fuzz"]
