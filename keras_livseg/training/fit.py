@@ -363,8 +363,8 @@ def run_url(config: Mapping[str, Any], run_dir: Path) -> str | None:
 
 
 def build_optimizer(training: Mapping[str, Any], total_steps: int):
-    import keras
-
+    """Keras' Adam or AdamW (one fused update per variable on TensorFlow) with the recipe's schedule."""
+    from keras_livseg.training.optimizers import FusedAdam, FusedAdamW
     from keras_livseg.training.schedules import OneCycle
 
     rate: Any = float(training["learning_rate"])
@@ -374,9 +374,9 @@ def build_optimizer(training: Mapping[str, Any], total_steps: int):
     elif training["schedule"] != "none":
         raise ValueError(f"training.schedule must be 'none' or 'onecycle', got {training['schedule']!r}")
     if training["optimizer"] == "adam":
-        return keras.optimizers.Adam(learning_rate=rate)
+        return FusedAdam(learning_rate=rate)
     if training["optimizer"] == "adamw":
-        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=float(training["weight_decay"]))
+        return FusedAdamW(learning_rate=rate, weight_decay=float(training["weight_decay"]))
     raise ValueError(f"training.optimizer must be 'adam' or 'adamw', got {training['optimizer']!r}")
 
 
@@ -502,6 +502,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         standard_callbacks,
     )
     from keras_livseg.training.metrics import default_metrics
+    from keras_livseg.training.optimizers import build_optimizer_variables
     from keras_livseg.training.precision import apply_precision
     from keras_livseg.training.strategy import choose_strategy, cluster_task
 
@@ -596,6 +597,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         check_model_matches_data(model.input_shape, prep)
         model.compile(optimizer=build_optimizer(training, steps * epochs), loss=build_loss(training, head),
                       metrics=default_metrics(head=head))
+        build_optimizer_variables(model)  # not inside the first traced step: a smaller graph
     logger.info("model %s: %s parameters; %d steps/epoch x %d epochs, global batch %d",
                 config["model"]["name"], f"{model.count_params():,}", steps, epochs, global_batch)
     warm_start = None
