@@ -3,7 +3,9 @@
 ``bench_models.py`` finds Keras' peak RSS above PyTorch's for every model. This script splits
 Keras' figure into what TensorFlow's tensors need and what its allocator keeps:
 
-- ``base``: RSS after import, model build and compile, before the first step;
+- ``base``: RSS after import, model build and compile, before the first step; the optimizer
+  is the one ``fit`` makes (``FusedAdam``, its variables built before the first step), and
+  ``keras.optimizers.Adam`` built by Keras inside the first traced step is measured beside it;
 - ``peak``: the process's peak RSS after a few train steps (what ``bench_models`` reports);
 - ``live tensors``: the peak bytes in use in TensorFlow's CPU allocator during one train step
   (``tf.config.experimental.get_memory_info``): every activation, gradient and temporary alive
@@ -65,8 +67,13 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def keras_step_memory(model_name: str, size: int, batch: int, steps: int = 3, options: dict | None = None) -> dict:
-    """Train ``model_name`` (Adam + categorical cross entropy, float32) for ``steps`` steps; memory in MB."""
+def keras_step_memory(model_name: str, size: int, batch: int, steps: int = 3, options: dict | None = None,
+                      optimizer: str = "fit") -> dict:
+    """Train ``model_name`` (Adam + categorical cross entropy, float32) for ``steps`` steps; memory in MB.
+
+    ``optimizer="fit"``: the optimizer as ``fit`` makes it (``FusedAdam``, variables built before the
+    first step); ``"keras"``: ``keras.optimizers.Adam``, built by Keras inside the first traced step.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -76,7 +83,13 @@ def keras_step_memory(model_name: str, size: int, batch: int, steps: int = 3, op
     from keras_livseg.models import build_model
 
     model = build_model(model_name, input_shape=(size, size, 1), **(options or {}))
-    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy")
+    from keras_livseg.training.optimizers import FusedAdam, build_optimizer_variables
+
+    if optimizer == "fit":
+        model.compile(optimizer=FusedAdam(1e-4), loss="categorical_crossentropy")
+        build_optimizer_variables(model)
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, size, size, 1)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 3, (batch, size, size)), 3)
@@ -114,7 +127,8 @@ def torch_step_memory(model_name: str, size: int, batch: int, steps: int = 3, op
     torch.manual_seed(0)
     model = build_torch(Args, model_name)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    # PyTorch's own fused Adam kernel, the counterpart of the Keras side's FusedAdam
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4, fused=True)
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(batch, 1, size, size)).astype("float32"))
@@ -145,8 +159,12 @@ def _worker(framework: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def row(model: str, keras_side: dict, torch_side: dict | None, graph_side: dict) -> dict:
-    """One table row in MB: Keras' step RSS rise split into graph, live tensors and the rest."""
+def row(model: str, keras_side: dict, torch_side: dict | None, graph_side: dict, keras_adam_side: dict | None = None) -> dict:
+    """One table row in MB: Keras' step RSS rise split into graph, live tensors and the rest.
+
+    ``keras_side`` and ``graph_side`` train with ``fit``'s optimizer; ``keras_adam_side`` (optional)
+    with ``keras.optimizers.Adam`` built inside the first step, for comparison.
+    """
     step = keras_side["peak_rss_mb"] - keras_side["base_rss_mb"]
     graph = graph_side["peak_rss_mb"] - graph_side["base_rss_mb"]
     out = {
@@ -157,6 +175,7 @@ def row(model: str, keras_side: dict, torch_side: dict | None, graph_side: dict)
         "keras_live_peak_mb": keras_side["live_peak_mb"],
         "keras_rest_mb": step - graph - keras_side["live_peak_mb"],
         "keras_mapped_after_step_mb": keras_side["malloc_mapped_between_steps_mb"],
+        "keras_adam_peak_rss_mb": keras_adam_side["peak_rss_mb"] if keras_adam_side else None,
     }
     if torch_side:
         out["torch_peak_rss_mb"] = torch_side["peak_rss_mb"]
@@ -165,7 +184,7 @@ def row(model: str, keras_side: dict, torch_side: dict | None, graph_side: dict)
     return out
 
 
-COLUMNS = ["model", "Keras peak RSS", "Keras step (RSS rise)", "graph (64 px, batch 1)", "live tensors (TF's peak in a step)",
+COLUMNS = ["model", "Keras peak RSS (Keras' Adam)", "Keras peak RSS", "Keras step (RSS rise)", "graph (64 px, batch 1)", "live tensors (TF's peak in a step)",
            "rest (allocator pool)", "malloc-mapped after a step", "PyTorch peak RSS", "PyTorch step (RSS rise)"]
 
 
@@ -174,7 +193,8 @@ def markdown(rows: list[dict]) -> str:
         return "–" if value is None else f"{value:,.0f}"
 
     return table([{
-        "model": r["model"], "Keras peak RSS": mb(r["keras_peak_rss_mb"]), "Keras step (RSS rise)": mb(r["keras_step_rss_mb"]),
+        "model": r["model"], "Keras peak RSS (Keras' Adam)": mb(r.get("keras_adam_peak_rss_mb")),
+        "Keras peak RSS": mb(r["keras_peak_rss_mb"]), "Keras step (RSS rise)": mb(r["keras_step_rss_mb"]),
         "graph (64 px, batch 1)": mb(r["keras_graph_mb"]), "live tensors (TF's peak in a step)": mb(r["keras_live_peak_mb"]),
         "rest (allocator pool)": mb(r["keras_rest_mb"]), "malloc-mapped after a step": mb(r["keras_mapped_after_step_mb"]),
         "PyTorch peak RSS": mb(r.get("torch_peak_rss_mb")), "PyTorch step (RSS rise)": mb(r.get("torch_step_rss_mb")),
@@ -192,23 +212,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="Keras only")
     parser.add_argument("--quick", action="store_true", help="a test of the script: 32 px, batch 2, small models")
     parser.add_argument("--name", default="memory", help="JSON name under benchmarks/results")
-    parser.add_argument("--worker", choices=["keras", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["keras", "keras_adam", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.filters, args.depth, args.decoder_filters = 32, 2, 4, 2, 8
     args.models = args.models or (["effb0_pan", "unet"] if args.quick else ["effb0_pan", "segformer", "unet"])
     if args.worker:
-        measure = keras_step_memory if args.worker == "keras" else torch_step_memory
-        print(json.dumps(measure(args.models[0], args.size, args.batch, options=_options(args, args.models[0]))))
+        name, options = args.models[0], _options(args, args.models[0])
+        if args.worker == "torch":
+            measured = torch_step_memory(name, args.size, args.batch, options=options)
+        else:
+            measured = keras_step_memory(name, args.size, args.batch, options=options,
+                                         optimizer="keras" if args.worker == "keras_adam" else "fit")
+        print(json.dumps(measured))
         return 0
     rows = []
     for name in args.models:
         single = argparse.Namespace(**{**vars(args), "models": [name]})
         keras_side = _worker("keras", single)
         graph_side = _worker("keras", argparse.Namespace(**{**vars(single), "size": 64, "batch": 1}))
+        keras_adam_side = _worker("keras_adam", single)
         torch_side = None if args.no_torch else _worker("torch", single)
-        rows.append({**row(name, keras_side, torch_side, graph_side), "keras": keras_side, "keras_64px_batch1": graph_side,
-                     "torch": torch_side})
+        rows.append({**row(name, keras_side, torch_side, graph_side, keras_adam_side), "keras": keras_side,
+                     "keras_64px_batch1": graph_side, "keras_adam": keras_adam_side, "torch": torch_side})
         print(f"{name}: done", flush=True)
     print(markdown(rows))
     path = write_json(args.name, {

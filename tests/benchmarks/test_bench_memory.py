@@ -17,7 +17,7 @@ def test_a_row_splits_the_step_into_graph_live_tensors_and_the_rest():
     keras_side = {"base_rss_mb": 700.0, "peak_rss_mb": 2500.0, "live_peak_mb": 1000.0, "malloc_mapped_between_steps_mb": 2100.0}
     graph_side = {"base_rss_mb": 690.0, "peak_rss_mb": 1390.0}
     torch_side = {"base_rss_mb": 600.0, "peak_rss_mb": 1850.0}
-    row = bench_memory.row("effb0_pan", keras_side, torch_side, graph_side)
+    row = bench_memory.row("effb0_pan", keras_side, torch_side, graph_side, {"peak_rss_mb": 2900.0})
     assert row["keras_step_rss_mb"] == 1800.0 and row["keras_graph_mb"] == 700.0
     assert row["keras_rest_mb"] == 100.0  # 1800 - 700 - 1000
     assert row["torch_step_rss_mb"] == 1250.0 and row["live_over_torch_step"] == pytest.approx(0.8)
@@ -25,12 +25,14 @@ def test_a_row_splits_the_step_into_graph_live_tensors_and_the_rest():
                                                     "optimizer": "Adam(1e-4)", "loss": "categorical cross entropy"},
                                          "rows": [row, {**row, "model": "segformer", "keras_live_peak_mb": 1300.0}]})
     lines = [line for line in table.splitlines() if line.startswith("| effb0_pan") or line.startswith("| segformer")]
-    assert lines[0].split(" | ")[1:] == ["2,500", "1,850", "1,800", "700", "1,000", "100", "1,250", "✓ |"]
+    assert lines[0].split(" | ")[1:] == ["2,900", "2,500", "1,850", "1,800", "700", "1,000", "100", "1,250", "✓ |"]
     assert lines[1].endswith("| ✗ |")  # 1,300 MB of live tensors against PyTorch's 1,250
 
 
-def test_keras_step_memory_measures_the_allocators_peak_in_process():
-    measured = bench_memory.keras_step_memory("unet", size=64, batch=4, steps=2, options={"filters": 8, "depth": 2})
+@pytest.mark.parametrize("optimizer", ["fit", "keras"])
+def test_keras_step_memory_measures_the_allocators_peak_in_process(optimizer):
+    measured = bench_memory.keras_step_memory("unet", size=64, batch=4, steps=2, options={"filters": 8, "depth": 2},
+                                              optimizer=optimizer)
     # Two full-size 4 x 64 x 64 x 8 float32 activations (512 KB each, above the oneDNN allocator's small-block
     # threshold) at least: the allocator's statistics saw the step's tensors
     assert measured["live_peak_mb"] > 2 * 4 * 64 * 64 * 8 * 4 / 2**20
