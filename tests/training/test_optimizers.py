@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -108,3 +114,58 @@ def test_a_saved_model_reloads_with_its_fused_optimizer_and_state(tmp_path):
         np.testing.assert_array_equal(got.numpy(), expected.numpy())
     x, y = _data()
     np.testing.assert_allclose(float(restored.train_on_batch(x, y)), float(model.train_on_batch(x, y)), rtol=1e-5)
+
+
+MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    import keras
+    import numpy as np
+    from keras_livseg.training.optimizers import FusedAdamW, build_optimizer_variables
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 2)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, (8, 8, 8)), 3)
+
+    def train(cls):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, padding="same", use_bias=False),
+                                      keras.layers.BatchNormalization(), keras.layers.Conv2D(3, 1, activation="softmax")])
+            model.compile(optimizer=cls(learning_rate=1e-2, weight_decay=0.1), loss="categorical_crossentropy")
+            build_optimizer_variables(model)
+        initial = [v.numpy() for v in model.trainable_weights]
+        model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        train.initial = initial  # the same seed: both runs start from these weights
+        replicas = [[v.value.values[i].numpy() for v in model.trainable_weights] for i in range(2)]
+        moments = [[v.value.values[i].numpy() for v in model.optimizer.variables[2:]] for i in range(2)]
+        return replicas, moments
+
+    fused, fused_moments = train(FusedAdamW)
+    keras_, keras_moments = train(keras.optimizers.AdamW)
+    def gap(a, b):
+        return max(float(np.abs(p - q).max()) for p, q in zip(a, b))
+    print(json.dumps({"replicas_apart": gap(fused[0], fused[1]), "moments_apart": gap(fused_moments[0], fused_moments[1]),
+                      "vs_keras": max(gap(fused[i], keras_[i]) for i in range(2)),
+                      "moments_vs_keras": max(gap(fused_moments[i], keras_moments[i]) for i in range(2)),
+                      "moved": gap(fused[0], train.initial)}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_under_a_mirrored_strategy_every_replica_gets_keras_update():
+    """Two logical CPUs: each replica's copy of every weight and moment is updated, and equals Keras' AdamW."""
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["replicas_apart"] == 0.0 and result["moments_apart"] == 0.0
+    assert result["vs_keras"] < 1e-6 and result["moments_vs_keras"] < 1e-6
+    assert result["moved"] > 1e-3
