@@ -2,9 +2,10 @@
 
 Keras 3's Adam writes its update as ~15 element-wise ops per variable, and recomputes the
 step's scalars (``beta ** t``, casts) for each one. In a traced TensorFlow train step every op
-is a graph node with its kernel, which costs memory whatever the tensor sizes
-(``benchmarks/bench_memory.py`` measures it per model, Keras' Adam beside these: README,
-"Peak memory").
+is a graph node with its kernel, which costs memory whatever the tensor sizes.
+``benchmarks/bench_memory.py`` measures Keras' Adam (built inside the first traced step) beside
+these built before it (:func:`build_optimizer_variables`), both changes together: README,
+"Peak memory".
 
 :class:`FusedAdam` and :class:`FusedAdamW` compute the step's scalars once per step and update
 each dense variable with TensorFlow's ``ResourceApplyAdam``, the same formula as Keras'::
@@ -16,7 +17,13 @@ each dense variable with TensorFlow's ``ResourceApplyAdam``, the same formula as
 AdamW's decoupled weight decay is Keras' ``w <- w - w * weight_decay * lr`` with the learning
 rate read once per step. Everything else is Keras' own: gradient clipping, loss
 scaling, EMA, gradient accumulation, distribution strategies, ``get_config`` and saving.
-Other backends (JAX), ``amsgrad=True`` and sparse gradients run Keras' code unchanged.
+Other backends (JAX), ``amsgrad=True``, sparse gradients and float16/bfloat16 variables run
+Keras' code unchanged (``ResourceApplyAdam`` would compute ``1 - beta`` in the variable's
+dtype: in bfloat16, ``1 - 0.999`` is 0).
+
+A ``.keras`` file saved by ``fit`` names its optimizer ``keras_livseg>FusedAdamW``: load it
+compiled after ``import keras_livseg.training.optimizers`` (keras_livseg's own loaders use
+``compile=False`` and need nothing).
 
 Example::
 
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import keras
 
-_FUSED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_FUSED_DTYPES = ("float32", "float64")  # half precision: Keras' code (see the module docstring)
 
 
 class _FusedAdamUpdate:

@@ -91,6 +91,25 @@ def test_adamw_with_a_schedule_and_exclusions_decays_as_keras():
     assert np.abs(kernel).sum() < np.abs(undecayed.layers[0].kernel.numpy()).sum()  # the decay did shrink it
 
 
+def test_half_precision_variables_take_keras_path():
+    """In bfloat16, ResourceApplyAdam's 1 - beta_2 would round to 0 and freeze the velocity."""
+    def train(cls):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, dtype="bfloat16"),
+                                  keras.layers.Dense(2, dtype="float16")])
+        model.compile(optimizer=cls(learning_rate=1e-2), loss="mse")
+        build_optimizer_variables(model)
+        x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+        for _ in range(2):
+            model.train_on_batch(x, np.ones((8, 2), "float32"))
+        return [v.numpy().astype("float32") for v in model.optimizer.variables]
+
+    reference, fused = train(keras.optimizers.Adam), train(FusedAdam)
+    for expected, got in zip(reference, fused):
+        np.testing.assert_array_equal(got, expected)
+    assert any(np.abs(v).max() > 0 for v in fused[2:])  # the moments moved
+
+
 def test_build_optimizer_variables_creates_the_moments_before_the_first_step():
     model = _tiny_model()
     model.compile(optimizer=FusedAdamW(1e-3, weight_decay=1e-4), loss="categorical_crossentropy")
