@@ -52,6 +52,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: CPU features that change our figures several-fold: TensorFlow's and PyTorch's CPU kernels
+#: take 512-bit paths with AVX-512, and bfloat16 is fast only with AVX-512 BF16 or AMX (on an
+#: AVX2-only CPU a bfloat16 step ran ~7x slower than float32). "AMD EPYC" alone does not say which.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags() -> list[str]:
+    """The :data:`SPEED_FLAGS` this CPU reports (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in SPEED_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def _version(package: str) -> str | None:
     from importlib import metadata
 
@@ -76,6 +94,7 @@ def machine() -> dict:
         cores = os.cpu_count()
     return {
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cpus": os.cpu_count(),
         "cores_usable": cores,
         "load_average_at_write": load,

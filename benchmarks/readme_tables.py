@@ -35,6 +35,10 @@ def _n(value: float | None, spec: str = ".2f") -> str:
 def _machine_line(data: dict) -> str:
     machine = data.get("machine", {})
     cpu = machine.get("cpu", "CPU not recorded")
+    flags = machine.get("cpu_flags")
+    if flags is not None:  # older JSON did not record them
+        wide = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+        cpu += f" ({', '.join(wide) if wide else 'AVX2, no AVX-512'})"
     libraries = machine.get("libraries", {})
     versions = ", ".join(f"{k} {v}" for k, v in libraries.items() if k in ("tensorflow", "keras", "torch", "jax"))
     cores = machine.get("cores_usable", machine.get("cpus", "?"))

@@ -33,6 +33,19 @@ def test_marked_tables_are_rewritten_from_the_json_and_nothing_else(tmp_path):
     assert readme_tables.main(["--check", "--readme", str(readme), "--results", str(results)]) == 0
 
 
+def test_the_machine_line_says_which_wide_vector_units_the_cpu_had():
+    """Figures differ several-fold between AVX2-only and AVX-512 BF16 CPUs of one model name."""
+    base = {"cpu": "AMD EPYC", "cores_usable": 2, "libraries": {"keras": "3.15.1"}}
+    assert "AMD EPYC (AVX2, no AVX-512)" in readme_tables._machine_line({"machine": {**base, "cpu_flags": ["avx2", "fma"]}})
+    line = readme_tables._machine_line({"machine": {**base, "cpu_flags": ["avx2", "avx512f", "avx512_bf16"]}})
+    assert "AMD EPYC (avx512f, avx512_bf16), 2 cores" in line
+    assert "AMD EPYC, 2 cores" in readme_tables._machine_line({"machine": base})  # JSON from before the flags
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._common import SPEED_FLAGS, machine
+
+    assert set(machine()["cpu_flags"]) <= set(SPEED_FLAGS)
+
+
 def test_every_readme_table_matches_the_committed_json():
     """A figure in the README is the one the committed JSON holds."""
     text = readme_tables.README.read_text()
