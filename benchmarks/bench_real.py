@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import results_dir, table, write_json  # noqa: E402
+from _common import machine, results_dir, table, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -187,6 +187,8 @@ def main() -> None:
             results["sim2real"] = sim2real([RUNS / f"demo-seed{seed}" / "checkpoints" / "best.keras" for seed in args.seeds])
         else:
             results["lopo"] = lopo(checkpoint)
+        # Parts are rerun one at a time, possibly on another machine: each keeps its own.
+        results[part]["machine"] = machine()
         print(f"wrote {write_json('real_ct', results)}")
 
 

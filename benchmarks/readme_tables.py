@@ -15,7 +15,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -289,7 +289,23 @@ def render_real_ct(data: dict) -> str:
         f"| leave one patient out: wall time, both folds (data, training, whole-volume prediction, LiTS report) | "
         f"{lopo['minutes']:.1f} min | — | |",
     ]
-    return "\n".join([*rows, "", _machine_line(data)])
+    return "\n".join([*rows, "", _parts_machine_line(data, ("fresh", "demo", "sim2real", "lopo"))])
+
+
+def _parts_machine_line(data: dict, parts: Sequence[str]) -> str:
+    """One machine line, or one per machine when the parts were measured on different ones.
+
+    A part records its own ``machine`` (parts are rerun separately); older JSON has only the
+    file's, which then stands for every part.
+    """
+    lines: dict[str, list[str]] = {}
+    for part in parts:
+        if part in data:
+            line = _machine_line({"machine": data[part].get("machine", data.get("machine", {}))})
+            lines.setdefault(line, []).append(part)
+    if len(lines) <= 1:
+        return next(iter(lines), _machine_line(data))
+    return "  \n".join(f"{', '.join(names)}: {line}" for line, names in lines.items())
 
 
 def render_fuzz(data: dict) -> str:

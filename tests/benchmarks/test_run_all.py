@@ -46,6 +46,17 @@ def test_the_machine_line_says_which_wide_vector_units_the_cpu_had():
     assert set(machine()["cpu_flags"]) <= set(SPEED_FLAGS)
 
 
+def test_parts_measured_on_different_machines_say_so():
+    old = {"cpu": "AMD EPYC", "cores_usable": 2, "cpu_flags": ["avx2", "avx512f", "avx512_bf16"]}
+    new = {"cpu": "AMD EPYC", "cores_usable": 2, "cpu_flags": ["avx2", "fma"]}
+    data = {"machine": new, "fresh": {"machine": new}, "demo": {"machine": old}, "lopo": {}}
+    line = readme_tables._parts_machine_line(data, ("fresh", "demo", "sim2real", "lopo"))
+    assert line.splitlines()[0].startswith("fresh, lopo: _Measured on AMD EPYC (AVX2, no AVX-512)")
+    assert line.splitlines()[1].startswith("demo: _Measured on AMD EPYC (avx512f, avx512_bf16)")
+    data["demo"]["machine"] = new
+    assert readme_tables._parts_machine_line(data, ("fresh", "demo")).startswith("_Measured on AMD EPYC (AVX2")
+
+
 def test_every_readme_table_matches_the_committed_json():
     """A figure in the README is the one the committed JSON holds."""
     text = readme_tables.README.read_text()
