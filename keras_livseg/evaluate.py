@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.model:
                 summary = evaluate_model(
                     [storage.local_model(path) for path in args.model], local(args.data), out, batch_size=args.batch_size,
-                    tta_flip=args.tta, postprocess=None if args.no_postprocess else "default",
+                    tta_flip=args.tta, postprocess=None if args.no_postprocess else "model",
                     sample_voxels=args.sample_voxels, progress=not args.no_progress, model_name=args.name, **common,
                 )
             else:

@@ -88,12 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if not model_path.is_file():
             raise FileNotFoundError(f"model file {model_path} does not exist")
-        prep, _ = resolve_preprocessing(str(model_path), storage.local_input(args.preprocessing) if args.preprocessing else None)
+        prep, stored = resolve_preprocessing(str(model_path), storage.local_input(args.preprocessing) if args.preprocessing else None)
+        # The post-processing the run chose travels with the model; --metadata may override it.
+        metadata = {**({"postprocessing": stored["postprocessing"]} if stored.get("postprocessing") else {}),
+                    **(args.metadata or {})}
         # TensorFlow is imported only once the arguments are known to be good.
         from keras_livseg.serving import export_to
 
         target = export_to(
-            model_path, args.out, prep, version=args.version, overwrite=args.overwrite, metadata=args.metadata or None
+            model_path, args.out, prep, version=args.version, overwrite=args.overwrite, metadata=metadata or None
         )
         print(f"exported {args.model} -> {target}")
         base = str(target).rsplit("/", 1)[0] if storage.is_url(target) else Path(target).parent.resolve()

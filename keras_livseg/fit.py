@@ -158,10 +158,11 @@ def export_trained(config: Mapping[str, Any], result):
     from keras_livseg.data.preprocessing import find_preprocessing_json, read_preprocessing_json
     from keras_livseg.serving import export_to
 
-    prep, _ = read_preprocessing_json(find_preprocessing_json(result.best_checkpoint))
+    prep, stored = read_preprocessing_json(find_preprocessing_json(result.best_checkpoint))
+    chosen = {"postprocessing": stored["postprocessing"]} if stored.get("postprocessing") else {}
     target = export_to(result.best_checkpoint, export["out"], prep, version=int(export["version"]) or None,
                                 overwrite=bool(export["overwrite"]),
-                                metadata={"model": config["model"]["name"], "run": str(result.run_dir)})
+                                metadata={"model": config["model"]["name"], "run": str(result.run_dir), **chosen})
     return dataclasses.replace(result, export_dir=target)
 
 

@@ -16,6 +16,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +25,8 @@ from typing import Sequence
 from keras_livseg import cli
 from keras_livseg.data import storage
 from keras_livseg.data.volumes import DataError
+
+logger = logging.getLogger(__name__)
 
 
 def parse_output_label_map(text: str | None) -> dict[int, int] | None:
@@ -62,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average with the left-right-flipped prediction")
     parser.add_argument("--no-postprocess", action="store_true",
                         help="no largest-liver-component, tumor-in-liver or minimum-lesion clean-up")
-    parser.add_argument("--min-lesion-mm3", type=float, default=10.0,
-                        help="tumor components below this volume become liver (default 10 mm³; 0: off)")
-    parser.add_argument("--liver-margin-mm", type=float, default=5.0,
-                        help="tumor farther than this from the liver is removed (default 5 mm)")
+    parser.add_argument("--min-lesion-mm3", type=float, default=None,
+                        help="tumor components below this volume become liver (default: the size the model's run "
+                             "chose on its validation cases, else 10 mm³; 0: off)")
+    parser.add_argument("--liver-margin-mm", type=float, default=None,
+                        help="tumor farther than this from the liver is removed (default: the model's, else 5 mm)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write 4D uint8 probability maps (0-255 per class)")
     parser.add_argument("--label-map", help="values written per class, CLASS:VALUE,... (default 0,1,2)")
@@ -84,11 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths
 
-        postprocess = None if args.no_postprocess else PostProcessing(
-            min_lesion_mm3=args.min_lesion_mm3, liver_margin_mm=args.liver_margin_mm
-        )
         label_map = parse_output_label_map(args.label_map)
         model = SegmentationModel.ensemble([SegmentationModel.load(storage.local_model(path)) for path in args.model])
+        given = {key: value for key, value in (("min_lesion_mm3", args.min_lesion_mm3),
+                                                ("liver_margin_mm", args.liver_margin_mm)) if value is not None}
+        postprocess = None if args.no_postprocess else dataclasses.replace(model.postprocessing, **given)
+        if postprocess is not None and postprocess != PostProcessing():
+            logger.info("post-processing: %s", postprocess)
         inputs = [storage.local_input(item) for item in args.inputs]  # URLs: their local mirrors
         # Predictions for a bucket are written locally, then uploaded beside whatever is there already.
         with storage.local_output(args.out, mirror=False) as out:

@@ -756,7 +756,7 @@ def evaluate_model(
     options: EvaluationOptions = EvaluationOptions(),
     batch_size: int = 8,
     tta_flip: bool = False,
-    postprocess: Any = "default",
+    postprocess: Any = "model",
     sample_voxels: int = 200_000,
     model_name: str | None = None,
     history: str | Path | None = None,
@@ -788,7 +788,7 @@ def evaluate_model(
         options: Scoring settings; ``options.label_map`` also remaps the references here.
         batch_size, tta_flip: As :func:`~keras_livseg.inference.predict_volume`.
         postprocess: A :class:`~keras_livseg.inference.PostProcessing`, ``None`` for none, or
-            ``"default"``.
+            ``"model"`` (default): the model's own, as its run chose it on validation cases.
         sample_voxels: Voxels sampled for the curves over the dataset (default 200,000; 0: none).
         model_name: Name in the tables (default: the run or export name).
         history, compare, figures: As :func:`evaluate_folders`.
@@ -837,8 +837,10 @@ def evaluate_model(
         training_manifest = manifests[0] if manifests else None
     labels_of = {Path(c.image).resolve(): c.label for c in cases}
     model = SegmentationModel.ensemble([SegmentationModel.load(path) for path in paths])
-    if postprocess == "default":
-        postprocess = PostProcessing()
+    if isinstance(postprocess, str):  # "model" (and the older "default"): what the model's run chose
+        postprocess = model.postprocessing
+    if postprocess is not None and postprocess != PostProcessing():
+        logger.info("post-processing: %s", postprocess)
     per_case = int(math.ceil(sample_voxels / max(len(cases), 1))) if sample_voxels > 0 else 0
     sampled_p: list[np.ndarray] = []
     sampled_y: list[np.ndarray] = []

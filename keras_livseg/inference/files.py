@@ -59,7 +59,7 @@ def predict_paths(
     out_dir: str | Path,
     batch_size: int = 8,
     tta_flip: bool = False,
-    postprocess: PostProcessing | None = PostProcessing(),
+    postprocess: PostProcessing | None | str = "model",
     save_probabilities: bool = False,
     label_map: Mapping[int, int] | None = None,
     progress: bool = True,
@@ -76,7 +76,8 @@ def predict_paths(
         out_dir: Output folder (created); see :func:`output_names` for the file names.
         batch_size: Slices per forward pass (default 8).
         tta_flip: Left-right flip test-time augmentation (default False).
-        postprocess: Clean-up steps (default :class:`PostProcessing()`); ``None`` for none.
+        postprocess: Clean-up steps: ``"model"`` (default) for the model's own, a
+            :class:`PostProcessing`, or ``None`` for none (see :func:`predict_volume`).
         save_probabilities: Also write uint8 ``[..., 3]`` probability maps (0–255 per class).
         label_map: Values written for the model's classes, ``{class: value}`` (unlisted classes
             become 0); default: 0 background, 1 liver, 2 tumor.

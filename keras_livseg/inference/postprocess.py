@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -59,6 +59,21 @@ class PostProcessing:
     def disabled(cls) -> "PostProcessing":
         """No post-processing at all (``--no-postprocess``)."""
         return cls(False, False, 0.0, 0.0, 0)
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        """The settings as JSON values (``preprocessing.json``'s ``postprocessing`` entry)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object]) -> "PostProcessing":
+        """Read :meth:`to_dict`'s output; other keys (e.g. how it was chosen) are ignored.
+
+        Example:
+            >>> PostProcessing.from_dict({"min_lesion_mm3": 524.0, "chosen_on": {}}).min_lesion_mm3
+            524.0
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in names})
 
     @property
     def enabled(self) -> bool:

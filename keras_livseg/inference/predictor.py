@@ -6,6 +6,7 @@ probabilities ``[n, rows, cols, 3]`` at the same size, with the preprocessing of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +19,7 @@ from keras_livseg.data.preprocessing import (
     labels_at_size,
     read_preprocessing_json,
 )
+from keras_livseg.inference.postprocess import PostProcessing
 from keras_livseg.models.saving import load_keras_model
 # The export's second signature input, present when the model resamples to a fixed pixel spacing.
 from keras_livseg.serving.signature import SPACING_INPUT
@@ -54,6 +56,10 @@ class SegmentationModel:
         needs_volume_statistics: Whether :meth:`predict_slices` takes the volume's windowed
             statistics (``normalization="volume"``).
         members: The models an ensemble averages; empty otherwise.
+        postprocessing: The clean-up this model's run chose on its validation cases (the
+            ``postprocessing`` entry of its ``preprocessing.json``, see
+            :mod:`keras_livseg.inference.tuning`), else :class:`PostProcessing()`;
+            ``predict`` applies it unless told otherwise.
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class SegmentationModel:
         # A SavedModel standardizes in its own graph.
         self.needs_volume_statistics = kind == "keras" and preprocessing is not None and preprocessing.normalization == "volume"
         self.members: list[SegmentationModel] = []
+        self.postprocessing = stored_postprocessing(self.path) if kind != "ensemble" else PostProcessing()
 
     def __repr__(self) -> str:
         return f"SegmentationModel({str(self.path)!r}, kind={self.kind!r}, context={self.context})"
@@ -280,6 +287,14 @@ class SegmentationModel:
                     "+".join(m.name for m in members))
         model.members = members
         model.needs_volume_statistics = bool(by_volume)
+        # Members of different runs may have chosen different sizes: the median is one of them
+        # for an odd count and between the two middle ones otherwise.
+        sizes = sorted(m.postprocessing.min_lesion_mm3 for m in members)
+        median = sizes[len(sizes) // 2] if len(sizes) % 2 else (sizes[len(sizes) // 2 - 1] + sizes[len(sizes) // 2]) / 2
+        model.postprocessing = dataclasses.replace(members[0].postprocessing, min_lesion_mm3=float(median))
+        if len(set(sizes)) > 1:
+            logger.info("ensemble members chose minimum lesion sizes %s mm³; the ensemble uses their median, %g mm³",
+                        ", ".join(f"{v:g}" for v in sizes), median)
         return model
 
     # -- prediction ------------------------------------------------------------------------
@@ -316,6 +331,27 @@ class SegmentationModel:
             )
         pixel = None if spacing is None else (float(spacing[0]), float(spacing[1]))
         return self._forward(raw.astype(np.float32, copy=False), statistics, pixel)
+
+
+def stored_postprocessing(model_path: str | Path) -> PostProcessing:
+    """The post-processing recorded with a model (``preprocessing.json``'s ``postprocessing``
+    entry, beside a checkpoint, in its run folder or in a SavedModel's ``assets.extra/``), else
+    the default.
+
+    Raises:
+        ValueError: the entry is there but not valid (names the file and the fix).
+    """
+    found = find_preprocessing_json(model_path)
+    if found is None:
+        return PostProcessing()
+    entry = read_preprocessing_json(found)[1].get("postprocessing")
+    if not entry:
+        return PostProcessing()
+    try:
+        return PostProcessing.from_dict(entry)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{found}: its postprocessing entry is not valid ({error}); delete the entry to use the "
+                         "default post-processing") from None
 
 
 def _saved_model_dir(path: Path) -> Path | None:

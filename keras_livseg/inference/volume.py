@@ -73,7 +73,7 @@ def predict_volume(
     case: Case,
     batch_size: int = 8,
     tta_flip: bool = False,
-    postprocess: PostProcessing | None = PostProcessing(),
+    postprocess: PostProcessing | None | str = "model",
     return_probabilities: bool = False,
     sample_voxels: int = 0,
     seed: int = 0,
@@ -88,7 +88,9 @@ def predict_volume(
         batch_size: Slices per forward pass (default 8); memory per batch is about
             ``batch_size × rows × cols × 3 × 4`` bytes (×2 with TTA).
         tta_flip: Average with the prediction of the left-right-flipped slices (default False).
-        postprocess: Clean-up steps (default :class:`PostProcessing()`); ``None`` for none.
+        postprocess: Clean-up steps: ``"model"`` (default) for the model's own
+            (:attr:`SegmentationModel.postprocessing`: what its run chose on validation cases,
+            else :class:`PostProcessing()`), a :class:`PostProcessing`, or ``None`` for none.
         return_probabilities: Keep uint8 probabilities ``[rows, cols, slices, 3]`` (default False).
         sample_voxels: Keep the probabilities of about this many random voxels (default 0),
             spread over the slices in proportion, for curves; see :class:`VolumePrediction`.
@@ -105,6 +107,7 @@ def predict_volume(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1 (e.g. 8).")
+    postprocess = resolve_postprocess(model, postprocess)
     started = time.perf_counter()
     image = case.image
     rows, cols, n_slices = image.shape
@@ -167,6 +170,15 @@ def predict_volume(
         seconds=seconds,
         forward_calls=calls,
     )
+
+
+def resolve_postprocess(model: SegmentationModel, postprocess: PostProcessing | None | str) -> PostProcessing | None:
+    """``"model"`` → the model's own post-processing; a :class:`PostProcessing` or ``None`` as given."""
+    if isinstance(postprocess, str):
+        if postprocess != "model":
+            raise ValueError(f"postprocess={postprocess!r}: pass 'model', a PostProcessing or None")
+        return model.postprocessing
+    return postprocess
 
 
 def _labels_on_grid(model: SegmentationModel, image: np.ndarray, spacing: Sequence[float],

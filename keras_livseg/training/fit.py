@@ -4,7 +4,8 @@
 overrides into one fully resolved dict (saved as ``<run>/config.json``); :func:`train`
 runs everything and returns a :class:`FitResult`.
 
-A run folder ``runs/<name>/`` holds ``config.json``, ``preprocessing.json``, ``history.csv``,
+A run folder ``runs/<name>/`` holds ``config.json``, ``preprocessing.json`` (with the
+post-processing chosen on the validation volumes after training), ``history.csv``,
 ``tensorboard/``, ``checkpoints/best.keras`` (best ``val_tumor_dice``) and ``last.keras``,
 ``backup/`` (``BackupAndRestore``: a killed run continues with ``--resume`` at the right
 epoch and learning-rate step) and ``eval/``.
@@ -38,6 +39,7 @@ TRAINING_KEYS = frozenset(
         "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
         "shuffle_buffer", "monitor", "validation", "init_from", "score_volumes", "max_minutes",
+        "choose_postprocessing",
     }
 )
 EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
@@ -75,6 +77,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "init_from": "",
         "score_volumes": True,  # also score the held-out cases' whole volumes (native grid, LiTS)
         "max_minutes": 0.0,  # > 0: stop after the first epoch that ends past this many minutes
+        # Choose the minimum lesion size on the validation volumes (inference.tuning), as nnU-Net
+        # chooses its post-processing; predict, evaluate and the export then apply it.
+        "choose_postprocessing": True,
     },
     "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},
 }
@@ -655,6 +660,8 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                          time.perf_counter() - started, stopped_on_nan=nan_stop.stopped_at)
     if best.is_file():
         model.load_weights(best)
+    if chief and best.is_file() and has_val and bool(training["choose_postprocessing"]):
+        choose_postprocessing(best, manifest, run_dir / "preprocessing.json")
     # Held-out figures come from cases the model never trained on: test, else validation
     # (labelled as such: it chose the checkpoint), else none at all. Never the training split.
     held_out = next((split for split in ("test", "val") if manifest["splits"][split]["slices"]), None)
@@ -703,6 +710,29 @@ def _number(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def choose_postprocessing(checkpoint: Path, manifest: Mapping[str, Any], preprocessing_json: Path) -> dict[str, Any]:
+    """Choose the minimum lesion size on the validation volumes and record it in the run.
+
+    The choice (:func:`~keras_livseg.inference.tuning.choose_min_lesion_size`: every validation
+    volume predicted once, each candidate size scored by mean per-case tumour Dice) goes into
+    ``preprocessing_json`` under ``postprocessing``, where ``predict``, ``evaluate`` and the
+    export find it. Returns that entry.
+    """
+    from keras_livseg.data.preprocessing import read_preprocessing_json, write_preprocessing_json
+    from keras_livseg.evaluation.pairs import manifest_cases
+    from keras_livseg.inference import SegmentationModel
+    from keras_livseg.inference.tuning import choose_min_lesion_size
+
+    cases = manifest_cases(manifest["_dir"], "val")
+    label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
+    choice = choose_min_lesion_size(SegmentationModel.load(checkpoint), cases, label_map=label_map)
+    logger.info("%s", choice.summary())
+    prep, metadata = read_preprocessing_json(preprocessing_json)
+    metadata["postprocessing"] = choice.to_dict()
+    write_preprocessing_json(preprocessing_json, prep, **metadata)  # atomic: a temporary name, then rename
+    return metadata["postprocessing"]
+
+
 def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split: str, out_dir: Path) -> dict[str, Any]:
     """Predict the whole volumes of a split's cases (every slice, native grid) and score them as LiTS.
 
@@ -740,7 +770,8 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
     result = {
         "split": split,
         "cases": [c.case_id for c in cases],
-        "covers": f"every slice of {len(cases)} held-out {split} volume(s), native grid, post-processed",
+        "covers": f"every slice of {len(cases)} held-out {split} volume(s), native grid, post-processed"
+                  + (" (the validation cases also chose the checkpoint and the post-processing)" if split == "val" else ""),
         "liver_dice": volume["liver"]["dice"],
         "tumor_dice": volume["tumor"]["dice"],
         "liver_dice_global": volume["liver"]["dice_global"],

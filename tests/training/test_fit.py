@@ -134,6 +134,14 @@ def test_tiny_fit_beats_chance_and_fills_the_run_folder(tiny_run):
         assert list((run_dir / "tensorboard" / part).glob("events.out.tfevents.*")), part
     prep = json.loads((run_dir / "preprocessing.json").read_text())
     assert "window" in json.dumps(prep) and "tam_unet" in json.dumps(prep)
+    # The minimum lesion size was chosen on the validation volumes, every candidate scored.
+    chosen = prep["postprocessing"]
+    assert chosen["chosen_on"]["cases"] == manifest["splits"]["val"]["cases"]
+    scores = chosen["chosen_on"]["scores"]
+    assert [row["min_lesion_mm3"] for row in scores][0] == 10.0 and len(scores) == 6
+    top = max(row["tumor_dice"] for row in scores)
+    picked = next(row for row in scores if row["min_lesion_mm3"] == chosen["min_lesion_mm3"])
+    assert picked["tumor_dice"] == top and all(row["tumor_dice"] < top for row in scores[:scores.index(picked)])
 
 
 def test_cli_summary_prints_dice_folder_checkpoint_and_tensorboard(tiny_run):
@@ -515,6 +523,12 @@ def test_fit_exports_a_saved_model(tmp_path, cache_dir):
     exported_prep, _ = read_preprocessing_json(versions[0] / "assets.extra" / "preprocessing.json")
     run_prep, _ = read_preprocessing_json(tmp_path / "runs" / "exported" / "preprocessing.json")
     assert exported_prep == run_prep and tuple(run_prep.image_size) == (32, 32)
+    # The post-processing the run chose travels with the export, and predict finds it there.
+    run_metadata = json.loads((tmp_path / "runs" / "exported" / "preprocessing.json").read_text())
+    assert metadata["postprocessing"] == run_metadata["postprocessing"]
+    from keras_livseg.inference.predictor import stored_postprocessing
+
+    assert stored_postprocessing(versions[0]).min_lesion_mm3 == run_metadata["postprocessing"]["min_lesion_mm3"]
 
 
 def test_phantom_spacing_recipe_key_reaches_the_phantom(tmp_path, monkeypatch):
