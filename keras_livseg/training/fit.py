@@ -733,7 +733,8 @@ def choose_postprocessing(checkpoint: Path, manifest: Mapping[str, Any], preproc
     return metadata["postprocessing"]
 
 
-def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split: str, out_dir: Path) -> dict[str, Any]:
+def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split: str, out_dir: Path,
+                           postprocess: Any = "model") -> dict[str, Any]:
     """Predict the whole volumes of a split's cases (every slice, native grid) and score them as LiTS.
 
     Unlike the shard metrics (the selected slices on the model grid) these figures cover every
@@ -744,6 +745,8 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
         manifest: the shards' manifest, as :func:`~keras_livseg.data.prepare.load_manifest` reads it.
         split: the held-out split to score.
         out_dir: ``predictions/`` and the LiTS report ``volumes/`` go here.
+        postprocess: ``"model"`` (default: what the run chose on its validation volumes), a
+            :class:`~keras_livseg.inference.PostProcessing`, or ``None``.
 
     Returns:
         ``{"split", "cases", "covers", "liver_dice", "tumor_dice", "liver_dice_global",
@@ -758,7 +761,8 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
     shards = manifest["_dir"]
     cases = manifest_cases(shards, split)  # the source files, resolved
     out_dir = Path(out_dir)
-    predict_paths(SegmentationModel.load(checkpoint), [c.image for c in cases], out_dir / "predictions", progress=False)
+    predict_paths(SegmentationModel.load(checkpoint), [c.image for c in cases], out_dir / "predictions", progress=False,
+                  postprocess=postprocess)
     label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
     summary = evaluate_folders(out_dir / "predictions", shards, out_dir / "volumes", split=split,
                                options=EvaluationOptions(label_map=label_map),
