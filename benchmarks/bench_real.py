@@ -196,7 +196,10 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     path = results_dir() / "real_ct.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    results.pop("machine", None)
+    previous = results.pop("machine", None)
+    for part, value in results.items():  # parts from before each part kept its own
+        if isinstance(value, dict) and "machine" not in value and previous:
+            value["machine"] = previous
     checkpoint = RUNS / f"demo-seed{args.seeds[0]}" / "checkpoints" / "best.keras"
     for part in args.parts:
         if part == "demo":
