@@ -193,7 +193,10 @@ def main() -> None:
         stale += ["ircadb-lopo"] if "lopo" in args.parts else []
         for name in stale:
             shutil.rmtree(RUNS / name, ignore_errors=True)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The in-process scoring imports TensorFlow: quietly, as the commands do (no cuInit lines on a CPU).
+    from keras_livseg.cli import quiet_tensorflow
+
+    quiet_tensorflow()
     path = results_dir() / "real_ct.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     previous = results.pop("machine", None)
