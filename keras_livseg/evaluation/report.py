@@ -809,6 +809,7 @@ def evaluate_model(
         ...                split="test")  # doctest: +SKIP
     """
     from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths
+    from keras_livseg.inference.volume import resolve_postprocess
 
     out_dir = Path(out_dir)
     if is_manifest(data):
@@ -837,8 +838,7 @@ def evaluate_model(
         training_manifest = manifests[0] if manifests else None
     labels_of = {Path(c.image).resolve(): c.label for c in cases}
     model = SegmentationModel.ensemble([SegmentationModel.load(path) for path in paths])
-    if isinstance(postprocess, str):  # "model" (and the older "default"): what the model's run chose
-        postprocess = model.postprocessing
+    postprocess = resolve_postprocess(model, postprocess)  # "model": what the model's run chose
     if postprocess is not None and postprocess != PostProcessing():
         logger.info("post-processing: %s", postprocess)
     per_case = int(math.ceil(sample_voxels / max(len(cases), 1))) if sample_voxels > 0 else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -287,10 +288,9 @@ class SegmentationModel:
                     "+".join(m.name for m in members))
         model.members = members
         model.needs_volume_statistics = bool(by_volume)
-        # Members of different runs may have chosen different sizes: the median is one of them
-        # for an odd count and between the two middle ones otherwise.
+        # Members of different runs may have chosen different sizes: take their median.
         sizes = sorted(m.postprocessing.min_lesion_mm3 for m in members)
-        median = sizes[len(sizes) // 2] if len(sizes) % 2 else (sizes[len(sizes) // 2 - 1] + sizes[len(sizes) // 2]) / 2
+        median = statistics.median(sizes)
         model.postprocessing = dataclasses.replace(members[0].postprocessing, min_lesion_mm3=float(median))
         if len(set(sizes)) > 1:
             logger.info("ensemble members chose minimum lesion sizes %s mm³; the ensemble uses their median, %g mm³",
