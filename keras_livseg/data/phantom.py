@@ -1215,18 +1215,6 @@ def _nifti(array: np.ndarray, affine: np.ndarray):
     return image
 
 
-def _save_atomic(image, path: Path) -> None:
-    """Write under a temporary name with the same extension, then rename into place."""
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.tmp-{os.getpid()}{suffix}")
-    try:
-        image.to_filename(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def tumor_free_cases(cases: int, seed: int) -> list[bool]:
     """Which cases of a set are tumor-free: one in six, at seed-dependent positions.
 
@@ -1335,9 +1323,11 @@ def _case_arguments(cases, seed, slice_counts, case_kwargs) -> list[tuple[int, d
 
 def _write_case(index: int, kwargs: dict, volume_path: Path, label_path: Path) -> dict:
     """Makes case ``index``, writes its two files atomically, returns its ``phantom.json`` entry."""
+    from keras_livseg.data.volumes import write_nifti  # with nibabel, only where files are written
+
     case = make_phantom_case(**kwargs)
-    _save_atomic(_nifti(case.volume_hu, case.affine), volume_path)
-    _save_atomic(_nifti(case.labels, case.affine), label_path)
+    write_nifti(_nifti(case.volume_hu, case.affine), volume_path)  # atomic: temporary name, then rename
+    write_nifti(_nifti(case.labels, case.affine), label_path)
     logger.info(
         "case %d: %s, spacing %s mm, %d lesion(s)", index, case.volume_hu.shape,
         "x".join(f"{s:.2f}" for s in case.spacing), len(case.tumors),

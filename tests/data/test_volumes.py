@@ -225,3 +225,43 @@ def test_gzip_trailer_cut_or_followed_by_bytes_is_read_as_nibabel_reads_it(tmp_p
         damaged.write_bytes(data)
         got = volumes.read_array(nib.load(str(damaged)), damaged)  # ISA-L hands such a file to nibabel
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["segmentation-1.nii.gz", "segmentation-1.nii"])
+def test_written_nifti_holds_the_bytes_nibabel_writes(tmp_path, name):
+    """ISA-L's deflate: another compressed stream, the same file inside it (header, offset, voxels)."""
+    import gzip
+
+    from keras_livseg.data import volumes
+
+    data = (np.random.default_rng(0).random((40, 30, 7)) * 3).astype(np.uint8)
+    image = nib.Nifti1Image(data, np.diag([0.7, 0.7, 2.5, 1]))
+    image.set_data_dtype(np.uint8)
+    (tmp_path / "ours").mkdir()
+    ours = volumes.write_nifti(image, tmp_path / "ours" / name)
+    theirs = tmp_path / name
+    nib.save(image, str(theirs))
+    if name.endswith(".gz"):
+        assert volumes.igzip is not None  # installed with the package
+        assert gzip.open(ours).read() == gzip.open(theirs).read()  # zlib's reader opens it, as any reader does
+    else:
+        assert ours.read_bytes() == theirs.read_bytes()
+    assert [p.name for p in ours.parent.iterdir()] == [name]  # no temporary left beside it
+
+
+def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from keras_livseg.data import volumes
+
+    path = tmp_path / "segmentation-1.nii.gz"
+    path.write_bytes(b"the previous prediction")
+    image = nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", fail)
+    monkeypatch.setattr(nib, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        volumes.write_nifti(image, path)
+    assert path.read_bytes() == b"the previous prediction"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
