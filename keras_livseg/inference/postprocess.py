@@ -141,6 +141,53 @@ def _in_memory_order(labels: np.ndarray, spacing: tuple[float, ...]) -> tuple[np
     return labels, spacing
 
 
+def _plane_runs(occupied: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of consecutive True values.
+
+    Example:
+        >>> _plane_runs(np.array([0, 1, 1, 0, 0, 1], bool))
+        [(1, 3), (5, 6)]
+    """
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], occupied, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _keep_largest_component(volume: np.ndarray, liver: np.ndarray) -> tuple[slice, ...] | None:
+    """Zero every 3D component of ``liver`` (label >= 1) but the largest; the box around it, or None.
+
+    No component crosses a plane (along the first axis) that holds no label, so each run of
+    occupied planes is labelled on its own, in its own box. A model's stray voxels at the far
+    ends of a long scan then cost their own small boxes, instead of one box spanning the scan
+    (labelling is linear in the box). Ties go to the component that comes first in the array's
+    order, as one labelling of the whole box would decide.
+    """
+    best = None  # (size, box, components, label) of the largest so far
+    islands = 0
+    for start, stop in _plane_runs(liver.any(axis=tuple(range(1, liver.ndim)))):
+        box = (slice(start, stop), *bounding_box(liver[start:stop].any(axis=0)))
+        components, count = _label(liver[box])
+        sizes = _component_sizes(components, count)  # background's entry is 0
+        largest = int(np.argmax(sizes))
+        islands += count - 1
+        if best is None or sizes[largest] > best[0]:
+            if best is not None:  # the previous run is islands only
+                volume[best[1]][liver[best[1]]] = 0
+                islands += 1
+            best = (sizes[largest], box, components, largest)
+        else:
+            volume[box][liver[box]] = 0
+            islands += 1
+    if best is None:
+        return None
+    _, box, components, largest = best
+    inside = components == largest
+    if islands:
+        volume[box][liver[box] & ~inside] = 0
+        logger.debug("post-processing: removed %d liver islands", islands)
+    inner = bounding_box(inside)
+    return tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
+
+
 def _lesions_away_from_liver(view: np.ndarray, lesions: np.ndarray, count: int, spacing: Sequence[float],
                              margin_mm: float) -> np.ndarray:
     """Labels (of ``lesions``' components) of the lesions farther than ``margin_mm`` from the liver parenchyma.
@@ -198,18 +245,14 @@ def postprocess_labels(
     spacing = tuple(float(s) for s in spacing)
     volume, spacing = _in_memory_order(labels, spacing)  # a view: writes go to ``labels``
     liver = volume >= 1
-    box = bounding_box(liver)
+    if options.largest_liver_component:
+        box = _keep_largest_component(volume, liver)  # the box around what is left
+    else:
+        box = bounding_box(liver)
+    del liver
     if box is None:
         return labels
     view = volume[box]  # a view: writes go to ``labels``
-    if options.largest_liver_component:
-        components, count = _label(view >= 1)
-        if count > 1:
-            sizes = _component_sizes(components, count)  # background's entry is 0
-            islands = np.setdiff1d(np.arange(1, count + 1), [int(np.argmax(sizes))])
-            _set_where(view, components, islands, 0)
-            logger.debug("post-processing: removed %d liver islands", count - 1)
-        del components
     min_voxels = max(options.min_lesion_voxels, 0)
     if options.min_lesion_mm3 > 0:
         min_voxels = max(min_voxels, int(math.ceil(options.min_lesion_mm3 / float(np.prod(spacing)) - 1e-9)))

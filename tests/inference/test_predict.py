@@ -151,6 +151,45 @@ def test_postprocessing_removes_an_island_and_tumor_outside_the_liver():
     assert not cleaned[25:28, 25:28, 3:6].any()  # island gone with the largest component
 
 
+def test_largest_liver_component_matches_one_labelling_of_the_whole_scan():
+    """Runs of occupied planes labelled apart (islands at a long scan's ends cost their own boxes):
+    the same voxels kept as labelling the whole volume at once, ties included, in either memory layout
+    (the stored order: predict keeps labels slice-major)."""
+    from scipy import ndimage
+
+    def reference(labels):
+        components, count = ndimage.label(labels >= 1)
+        out = labels.copy()
+        if count:
+            sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+            out[(components != 1 + int(np.argmax(sizes))) & (labels >= 1)] = 0
+        return out
+
+    options = PostProcessing(tumor_in_liver=False, min_lesion_mm3=0.0)
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        labels = np.zeros((14, 12, 30), np.uint8)
+        for _ in range(int(rng.integers(0, 7))):  # blocks, some touching across planes, some of equal size
+            r, c, k = rng.integers(0, 12), rng.integers(0, 10), rng.integers(0, 28)
+            labels[r:r + rng.integers(1, 4), c:c + rng.integers(1, 4), k:k + rng.integers(1, 4)] = rng.integers(1, 3)
+        expected = reference(labels)
+        got = labels.copy()
+        postprocess_labels(got, (1.0, 1.0, 1.0), options)
+        np.testing.assert_array_equal(got, expected, err_msg=f"seed {seed}")
+        slice_major = np.ascontiguousarray(labels.transpose(2, 0, 1)).transpose(1, 2, 0)
+        postprocess_labels(slice_major, (1.0, 1.0, 1.0), options)
+        # ties go to the first component in memory order, as labelling the layout as stored decides
+        expected = reference(labels.transpose(2, 0, 1)).transpose(1, 2, 0)
+        np.testing.assert_array_equal(slice_major, expected, err_msg=f"seed {seed}, slice-major")
+    # islands at both ends of a long scan, the liver in the middle: only the liver is left
+    labels = np.zeros((16, 16, 200), np.uint8)
+    labels[3:12, 3:12, 90:110] = 1
+    labels[5:7, 5:7, 95:98] = 2
+    labels[0, 0, 0], labels[15, 15, 199], labels[14, 2, 100] = 1, 2, 1
+    postprocess_labels(labels, (1.0, 1.0, 1.0), PostProcessing(min_lesion_mm3=0.0))
+    assert int((labels >= 1).sum()) == 9 * 9 * 20 and int((labels == 2).sum()) == 12
+
+
 def test_postprocessing_minimum_lesion_size_in_mm3():
     labels = np.zeros((20, 20, 6), np.uint8)
     labels[2:18, 2:18, 1:5] = 1
