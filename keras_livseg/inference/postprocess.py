@@ -162,28 +162,27 @@ def _keep_largest_component(volume: np.ndarray, liver: np.ndarray) -> tuple[slic
     order, as one labelling of the whole box would decide.
     """
     best = None  # (size, box, components, label) of the largest so far
-    islands = 0
+    found = 0
     for start, stop in _plane_runs(liver.any(axis=tuple(range(1, liver.ndim)))):
         box = (slice(start, stop), *bounding_box(liver[start:stop].any(axis=0)))
         components, count = _label(liver[box])
         sizes = _component_sizes(components, count)  # background's entry is 0
         largest = int(np.argmax(sizes))
-        islands += count - 1
+        found += count
         if best is None or sizes[largest] > best[0]:
-            if best is not None:  # the previous run is islands only
-                volume[best[1]][liver[best[1]]] = 0
-                islands += 1
+            beaten = best[1] if best is not None else None
             best = (sizes[largest], box, components, largest)
         else:
-            volume[box][liver[box]] = 0
-            islands += 1
+            beaten = box
+        if beaten is not None:  # a run without the largest component: islands only
+            volume[beaten][liver[beaten]] = 0
     if best is None:
         return None
     _, box, components, largest = best
     inside = components == largest
-    if islands:
+    if found > 1:
         volume[box][liver[box] & ~inside] = 0
-        logger.debug("post-processing: removed %d liver islands", islands)
+        logger.debug("post-processing: removed %d liver islands", found - 1)
     inner = bounding_box(inside)
     return tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
 
