@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 
 from keras_livseg.data.labels import bounding_box
 
@@ -83,16 +84,8 @@ class PostProcessing:
         )
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Connected components in the narrowest integer type that holds their count (memory)."""
-    try:
-        return ndimage.label(mask, output=np.uint16)  # half of int32 over a whole scan
-    except RuntimeError:  # more than 65,535 components
-        return ndimage.label(mask)
-
-
-#: Voxels per slab when counting or selecting components: bounded temporaries (np.bincount
-#: casts its input to int64, 8 bytes a voxel, which over a whole scan is gigabytes).
+#: Voxels per slab when labelling, counting or selecting components: bounded temporaries
+#: (a whole-scan int32 label map is 1 GB at 512x512x1000; a slab's is 32 MB).
 _SLAB_VOXELS = 8 * 2**20
 
 
@@ -102,29 +95,95 @@ def _slabs(shape: Sequence[int]) -> range:
     return range(0, shape[0], step) if shape[0] else range(0)
 
 
-def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
-    """Voxels per component label 1..count (index 0 holds 0), counted a slab at a time.
+@dataclasses.dataclass
+class _Components:
+    """The 3D connected components (face connectivity) of a mask, found a slab of planes at a time.
 
-    Only labelled voxels are counted: the box around the liver is mostly background, and
-    picking the labelled voxels out costs less than counting every voxel (np.bincount widens
-    each to int64 first).
+    Each slab is labelled on its own; its components get consecutive ids after the previous
+    slab's (0 is background), and components that meet across a slab boundary are merged as
+    a graph. No label map of the whole mask is held: :meth:`slab_labels` labels one slab again
+    (labelling is deterministic), and per-id tables turn its labels into per-component answers.
+
+    Attributes:
+        mask_of: ``(start, stop) -> array`` of those planes, non-zero where the mask is set.
+        starts: The slabs' first planes (``starts.step`` planes each).
+        offsets: Per slab, the id before its first component.
+        component: Per id, its component's index (``component[0]`` is -1, background);
+            components are numbered in the order of their first voxel in memory, as
+            ``scipy.ndimage.label`` of the whole mask numbers them (minus one).
+        sizes: Voxels per component.
     """
-    sizes = np.zeros(count + 1, np.int64)
-    starts = _slabs(components.shape)
-    for start in starts:
-        slab = components[start:start + starts.step]
-        sizes += np.bincount(slab[slab > 0], minlength=count + 1)
-    return sizes
+
+    mask_of: Callable[[int, int], np.ndarray]
+    starts: range
+    offsets: np.ndarray
+    component: np.ndarray
+    sizes: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.sizes.size)
+
+    def stop(self, start: int) -> int:
+        return min(start + self.starts.step, self.starts.stop)
+
+    def slab_labels(self, k: int) -> np.ndarray:
+        """Slab ``k``'s own labels (int32, 0 background; id = label + ``offsets[k]``)."""
+        start = self.starts[k]
+        return ndimage.label(self.mask_of(start, self.stop(start)))[0]
+
+    def slab_table(self, k: int, per_component: np.ndarray, background) -> np.ndarray:
+        """``per_component``'s values indexed by slab ``k``'s labels: ``table[labels]`` is per voxel."""
+        ids = self.component[self.offsets[k] + 1:self.offsets[k + 1] + 1]
+        return np.concatenate([np.asarray([background], per_component.dtype), per_component[ids]])
 
 
-def _set_where(view: np.ndarray, components: np.ndarray, chosen: np.ndarray, value: int) -> None:
-    """``view[components in chosen] = value``, through a lookup table, a slab at a time."""
-    table = np.zeros(int(components.max()) + 1, bool)
-    table[chosen] = True
-    starts = _slabs(view.shape)
+def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[int],
+                     on_slab: Callable[[int, int, np.ndarray, int], None] | None = None) -> _Components:
+    """Label ``mask_of(0, shape[0])`` a slab at a time; see :class:`_Components`.
+
+    ``on_slab(start, stop, labels, offset)`` sees each slab's labels once, for per-id statistics.
+
+    Example:
+        >>> mask = np.zeros((4, 3, 3), bool); mask[:, 1, 1] = True; mask[0, 0, 0] = True
+        >>> found = _find_components(lambda a, b: mask[a:b], mask.shape)
+        >>> found.count, found.sizes.tolist()
+        (2, [1, 4])
+    """
+    starts = _slabs(shape)
+    offsets, sizes, edges = [0], [np.zeros(1, np.int64)], []
+    last = None  # the previous slab's last plane, as ids
     for start in starts:
-        slab = view[start:start + starts.step]
-        slab[table[components[start:start + starts.step]]] = value
+        stop = min(start + starts.step, shape[0])
+        labels, count = ndimage.label(mask_of(start, stop))
+        offset = offsets[-1]
+        sizes.append(np.bincount(labels[labels > 0], minlength=count + 1)[1:])
+        if last is not None:  # the two planes of the boundary: face neighbours pair up
+            first = labels[0]
+            both = (last > 0) & (first > 0)
+            # Each pair once: a plane's worth of voxel pairs is a handful of distinct edges.
+            keys = np.unique(last[both].astype(np.int64) * (count + 1) + first[both])
+            edges.append(np.stack([keys // (count + 1), keys % (count + 1) + offset]))
+        last = np.where(labels[-1] > 0, labels[-1] + offset, 0)
+        if on_slab is not None:
+            on_slab(start, stop, labels, offset)
+        offsets.append(offset + count)
+    total = offsets[-1]
+    pairs = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)
+    graph = sparse.coo_matrix((np.ones(pairs.shape[1], np.float32), (pairs[0], pairs[1])), shape=(total + 1, total + 1))
+    _, merged = csgraph.connected_components(graph, directed=False)
+    merged = merged[1:]
+    # Number components by their smallest id: ids run in the order of each slab's first voxels,
+    # so that is the order of first voxels in the whole mask.
+    first = np.full(merged.max() + 1 if total else 0, total, np.int64)
+    np.minimum.at(first, merged, np.arange(total))
+    present = np.flatnonzero(first < total)
+    rank = np.full(first.size, -1, np.int64)
+    rank[present[np.argsort(first[present], kind="stable")]] = np.arange(present.size)
+    component = np.concatenate([[-1], rank[merged]])
+    voxels = np.bincount(component[1:], weights=np.concatenate(sizes[1:]) if total else None,
+                         minlength=present.size).astype(np.int64) if total else np.zeros(0, np.int64)
+    return _Components(mask_of, starts, np.asarray(offsets), component, voxels)
 
 
 def _in_memory_order(labels: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -141,6 +200,25 @@ def _in_memory_order(labels: np.ndarray, spacing: tuple[float, ...]) -> tuple[np
     return labels, spacing
 
 
+def _box_where(volume: np.ndarray, value: int) -> tuple[slice, ...] | None:
+    """``bounding_box(volume == value)``, a slab at a time (no whole-volume mask).
+
+    Example:
+        >>> volume = np.zeros((4, 5, 6), np.uint8); volume[1:3, 2, 3:5] = 2
+        >>> _box_where(volume, 2)
+        (slice(1, 3, None), slice(2, 3, None), slice(3, 5, None))
+    """
+    planes = np.zeros(volume.shape[0], bool)
+    across = np.zeros(volume.shape[1:], bool)
+    starts = _slabs(volume.shape)
+    for start in starts:
+        hit = volume[start:start + starts.step] == value
+        planes[start:start + starts.step] = hit.any(axis=tuple(range(1, volume.ndim)))
+        across |= hit.any(axis=0)
+    first = bounding_box(planes)
+    return None if first is None else (*first, *bounding_box(across))
+
+
 def _plane_runs(occupied: np.ndarray) -> list[tuple[int, int]]:
     """``(start, stop)`` of each run of consecutive True values.
 
@@ -152,72 +230,108 @@ def _plane_runs(occupied: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-def _keep_largest_component(volume: np.ndarray, liver: np.ndarray) -> tuple[slice, ...] | None:
-    """Zero every 3D component of ``liver`` (label >= 1) but the largest; the box around it, or None.
+def _keep_one_component(view: np.ndarray, found: _Components, keep: int) -> tuple[slice, ...]:
+    """Zero the labelled voxels of ``view`` outside component ``keep``, a slab at a time; the box around ``keep``."""
+    planes = np.zeros(view.shape[0], bool)
+    across = np.zeros(view.shape[1:], bool)
+    kept = np.arange(found.count) == keep
+    for k, start in enumerate(found.starts):
+        labels, stop = found.slab_labels(k), found.stop(start)
+        inside = found.slab_table(k, kept, False)[labels]
+        view[start:stop][(labels != 0) & ~inside] = 0
+        planes[start:stop] = inside.any(axis=tuple(range(1, view.ndim)))
+        across |= inside.any(axis=0)
+    return (*bounding_box(planes), *bounding_box(across))
+
+
+def _keep_largest_component(volume: np.ndarray) -> tuple[slice, ...] | None:
+    """Zero every 3D component of the liver (label >= 1) but the largest; the box around it, or None.
 
     No component crosses a plane (along the first axis) that holds no label, so each run of
     occupied planes is labelled on its own, in its own box. A model's stray voxels at the far
     ends of a long scan then cost their own small boxes, instead of one box spanning the scan
     (labelling is linear in the box). Ties go to the component that comes first in the array's
-    order, as one labelling of the whole box would decide.
+    order, as one labelling of the whole box would decide. Besides ``volume`` itself, memory
+    holds slab-sized temporaries only (:class:`_Components`).
     """
-    best = None  # (size, box, components, label) of the largest so far
+    best = None  # (size, box, components, index) of the largest so far
     found = 0
-    for start, stop in _plane_runs(liver.any(axis=tuple(range(1, liver.ndim)))):
-        box = (slice(start, stop), *bounding_box(liver[start:stop].any(axis=0)))
-        components, count = _label(liver[box])
-        sizes = _component_sizes(components, count)  # background's entry is 0
-        largest = int(np.argmax(sizes))
-        found += count
-        if best is None or sizes[largest] > best[0]:
+    for start, stop in _plane_runs(volume.any(axis=tuple(range(1, volume.ndim)))):
+        box = (slice(start, stop), *bounding_box(volume[start:stop].any(axis=0)))
+        region = volume[box]
+        components = _find_components(lambda a, b, region=region: region[a:b], region.shape)  # non-zero: liver or tumour
+        largest = int(np.argmax(components.sizes))
+        found += components.count
+        if best is None or components.sizes[largest] > best[0]:
             beaten = best[1] if best is not None else None
-            best = (sizes[largest], box, components, largest)
+            best = (components.sizes[largest], box, components, largest)
         else:
             beaten = box
-        if beaten is not None:  # a run without the largest component: islands only
-            volume[beaten][liver[beaten]] = 0
+        if beaten is not None:  # a run without the largest component: islands and background only
+            volume[beaten] = 0
     if best is None:
         return None
     _, box, components, largest = best
-    inside = components == largest
     if found > 1:
-        volume[box][liver[box] & ~inside] = 0
         logger.debug("post-processing: removed %d liver islands", found - 1)
-    inner = bounding_box(inside)
+    if components.count == 1:  # the run's own box is the component's
+        return box
+    inner = _keep_one_component(volume[box], components, largest)
     return tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
 
 
-def _lesions_away_from_liver(view: np.ndarray, lesions: np.ndarray, count: int, spacing: Sequence[float],
-                             margin_mm: float) -> np.ndarray:
-    """Labels (of ``lesions``' components) of the lesions farther than ``margin_mm`` from the liver parenchyma.
+def _lesions(view: np.ndarray, at: tuple[slice, ...]) -> tuple[_Components, np.ndarray]:
+    """The lesions (label 2) of ``view[at]`` as :class:`_Components`, and which of them touch parenchyma.
 
-    Judged per lesion, by its nearest voxel: a large lesion inside the liver keeps its
-    centre however far that is from parenchyma. Lesions touching parenchyma (the usual
-    case) are kept without computing any distance, and that test runs only in the box around
-    all lesions; for the others the distance transform runs in the lesion's box grown by
-    ``margin_mm``, which holds every parenchyma voxel that could be near enough (memory scales
-    with the lesion, not the scan).
+    A lesion touches parenchyma when one of its voxels has a face neighbour of label 1 in
+    ``view``. Each slab is tested with the one plane of ``view`` on either side that a
+    one-voxel dilation reaches, while it is labelled.
     """
-    parenchyma = view == 1
-    if not parenchyma.any():
-        return np.arange(1, count + 1)
-    # One voxel around the lesions' box is all a one-voxel dilation can reach.
-    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in bounding_box(lesions > 0))
-    near_lesions = lesions[box]
-    touching = np.unique(near_lesions[ndimage.binary_dilation(parenchyma[box]) & (near_lesions > 0)])
-    detached = np.setdiff1d(np.arange(1, count + 1), touching)
-    if detached.size == 0:
-        return detached
+    region = view[at]
+    grown = [slice(max(a.start - 1, 0), min(a.stop + 1, n)) for a, n in zip(at[1:], view.shape[1:])]
+    crop = tuple(slice(a.start - g.start, a.stop - g.start) for a, g in zip(at[1:], grown))  # ``at`` in ``grown``
+    touching = []  # per slab, a bool per label
+
+    def on_slab(start: int, stop: int, labels: np.ndarray, offset: int) -> None:
+        low, high = max(at[0].start + start - 1, 0), min(at[0].start + stop + 1, view.shape[0])
+        near = ndimage.binary_dilation(view[(slice(low, high), *grown)] == 1)
+        planes = slice(at[0].start + start - low, at[0].start + stop - low)
+        hit = np.zeros(int(labels.max()) + 1, bool)
+        hit[labels[near[(planes, *crop)]]] = True  # a table, not np.unique: no sort of every touching voxel
+        touching.append(hit[1:])
+
+    lesions = _find_components(lambda a, b: region[a:b] == 2, region.shape, on_slab)
+    touches = np.zeros(lesions.count, bool)
+    touches[lesions.component[1:][np.concatenate(touching)]] = True
+    return lesions, touches
+
+
+def _near_liver(view: np.ndarray, at: tuple[slice, ...], lesions: _Components, candidates: np.ndarray,
+                spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """Which of the ``candidates`` lesions (a bool per component) have a voxel within ``margin_mm`` of parenchyma.
+
+    A slab at a time: the distance transform runs in the box of the slab's candidate voxels
+    grown by the margin (plus one voxel), which holds every parenchyma voxel near enough;
+    memory scales with the slab, not the scan.
+    """
+    near = np.zeros(lesions.count, bool)
     grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
-    objects = ndimage.find_objects(lesions)
-    far = []
-    for index in detached:
-        box = tuple(slice(max(b.start - g, 0), b.stop + g) for b, g in zip(objects[index - 1], grow))
-        near = parenchyma[box]
-        # No parenchyma in the grown box: every parenchyma voxel is farther than the margin.
-        if not near.any() or ndimage.distance_transform_edt(~near, sampling=spacing)[lesions[box] == index].min() > margin_mm:
-            far.append(index)
-    return np.asarray(far, dtype=np.int64)
+    for k, start in enumerate(lesions.starts):
+        labels = lesions.slab_labels(k)
+        mine = lesions.slab_table(k, candidates, False)[labels]
+        inner = bounding_box(mine)
+        if inner is None:
+            continue
+        own = [slice(a.start + b.start, a.start + b.stop) for a, b in zip(at, (slice(start + inner[0].start, start + inner[0].stop), *inner[1:]))]
+        box = tuple(slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(own, grow, view.shape))
+        parenchyma = view[box] == 1
+        if not parenchyma.any():  # every parenchyma voxel is farther than the margin
+            continue
+        distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
+        close = distance[tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(own, box))] <= margin_mm
+        ids = lesions.slab_table(k, np.arange(lesions.count), -1)[labels[inner][mine[inner] & close]]
+        near[ids] = True
+    return near
 
 
 def postprocess_labels(
@@ -225,8 +339,9 @@ def postprocess_labels(
 ) -> np.ndarray:
     """Clean a predicted label map in place (and return it); see the module docstring.
 
-    Works inside the bounding box of the predicted liver, so its temporary arrays scale with
-    the liver, not with the scan.
+    Works inside the bounding box of the predicted liver, and there a slab of planes at a
+    time (:class:`_Components`): besides ``labels`` itself, memory holds slab-sized
+    temporaries, not a mask or label map of the whole scan.
 
     Args:
         labels: uint8 ``[rows, cols, slices]`` (0 background, 1 liver, 2 tumor), modified.
@@ -243,33 +358,36 @@ def postprocess_labels(
     """
     spacing = tuple(float(s) for s in spacing)
     volume, spacing = _in_memory_order(labels, spacing)  # a view: writes go to ``labels``
-    liver = volume >= 1
     if options.largest_liver_component:
-        box = _keep_largest_component(volume, liver)  # the box around what is left
+        box = _keep_largest_component(volume)  # the box around what is left
     else:
-        box = bounding_box(liver)
-    del liver
+        box = bounding_box(volume)  # liver and tumour
     if box is None:
         return labels
     view = volume[box]  # a view: writes go to ``labels``
     min_voxels = max(options.min_lesion_voxels, 0)
     if options.min_lesion_mm3 > 0:
         min_voxels = max(min_voxels, int(math.ceil(options.min_lesion_mm3 / float(np.prod(spacing)) - 1e-9)))
-    if not ((options.tumor_in_liver or min_voxels > 1) and (view == 2).any()):
+    if not (options.tumor_in_liver or min_voxels > 1):
         return labels
-    # The lesions' components, labelled once for both rules (dropping some leaves the others' labels).
-    lesions, count = _label(view == 2)
-    far = np.zeros(0, np.int64)
-    if options.tumor_in_liver:
-        far = _lesions_away_from_liver(view, lesions, count, spacing, options.liver_margin_mm)
-        if far.size:
-            _set_where(view, lesions, far, 0)
-            logger.debug("post-processing: removed %d lesions beyond %.1f mm of the liver", far.size,
-                         options.liver_margin_mm)
-    if min_voxels > 1:
-        sizes = _component_sizes(lesions, count)
-        small = np.setdiff1d(np.flatnonzero(sizes < min_voxels), np.concatenate([[0], far]))
-        if small.size:
-            _set_where(view, lesions, small, 1)
-            logger.debug("post-processing: %d lesions under %d voxels became liver", small.size, min_voxels)
+    at = _box_where(view, 2)  # the lesions' box inside the liver's
+    if at is None:
+        return labels
+    lesions, touches = _lesions(view, at)  # labelled once for both rules
+    far = np.zeros(lesions.count, bool)
+    if options.tumor_in_liver and not touches.all():
+        far = ~touches & ~_near_liver(view, at, lesions, ~touches, spacing, options.liver_margin_mm)
+        logger.debug("post-processing: removing %d lesions beyond %.1f mm of the liver", far.sum(),
+                     options.liver_margin_mm)
+    small = (lesions.sizes < min_voxels) & ~far if min_voxels > 1 else np.zeros(lesions.count, bool)
+    if small.any():
+        logger.debug("post-processing: %d lesions under %d voxels become liver", small.sum(), min_voxels)
+    if not (far.any() or small.any()):
+        return labels
+    value = np.where(far, 0, np.where(small, 1, 2)).astype(np.uint8)  # 2: unchanged
+    region = view[at]
+    for k, start in enumerate(lesions.starts):
+        slab = region[start:lesions.stop(start)]
+        lesion = lesions.slab_labels(k)
+        slab[lesion > 0] = lesions.slab_table(k, value, 2)[lesion[lesion > 0]]
     return labels

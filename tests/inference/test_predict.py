@@ -151,11 +151,16 @@ def test_postprocessing_removes_an_island_and_tumor_outside_the_liver():
     assert not cleaned[25:28, 25:28, 3:6].any()  # island gone with the largest component
 
 
-def test_largest_liver_component_matches_one_labelling_of_the_whole_scan():
-    """Runs of occupied planes labelled apart (islands at a long scan's ends cost their own boxes):
-    the same voxels kept as labelling the whole volume at once, ties included, in either memory layout
-    (the stored order: predict keeps labels slice-major)."""
+@pytest.mark.parametrize("slab_voxels", [8 * 2**20, 400])  # one slab; a plane or two a slab, as over a long scan
+def test_largest_liver_component_matches_one_labelling_of_the_whole_scan(monkeypatch, slab_voxels):
+    """Runs of occupied planes labelled apart (islands at a long scan's ends cost their own boxes), a
+    slab at a time: the same voxels kept as labelling the whole volume at once, ties included, in either
+    memory layout (the stored order: predict keeps labels slice-major)."""
     from scipy import ndimage
+
+    from keras_livseg.inference import postprocess
+
+    monkeypatch.setattr(postprocess, "_SLAB_VOXELS", slab_voxels)
 
     def reference(labels):
         components, count = ndimage.label(labels >= 1)
@@ -623,12 +628,59 @@ def test_cli_averages_models_given_twice(tmp_path, capsys, keras_checkpoint):
     np.testing.assert_array_equal(one, two)
 
 
-def test_component_sizes_count_each_label_over_slabs(monkeypatch):
+def test_components_found_a_slab_at_a_time_are_those_of_one_labelling(monkeypatch):
+    """Slabs labelled apart and merged across their boundaries: ndimage.label's components of the
+    whole mask, numbered in the same order (first voxel in memory), with the same sizes."""
+    from scipy import ndimage
+
     from keras_livseg.inference import postprocess
 
-    monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 50)  # slabs of 2 planes of 5 x 5
-    components = np.random.default_rng(3).integers(0, 5, (7, 5, 5)).astype(np.uint16)
-    sizes = postprocess._component_sizes(components, 6)
-    expected = np.bincount(components.ravel(), minlength=7)
-    expected[0] = 0  # background is not counted
-    np.testing.assert_array_equal(sizes, expected)
+    for seed, slab_voxels in enumerate([1, 50, 120, 10**6] * 3):
+        monkeypatch.setattr(postprocess, "_SLAB_VOXELS", slab_voxels)
+        rng = np.random.default_rng(seed)
+        mask = rng.random((9, 6, 7)) < rng.uniform(0.2, 0.7)  # many components, winding across slabs
+        found = postprocess._find_components(lambda a, b: mask[a:b], mask.shape)
+        expected, count = ndimage.label(mask)
+        assert found.count == count and len(found.starts) == -(-9 // max(1, slab_voxels // 42))
+        rebuilt = np.concatenate([found.slab_table(k, np.arange(1, count + 1), 0)[found.slab_labels(k)]
+                                  for k in range(len(found.starts))])
+        np.testing.assert_array_equal(rebuilt, expected, err_msg=f"seed {seed}")
+        np.testing.assert_array_equal(found.sizes, np.bincount(expected.ravel(), minlength=count + 1)[1:])
+
+
+def test_postprocessing_memory_scales_with_a_slab_not_the_scan(monkeypatch):
+    """No whole-scan temporary: with slabs of two planes, post-processing a scan four times as long
+    (a liver with lesions, some too small to keep, an island, a lesion away from it) allocates
+    about as much; every voxel gets what one slab would decide."""
+    import tracemalloc
+
+    from keras_livseg.inference import postprocess
+
+    def scan(planes):
+        labels = np.zeros((planes, 96, 96), np.uint8)
+        labels[8:planes - 8, 10:86, 10:86] = 1
+        rng = np.random.default_rng(planes)
+        for r, c, k in rng.integers(12, 80, (planes // 2, 3)):  # lesions in the liver
+            r = 8 + r * (planes - 20) // 80
+            labels[r:r + rng.integers(1, 5), c:c + rng.integers(1, 4), k:k + 3] = 2
+        labels[planes - 4:planes - 1, 2:5, 2:5] = 1  # an island
+        labels[0:2, 0:2, 0:2] = 2  # a lesion far from the liver
+        return labels
+
+    peaks = []
+    for planes in (64, 256):
+        labels = scan(planes)
+        monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 8 * 2**20)
+        expected = postprocess_labels(labels.copy(), (0.8, 0.8, 2.0))  # one slab: the whole volume
+        monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 2 * 96 * 96)
+        got = labels.copy()
+        tracemalloc.start()
+        try:
+            postprocess_labels(got, (0.8, 0.8, 2.0))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(got, expected)
+        assert got[planes - 3, 3, 3] == 0 and got[1, 1, 1] == 0 and (got == 2).any()
+        assert ((got == 1) & (labels == 2)).any()  # small lesions became liver
+    assert peaks[1] < 1.5 * peaks[0] and peaks[1] < 0.25 * labels.size, peaks  # one bool mask: a byte a voxel
