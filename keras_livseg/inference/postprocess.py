@@ -103,6 +103,8 @@ class _Components:
     slab's (0 is background), and components that meet across a slab boundary are merged as
     a graph. No label map of the whole mask is held: :meth:`slab_labels` labels one slab again
     (labelling is deterministic), and per-id tables turn its labels into per-component answers.
+    Memory: one slab's labels, plus some 30 bytes per id (a prediction's components number in
+    the thousands to the hundred thousands, not in the millions of voxels).
 
     Attributes:
         mask_of: ``(start, stop) -> array`` of those planes, non-zero where the mask is set.
@@ -157,7 +159,7 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
         stop = min(start + starts.step, shape[0])
         labels, count = ndimage.label(mask_of(start, stop))
         offset = offsets[-1]
-        sizes.append(np.bincount(labels[labels > 0], minlength=count + 1)[1:])
+        sizes.append(np.bincount(labels[labels > 0], minlength=count + 1)[1:].astype(np.int32))
         if last is not None:  # the two planes of the boundary: face neighbours pair up
             first = labels[0]
             both = (last > 0) & (first > 0)
@@ -175,12 +177,12 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
     merged = merged[1:]
     # Number components by their smallest id: ids run in the order of each slab's first voxels,
     # so that is the order of first voxels in the whole mask.
-    first = np.full(merged.max() + 1 if total else 0, total, np.int64)
-    np.minimum.at(first, merged, np.arange(total))
+    first = np.full(merged.max() + 1 if total else 0, total, np.int32)
+    np.minimum.at(first, merged, np.arange(total, dtype=np.int32))
     present = np.flatnonzero(first < total)
-    rank = np.full(first.size, -1, np.int64)
-    rank[present[np.argsort(first[present], kind="stable")]] = np.arange(present.size)
-    component = np.concatenate([[-1], rank[merged]])
+    rank = np.full(first.size, -1, np.int32)
+    rank[present[np.argsort(first[present], kind="stable")]] = np.arange(present.size, dtype=np.int32)
+    component = np.concatenate([np.asarray([-1], np.int32), rank[merged]])
     voxels = np.bincount(component[1:], weights=np.concatenate(sizes[1:]) if total else None,
                          minlength=present.size).astype(np.int64) if total else np.zeros(0, np.int64)
     return _Components(mask_of, starts, np.asarray(offsets), component, voxels)
@@ -310,27 +312,28 @@ def _near_liver(view: np.ndarray, at: tuple[slice, ...], lesions: _Components, c
                 spacing: Sequence[float], margin_mm: float) -> np.ndarray:
     """Which of the ``candidates`` lesions (a bool per component) have a voxel within ``margin_mm`` of parenchyma.
 
-    A slab at a time: the distance transform runs in the box of the slab's candidate voxels
-    grown by the margin (plus one voxel), which holds every parenchyma voxel near enough;
-    memory scales with the slab, not the scan.
+    A slab at a time, and in the slab one piece of a lesion at a time: the distance transform
+    runs in the piece's box grown by the margin (plus one voxel), which holds every parenchyma
+    voxel near enough. Memory scales with the lesion, not the scan or the slab.
     """
     near = np.zeros(lesions.count, bool)
     grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
+    pieces = np.arange(lesions.count)
     for k, start in enumerate(lesions.starts):
         labels = lesions.slab_labels(k)
-        mine = lesions.slab_table(k, candidates, False)[labels]
-        inner = bounding_box(mine)
-        if inner is None:
-            continue
-        own = [slice(a.start + b.start, a.start + b.stop) for a, b in zip(at, (slice(start + inner[0].start, start + inner[0].stop), *inner[1:]))]
-        box = tuple(slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(own, grow, view.shape))
-        parenchyma = view[box] == 1
-        if not parenchyma.any():  # every parenchyma voxel is farther than the margin
-            continue
-        distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
-        close = distance[tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(own, box))] <= margin_mm
-        ids = lesions.slab_table(k, np.arange(lesions.count), -1)[labels[inner][mine[inner] & close]]
-        near[ids] = True
+        component = lesions.slab_table(k, pieces, -1)
+        for label, inner in enumerate(ndimage.find_objects(labels), start=1):
+            if inner is None or not candidates[component[label]] or near[component[label]]:
+                continue
+            own = [slice(a.start + b.start, a.start + b.stop)
+                   for a, b in zip(at, (slice(start + inner[0].start, start + inner[0].stop), *inner[1:]))]
+            box = tuple(slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(own, grow, view.shape))
+            parenchyma = view[box] == 1
+            if not parenchyma.any():  # every parenchyma voxel is farther than the margin
+                continue
+            distance = ndimage.distance_transform_edt(~parenchyma, sampling=spacing)
+            distance = distance[tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(own, box))]
+            near[component[label]] = bool((distance[labels[inner] == label] <= margin_mm).any())
     return near
 
 
@@ -341,7 +344,7 @@ def postprocess_labels(
 
     Works inside the bounding box of the predicted liver, and there a slab of planes at a
     time (:class:`_Components`): besides ``labels`` itself, memory holds slab-sized
-    temporaries, not a mask or label map of the whole scan.
+    temporaries and per-component tables, not a mask or label map of the whole scan.
 
     Args:
         labels: uint8 ``[rows, cols, slices]`` (0 background, 1 liver, 2 tumor), modified.
@@ -377,8 +380,9 @@ def postprocess_labels(
     far = np.zeros(lesions.count, bool)
     if options.tumor_in_liver and not touches.all():
         far = ~touches & ~_near_liver(view, at, lesions, ~touches, spacing, options.liver_margin_mm)
-        logger.debug("post-processing: removing %d lesions beyond %.1f mm of the liver", far.sum(),
-                     options.liver_margin_mm)
+        if far.any():
+            logger.debug("post-processing: removing %d lesions beyond %.1f mm of the liver", far.sum(),
+                         options.liver_margin_mm)
     small = (lesions.sizes < min_voxels) & ~far if min_voxels > 1 else np.zeros(lesions.count, bool)
     if small.any():
         logger.debug("post-processing: %d lesions under %d voxels become liver", small.sum(), min_voxels)

@@ -635,10 +635,11 @@ def test_components_found_a_slab_at_a_time_are_those_of_one_labelling(monkeypatc
 
     from keras_livseg.inference import postprocess
 
-    for seed, slab_voxels in enumerate([1, 50, 120, 10**6] * 3):
+    for seed, slab_voxels in enumerate([1, 100, 200, 10**6] * 4):  # slabs of 1, 2, 4 and 9 planes
         monkeypatch.setattr(postprocess, "_SLAB_VOXELS", slab_voxels)
         rng = np.random.default_rng(seed)
-        mask = rng.random((9, 6, 7)) < rng.uniform(0.2, 0.7)  # many components, winding across slabs
+        # many components winding across slabs; sparse masks with empty planes and slabs; one empty mask
+        mask = rng.random((9, 6, 7)) < (0.0 if seed == 5 else rng.uniform(0.2, 0.7) if seed < 8 else 0.02)
         found = postprocess._find_components(lambda a, b: mask[a:b], mask.shape)
         expected, count = ndimage.label(mask)
         assert found.count == count and len(found.starts) == -(-9 // max(1, slab_voxels // 42))
@@ -650,37 +651,46 @@ def test_components_found_a_slab_at_a_time_are_those_of_one_labelling(monkeypatc
 
 def test_postprocessing_memory_scales_with_a_slab_not_the_scan(monkeypatch):
     """No whole-scan temporary: with slabs of two planes, post-processing a scan four times as long
-    (a liver with lesions, some too small to keep, an island, a lesion away from it) allocates
-    about as much; every voxel gets what one slab would decide."""
+    allocates about as much, and every voxel gets what one slab would decide. The scan: a liver with
+    lesions (some too small to keep), an island, and lesions beside the liver, near it and far from
+    it; the rule on lesions away from parenchyma is traced without the largest-component step,
+    which would remove them first."""
     import tracemalloc
 
     from keras_livseg.inference import postprocess
 
     def scan(planes):
         labels = np.zeros((planes, 96, 96), np.uint8)
-        labels[8:planes - 8, 10:86, 10:86] = 1
+        labels[8:planes - 8, 10:80, 10:80] = 1
         rng = np.random.default_rng(planes)
-        for r, c, k in rng.integers(12, 80, (planes // 2, 3)):  # lesions in the liver
+        for r, c, k in rng.integers(12, 76, (planes // 2, 3)):  # lesions in the liver
             r = 8 + r * (planes - 20) // 80
             labels[r:r + rng.integers(1, 5), c:c + rng.integers(1, 4), k:k + 3] = 2
         labels[planes - 4:planes - 1, 2:5, 2:5] = 1  # an island
-        labels[0:2, 0:2, 0:2] = 2  # a lesion far from the liver
+        for r in range(10, planes - 10, 16):  # beside the liver (axis 1: 0.8 mm): 2.4 mm and 10.4 mm away
+            labels[r:r + 2, 82:85, 30:33] = 2
+            labels[r:r + 2, 92:95, 50:53] = 2
+        labels[0:2, 0:2, 0:2] = 2  # far from everything
         return labels
 
-    peaks = []
-    for planes in (64, 256):
-        labels = scan(planes)
-        monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 8 * 2**20)
-        expected = postprocess_labels(labels.copy(), (0.8, 0.8, 2.0))  # one slab: the whole volume
-        monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 2 * 96 * 96)
-        got = labels.copy()
-        tracemalloc.start()
-        try:
-            postprocess_labels(got, (0.8, 0.8, 2.0))
-            peaks.append(tracemalloc.get_traced_memory()[1])
-        finally:
-            tracemalloc.stop()
-        np.testing.assert_array_equal(got, expected)
-        assert got[planes - 3, 3, 3] == 0 and got[1, 1, 1] == 0 and (got == 2).any()
-        assert ((got == 1) & (labels == 2)).any()  # small lesions became liver
-    assert peaks[1] < 1.5 * peaks[0] and peaks[1] < 0.25 * labels.size, peaks  # one bool mask: a byte a voxel
+    peaks = {}
+    for options in (PostProcessing(), PostProcessing(largest_liver_component=False)):
+        for planes in (64, 256):
+            labels = scan(planes)
+            monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 8 * 2**20)
+            expected = postprocess_labels(labels.copy(), (0.8, 0.8, 2.0), options)  # one slab: the whole volume
+            monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 2 * 96 * 96)
+            got = labels.copy()
+            tracemalloc.start()
+            try:
+                postprocess_labels(got, (0.8, 0.8, 2.0), options)
+                peaks[options.largest_liver_component, planes] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            np.testing.assert_array_equal(got, expected)
+            assert got[1, 1, 1] == 0 and got[planes - 3, 3, 3] == (0 if options.largest_liver_component else 1)
+            assert ((got == 1) & (labels == 2)).any()  # small lesions became liver
+            near, away = got[10:12, 82:85, 30:33], got[10:12, 92:95, 50:53]
+            assert (near == 2).all() == (not options.largest_liver_component) and (away == 0).all()
+    for largest in (True, False):  # a byte a voxel would be one whole-scan mask
+        assert peaks[largest, 256] < 1.5 * peaks[largest, 64] and peaks[largest, 256] < 0.25 * labels.size, peaks
