@@ -153,7 +153,7 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
         (2, [1, 4])
     """
     starts = _slabs(shape)
-    offsets, sizes, edges = [0], [np.zeros(1, np.int64)], []
+    offsets, sizes, edges = [0], [], []
     last = None  # the previous slab's last plane, as ids
     for start in starts:
         stop = min(start + starts.step, shape[0])
@@ -183,8 +183,8 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
     rank = np.full(first.size, -1, np.int32)
     rank[present[np.argsort(first[present], kind="stable")]] = np.arange(present.size, dtype=np.int32)
     component = np.concatenate([np.asarray([-1], np.int32), rank[merged]])
-    voxels = np.bincount(component[1:], weights=np.concatenate(sizes[1:]) if total else None,
-                         minlength=present.size).astype(np.int64) if total else np.zeros(0, np.int64)
+    by_id = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
+    voxels = np.bincount(component[1:], weights=by_id, minlength=present.size).astype(np.int64)
     return _Components(mask_of, starts, np.asarray(offsets), component, voxels)
 
 
