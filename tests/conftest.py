@@ -76,25 +76,3 @@ def start_server(tmp_path):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-#: Test files that take minutes (CI's slowest durations), started first. pytest-xdist hands each of
-#: its two processes a file at a time; by default it starts the files with the most tests first,
-#: which left these few-test, many-minute files for the end, where one process ran them while the
-#: other waited. The longest jobs first make the two finish together.
-LONGEST_FIRST = (
-    "tests/benchmarks/test_run_all.py",
-    "tests/models/test_backends.py",
-    "tests/training/test_multi_worker.py",
-    "tests/training/test_jax_backend.py",
-    "tests/training/test_fit.py",
-    "tests/benchmarks/test_bench_gpu.py",
-    "tests/training/test_compare.py",
-    "tests/data/test_fuzz.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Run LONGEST_FIRST's files first, in that order; every file keeps its own order of tests."""
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.relative_to(PROJECT_ROOT).as_posix(), len(rank)))
