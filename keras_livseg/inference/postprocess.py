@@ -202,23 +202,36 @@ def _in_memory_order(labels: np.ndarray, spacing: tuple[float, ...]) -> tuple[np
     return labels, spacing
 
 
+class _SlabBox:
+    """The bounding box of a mask seen one slab of planes at a time (no whole-volume mask)."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.planes = np.zeros(shape[0], bool)
+        self.across = np.zeros(tuple(shape[1:]), bool)
+
+    def add(self, start: int, mask: np.ndarray) -> None:
+        """Take in ``mask``, the planes from ``start`` on."""
+        self.planes[start:start + mask.shape[0]] = mask.any(axis=tuple(range(1, mask.ndim)))
+        self.across |= mask.any(axis=0)
+
+    def box(self) -> tuple[slice, ...] | None:
+        first = bounding_box(self.planes)
+        return None if first is None else (*first, *bounding_box(self.across))
+
+
 def _box_where(volume: np.ndarray, value: int) -> tuple[slice, ...] | None:
-    """``bounding_box(volume == value)``, a slab at a time (no whole-volume mask).
+    """``bounding_box(volume == value)``, a slab at a time.
 
     Example:
         >>> volume = np.zeros((4, 5, 6), np.uint8); volume[1:3, 2, 3:5] = 2
         >>> _box_where(volume, 2)
         (slice(1, 3, None), slice(2, 3, None), slice(3, 5, None))
     """
-    planes = np.zeros(volume.shape[0], bool)
-    across = np.zeros(volume.shape[1:], bool)
+    found = _SlabBox(volume.shape)
     starts = _slabs(volume.shape)
     for start in starts:
-        hit = volume[start:start + starts.step] == value
-        planes[start:start + starts.step] = hit.any(axis=tuple(range(1, volume.ndim)))
-        across |= hit.any(axis=0)
-    first = bounding_box(planes)
-    return None if first is None else (*first, *bounding_box(across))
+        found.add(start, volume[start:start + starts.step] == value)
+    return found.box()
 
 
 def _plane_runs(occupied: np.ndarray) -> list[tuple[int, int]]:
@@ -234,16 +247,14 @@ def _plane_runs(occupied: np.ndarray) -> list[tuple[int, int]]:
 
 def _keep_one_component(view: np.ndarray, found: _Components, keep: int) -> tuple[slice, ...]:
     """Zero the labelled voxels of ``view`` outside component ``keep``, a slab at a time; the box around ``keep``."""
-    planes = np.zeros(view.shape[0], bool)
-    across = np.zeros(view.shape[1:], bool)
+    kept_box = _SlabBox(view.shape)
     kept = np.arange(found.count) == keep
     for k, start in enumerate(found.starts):
-        labels, stop = found.slab_labels(k), found.stop(start)
+        labels = found.slab_labels(k)
         inside = found.slab_table(k, kept, False)[labels]
-        view[start:stop][(labels != 0) & ~inside] = 0
-        planes[start:stop] = inside.any(axis=tuple(range(1, view.ndim)))
-        across |= inside.any(axis=0)
-    return (*bounding_box(planes), *bounding_box(across))
+        view[start:found.stop(start)][(labels != 0) & ~inside] = 0
+        kept_box.add(start, inside)
+    return kept_box.box()
 
 
 def _keep_largest_component(volume: np.ndarray) -> tuple[slice, ...] | None:
@@ -320,10 +331,15 @@ def _near_liver(view: np.ndarray, at: tuple[slice, ...], lesions: _Components, c
     grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
     pieces = np.arange(lesions.count)
     for k, start in enumerate(lesions.starts):
+        mine = np.flatnonzero(lesions.slab_table(k, candidates, False))  # this slab's labels of candidates
+        if mine.size == 0:
+            continue
         labels = lesions.slab_labels(k)
         component = lesions.slab_table(k, pieces, -1)
-        for label, inner in enumerate(ndimage.find_objects(labels), start=1):
-            if inner is None or not candidates[component[label]] or near[component[label]]:
+        objects = ndimage.find_objects(labels)
+        for label in mine:
+            inner = objects[label - 1]
+            if near[component[label]]:  # another piece of it was near
                 continue
             own = [slice(a.start + b.start, a.start + b.stop)
                    for a, b in zip(at, (slice(start + inner[0].start, start + inner[0].stop), *inner[1:]))]
