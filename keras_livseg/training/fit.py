@@ -13,6 +13,7 @@ epoch and learning-rate step) and ``eval/``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -24,7 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from keras_livseg.data import storage
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
@@ -32,7 +33,7 @@ from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_ke
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "phantom_demo.toml"
-RUN_KEYS = frozenset({"name", "runs_dir", "seed"})
+RUN_KEYS = frozenset({"name", "runs_dir", "seed", "deterministic"})
 TRAINING_KEYS = frozenset(
     {
         "epochs", "batch_size", "steps_per_epoch", "optimizer", "learning_rate", "weight_decay", "schedule",
@@ -46,7 +47,7 @@ EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
 MODEL_FIXED_KEYS = frozenset({"name"})  # everything else in [model] goes to build_model
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "run": {"name": "", "runs_dir": "runs", "seed": 0},
+    "run": {"name": "", "runs_dir": "runs", "seed": 0, "deterministic": False},
     "data": {},
     "preprocessing": {},
     "model": {"name": "tam_unet"},
@@ -488,10 +489,40 @@ def _copy_resume_state(chief_run: Path, scratch: Path) -> None:
 def train(config: dict, resume: bool = False, verbose: int | str | None = None) -> FitResult:
     """Run a whole training job from a resolved config (see :func:`resolve_config`).
 
+    With ``run.deterministic = true`` the run repeats exactly for its ``run.seed``: the training
+    batches come in a fixed order and TensorFlow's ops pick deterministic kernels (slower; off by
+    default, since the parallel input pipeline's order otherwise varies from run to run).
+
     Example:
         >>> result = train(resolve_config("pipelines/phantom_demo.toml"))  # doctest: +SKIP
         >>> result.test_metrics["tumor_dice"]  # doctest: +SKIP
     """
+    with op_determinism(bool(config["run"].get("deterministic", False))):
+        return _train(config, resume, verbose)
+
+
+@contextlib.contextmanager
+def op_determinism(enabled: bool) -> Iterator[None]:
+    """Deterministic TensorFlow kernels inside the block when ``enabled``; the previous setting after.
+
+    TensorFlow's switch is process-wide and has no public "off": restoring it keeps a library
+    call (or one test) from changing every later run in the process.
+    """
+    if not enabled:
+        yield
+        return
+    from tensorflow.python.framework import config as tf_config
+
+    was_enabled = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            tf_config.disable_op_determinism()
+
+
+def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     import keras
 
     from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
@@ -591,7 +622,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
                             foreground_fraction=float(training["foreground_fraction"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
                             shuffle_buffer=int(training["shuffle_buffer"]), replicas=replicas,
-                            input_shard=shard)
+                            input_shard=shard, deterministic=bool(config["run"].get("deterministic", False)))
     # Several workers split the validation set by batch: a cache of it would hold one worker's part.
     val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"]) and task is None,
                           input_shard=shard) if has_val else None
