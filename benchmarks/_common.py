@@ -7,7 +7,12 @@ import os
 import platform
 import time
 from pathlib import Path
+import sys
 from typing import Callable
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # a checkout without the package installed
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+import keras_livseg  # noqa: E402,F401  before any script imports TensorFlow: the package's oneDNN default
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("KERAS_LIVSEG_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "keras_livseg"))

@@ -75,9 +75,8 @@ def keras_step_memory(model_name: str, size: int, batch: int, steps: int = 3, op
     first step); ``"keras"``: ``keras.optimizers.Adam``, built by Keras inside the first traced step.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # The live-tensor statistics come from oneDNN's allocator, which TensorFlow turns on by default
-    # only on CPUs with AVX-512 VNNI/BF16 or AMX: ask for it (effective before TensorFlow's import).
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    # The live-tensor statistics come from oneDNN's allocator: keras_livseg (imported by _common,
+    # before TensorFlow) asks for it on every CPU.
     import keras
     import numpy as np
     import tensorflow as tf

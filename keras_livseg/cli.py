@@ -59,13 +59,9 @@ def _has_nvidia_driver() -> bool:
 def _default_tf_level() -> None:
     """Warnings and errors with a GPU driver; errors too without one (see :func:`quiet_tensorflow`).
 
-    Also turns TensorFlow's oneDNN CPU kernels on where the user has not chosen: TensorFlow does
-    so by default only on CPUs with AVX-512 VNNI/BF16 or AMX. On an AVX2-only EPYC a TAM-U-Net
-    train step ran ~1.6x faster with them, and without them channels-first convolutions do not
-    run on a CPU at all ("Conv2D only supports NHWC").
+    (TensorFlow's oneDNN kernels are asked for by the package itself: ``keras_livseg/__init__.py``.)
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if _has_nvidia_driver() else "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def quiet_tensorflow(verbose: bool = False) -> None:
@@ -84,7 +80,6 @@ def quiet_tensorflow(verbose: bool = False) -> None:
     """
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as without -v (see _default_tf_level)
         return
     _default_tf_level()
     if "tensorflow" in sys.modules:

@@ -12,8 +12,7 @@ from typing import Callable
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# As the commands do (keras_livseg.cli): the same oneDNN kernels on every x86 CPU, not only on AVX-512 ones.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+import keras_livseg  # noqa: E402,F401  before any test imports TensorFlow: the package's oneDNN default
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = PROJECT_ROOT.parent / "shared" / "data" / "real"
