@@ -73,7 +73,7 @@ _ONEDNN_ON = ("import tensorflow; from tensorflow.python.util import _pywrap_uti
     ("import sys; sys.path.insert(0, 'benchmarks'); import _common", None, "True"),  # every benchmark script
 ])
 def test_the_package_turns_on_tensorflows_onednn_kernels_on_any_x86_cpu(first, user_value, expected):
-    """TensorFlow turns them on by itself only on AVX-512 VNNI/BF16 or AMX CPUs (~1.6x a step on AVX2)."""
+    """TensorFlow turns them on by itself only on AVX-512 VNNI/BF16 or AMX CPUs (a 256-px step on AVX2: 2.7 s with them, 3.4 s without)."""
     env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if user_value is not None:
