@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
-import sys
 from typing import Callable
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # a checkout without the package installed
-    sys.path.append(str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # a checkout without the package installed
+    sys.path.append(str(ROOT))
 import keras_livseg  # noqa: E402,F401  before any script imports TensorFlow: the package's oneDNN default
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path(os.environ.get("KERAS_LIVSEG_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "keras_livseg"))
+DATA = Path(os.environ.get("KERAS_LIVSEG_CACHE", ROOT / ".cache" / "keras_livseg"))
 
 
 def phantom_volumes(cases: int, size: int = 512, slices: tuple[int, int] = (200, 300), seed: int = 7) -> Path:

@@ -139,6 +139,8 @@ def resolve_config(recipe: str | Path | None = None, overrides: Mapping[str, Map
     check_keys(config["preprocessing"], PREPROCESSING_KEYS, "preprocessing")
     check_keys(config["training"], TRAINING_KEYS, "training")
     check_keys(config["export"], EXPORT_KEYS, "export")
+    if not isinstance(config["run"]["deterministic"], bool):  # "flase" would otherwise read as true
+        raise ValueError(f"run.deterministic must be true or false, got {config['run']['deterministic']!r}")
     config["recipe"] = str(path)
     return config
 
@@ -497,7 +499,7 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         >>> result = train(resolve_config("pipelines/phantom_demo.toml"))  # doctest: +SKIP
         >>> result.test_metrics["tumor_dice"]  # doctest: +SKIP
     """
-    with op_determinism(bool(config["run"].get("deterministic", False))):
+    with op_determinism(config["run"].get("deterministic", False)):
         return _train(config, resume, verbose)
 
 
@@ -622,7 +624,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
                             foreground_fraction=float(training["foreground_fraction"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
                             shuffle_buffer=int(training["shuffle_buffer"]), replicas=replicas,
-                            input_shard=shard, deterministic=bool(config["run"].get("deterministic", False)))
+                            input_shard=shard, deterministic=config["run"].get("deterministic", False))
     # Several workers split the validation set by batch: a cache of it would hold one worker's part.
     val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"]) and task is None,
                           input_shard=shard) if has_val else None
