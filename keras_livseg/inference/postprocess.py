@@ -10,6 +10,7 @@ import logging
 import math
 from typing import Callable, Mapping, Sequence
 
+import cc3d
 import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
@@ -87,6 +88,26 @@ class PostProcessing:
 #: Voxels per slab when labelling, counting or selecting components: bounded temporaries
 #: (a whole-scan int32 label map is 1 GB at 512x512x1000; a slab's is 32 MB).
 _SLAB_VOXELS = 8 * 2**20
+#: Bytes of slab labels kept from the first labelling for the passes that select components:
+#: labelling again costs about a third of post-processing when a model labels most of a scan.
+#: Past this, slabs are labelled again (memory stays bounded on a long scan).
+_KEPT_LABEL_BYTES = 256 * 2**20
+
+
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``scipy.ndimage.label(mask)`` (3D, face connectivity), about twice as fast: int32 labels and their count.
+
+    cc3d numbers components in the order of their first voxel in a C-ordered array, as
+    ``ndimage.label`` does; the mask is made C-contiguous first so that the order is memory order.
+
+    Example:
+        >>> mask = np.zeros((1, 3, 3), bool); mask[0, 0, :2] = mask[0, 2, 2] = True
+        >>> labels, count = _label(mask); count, labels[0].tolist()
+        (2, [[1, 1, 0], [0, 0, 0], [0, 0, 2]])
+    """
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    labels, count = cc3d.connected_components(mask, connectivity=6, return_N=True, out_dtype=np.uint32)
+    return labels.view(np.int32), int(count)  # at most one label a voxel: below 2**31 in a slab
 
 
 def _slabs(shape: Sequence[int]) -> range:
@@ -101,10 +122,11 @@ class _Components:
 
     Each slab is labelled on its own; its components get consecutive ids after the previous
     slab's (0 is background), and components that meet across a slab boundary are merged as
-    a graph. No label map of the whole mask is held: :meth:`slab_labels` labels one slab again
-    (labelling is deterministic), and per-id tables turn its labels into per-component answers.
-    Memory: one slab's labels, plus some 30 bytes per id (a prediction's components number in
-    the thousands to the hundred thousands, not in the millions of voxels).
+    a graph. No label map of the whole mask is held beyond ``_KEPT_LABEL_BYTES``: :meth:`slab_labels`
+    returns a kept slab's labels or labels it again (labelling is deterministic), and per-id tables
+    turn its labels into per-component answers. Memory: one slab's labels and the kept ones, plus
+    some 30 bytes per id (a prediction's components number in the thousands to the hundred
+    thousands, not in the millions of voxels).
 
     Attributes:
         mask_of: ``(start, stop) -> array`` of those planes, non-zero where the mask is set.
@@ -114,6 +136,7 @@ class _Components:
             components are numbered in the order of their first voxel in memory, as
             ``scipy.ndimage.label`` of the whole mask numbers them (minus one).
         sizes: Voxels per component.
+        kept: Slab labels kept from the first labelling, by slab index.
     """
 
     mask_of: Callable[[int, int], np.ndarray]
@@ -121,6 +144,7 @@ class _Components:
     offsets: np.ndarray
     component: np.ndarray
     sizes: np.ndarray
+    kept: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -131,8 +155,10 @@ class _Components:
 
     def slab_labels(self, k: int) -> np.ndarray:
         """Slab ``k``'s own labels (int32, 0 background; id = label + ``offsets[k]``)."""
+        if k in self.kept:
+            return self.kept[k]
         start = self.starts[k]
-        return ndimage.label(self.mask_of(start, self.stop(start)))[0]
+        return _label(self.mask_of(start, self.stop(start)))[0]
 
     def slab_table(self, k: int, per_component: np.ndarray, background) -> np.ndarray:
         """``per_component``'s values indexed by slab ``k``'s labels: ``table[labels]`` is per voxel."""
@@ -153,13 +179,13 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
         (2, [1, 4])
     """
     starts = _slabs(shape)
-    offsets, sizes, edges = [0], [], []
+    offsets, sizes, edges, kept, kept_bytes = [0], [], [], {}, 0
     last = None  # the previous slab's last plane, as ids
     for start in starts:
         stop = min(start + starts.step, shape[0])
-        labels, count = ndimage.label(mask_of(start, stop))
+        labels, count = _label(mask_of(start, stop))
         offset = offsets[-1]
-        sizes.append(np.bincount(labels[labels > 0], minlength=count + 1)[1:].astype(np.int32))
+        sizes.append(np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int32))
         if last is not None:  # the two planes of the boundary: face neighbours pair up
             first = labels[0]
             both = (last > 0) & (first > 0)
@@ -169,6 +195,9 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
         last = np.where(labels[-1] > 0, labels[-1] + offset, 0)
         if on_slab is not None:
             on_slab(start, stop, labels, offset)
+        if kept_bytes + labels.nbytes <= _KEPT_LABEL_BYTES:
+            kept[len(offsets) - 1] = labels
+            kept_bytes += labels.nbytes
         offsets.append(offset + count)
     total = offsets[-1]
     pairs = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)
@@ -185,7 +214,7 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
     component = np.concatenate([np.asarray([-1], np.int32), rank[merged]])
     by_id = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
     voxels = np.bincount(component[1:], weights=by_id, minlength=present.size).astype(np.int64)
-    return _Components(mask_of, starts, np.asarray(offsets), component, voxels)
+    return _Components(mask_of, starts, np.asarray(offsets), component, voxels, kept)
 
 
 def _in_memory_order(labels: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -250,9 +279,9 @@ def _keep_one_component(view: np.ndarray, found: _Components, keep: int) -> tupl
     kept_box = _SlabBox(view.shape)
     kept = np.arange(found.count) == keep
     for k, start in enumerate(found.starts):
-        labels = found.slab_labels(k)
-        inside = found.slab_table(k, kept, False)[labels]
-        view[start:found.stop(start)][(labels != 0) & ~inside] = 0
+        inside = found.slab_table(k, kept, False)[found.slab_labels(k)]
+        slab = view[start:found.stop(start)]
+        np.multiply(slab, inside, out=slab)  # every labelled voxel has a label: zero those outside ``keep``
         kept_box.add(start, inside)
     return kept_box.box()
 
@@ -293,6 +322,30 @@ def _keep_largest_component(volume: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
 
 
+def _face_dilated(mask: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
+    """``ndimage.binary_dilation(mask)[window]`` (one voxel, face neighbours), computed in ``window`` only.
+
+    Seven boolean ORs of shifted views: several times faster than the dilation of the whole
+    ``mask``, of which only the window is needed. Outside ``mask`` counts as False.
+
+    Example:
+        >>> mask = np.zeros((3, 4, 4), bool); mask[1, 0, 0] = True
+        >>> _face_dilated(mask, (slice(1, 3), slice(0, 2), slice(0, 2)))[:, :, 0].astype(int).tolist()
+        [[1, 1], [1, 0]]
+    """
+    out = mask[window].copy()
+    for axis, part in enumerate(window):
+        for step in (-1, 1):  # out[i] |= mask[i + step] along this axis, where that exists
+            first, last = max(part.start + step, 0), min(part.stop + step, mask.shape[axis])
+            if first >= last:
+                continue
+            source, target = list(window), [slice(None)] * mask.ndim
+            source[axis] = slice(first, last)
+            target[axis] = slice(first - step - part.start, last - step - part.start)
+            out[tuple(target)] |= mask[tuple(source)]
+    return out
+
+
 def _lesions(view: np.ndarray, at: tuple[slice, ...]) -> tuple[_Components, np.ndarray]:
     """The lesions (label 2) of ``view[at]`` as :class:`_Components`, and which of them touch parenchyma.
 
@@ -307,10 +360,11 @@ def _lesions(view: np.ndarray, at: tuple[slice, ...]) -> tuple[_Components, np.n
 
     def on_slab(start: int, stop: int, labels: np.ndarray, offset: int) -> None:
         low, high = max(at[0].start + start - 1, 0), min(at[0].start + stop + 1, view.shape[0])
-        near = ndimage.binary_dilation(view[(slice(low, high), *grown)] == 1)
         planes = slice(at[0].start + start - low, at[0].start + stop - low)
-        hit = np.zeros(int(labels.max()) + 1, bool)
-        hit[labels[near[(planes, *crop)]]] = True  # a table, not np.unique: no sort of every touching voxel
+        near = _face_dilated(view[(slice(low, high), *grown)] == 1, (planes, *crop))
+        lesion = np.flatnonzero(labels)  # a few per cent of the slab: test those voxels only
+        hit = np.zeros(int(labels.ravel()[lesion].max(initial=0)) + 1, bool)
+        hit[labels.ravel()[lesion][near.ravel()[lesion]]] = True  # a table, not np.unique: no sort
         touching.append(hit[1:])
 
     lesions = _find_components(lambda a, b: region[a:b] == 2, region.shape, on_slab)

@@ -151,8 +151,9 @@ def test_postprocessing_removes_an_island_and_tumor_outside_the_liver():
     assert not cleaned[25:28, 25:28, 3:6].any()  # island gone with the largest component
 
 
+@pytest.mark.parametrize("kept_bytes", [256 * 2**20, 0])  # slab labels kept between passes, or labelled again
 @pytest.mark.parametrize("slab_voxels", [8 * 2**20, 400])  # one slab; a plane or two a slab, as over a long scan
-def test_largest_liver_component_matches_one_labelling_of_the_whole_scan(monkeypatch, slab_voxels):
+def test_largest_liver_component_matches_one_labelling_of_the_whole_scan(monkeypatch, slab_voxels, kept_bytes):
     """Runs of occupied planes labelled apart (islands at a long scan's ends cost their own boxes), a
     slab at a time: the same voxels kept as labelling the whole volume at once, ties included, in either
     memory layout (the stored order: predict keeps labels slice-major)."""
@@ -161,6 +162,7 @@ def test_largest_liver_component_matches_one_labelling_of_the_whole_scan(monkeyp
     from keras_livseg.inference import postprocess
 
     monkeypatch.setattr(postprocess, "_SLAB_VOXELS", slab_voxels)
+    monkeypatch.setattr(postprocess, "_KEPT_LABEL_BYTES", kept_bytes)
 
     def reference(labels):
         components, count = ndimage.label(labels >= 1)
@@ -628,6 +630,22 @@ def test_cli_averages_models_given_twice(tmp_path, capsys, keras_checkpoint):
     np.testing.assert_array_equal(one, two)
 
 
+def test_labelling_numbers_components_as_scipy_does_in_any_memory_layout():
+    """cc3d in place of ndimage.label: the same labels, numbered by first voxel in C order, for
+    C-ordered, Fortran-ordered and strided (cropped) masks."""
+    from scipy import ndimage
+
+    from keras_livseg.inference.postprocess import _label
+
+    for seed in range(6):
+        mask = np.random.default_rng(seed).random((7, 9, 11)) < 0.45
+        for layout in (mask, np.asfortranarray(mask), mask[1:6, ::2, 2:]):
+            labels, count = _label(layout)
+            expected, expected_count = ndimage.label(layout)
+            assert count == expected_count and labels.dtype == np.int32
+            np.testing.assert_array_equal(labels, expected)
+
+
 def test_components_found_a_slab_at_a_time_are_those_of_one_labelling(monkeypatch):
     """Slabs labelled apart and merged across their boundaries: ndimage.label's components of the
     whole mask, numbered in the same order (first voxel in memory), with the same sizes."""
@@ -637,12 +655,15 @@ def test_components_found_a_slab_at_a_time_are_those_of_one_labelling(monkeypatc
 
     for seed, slab_voxels in enumerate([1, 100, 200, 10**6] * 4):  # slabs of 1, 2, 4 and 9 planes
         monkeypatch.setattr(postprocess, "_SLAB_VOXELS", slab_voxels)
+        # labels kept from the first labelling, or every slab labelled again
+        monkeypatch.setattr(postprocess, "_KEPT_LABEL_BYTES", 0 if seed % 2 else 10**6)
         rng = np.random.default_rng(seed)
         # many components winding across slabs; sparse masks with empty planes and slabs; one empty mask
         mask = rng.random((9, 6, 7)) < (0.0 if seed == 5 else rng.uniform(0.2, 0.7) if seed < 8 else 0.02)
         found = postprocess._find_components(lambda a, b: mask[a:b], mask.shape)
         expected, count = ndimage.label(mask)
         assert found.count == count and len(found.starts) == -(-9 // max(1, slab_voxels // 42))
+        assert len(found.kept) == (0 if seed % 2 else len(found.starts))
         rebuilt = np.concatenate([found.slab_table(k, np.arange(1, count + 1), 0)[found.slab_labels(k)]
                                   for k in range(len(found.starts))])
         np.testing.assert_array_equal(rebuilt, expected, err_msg=f"seed {seed}")
@@ -651,7 +672,7 @@ def test_components_found_a_slab_at_a_time_are_those_of_one_labelling(monkeypatc
 
 def test_postprocessing_memory_scales_with_a_slab_not_the_scan(monkeypatch):
     """No whole-scan temporary: with slabs of two planes, post-processing a scan four times as long
-    allocates about as much, and every voxel gets what one slab would decide. The scan: a liver with
+    allocates about as much (and the labels kept between passes no more than their budget), and every voxel gets what one slab would decide. The scan: a liver with
     lesions (some too small to keep), an island, and lesions beside the liver, near it and far from
     it; the rule on lesions away from parenchyma is traced without the largest-component step,
     which would remove them first."""
@@ -674,17 +695,19 @@ def test_postprocessing_memory_scales_with_a_slab_not_the_scan(monkeypatch):
         return labels
 
     peaks = {}
+    slab_label_bytes = 2 * 96 * 96 * 4  # int32
     for options in (PostProcessing(), PostProcessing(largest_liver_component=False)):
-        for planes in (64, 256):
+        for planes, kept in ((64, 0), (256, 0), (256, 5 * slab_label_bytes)):
             labels = scan(planes)
             monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 8 * 2**20)
             expected = postprocess_labels(labels.copy(), (0.8, 0.8, 2.0), options)  # one slab: the whole volume
             monkeypatch.setattr(postprocess, "_SLAB_VOXELS", 2 * 96 * 96)
+            monkeypatch.setattr(postprocess, "_KEPT_LABEL_BYTES", kept)  # none, or five slabs' labels kept
             got = labels.copy()
             tracemalloc.start()
             try:
                 postprocess_labels(got, (0.8, 0.8, 2.0), options)
-                peaks[options.largest_liver_component, planes] = tracemalloc.get_traced_memory()[1]
+                peaks[options.largest_liver_component, planes, kept] = tracemalloc.get_traced_memory()[1]
             finally:
                 tracemalloc.stop()
             np.testing.assert_array_equal(got, expected)
@@ -693,4 +716,7 @@ def test_postprocessing_memory_scales_with_a_slab_not_the_scan(monkeypatch):
             near, away = got[10:12, 82:85, 30:33], got[10:12, 92:95, 50:53]
             assert (near == 2).all() == (not options.largest_liver_component) and (away == 0).all()
     for largest in (True, False):  # a byte a voxel would be one whole-scan mask
-        assert peaks[largest, 256] < 1.5 * peaks[largest, 64] and peaks[largest, 256] < 0.25 * labels.size, peaks
+        assert peaks[largest, 256, 0] < 1.5 * peaks[largest, 64, 0] and peaks[largest, 256, 0] < 0.25 * labels.size, peaks
+        # labels kept between passes: at most their budget more (for the liver, then the lesions)
+        kept = peaks[largest, 256, 5 * slab_label_bytes] - peaks[largest, 256, 0]
+        assert 0 < kept <= 5 * slab_label_bytes, peaks
