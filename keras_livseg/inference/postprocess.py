@@ -89,7 +89,7 @@ class PostProcessing:
 #: (a whole-scan int32 label map is 1 GB at 512x512x1000; a slab's is 32 MB).
 _SLAB_VOXELS = 8 * 2**20
 #: Bytes of slab labels kept from the first labelling for the passes that select components:
-#: labelling again costs about a third of post-processing when a model labels most of a scan.
+#: labelling again cost about a quarter of post-processing when a model labelled most of a scan.
 #: Past this, slabs are labelled again (memory stays bounded on a long scan).
 _KEPT_LABEL_BYTES = 256 * 2**20
 
@@ -325,8 +325,8 @@ def _keep_largest_component(volume: np.ndarray) -> tuple[slice, ...] | None:
 def _face_dilated(mask: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
     """``ndimage.binary_dilation(mask)[window]`` (one voxel, face neighbours), computed in ``window`` only.
 
-    Seven boolean ORs of shifted views: several times faster than the dilation of the whole
-    ``mask``, of which only the window is needed. Outside ``mask`` counts as False.
+    The window ORed with its six face-shifted views: several times faster than dilating the
+    whole ``mask``, of which only the window is needed. Outside ``mask`` counts as False.
 
     Example:
         >>> mask = np.zeros((3, 4, 4), bool); mask[1, 0, 0] = True

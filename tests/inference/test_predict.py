@@ -646,6 +646,24 @@ def test_labelling_numbers_components_as_scipy_does_in_any_memory_layout():
             np.testing.assert_array_equal(labels, expected)
 
 
+def test_face_dilation_in_a_window_is_the_window_of_the_whole_dilation():
+    """The lesion-touches-liver test dilates only around the lesions: the same voxels as
+    ``ndimage.binary_dilation`` of the whole mask, at every window, borders included."""
+    from scipy import ndimage
+
+    from keras_livseg.inference.postprocess import _face_dilated
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(1, 7, 3))
+        mask = rng.random(shape) < rng.uniform(0.0, 0.5)
+        window = []
+        for n in shape:
+            first = int(rng.integers(0, n))
+            window.append(slice(first, int(rng.integers(first + 1, n + 1))))
+        np.testing.assert_array_equal(_face_dilated(mask, tuple(window)), ndimage.binary_dilation(mask)[tuple(window)])
+
+
 def test_components_found_a_slab_at_a_time_are_those_of_one_labelling(monkeypatch):
     """Slabs labelled apart and merged across their boundaries: ndimage.label's components of the
     whole mask, numbered in the same order (first voxel in memory), with the same sizes."""
