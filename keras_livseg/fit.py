@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-dir", help="TF Serving base folder for the export (default saved_models/livseg)")
     parser.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any recipe value, e.g. --set training.foreground_fraction=0.5 (repeatable)")
+                        help="override any recipe value, e.g. --set training.foreground_fraction=0.5 or "
+                             "--set training.augmentation.rotation=0.04 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name where it stopped")
     parser.add_argument("--folds", type=int, help="K-fold cross-validation by patient (K = patients: leave one out)")
     parser.add_argument("--fold", type=int, help="with --folds: run only this fold (0-based)")

@@ -120,6 +120,25 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section.strip(), key.strip(), value
 
 
+def _set_dotted(table: dict, section: str, key: str, value: Any) -> None:
+    """``table[key] = value``, where a dotted ``key`` (``augmentation.rotation``) sets one entry of a
+    nested table and keeps its others, as ``--set training.augmentation.rotation=0.04`` needs.
+
+    Example:
+        >>> table = {"augmentation": {"zoom": 0.1}}
+        >>> _set_dotted(table, "training", "augmentation.rotation", 0.04); table
+        {'augmentation': {'zoom': 0.1, 'rotation': 0.04}}
+    """
+    *parents, last = key.split(".")
+    for depth, part in enumerate(parents):
+        child = table.setdefault(part, {})  # a new name is refused by the key check that follows
+        if not isinstance(child, dict):
+            name = ".".join([section, *parents[:depth + 1]])
+            raise ValueError(f"{name} is a value, not a table: set it whole with --set {name}=VALUE")
+        table = child
+    table[last] = value
+
+
 def resolve_config(recipe: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
     """Defaults ← recipe ← overrides, with every key checked.
 
@@ -133,12 +152,16 @@ def resolve_config(recipe: str | Path | None = None, overrides: Mapping[str, Map
         for section, values in layer.items():
             if section not in config:
                 raise ValueError(f"unknown recipe section [{section}]; valid sections: {', '.join(config)}")
-            config[section].update(values)
+            for key, value in values.items():
+                _set_dotted(config[section], section, key, value)
     check_keys(config["run"], RUN_KEYS, "run")
     check_keys(config["data"], DATA_KEYS, "data")
     check_keys(config["preprocessing"], PREPROCESSING_KEYS, "preprocessing")
     check_keys(config["training"], TRAINING_KEYS, "training")
     check_keys(config["export"], EXPORT_KEYS, "export")
+    from keras_livseg.data.augment import Augmentation  # TensorFlow is loaded for the training anyway
+
+    Augmentation.from_config(config["training"]["augmentation"])  # its keys and values, before any run folder
     if not isinstance(config["run"]["deterministic"], bool):  # "flase" would otherwise read as true
         raise ValueError(f"run.deterministic must be true or false, got {config['run']['deterministic']!r}")
     config["recipe"] = str(path)

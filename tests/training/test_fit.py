@@ -218,7 +218,27 @@ def test_unknown_recipe_key_names_it_and_the_valid_keys(tmp_path, capsys):
     assert code == 2 and "section.key=value" in err
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "run.deterministic=flase"])
     assert code == 2 and "run.deterministic must be true or false, got 'flase'" in err and "Traceback" not in err
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.epochs.first=3"])
+    assert code == 2 and "training.epochs is a value, not a table" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.augmentaton.rotation=0.1"])
+    assert code == 2 and "augmentaton" in err and "[training]" in err and "Traceback" not in err
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.augmentation.rotaton=0.1"])
+    assert code == 2 and "unknown augmentation key(s) ['rotaton']" in err and "rotation" in err
+    assert len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir()), "a bad option must fail before making a run folder"
+
+
+def test_a_dotted_override_sets_one_entry_of_a_nested_table_and_keeps_the_others():
+    """--set training.augmentation.rotation=0.04 on the demo recipe: rotation set, the recipe's
+    other augmentation settings kept (a shallow update would have dropped them)."""
+    from keras_livseg.data.augment import Augmentation
+
+    recipe = fit.resolve_config(PIPELINES / "phantom_demo.toml")["training"]["augmentation"]
+    section, key, value = fit.parse_override("training.augmentation.rotation=0.04")
+    assert (section, key, value) == ("training", "augmentation.rotation", 0.04)
+    config = fit.resolve_config(PIPELINES / "phantom_demo.toml", {section: {key: value}})
+    assert config["training"]["augmentation"] == {**recipe, "rotation": 0.04} and recipe["rotation"] == 0.0
+    assert Augmentation.from_config(config["training"]["augmentation"]).zoom == recipe["zoom"] == 0.1
 
 
 def test_data_folder_without_volumes_is_one_line_and_exit_2(tmp_path, cache_dir):
