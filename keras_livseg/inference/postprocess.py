@@ -185,7 +185,9 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
         stop = min(start + starts.step, shape[0])
         labels, count = _label(mask_of(start, stop))
         offset = offsets[-1]
-        sizes.append(np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int32))
+        # Over the labelled voxels only: 3x faster where most of the slab is background (a trained
+        # model's box around the liver, lesions), a quarter slower where most is labelled.
+        sizes.append(np.bincount(labels[labels > 0], minlength=count + 1)[1:].astype(np.int32))
         if last is not None:  # the two planes of the boundary: face neighbours pair up
             first = labels[0]
             both = (last > 0) & (first > 0)
@@ -362,9 +364,9 @@ def _lesions(view: np.ndarray, at: tuple[slice, ...]) -> tuple[_Components, np.n
         low, high = max(at[0].start + start - 1, 0), min(at[0].start + stop + 1, view.shape[0])
         planes = slice(at[0].start + start - low, at[0].start + stop - low)
         near = _face_dilated(view[(slice(low, high), *grown)] == 1, (planes, *crop))
-        lesion = np.flatnonzero(labels)  # a few per cent of the slab: test those voxels only
-        hit = np.zeros(int(labels.ravel()[lesion].max(initial=0)) + 1, bool)
-        hit[labels.ravel()[lesion][near.ravel()[lesion]]] = True  # a table, not np.unique: no sort
+        hit = np.zeros(int(labels.max()) + 1, bool)
+        # A table, not np.unique (no sort); lesion voxels only, a few per cent of the slab.
+        hit[labels[near & (labels > 0)]] = True
         touching.append(hit[1:])
 
     lesions = _find_components(lambda a, b: region[a:b] == 2, region.shape, on_slab)
