@@ -181,7 +181,7 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
     starts = _slabs(shape)
     offsets, sizes, edges, kept, kept_bytes = [0], [], [], {}, 0
     last = None  # the previous slab's last plane, as ids
-    for start in starts:
+    for k, start in enumerate(starts):
         stop = min(start + starts.step, shape[0])
         labels, count = _label(mask_of(start, stop))
         offset = offsets[-1]
@@ -198,7 +198,7 @@ def _find_components(mask_of: Callable[[int, int], np.ndarray], shape: Sequence[
         if on_slab is not None:
             on_slab(start, stop, labels, offset)
         if kept_bytes + labels.nbytes <= _KEPT_LABEL_BYTES:
-            kept[len(offsets) - 1] = labels
+            kept[k] = labels
             kept_bytes += labels.nbytes
         offsets.append(offset + count)
     total = offsets[-1]
