@@ -1,7 +1,6 @@
 """benchmarks/bench_gpu.py runs where TensorFlow is not installed (the accelerator machines)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +25,12 @@ assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.mod
 
 
 @pytest.mark.slow
-def test_quick_run_without_tensorflow_reports_rates_and_share_of_peak(tmp_path):
+def test_quick_run_without_tensorflow_reports_rates_and_share_of_peak(tmp_path, jax_env):
     pytest.importorskip("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "KERAS_LIVSEG_BENCH_RESULTS": str(tmp_path),
-           # A test of the script, not of the rates: compile fast (LLVM's level; XLA's HLO passes,
-           # which the FLOP count comes from, are unchanged).
-           "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+    # A test of the script, not of the rates: compile fast (LLVM's level; XLA's HLO passes, which
+    # the FLOP count comes from, are unchanged). JAX_PLATFORMS unset: the script finds the platform.
+    env = {**jax_env, "KERAS_LIVSEG_BENCH_RESULTS": str(tmp_path)}
+    env.pop("JAX_PLATFORMS")
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TENSORFLOW, str(ROOT / "benchmarks" / "bench_gpu.py"), "--quick", "--name", "gpu_quick",
          # Two models to check the rows; tam_unet rather than effb0_pan, which takes a minute to build

@@ -103,7 +103,7 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     assert all(run["slices"] == lits["set"]["slices"] for run in lits["runs"].values())
     assert lits["runs"]["beam_1"]["x_local"] == pytest.approx(lits["runs"]["beam_1"]["wall_s"] / lits["runs"]["local_1"]["wall_s"])
     models = json.loads((tmp_path / "results" / "models.json").read_text())
-    assert [row["model"] for row in models["rows"]] == ["unet", "effb0_pan"]
+    assert [row["model"] for row in models["rows"]] == ["unet", "tam_unet"]
     assert all(row["keras_float32"]["step_s"] > 0 for row in models["rows"])
     fit_loop = json.loads((tmp_path / "results" / "fit_loop.json").read_text())
     assert fit_loop["ratio"] == pytest.approx(fit_loop["shards_steps_per_s"] / fit_loop["in_memory_steps_per_s"])

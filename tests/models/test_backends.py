@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -67,7 +66,7 @@ def _installed(name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_every_model_runs_and_trains_under_jax_and_reads_tensorflow_checkpoints(tmp_path):
+def test_every_model_runs_and_trains_under_jax_and_reads_tensorflow_checkpoints(tmp_path, jax_env):
     plan = {name: SMALL_OPTIONS[name] for name in available_models() if _installed(name)}
     x = np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 1)).astype("float32")
     np.save(tmp_path / "input.npy", x)
@@ -77,10 +76,8 @@ def test_every_model_runs_and_trains_under_jax_and_reads_tensorflow_checkpoints(
         model.save(tmp_path / f"{name}.keras")
         np.save(tmp_path / f"{name}.npy", keras.ops.convert_to_numpy(model(x, training=False)))
 
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    # Compile fast rather than run fast: XLA compiles every new shape, and EfficientNet has many.
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    # Fast compiles (jax_env): XLA compiles every new shape, and EfficientNet has many.
+    env = {**jax_env, "TF_CPP_MIN_LOG_LEVEL": "3"}
     # Two processes, each with every other model: compiling is most of this test's time and XLA
     # compiles on one thread, so two cores take half as long; effb0_pan and segformer, the two
     # slowest to compile, fall into different halves. Each half is seeded and always the same.

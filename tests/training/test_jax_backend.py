@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -21,10 +20,10 @@ schedule = "none"
 
 
 @pytest.mark.slow
-def test_fit_on_jax_trains_scores_and_exports(tmp_path):
+def test_fit_on_jax_trains_scores_and_exports(tmp_path, jax_env):
     pytest.importorskip("jax")
     (tmp_path / "tiny.toml").write_text(RECIPE)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "KERAS_LIVSEG_CACHE": str(tmp_path / "cache")}
+    env = {**jax_env, "KERAS_LIVSEG_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "-m", "keras_livseg.fit", "--pipeline", str(tmp_path / "tiny.toml"), "--precision", "mixed_bfloat16",
          "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "4", "--set", "data.phantom_cases=6",

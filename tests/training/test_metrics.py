@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -331,11 +330,9 @@ print(json.dumps({"backend": keras.backend.backend(), "loss": value,
 
 
 @pytest.mark.slow
-def test_loss_and_metrics_under_jax_backend():
+def test_loss_and_metrics_under_jax_backend(jax_env):
     script = JAX_SCRIPT.replace("TRUTH", repr(TRUTH.tolist())).replace("PRED", repr(PRED.tolist()))
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=PROJECT_ROOT,
+    proc = subprocess.run([sys.executable, "-c", script], env=jax_env, cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
