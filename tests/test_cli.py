@@ -55,6 +55,18 @@ def test_tensorflow_start_up_noise_is_dropped_unless_verbose(tmp_path, verbose):
         assert not any(word in done.stderr for word in NOISE), done.stderr
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tensorflows_python_info_lines_only_with_verbose(verbose):
+    """On two workers TensorFlow logged 51 INFO lines about its collectives in a three-epoch run."""
+    code = ("import logging; from keras_livseg import cli; cli.configure_logging(%s); "
+            "tf = logging.getLogger('tensorflow'); tf.info('Collective all_reduce tensors: 1 all_reduces'); "
+            "tf.warning('a real warning'); logging.getLogger('keras_livseg.fit').info('ours')" % verbose)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "W tensorflow: a real warning" in done.stderr and "I keras_livseg.fit: ours" in done.stderr
+    assert ("Collective all_reduce" in done.stderr) is verbose
+
+
 def test_a_level_the_user_set_is_kept(tmp_path):
     code = "from keras_livseg import cli; cli.quiet_tensorflow(False); import os; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
     env = {**os.environ, "PYTHONPATH": f"{_fake_tensorflow(tmp_path)}{os.pathsep}{PROJECT_ROOT}", "TF_CPP_MIN_LOG_LEVEL": "1"}
