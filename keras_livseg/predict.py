@@ -84,23 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.configure_logging(args.verbose, tensorflow=True)
+    # TensorFlow is loaded once the inputs are found and their headers read: a broken input is
+    # refused in about a second, not after TensorFlow's start-up and the model's load.
+    cli.configure_logging(args.verbose)
 
     def body() -> int:
-        from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths
+        from keras_livseg.data.cases import resolve_inputs
+        from keras_livseg.data.volumes import check_headers
 
         label_map = parse_output_label_map(args.label_map)
+        inputs = [storage.local_input(item) for item in args.inputs]  # URLs: their local mirrors
+        cases = resolve_inputs(inputs, series_uid=args.series)
+        check_headers(cases)
+        cli.quiet_tensorflow(args.verbose)
+        from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths
+
         model = SegmentationModel.ensemble([SegmentationModel.load(storage.local_model(path)) for path in args.model])
         given = {key: value for key, value in (("min_lesion_mm3", args.min_lesion_mm3),
                                                 ("liver_margin_mm", args.liver_margin_mm)) if value is not None}
         postprocess = None if args.no_postprocess else dataclasses.replace(model.postprocessing, **given)
         if postprocess is not None and postprocess != PostProcessing():
             logger.info("post-processing: %s", postprocess)
-        inputs = [storage.local_input(item) for item in args.inputs]  # URLs: their local mirrors
         # Predictions for a bucket are written locally, then uploaded beside whatever is there already.
         with storage.local_output(args.out, mirror=False) as out:
             written = predict_paths(
-                model, inputs, out, batch_size=args.batch_size, tta_flip=args.tta,
+                model, cases, out, batch_size=args.batch_size, tta_flip=args.tta,
                 postprocess=postprocess, save_probabilities=args.save_probabilities,
                 label_map=label_map, progress=not args.no_progress, output_format=args.format, series_uid=args.series,
             )

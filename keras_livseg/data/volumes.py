@@ -419,6 +419,35 @@ def load_case(
 _ISAL_WRITE_LEVEL = 1
 
 
+def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:
+    """Check every case's image header before any voxel is read: shape, size, affine, spacing.
+
+    ``predict`` runs this over all its inputs first, so that a damaged header in the 57th file
+    stops the run before the first case is predicted, and the command refuses it before loading
+    TensorFlow and the model. What only reading finds (a gzip stream cut short, NaN voxels) is
+    still found when that case is read. DICOM folders are skipped: checking one means reading
+    the series.
+
+    Args:
+        cases: the cases, from :func:`~keras_livseg.data.cases.resolve_inputs` or
+            :func:`~keras_livseg.data.cases.discover_cases`.
+        what: what the images are, for the message (default ``"volume"``).
+
+    Raises:
+        DataError: the first unreadable header, naming its file and the fix.
+
+    Example:
+        >>> check_headers([CaseFiles("1", Path("volume-1.nii.gz"), None)])  # doctest: +SKIP
+        Traceback (most recent call last):
+        keras_livseg.data.errors.DataError: volume-1.nii.gz does not exist; check the path
+    """
+    for files in cases:
+        if Path(files.image).is_dir():
+            continue
+        image = load_nifti(Path(files.image), what)
+        affine_zooms(image.affine, files.image)
+
+
 def write_nifti(image: nib.Nifti1Image, path: str | Path) -> Path:
     """Write ``image`` to ``path`` atomically: a temporary name in the same folder, then a rename.
 

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 
-from keras_livseg.data.cases import output_names, resolve_inputs
+from keras_livseg.data.cases import CaseFiles, output_names, resolve_inputs
 from keras_livseg.data.volumes import (
     Case,
     DataError,
     apply_label_map,
+    check_headers,
     from_canonical,
     load_case,
     load_nifti,
@@ -55,7 +56,7 @@ class PredictedCase:
 
 def predict_paths(
     model: SegmentationModel,
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path] | Sequence[CaseFiles],
     out_dir: str | Path,
     batch_size: int = 8,
     tta_flip: bool = False,
@@ -72,7 +73,8 @@ def predict_paths(
 
     Args:
         model: The loaded :class:`SegmentationModel`.
-        inputs: NIfTI files, folders of them, LiTS/MSD datasets (see :func:`resolve_inputs`).
+        inputs: NIfTI files, folders of them, LiTS/MSD datasets (see :func:`resolve_inputs`),
+            or the cases :func:`resolve_inputs` returned for them.
         out_dir: Output folder (created); see :func:`output_names` for the file names.
         batch_size: Slices per forward pass (default 8).
         tta_flip: Left-right flip test-time augmentation (default False).
@@ -93,6 +95,9 @@ def predict_paths(
     Returns:
         One :class:`PredictedCase` per input, in order.
 
+    Every input's header is checked before the first case is predicted
+    (:func:`~keras_livseg.data.volumes.check_headers`): a damaged header stops the run before any work.
+
     Raises:
         DataError: no case found, an unreadable input, or an output that would overwrite its input.
 
@@ -102,7 +107,10 @@ def predict_paths(
     """
     if output_format not in OUTPUT_FORMATS:
         raise DataError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    cases = resolve_inputs(inputs, series_uid=series_uid)
+    if inputs and all(isinstance(item, CaseFiles) for item in inputs):
+        cases = list(inputs)
+    else:
+        cases = resolve_inputs(inputs, series_uid=series_uid)
     if output_format == "dicom-seg":
         not_dicom = [str(c.image) for c in cases if not c.image.is_dir()]
         if not_dicom:
@@ -110,6 +118,7 @@ def predict_paths(
                             f"{', '.join(not_dicom[:3])} {'is' if len(not_dicom) == 1 else 'are'} NIfTI; use --format nifti")
         if label_map is not None:
             raise DataError("--label-map does not apply to DICOM-SEG, whose segments are coded concepts; drop it")
+    check_headers(cases)
     out_dir = Path(out_dir)
     written = []
     for files in cases:

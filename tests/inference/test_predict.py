@@ -12,7 +12,7 @@ import pytest
 from keras_livseg import predict as predict_cli
 from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
 from keras_livseg.data.cases import CaseFiles, output_names
-from keras_livseg.data.volumes import load_case
+from keras_livseg.data.volumes import DataError, load_case
 from keras_livseg.inference import (
     PostProcessing,
     SegmentationModel,
@@ -337,6 +337,40 @@ def test_cli_folder_without_cases(tmp_path, capsys, keras_checkpoint):
     empty.mkdir()
     code, _, err = run_cli(["--model", keras_checkpoint, empty, "--out", tmp_path / "out"], capsys)
     assert code == 2 and "no cases found" in err and err.count("\n") == 1
+
+
+def _damaged_second_case(folder: Path) -> Path:
+    """A dataset whose volume-1 is fine and whose volume-2.nii header claims twice its bytes."""
+    write_volume(folder / "volume-1.nii.gz", planted_volume())
+    damaged = write_volume(folder / "volume-2.nii", planted_volume())
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    return damaged
+
+
+def test_a_damaged_header_stops_predict_before_the_first_case(tmp_path):
+    damaged = _damaged_second_case(tmp_path / "data")
+    calls = Calls()
+    with pytest.raises(DataError, match="volume-2.nii holds .* bytes but its header needs"):
+        predict_paths(fake_model(calls), [tmp_path / "data"], tmp_path / "out", progress=False)
+    assert calls.batch_sizes == [] and not (tmp_path / "out").exists()  # volume-1 was not predicted either
+    assert damaged.is_file()
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_damaged_header_before_loading_tensorflow(tmp_path, keras_checkpoint):
+    """One line naming the file, in about a second: TensorFlow and the model are never loaded."""
+    import subprocess
+    import sys
+
+    _damaged_second_case(tmp_path / "data")
+    code = ("import sys; from keras_livseg import predict; code = predict.main(sys.argv[1:]); "
+            "print(code, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, "--model", str(keras_checkpoint), str(tmp_path / "data"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("predict: error: ") and "volume-2.nii" in lines[-1] and "re-export" in lines[-1]
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_cli_predicts_with_a_checkpoint(tmp_path, capsys, keras_checkpoint):
