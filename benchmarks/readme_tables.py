@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -323,7 +324,13 @@ def render_fuzz(data: dict) -> str:
     head = (f"{data['mutations']} broken inputs (a small LiTS case's NIfTI header fields, data and bytes; the shared "
             "DICOM series' tags and pixel data, for `predict`) through "
             f"{' and '.join(f'`{c}`' for c in data['commands'])}, each in its own process with a time and memory limit.")
-    return "\n".join([head, "", *rows, "", _machine_line(data)])
+    speed = []
+    for command in data["commands"]:
+        seconds = sorted(r["seconds"] for r in data.get("rows", []) if r["command"] == command and r["outcome"] == "refusal")
+        if seconds:
+            speed.append(f"`{command}` {statistics.median(seconds):.1f} s (slowest {seconds[-1]:.1f} s)")
+    tail = [f"Time to a refusal, median: {', '.join(speed)}, the process's start included."] if speed else []
+    return "\n".join([head, "", *rows, "", *tail, *([""] if tail else []), _machine_line(data)])
 
 
 def render_kill_resume(data: dict) -> str:

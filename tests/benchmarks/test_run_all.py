@@ -68,6 +68,15 @@ def test_the_real_ct_table_shows_what_the_chosen_post_processing_changed():
             "validation volumes (268, 524, 10 mm³) | 0.250 (0.200 – 0.300) | | |") in table
 
 
+def test_the_fuzz_table_says_how_fast_each_command_refuses():
+    rows = [{"command": "predict", "outcome": outcome, "seconds": seconds}
+            for outcome, seconds in (("refusal", 0.6), ("refusal", 7.0), ("refusal", 0.8), ("result", 9.0))]
+    data = {"machine": {"cpu": "AMD EPYC", "cores_usable": 2}, "commands": ["prepare", "predict"], "mutations": 4,
+            "inputs_tried": 4, "outcomes": {"result": 1, "refusal": 3, "crash": 0, "hang": 0, "memory": 0}, "rows": rows}
+    table = readme_tables.render_fuzz(data)
+    assert "Time to a refusal, median: `predict` 0.8 s (slowest 7.0 s), the process's start included." in table
+
+
 def test_every_readme_table_matches_the_committed_json():
     """A figure in the README is the one the committed JSON holds."""
     text = readme_tables.README.read_text()
