@@ -89,17 +89,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.configure_logging(args.verbose)
 
     def body() -> int:
-        from keras_livseg.data.cases import resolve_inputs
+        from keras_livseg.data.cases import plan_outputs, resolve_inputs
         from keras_livseg.data.volumes import check_headers
 
         label_map = parse_output_label_map(args.label_map)
+        models = [storage.local_model(path) for path in args.model]  # URLs: downloaded
+        for path in models:
+            if not path.exists():
+                raise DataError(f"model {path} does not exist; pass a .keras checkpoint or a SavedModel folder")
         inputs = [storage.local_input(item) for item in args.inputs]  # URLs: their local mirrors
         cases = resolve_inputs(inputs, series_uid=args.series)
+        if not storage.is_url(args.out):
+            plan_outputs(cases, args.out, args.format, label_map)
         check_headers(cases)
         cli.quiet_tensorflow(args.verbose)
         from keras_livseg.inference import PostProcessing, SegmentationModel, predict_paths
 
-        model = SegmentationModel.ensemble([SegmentationModel.load(storage.local_model(path)) for path in args.model])
+        model = SegmentationModel.ensemble([SegmentationModel.load(path) for path in models])
         given = {key: value for key, value in (("min_lesion_mm3", args.min_lesion_mm3),
                                                 ("liver_margin_mm", args.liver_margin_mm)) if value is not None}
         postprocess = None if args.no_postprocess else dataclasses.replace(model.postprocessing, **given)

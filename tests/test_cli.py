@@ -96,19 +96,45 @@ def test_the_package_turns_on_tensorflows_onednn_kernels_on_any_x86_cpu(first, u
     assert done.stdout.strip().splitlines()[-1] == expected
 
 
-@pytest.mark.slow
-def test_a_real_command_prints_no_tensorflow_start_up_lines(tmp_path):
-    """The real TensorFlow, through a command that loads and exports a model."""
+def _tiny_checkpoint(folder: Path) -> Path:
+    """A 32-pixel U-Net saved as a run's best checkpoint, with the run's preprocessing.json."""
     from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
     from keras_livseg.models import build_model
 
-    model = tmp_path / "run" / "checkpoints" / "best.keras"
+    model = folder / "run" / "checkpoints" / "best.keras"
     model.parent.mkdir(parents=True)
     build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(model)
-    write_preprocessing_json(tmp_path / "run" / "preprocessing.json", Preprocessing(image_size=(32, 32)))
+    write_preprocessing_json(folder / "run" / "preprocessing.json", Preprocessing(image_size=(32, 32)))
+    return model
+
+
+@pytest.mark.slow
+def test_a_real_command_prints_no_tensorflow_start_up_lines(tmp_path):
+    """The real TensorFlow, through a command that loads and exports a model."""
+    model = _tiny_checkpoint(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-m", "keras_livseg.export", "--model", str(model), "--out", str(tmp_path / "saved")],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
     assert not any(word in done.stderr for word in NOISE), done.stderr
+
+
+@pytest.mark.slow
+def test_predict_prints_no_tensorflow_start_up_lines_unless_verbose(tmp_path):
+    """predict loads TensorFlow late (after reading the inputs' headers), still quietly; -v shows it."""
+    import nibabel as nib
+    import numpy as np
+
+    model = _tiny_checkpoint(tmp_path)
+    volume = tmp_path / "volume-1.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((24, 24, 4), 60, np.int16), np.diag([1.5, 1.5, 5.0, 1.0])), str(volume))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for verbose in (False, True):
+        out = tmp_path / f"out-{verbose}"
+        done = subprocess.run([sys.executable, "-m", "keras_livseg.predict", "--model", str(model), str(volume),
+                               "--out", str(out), "--no-progress", *(["-v"] if verbose else [])],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert (out / "segmentation-1.nii.gz").is_file()
+        assert any(word in done.stderr for word in NOISE) is verbose, done.stderr

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from keras_livseg.data.errors import DataError
 
@@ -166,6 +166,48 @@ def output_names(files: CaseFiles) -> tuple[str, str]:
     if case is not None:
         return f"segmentation-{case}{suffix}", f"probabilities-{case}{suffix}"
     return f"{files.case_id}{suffix}", f"{files.case_id}_probabilities{suffix}"
+
+
+#: What ``predict`` can write: NIfTI label maps, or DICOM-SEG objects for DICOM series inputs.
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+
+
+def plan_outputs(cases: Sequence[CaseFiles], out_dir: str | Path, output_format: str = "nifti",
+                 label_map: Mapping[int, int] | None = None) -> list[Path]:
+    """Each case's label-map path under ``out_dir``, the request checked before any work.
+
+    Args:
+        cases: the cases to predict, from :func:`resolve_inputs`.
+        out_dir: the output folder.
+        output_format: one of :data:`OUTPUT_FORMATS`; ``"dicom-seg"`` writes ``<case>_seg.dcm``.
+        label_map: the values to write per class (NIfTI only).
+
+    Raises:
+        DataError: an unknown format, DICOM-SEG for NIfTI inputs or with a label map, or an
+            output that would overwrite its input or the input's label.
+
+    Example:
+        >>> plan_outputs([CaseFiles("3", Path("data/volume-3.nii"), None)], "out")
+        [PosixPath('out/segmentation-3.nii')]
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise DataError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "dicom-seg":
+        not_dicom = [str(c.image) for c in cases if not c.image.is_dir()]
+        if not_dicom:
+            raise DataError(f"--format dicom-seg needs DICOM series inputs (a DICOM-SEG references its series), but "
+                            f"{', '.join(not_dicom[:3])} {'is' if len(not_dicom) == 1 else 'are'} NIfTI; use --format nifti")
+        if label_map is not None:
+            raise DataError("--label-map does not apply to DICOM-SEG, whose segments are coded concepts; drop it")
+    outputs = []
+    for files in cases:
+        name = f"{files.case_id}_seg.dcm" if output_format == "dicom-seg" else output_names(files)[0]
+        output = Path(out_dir) / name
+        if output.resolve() == files.image.resolve() or (files.label and output.resolve() == files.label.resolve()):
+            raise DataError(f"writing {output} would overwrite the input {files.image} or its label; choose "
+                            "another --out folder")
+        outputs.append(output)
+    return outputs
 
 
 def _sibling_label(image: Path, case: str) -> Path | None:

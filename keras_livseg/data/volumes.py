@@ -229,15 +229,21 @@ MAX_VOXELS = 2**31
 
 
 def _check_size(image: nib.Nifti1Image, path: Path, what: str) -> None:
-    """Refuse a header whose shape the file cannot hold, before any allocation."""
+    """Refuse a header whose shape or data type the file cannot hold, before any allocation."""
     if any(int(n) <= 0 for n in image.shape):
         raise DataError(f"{path} has shape {tuple(image.shape)}: a size of zero or less; its header is damaged, re-export it")
     voxels = int(np.prod([int(n) for n in image.shape], dtype=np.int64))
     if voxels > MAX_VOXELS:
         raise DataError(f"{path} claims shape {tuple(image.shape)} ({voxels:,} voxels), more than any CT {what}; "
                         "its header is damaged: re-export the file")
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        # Complex, RGB or boolean data would be cast silently (the imaginary part dropped).
+        raise DataError(f"{path} holds {dtype} data; a CT {what} must hold real numbers (integers or floats)")
     if path.name.endswith(".nii") and path.is_file():
-        needed = int(image.header.get_data_offset()) + voxels * image.get_data_dtype().itemsize
+        # The proxy's offset: nibabel resets the loaded header's vox_offset to 0.
+        offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
+        needed = offset + voxels * dtype.itemsize
         if needed > path.stat().st_size:
             raise DataError(f"{path} holds {path.stat().st_size:,} bytes but its header needs {needed:,} for shape "
                             f"{tuple(image.shape)}: the file is truncated or its header damaged; re-export it")
@@ -424,9 +430,9 @@ def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:
 
     ``predict`` runs this over all its inputs first, so that a damaged header in the 57th file
     stops the run before the first case is predicted, and the command refuses it before loading
-    TensorFlow and the model. What only reading finds (a gzip stream cut short, NaN voxels) is
-    still found when that case is read. DICOM folders are skipped: checking one means reading
-    the series.
+    TensorFlow and the model. What only reading finds (NaN voxels, a scale factor that overflows,
+    a gzip stream cut short inside the data) is still found when that case is read. DICOM
+    folders are skipped: they are checked when their series is read.
 
     Args:
         cases: the cases, from :func:`~keras_livseg.data.cases.resolve_inputs` or

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 
-from keras_livseg.data.cases import CaseFiles, output_names, resolve_inputs
+from keras_livseg.data.cases import CaseFiles, output_names, plan_outputs, resolve_inputs
 from keras_livseg.data.volumes import (
     Case,
     DataError,
@@ -26,7 +26,6 @@ from keras_livseg.inference.volume import VolumePrediction, check_hounsfield, pr
 logger = logging.getLogger(__name__)
 
 #: What ``predict`` writes: NIfTI label maps, or DICOM-SEG objects for DICOM series inputs.
-OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 @dataclasses.dataclass
@@ -74,7 +73,8 @@ def predict_paths(
     Args:
         model: The loaded :class:`SegmentationModel`.
         inputs: NIfTI files, folders of them, LiTS/MSD datasets (see :func:`resolve_inputs`),
-            or the cases :func:`resolve_inputs` returned for them.
+            or the cases :func:`resolve_inputs` returned for them (each carries its own
+            ``series_uid``), not a mix of both.
         out_dir: Output folder (created); see :func:`output_names` for the file names.
         batch_size: Slices per forward pass (default 8).
         tta_flip: Left-right flip test-time augmentation (default False).
@@ -105,32 +105,17 @@ def predict_paths(
         >>> predict_paths(model, ["../shared/data/real/dcmqi-ct-3slice"], "out")[0].output.name  # doctest: +SKIP
         'segmentation-3slice.nii.gz'
     """
-    if output_format not in OUTPUT_FORMATS:
-        raise DataError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    if inputs and all(isinstance(item, CaseFiles) for item in inputs):
-        cases = list(inputs)
-    else:
-        cases = resolve_inputs(inputs, series_uid=series_uid)
-    if output_format == "dicom-seg":
-        not_dicom = [str(c.image) for c in cases if not c.image.is_dir()]
-        if not_dicom:
-            raise DataError(f"--format dicom-seg needs DICOM series inputs (a DICOM-SEG references its series), but "
-                            f"{', '.join(not_dicom[:3])} {'is' if len(not_dicom) == 1 else 'are'} NIfTI; use --format nifti")
-        if label_map is not None:
-            raise DataError("--label-map does not apply to DICOM-SEG, whose segments are coded concepts; drop it")
+    given = [isinstance(item, CaseFiles) for item in inputs]
+    if any(given) and not all(given):
+        raise DataError("predict_paths takes paths or the CaseFiles resolve_inputs returned, not a mix; "
+                        "resolve the paths first")
+    cases = list(inputs) if any(given) else resolve_inputs(inputs, series_uid=series_uid)
+    outputs = plan_outputs(cases, out_dir, output_format, label_map)
     check_headers(cases)
     out_dir = Path(out_dir)
     written = []
-    for files in cases:
-        label_name, probability_name = output_names(files)
-        if output_format == "dicom-seg":
-            label_name = f"{files.case_id}_seg.dcm"
-        output = out_dir / label_name
-        if output.resolve() == files.image.resolve() or (files.label and output.resolve() == files.label.resolve()):
-            raise DataError(
-                f"writing {output} would overwrite the input {files.image} or its label; choose "
-                "another --out folder"
-            )
+    for files, output in zip(cases, outputs):
+        probability_name = output_names(files)[1]
         case = load_case(files, with_labels=False)  # references are the evaluation's business
         hounsfield_ok = check_hounsfield(case.image, files.image)
         prediction = predict_volume(

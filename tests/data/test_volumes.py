@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -7,9 +8,11 @@ import pytest
 from keras_livseg.data.volumes import (
     DataError,
     apply_label_map,
+    check_headers,
     discover_cases,
     from_canonical,
     load_case,
+    load_nifti,
     parse_label_map,
     save_like,
     to_canonical,
@@ -150,6 +153,33 @@ def test_bad_cases_name_the_file(tmp_path, damage, fragment):
     with pytest.raises(DataError, match=fragment) as error:
         load_case(discover_cases(tmp_path)[0])
     assert "-1.nii.gz" in str(error.value)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 351])
+def test_a_nii_short_of_its_data_is_refused_from_the_header(tmp_path, cut):
+    """nibabel resets a loaded header's vox_offset to 0: the 352 header bytes must still count."""
+    path = tmp_path / "volume-1.nii"
+    _save(path, np.zeros((8, 8, 4), np.int16))
+    assert path.stat().st_size == 352 + 8 * 8 * 4 * 2
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(DataError, match=f"holds {path.stat().st_size:,} bytes but its header needs 864"):
+        load_nifti(path)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])])
+def test_a_data_type_that_is_not_real_numbers_is_refused_from_the_header(tmp_path, dtype):
+    path = tmp_path / "volume-1.nii.gz"
+    _save(path, np.zeros((8, 8, 4), dtype))
+    with pytest.raises(DataError, match="must hold real numbers"):
+        check_headers(discover_cases(tmp_path, require_labels=False))
+
+
+def test_check_headers_reads_no_voxels_and_skips_dicom_folders(tmp_path, monkeypatch):
+    write_case(tmp_path, "1")
+    (tmp_path / "series").mkdir()
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", lambda *a, **k: pytest.fail("voxels were read"))
+    cases = discover_cases(tmp_path)
+    check_headers([*cases, dataclasses.replace(cases[0], image=tmp_path / "series")])
 
 
 def test_singleton_fourth_axis_is_accepted(tmp_path):

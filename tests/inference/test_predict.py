@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -371,6 +372,27 @@ def test_cli_refuses_a_damaged_header_before_loading_tensorflow(tmp_path, keras_
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("predict: error: ") and "volume-2.nii" in lines[-1] and "re-export" in lines[-1]
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (lambda folder, model: ["--model", folder / "missing.keras", folder, "--out", folder / "out"],
+     "model .*missing.keras does not exist"),  # the model first, before any input is read
+    (lambda folder, model: ["--model", model, folder, "--out", folder / "out", "--format", "dicom-seg"],
+     "--format dicom-seg needs DICOM series inputs"),
+    (lambda folder, model: ["--model", model, folder, "--out", folder], "would overwrite the input"),
+])
+def test_cli_refuses_a_wrong_request_before_loading_tensorflow(tmp_path, keras_checkpoint, mistake, message):
+    import subprocess
+    import sys
+
+    _damaged_second_case(tmp_path)
+    (tmp_path / "volume-2.nii").unlink()
+    write_volume(tmp_path / "segmentation-1.nii.gz", planted_volume())  # what --out at the input folder would overwrite
+    argv = [str(a) for a in mistake(tmp_path, keras_checkpoint)]
+    code = "import sys; from keras_livseg import predict; code = predict.main(sys.argv[1:]); print(code, 'tensorflow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert re.search(message, done.stderr.strip().splitlines()[-1]), done.stderr
 
 
 def test_cli_predicts_with_a_checkpoint(tmp_path, capsys, keras_checkpoint):

@@ -127,14 +127,16 @@ def test_predict_cli_applies_the_models_size_unless_given_one(tmp_path, monkeypa
     model = threshold_model()
     model.postprocessing = PostProcessing(min_lesion_mm3=sphere_mm3(8.0))
     monkeypatch.setattr(SegmentationModel, "load", classmethod(lambda cls, path, preprocessing=None: model))
+    fake = tmp_path / "fake.keras"
+    fake.touch()  # predict checks that the model exists before it loads anything
     for extra, tumour in (([], 0), (["--min-lesion-mm3", "10"], 27)):
         out = tmp_path / f"out{len(extra)}"
-        code = predict_cli.main(["--model", "fake.keras", str(tmp_path / "data" / "volume-5.nii.gz"), "--out", str(out),
+        code = predict_cli.main(["--model", str(fake), str(tmp_path / "data" / "volume-5.nii.gz"), "--out", str(out),
                                  "--no-progress", *extra])
         assert code == 0, capsys.readouterr().err
         written = np.asarray(nib.load(str(out / "segmentation-5.nii.gz")).dataobj)
         assert int((written == 2).sum()) == tumour, extra
-    code = predict_cli.main(["--model", "fake.keras", str(tmp_path / "data"), "--out", str(tmp_path / "bad"),
+    code = predict_cli.main(["--model", str(fake), str(tmp_path / "data"), "--out", str(tmp_path / "bad"),
                              "--min-lesion-mm3", "-5"])
     err = capsys.readouterr().err
     assert code != 0 and "min_lesion_mm3=-5" in err and "Traceback" not in err
