@@ -25,8 +25,6 @@ from keras_livseg.inference.volume import VolumePrediction, check_hounsfield, pr
 
 logger = logging.getLogger(__name__)
 
-#: What ``predict`` writes: NIfTI label maps, or DICOM-SEG objects for DICOM series inputs.
-
 
 @dataclasses.dataclass
 class PredictedCase:
@@ -70,6 +68,10 @@ def predict_paths(
 ) -> list[PredictedCase]:
     """Predict every case behind ``inputs`` and write label maps on each input's own grid.
 
+    The request and every input's header are checked before the first case is predicted
+    (:func:`~keras_livseg.data.cases.plan_outputs`, :func:`~keras_livseg.data.volumes.check_headers`):
+    a wrong output or a damaged header stops the run before any work.
+
     Args:
         model: The loaded :class:`SegmentationModel`.
         inputs: NIfTI files, folders of them, LiTS/MSD datasets (see :func:`resolve_inputs`),
@@ -94,9 +96,6 @@ def predict_paths(
 
     Returns:
         One :class:`PredictedCase` per input, in order.
-
-    Every input's header is checked before the first case is predicted
-    (:func:`~keras_livseg.data.volumes.check_headers`): a damaged header stops the run before any work.
 
     Raises:
         DataError: no case found, an unreadable input, or an output that would overwrite its input.
