@@ -15,9 +15,11 @@ What the scanner wrote is read as DICOM defines it, not as file names suggest:
 Refused, each with one line saying why and what to do: a folder with several image series
 (they are listed, with their UIDs, descriptions and slice counts: pass one series' folder), a
 tilted gantry (positions not along the slice normal), irregular slice spacing (a missing slice),
-slices of different size or orientation, files without position or orientation, compressed
-pixel data without a decoder. Non-image objects beside the series (a DICOM-SEG, reports) are
-ignored.
+slices of different size or orientation, files without position, orientation or pixel data,
+pixel data shorter than its header says, compressed pixel data without a decoder. All but the
+last are found from the files' headers alone (:func:`check_series`, which ``predict`` runs on
+every input before it loads the model). Non-image objects beside the series (a DICOM-SEG,
+reports) are ignored.
 
 Example:
     >>> image = read_series("../shared/data/real/dcmqi-ct-3slice/dicom")  # doctest: +SKIP
@@ -95,7 +97,10 @@ def list_series(folder: str | Path) -> dict[str, SeriesInfo]:
             continue  # a SEG, a structured report, a presentation state: not a slice
         if str(header.get("Modality", "")) == "SEG":
             continue
-        uid = str(header.get("SeriesInstanceUID", "unknown"))
+        if "SeriesInstanceUID" not in header:  # pydicom reads a file cut inside its header without error
+            raise DataError(f"{path} has no SeriesInstanceUID: the file is damaged or cut short; remove it from "
+                            "the series folder or export the series again")
+        uid = str(header.SeriesInstanceUID)
         found.setdefault(uid, []).append(path)
         descriptions.setdefault(uid, str(header.get("SeriesDescription", "")))
     return {uid: SeriesInfo(uid, descriptions[uid], tuple(paths)) for uid, paths in found.items()}
@@ -115,19 +120,53 @@ def _required(dataset, keyword: str, path: Path):
     return value
 
 
-def read_series(folder: str | Path, series_uid: str | None = None) -> nib.Nifti1Image:
-    """Read one CT series as an in-memory NIfTI image (HU, float32 or int16) with its affine.
+@dataclasses.dataclass(frozen=True)
+class SeriesGeometry:
+    """Where one series' slices lie, from their headers alone (see :func:`check_series`)."""
+
+    uid: str
+    files: tuple[Path, ...]  # ordered along the slice normal: the volume's slices
+    shape: tuple[int, int, int]  # rows, columns, slices
+    spacing: tuple[float, float, float]  # row, column, slice spacing in mm
+    affine: np.ndarray  # array indices [row, column, slice] to RAS mm
+
+
+def _pixel_bytes_missing(dataset, path: Path) -> int:
+    """How many bytes of uncompressed pixel data the file lacks (0 when complete or compressed)."""
+    element = dataset.get_item("PixelData")
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if element is None or getattr(element, "file_tell", None) is None or syntax is None or syntax.is_compressed \
+            or syntax.is_deflated:  # positions in a deflated file are those of the inflated stream
+        return 0
+    expected = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1))
+                * int(dataset.get("NumberOfFrames", 1) or 1) * int(dataset.BitsAllocated) + 7) // 8
+    return max(0, element.file_tell + expected - path.stat().st_size)
+
+
+def check_series(folder: str | Path, series_uid: str | None = None) -> SeriesGeometry:
+    """Check one CT series from its headers, without decoding a pixel: what :func:`read_series` refuses.
+
+    Reads every file's header (the pixel data is skipped, not read), so ``predict`` refuses a
+    broken series before it loads TensorFlow and the model. Checks: one image series (or the one
+    named), position, orientation and spacing on every slice, the same size and orientation on
+    every slice, slices neither duplicated nor tilted nor irregularly spaced, and uncompressed
+    pixel data as long as the header says. Whether compressed pixel data decodes is found by
+    :func:`read_series`.
 
     Args:
         folder: a folder holding the series' files (other DICOM objects may sit beside them).
         series_uid: which series, when the folder holds several.
 
     Returns:
-        ``nib.Nifti1Image`` of shape ``[rows, columns, slices]`` whose affine maps indices to RAS mm.
+        :class:`SeriesGeometry`: the files in slice order, shape ``(rows, columns, slices)``,
+        spacing in mm and the RAS affine.
 
     Raises:
-        DataError: no series, several (listed), tilt, irregular spacing, missing tags, pixel
-            data that cannot be decoded.
+        DataError: the first problem found, naming the file or folder and the fix.
+
+    Example:
+        >>> check_series("../shared/data/real/dcmqi-ct-3slice/dicom").shape  # doctest: +SKIP
+        (512, 512, 3)
     """
     pydicom = _pydicom()
     folder = Path(folder)
@@ -144,27 +183,26 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> nib.Nifti1
 
     slices = []
     for path in chosen.files:
-        dataset = pydicom.dcmread(str(path))
+        # defer_size: large values (the pixel data) are located, not read
+        try:
+            dataset = pydicom.dcmread(str(path), defer_size=4096)
+        except Exception as error:  # pydicom raises many types for damaged files
+            raise DataError(f"{path} is not a readable DICOM file ({error}); remove it from the series folder") from None
         orientation = np.asarray([float(v) for v in _required(dataset, "ImageOrientationPatient", path)], float)
         position = np.asarray([float(v) for v in _required(dataset, "ImagePositionPatient", path)], float)
         spacing = [float(v) for v in _required(dataset, "PixelSpacing", path)]
-        try:
-            pixels = dataset.pixel_array
-        except Exception as error:  # missing decoder or broken pixel data
-            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-            raise DataError(
-                f"{path}: its pixel data cannot be decoded ({error}; transfer syntax "
-                f"{getattr(syntax, 'name', syntax)}); for compressed series pip install pylibjpeg "
-                "pylibjpeg-libjpeg pylibjpeg-openjpeg, or decompress with dcmdjpeg"
-            ) from None
-        slope = float(dataset.get("RescaleSlope", 1.0))
-        intercept = float(dataset.get("RescaleIntercept", 0.0))
-        slices.append((path, orientation, position, spacing, pixels, slope, intercept))
+        size = (int(_required(dataset, "Rows", path)), int(_required(dataset, "Columns", path)))
+        if "PixelData" not in dataset:
+            raise DataError(f"{path} has no pixel data; remove it from the series folder or export the series again")
+        missing = _pixel_bytes_missing(dataset, path)
+        if missing:
+            raise DataError(f"{path}: its pixel data is cut short ({missing} bytes missing); the file is damaged "
+                            "(copy or export the series again)")
+        slices.append((path, orientation, position, spacing, size))
 
-    first_orientation, first_spacing = slices[0][1], slices[0][3]
-    shape = slices[0][4].shape
-    for path, orientation, _, spacing, pixels, _, _ in slices:
-        if not np.allclose(orientation, first_orientation, atol=1e-4) or pixels.shape != shape or \
+    first_orientation, first_spacing, shape = slices[0][1], slices[0][3], slices[0][4]
+    for path, orientation, _, spacing, size in slices:
+        if not np.allclose(orientation, first_orientation, atol=1e-4) or size != shape or \
                 not np.allclose(spacing, first_spacing, rtol=1e-4):
             raise DataError(f"{path} differs in orientation, size or pixel spacing from {slices[0][0]}; "
                             "the folder mixes series: keep one series per folder")
@@ -201,23 +239,57 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> nib.Nifti1
     lps[:3, 1] = row_cosine * first_spacing[1]
     lps[:3, 2] = normal * spacing_z
     lps[:3, 3] = positions[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM LPS → NIfTI RAS
+    return SeriesGeometry(uid=chosen.uid, files=tuple(s[0] for s in slices), shape=(*shape, len(slices)),
+                          spacing=(first_spacing[0], first_spacing[1], spacing_z),
+                          affine=np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)  # DICOM LPS → NIfTI RAS
 
-    stored = np.stack([s[4] for s in slices], axis=-1)
-    slopes = {s[5] for s in slices}
-    intercepts = {s[6] for s in slices}
-    if slopes == {1.0} and all(float(i).is_integer() for i in intercepts):
+
+def read_series(folder: str | Path, series_uid: str | None = None) -> nib.Nifti1Image:
+    """Read one CT series as an in-memory NIfTI image (HU, float32 or int16) with its affine.
+
+    Args:
+        folder: a folder holding the series' files (other DICOM objects may sit beside them).
+        series_uid: which series, when the folder holds several.
+
+    Returns:
+        ``nib.Nifti1Image`` of shape ``[rows, columns, slices]`` whose affine maps indices to RAS mm.
+
+    Raises:
+        DataError: what :func:`check_series` refuses, and pixel data that cannot be decoded.
+    """
+    pydicom = _pydicom()
+    geometry = check_series(folder, series_uid)
+    planes, slopes, intercepts = [], [], []
+    for path in geometry.files:
+        dataset = pydicom.dcmread(str(path))
+        try:
+            pixels = dataset.pixel_array
+        except Exception as error:  # missing decoder or broken pixel data
+            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+            raise DataError(
+                f"{path}: its pixel data cannot be decoded ({error}; transfer syntax "
+                f"{getattr(syntax, 'name', syntax)}); for compressed series pip install pylibjpeg "
+                "pylibjpeg-libjpeg pylibjpeg-openjpeg, or decompress with dcmdjpeg"
+            ) from None
+        if pixels.shape != geometry.shape[:2]:
+            raise DataError(f"{path}: its pixel data is {pixels.shape}, its header says {geometry.shape[:2]}; "
+                            "the file is damaged (copy or export the series again)")
+        planes.append(pixels)
+        slopes.append(float(dataset.get("RescaleSlope", 1.0)))
+        intercepts.append(float(dataset.get("RescaleIntercept", 0.0)))
+
+    stored = np.stack(planes, axis=-1)
+    if set(slopes) == {1.0} and all(i.is_integer() for i in intercepts):
         # Integral HU: int16 when every slice fits (CT stores -1024..3071), like the scanner's files.
-        volume = stored.astype(np.int32) + np.asarray([int(s[6]) for s in slices], np.int32)[None, None, :]
+        volume = stored.astype(np.int32) + np.asarray(intercepts, np.int32)[None, None, :]
         if volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max:
             volume = volume.astype(np.int16)
     else:
-        volume = stored.astype(np.float32) * np.asarray([s[5] for s in slices], np.float32) + \
-            np.asarray([s[6] for s in slices], np.float32)
-    image = nib.Nifti1Image(volume, affine)
+        volume = stored.astype(np.float32) * np.asarray(slopes, np.float32) + np.asarray(intercepts, np.float32)
+    image = nib.Nifti1Image(volume, geometry.affine)
     image.header.set_xyzt_units("mm")
-    logger.info("read DICOM series %s from %s: %d slices of %dx%d, %.3f x %.3f x %.3f mm", chosen.uid, folder,
-                len(slices), shape[0], shape[1], first_spacing[0], first_spacing[1], spacing_z)
+    logger.info("read DICOM series %s from %s: %d slices of %dx%d, %.3f x %.3f x %.3f mm", geometry.uid, folder,
+                *geometry.shape[2:], *geometry.shape[:2], *geometry.spacing)
     return image
 
 

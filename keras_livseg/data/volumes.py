@@ -430,9 +430,11 @@ def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:
 
     ``predict`` runs this over all its inputs first, so that a damaged header in the 57th file
     stops the run before the first case is predicted, and the command refuses it before loading
-    TensorFlow and the model. What only reading finds (NaN voxels, a scale factor that overflows,
-    a gzip stream cut short inside the data) is still found when that case is read. DICOM
-    folders are skipped: they are checked when their series is read.
+    TensorFlow and the model. A DICOM folder's series is checked from its files' headers
+    (:func:`~keras_livseg.data.dicom.check_series`: one series, positions, spacing, pixel data
+    as long as the header says). What only reading finds (NaN voxels, a scale factor that
+    overflows, a gzip stream cut short inside the data, compressed pixel data that does not
+    decode) is still found when that case is read.
 
     Args:
         cases: the cases, from :func:`~keras_livseg.data.cases.resolve_inputs` or
@@ -449,6 +451,9 @@ def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:
     """
     for files in cases:
         if Path(files.image).is_dir():
+            from keras_livseg.data.dicom import check_series
+
+            check_series(files.image, files.series_uid)
             continue
         image = load_nifti(Path(files.image), what)
         affine_zooms(image.affine, files.image)

@@ -11,7 +11,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 
 from keras_livseg.data.cases import resolve_inputs  # noqa: E402
-from keras_livseg.data.dicom import list_series, read_series  # noqa: E402
+from keras_livseg.data.dicom import check_series, list_series, read_series  # noqa: E402
 from keras_livseg.data.errors import DataError  # noqa: E402
 from keras_livseg.data.volumes import load_case, load_nifti, read_array, to_canonical  # noqa: E402
 
@@ -79,7 +79,39 @@ def test_a_predict_input_folder_of_dicom_is_one_case_loaded_canonically(series):
 def test_series_that_cannot_be_read_safely_are_refused_in_one_line(series, tmp_path, edit, message):
     copied = _copy(series, tmp_path / "bad", edit)
     with pytest.raises(DataError, match=message):
+        check_series(copied)  # from the headers, as predict checks its inputs before loading the model
+    with pytest.raises(DataError, match=message):
         read_series(copied)
+
+
+def test_the_headers_alone_give_the_series_geometry(series):
+    geometry = check_series(series)
+    image = read_series(series)
+    assert geometry.shape == image.shape == (512, 512, 3)
+    np.testing.assert_array_equal(geometry.affine, image.affine)
+    np.testing.assert_allclose(geometry.spacing, image.header.get_zooms(), atol=1e-6)
+    positions = [float(pydicom.dcmread(str(path)).ImagePositionPatient[2]) for path in geometry.files]
+    assert len(geometry.files) == 3 and np.all(np.diff(positions) * np.sign(image.affine[2, 2]) > 0)  # slice order
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-5000], r"02.dcm: its pixel data is cut short \(5000 bytes missing\)"),
+    (lambda data: data[:1000], r"02.dcm has no SeriesInstanceUID: the file is damaged or cut short"),  # in the header
+])
+def test_a_file_cut_short_is_refused_from_its_header(series, tmp_path, damage, message):
+    copied = _copy(series, tmp_path / "cut")
+    damaged = copied / "02.dcm"
+    damaged.write_bytes(damage(damaged.read_bytes()))
+    with pytest.raises(DataError, match=message):
+        check_series(copied)
+    with pytest.raises(DataError, match=message):
+        read_series(copied)
+
+
+def test_a_slice_without_pixel_data_is_refused(series, tmp_path):
+    copied = _copy(series, tmp_path / "empty", lambda d, i: delattr(d, "PixelData") if i == 0 else None)
+    with pytest.raises(DataError, match="01.dcm has no pixel data"):
+        check_series(copied)
 
 
 def test_rescale_slope_gives_float_hu(series, tmp_path):
@@ -101,6 +133,7 @@ def test_compressed_series_read_as_the_uncompressed_one(series, tmp_path, syntax
 
     folder = _copy(series, tmp_path / syntax, compress)
     assert pydicom.dcmread(str(folder / "01.dcm")).file_meta.TransferSyntaxUID == getattr(uid, syntax)
+    assert check_series(folder).shape == (512, 512, 3)  # compressed data has no length to check
     image, plain = read_series(folder), read_series(series)
     np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(plain.dataobj))
     np.testing.assert_array_equal(image.affine, plain.affine)

@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -174,12 +175,19 @@ def test_a_data_type_that_is_not_real_numbers_is_refused_from_the_header(tmp_pat
         check_headers(discover_cases(tmp_path, require_labels=False))
 
 
-def test_check_headers_reads_no_voxels_and_skips_dicom_folders(tmp_path, monkeypatch):
+def test_check_headers_reads_no_voxels_and_checks_dicom_series_from_their_headers(tmp_path, monkeypatch, real_data_dir):
+    pydicom = pytest.importorskip("pydicom")
     write_case(tmp_path, "1")
-    (tmp_path / "series").mkdir()
+    shutil.copytree(real_data_dir / "dcmqi-ct-3slice" / "dicom", tmp_path / "series")
     monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", lambda *a, **k: pytest.fail("voxels were read"))
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: pytest.fail("pixels were decoded")))
     cases = discover_cases(tmp_path)
-    check_headers([*cases, dataclasses.replace(cases[0], image=tmp_path / "series")])
+    series_case = dataclasses.replace(cases[0], image=tmp_path / "series")
+    check_headers([*cases, series_case])
+    damaged = tmp_path / "series" / "02.dcm"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with pytest.raises(DataError, match="02.dcm: its pixel data is cut short"):
+        check_headers([*cases, series_case])
 
 
 def test_singleton_fourth_axis_is_accepted(tmp_path):

@@ -374,6 +374,26 @@ def test_cli_refuses_a_damaged_header_before_loading_tensorflow(tmp_path, keras_
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_cli_refuses_a_damaged_dicom_series_before_loading_tensorflow(tmp_path, keras_checkpoint, real_data_dir):
+    import shutil
+    import subprocess
+    import sys
+
+    series = tmp_path / "series"
+    shutil.copytree(real_data_dir / "dcmqi-ct-3slice" / "dicom", series)
+    damaged = series / "03.dcm"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    code = ("import sys; from keras_livseg import predict; code = predict.main(sys.argv[1:]); "
+            "print(code, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, "--model", str(keras_checkpoint), str(series),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("predict: error: ") and "03.dcm: its pixel data is cut short (100 bytes missing)" in last
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("mistake, message", [
     (lambda folder, model: ["--model", folder / "missing.keras", folder, "--out", folder / "out"],
      "model .*missing.keras does not exist"),  # the model first, before any input is read
