@@ -19,6 +19,20 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
+def compile_as_fit(model: keras.Model, learning_rate: float = 1e-3, **kwargs) -> keras.Model:
+    """Compile with Adam as ``fit`` makes it: ``FusedAdam``, its variables built before the first step.
+
+    Keras' own Adam builds its variables inside the first traced step and writes ~15 ops per
+    weight there: tracing MA-Net's first step took 29.5 s with it against 4.0 s with this, for the
+    same loss. ``kwargs`` go to ``compile`` (default loss: categorical cross entropy).
+    """
+    from keras_livseg.training.optimizers import FusedAdam, build_optimizer_variables
+
+    model.compile(optimizer=FusedAdam(learning_rate), **{"loss": "categorical_crossentropy", **kwargs})
+    build_optimizer_variables(model)
+    return model
+
+
 def random_inputs(shapes, seed=0):
     rng = np.random.default_rng(seed)
     arrays = [rng.normal(size=shape).astype("float32") for shape in shapes]

@@ -8,7 +8,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from models_testing import dtype_policy, random_inputs, save_and_reload
+from models_testing import compile_as_fit, dtype_policy, random_inputs, save_and_reload
 
 from keras_livseg.models import build_model
 from keras_livseg.models.efficientnet_pan import (
@@ -390,7 +390,7 @@ def test_one_training_step_at_batch_size_one():
     # Batch size 1 in training: no BatchNorm sits after a global pooling.
     model = build_model("effb0_pan", input_shape=(32, 32, 1), **SMALL)
     # Eager: tracing the EfficientNet gradient graph costs ~30 s on 2 cores, one step ~2 s.
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", run_eagerly=True)
+    compile_as_fit(model, 1e-3, run_eagerly=True)
     x = random_inputs([(1, 32, 32, 1)])
     y = keras.utils.to_categorical(np.random.default_rng(0).integers(0, 3, (1, 32, 32)), 3)
     before = model.get_layer("gau_p2").attention.kernel.numpy().copy()
@@ -646,7 +646,7 @@ def test_output_stride_16_paper_decoder_keras_round_trip(tmp_path):
 def test_one_training_step_at_output_stride_16():
     model = build_model("effb0_pan", input_shape=(32, 32, 1), output_stride=16, decoder="paper", **SMALL)
     # Eager, as test_one_training_step_at_batch_size_one: tracing the gradient costs more than a step.
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", run_eagerly=True)
+    compile_as_fit(model, 1e-3, run_eagerly=True)
     x = random_inputs([(2, 32, 32, 1)])
     y = keras.utils.to_categorical(np.random.default_rng(0).integers(0, 3, (2, 32, 32)), 3)
     watched = [

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from models_testing import dtype_policy, random_inputs, save_and_reload
+from models_testing import compile_as_fit, dtype_policy, random_inputs, save_and_reload
 
 from keras_livseg.models import MissingExtraError, keras_cv_models
 from keras_livseg.models.keras_cv_models import (
@@ -203,7 +203,7 @@ def test_one_training_step_changes_every_trainable_weight(name):
     x = random_inputs([(2, side, side, 1)])
     y = keras.utils.to_categorical(np.random.default_rng(0).integers(0, 3, (2, side, side)), 3)
     # Eager: tracing keras-cv's graphs costs ~20-35 s on 2 cores, one eager step ~3 s.
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", run_eagerly=True)
+    compile_as_fit(model, 1e-3, run_eagerly=True)
     before = [w.numpy().copy() for w in model.trainable_weights]
     loss = model.fit(x, y, batch_size=2, epochs=1, verbose=0).history["loss"][0]
     assert np.isfinite(loss) and 0.5 < loss < 3.0  # cross entropy near ln 3 at initialization

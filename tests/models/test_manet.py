@@ -14,7 +14,7 @@ if os.environ.get("KERAS_LIVSEG_TORCH_FIRST"):
 import keras
 import numpy as np
 import pytest
-from models_testing import dtype_policy, random_inputs, run_layer_test, save_and_reload
+from models_testing import compile_as_fit, dtype_policy, random_inputs, run_layer_test, save_and_reload
 
 from keras_livseg.models.layers._fast_kernels import TORCH_BN_EPSILON
 from keras_livseg.models.layers.multiscale_fusion_attention import MultiscaleFusionAttention
@@ -386,7 +386,7 @@ def test_keras_save_and_load_gives_identical_outputs(tmp_path, options):
 def test_one_fit_step_trains():
     keras.utils.set_random_seed(0)
     model = build_manet(input_shape=(64, 64, 1), **SMALL)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    compile_as_fit(model, 1e-3)
     x = random_inputs([(2, 64, 64, 1)])
     y = keras.utils.to_categorical(np.random.default_rng(0).integers(0, 3, (2, 64, 64)), 3)
     before = [w.numpy().copy() for w in model.trainable_weights]

@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from models_testing import dtype_policy, random_inputs, run_layer_test, save_and_reload
+from models_testing import compile_as_fit, dtype_policy, random_inputs, run_layer_test, save_and_reload
 
 from keras_livseg.models.layers.pyramid_pooling import (
     PyramidPooling,
@@ -312,9 +312,7 @@ def test_keras_save_and_load_gives_identical_outputs(small_model, tmp_path):
 def test_one_fit_step_trains(run_eagerly):
     keras.utils.set_random_seed(1)
     model = build_pspnet(input_shape=(32, 32, 1), **SMALL)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", run_eagerly=run_eagerly
-    )
+    compile_as_fit(model, 1e-3, run_eagerly=run_eagerly)
     x = random_inputs([(2, 32, 32, 1)])
     y = keras.utils.to_categorical(np.random.default_rng(0).integers(0, 3, (2, 32, 32)), 3)
     before = [w.numpy().copy() for w in model.trainable_weights]

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from models_testing import dtype_policy, random_inputs, run_layer_test, save_and_reload
+from models_testing import compile_as_fit, dtype_policy, random_inputs, run_layer_test, save_and_reload
 
 from keras_livseg.models import unet as unet_module
 from keras_livseg.models.layers import cbam as cbam_module
@@ -272,7 +272,7 @@ def test_keras_save_and_load_gives_identical_outputs(tmp_path):
 def test_one_fit_step_trains():
     keras.utils.set_random_seed(0)
     model = build_unet_cbam(input_shape=(32, 32, 1), **SMALL, batchnorm=True, cbam_ratio=2)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    compile_as_fit(model, 1e-2)
     x = random_inputs([(2, 32, 32, 1)])
     y = keras.utils.to_categorical(np.random.default_rng(0).integers(0, 3, (2, 32, 32)), 3)
     before = [w.numpy().copy() for w in model.trainable_weights]

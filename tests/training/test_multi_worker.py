@@ -277,27 +277,11 @@ def _log_tail(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_two_workers_train_one_model_and_only_the_chief_writes(tmp_path):
-    codes = _run(tmp_path, [["--epochs", "3"]] * 2)
-    assert codes == [0, 0], _log_tail(tmp_path)
-    first, second = _digests(tmp_path)
-    assert first == second  # all-reduced gradients: bit-identical weights on both workers
-    run = tmp_path / "runs" / "mw"
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mw"]
-    complete = json.loads((run / "complete.json").read_text())
-    assert complete["workers"] == 2 and complete["weights_sha256"] == first
-    with (run / "history.csv").open() as handle:
-        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2]
-    events = list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
-    assert len(events) == 1  # one writer: the chief's
-    # The other worker wrote only under its own temporary folder, and removed it.
-    assert list((tmp_path / "tmp1").iterdir()) == []
-    assert "worker finished 3 epochs with the chief" in (tmp_path / "worker1.log").read_text()
-
-
-@pytest.mark.slow
-def test_resume_after_a_worker_is_killed(tmp_path):
+def test_two_workers_train_one_model_resume_after_a_worker_is_killed_and_only_the_chief_writes(tmp_path):
+    # One scenario for both properties: two worker processes cost a minute under load, and the
+    # resumed launch is a complete two-worker run.
     processes = _start(tmp_path, [["--epochs", "5"]] * 2)
+    chief_pids = [processes[0].pid]
     history = tmp_path / "runs" / "mw" / "history.csv"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 3):
@@ -313,13 +297,27 @@ def test_resume_after_a_worker_is_killed(tmp_path):
     assert "start every worker again with --resume --name mw" in chief_log
     done_before = len(history.read_text().splitlines()) - 1
     assert 2 <= done_before < 5
-    codes = _run(tmp_path, [["--epochs", "5", "--resume"]] * 2)
-    assert codes == [0, 0], _log_tail(tmp_path)
+
+    processes = _start(tmp_path, [["--epochs", "5", "--resume"]] * 2)
+    chief_pids.append(processes[0].pid)
+    assert _wait(processes) == [0, 0], _log_tail(tmp_path)
+    run = tmp_path / "runs" / "mw"
     with history.open() as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2, 3, 4]  # no epoch twice
     first, second = _digests(tmp_path)
-    assert first == second
-    assert json.loads((tmp_path / "runs" / "mw" / "complete.json").read_text())["epochs_done"] == 5
+    assert first == second  # all-reduced gradients: bit-identical weights on both workers
+    complete = json.loads((run / "complete.json").read_text())
+    assert complete["epochs_done"] == 5 and complete["workers"] == 2 and complete["weights_sha256"] == first
+    assert "worker finished 5 epochs with the chief" in (tmp_path / "worker1.log").read_text(errors="replace")
+    # Only the chief wrote into the run: every TensorBoard file carries a chief's process id
+    # (TensorFlow names them events.out.tfevents.TIME.HOST.PID.N.v2), one per folder and launch.
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mw"]
+    for folder in ("train", "validation"):
+        events = sorted((run / "tensorboard" / folder).glob("events.out.tfevents.*"))
+        assert sorted(int(e.name.split(".")[-3]) for e in events) == sorted(chief_pids), events
+    # The other worker wrote under its own temporary folder and removed it when it finished; the
+    # SIGKILLed launch could not remove its own.
+    assert len(list((tmp_path / "tmp1").glob("keras_livseg-worker-1-*"))) == 1
 
 
 @pytest.mark.slow
