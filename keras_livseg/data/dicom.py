@@ -315,15 +315,9 @@ def _sorted_series_datasets(folder: Path, series_uid: str | None = None) -> list
     """The series' datasets (headers) in the order :func:`read_series` stacks the slices."""
     pydicom = _pydicom()
     series = list_series(folder)
-    if series_uid is not None and series_uid in series:
-        info = series[series_uid]
-    elif len(series) == 1 and series_uid is None:
-        info = next(iter(series.values()))
-    else:
+    if series_uid is None and len(series) > 1 or series_uid is not None and series_uid not in series:
         raise DataError(f"{folder} holds series {', '.join(series)}; a DICOM-SEG references one: pass --series UID")
-    datasets = [pydicom.dcmread(str(path), stop_before_pixels=True) for path in info.files]
-    normal = slice_normal(datasets[0].ImageOrientationPatient)
-    return sorted(datasets, key=lambda d: float(np.dot(np.asarray([float(v) for v in d.ImagePositionPatient]), normal)))
+    return [pydicom.dcmread(str(path), stop_before_pixels=True) for path in check_series(folder, series_uid).files]
 
 
 #: Segmented property types read as the liver (label 1) and as a liver tumour (label 2), by
