@@ -93,7 +93,12 @@ def list_series(folder: str | Path) -> dict[str, SeriesInfo]:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
         except Exception as error:  # pydicom raises many types for damaged files
             raise DataError(f"{path} is not a readable DICOM file ({error}); remove it from the series folder") from None
-        if "PixelData" not in header and str(header.get("SOPClassUID", "")) not in CT_IMAGE_STORAGE:
+        meta = getattr(header, "file_meta", None)
+        sop_class = str(header.get("SOPClassUID") or getattr(meta, "MediaStorageSOPClassUID", "") or "")
+        if not sop_class:  # every DICOM object names its class: this file was cut short or damaged
+            raise DataError(f"{path} has no SOPClassUID: the file is damaged or cut short; remove it from the "
+                            "series folder or export the series again")
+        if "PixelData" not in header and sop_class not in CT_IMAGE_STORAGE:
             continue  # a SEG, a structured report, a presentation state: not a slice
         if str(header.get("Modality", "")) == "SEG":
             continue
@@ -132,15 +137,20 @@ class SeriesGeometry:
 
 
 def _pixel_bytes_missing(dataset, path: Path) -> int:
-    """How many bytes of uncompressed pixel data the file lacks (0 when complete or compressed)."""
-    element = dataset.get_item("PixelData")
+    """How many bytes of uncompressed pixel data the file lacks (0 when complete, or compressed).
+
+    ``dataset`` was read with ``defer_size``: a large pixel data element is only located (its
+    value's offset in the file), and kept unread here (``keep_deferred``); a small one was read.
+    """
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-    if element is None or getattr(element, "file_tell", None) is None or syntax is None or syntax.is_compressed \
-            or syntax.is_deflated:  # positions in a deflated file are those of the inflated stream
-        return 0
+    if syntax is None or not syntax.is_transfer_syntax or syntax.is_compressed or syntax.is_deflated:
+        return 0  # compressed data has no fixed length; a deflated file's offsets are the inflated stream's
+    element = dataset.get_item("PixelData", keep_deferred=True)
     expected = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1))
-                * int(dataset.get("NumberOfFrames", 1) or 1) * int(dataset.BitsAllocated) + 7) // 8
-    return max(0, element.file_tell + expected - path.stat().st_size)
+                * int(dataset.get("NumberOfFrames", 1) or 1) * int(_required(dataset, "BitsAllocated", path)) + 7) // 8
+    if element.value is not None:
+        return max(0, expected - len(element.value))
+    return max(0, element.value_tell + expected - path.stat().st_size)
 
 
 def check_series(folder: str | Path, series_uid: str | None = None) -> SeriesGeometry:
@@ -193,7 +203,8 @@ def check_series(folder: str | Path, series_uid: str | None = None) -> SeriesGeo
         spacing = [float(v) for v in _required(dataset, "PixelSpacing", path)]
         size = (int(_required(dataset, "Rows", path)), int(_required(dataset, "Columns", path)))
         if "PixelData" not in dataset:
-            raise DataError(f"{path} has no pixel data; remove it from the series folder or export the series again")
+            raise DataError(f"{path} has no pixel data: the file is damaged or cut short, or not an image; remove it "
+                            "from the series folder or export the series again")
         missing = _pixel_bytes_missing(dataset, path)
         if missing:
             raise DataError(f"{path}: its pixel data is cut short ({missing} bytes missing); the file is damaged "

@@ -96,7 +96,10 @@ def test_the_headers_alone_give_the_series_geometry(series):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[:-5000], r"02.dcm: its pixel data is cut short \(5000 bytes missing\)"),
-    (lambda data: data[:1000], r"02.dcm has no SeriesInstanceUID: the file is damaged or cut short"),  # in the header
+    # cut inside the header, where pydicom reads what is there without complaint
+    (lambda data: data[:2000], r"02.dcm has no pixel data: the file is damaged or cut short"),
+    (lambda data: data[:1000], r"02.dcm has no SeriesInstanceUID: the file is damaged or cut short"),
+    (lambda data: data[:140], r"02.dcm has no SOPClassUID: the file is damaged or cut short"),  # in the file meta
 ])
 def test_a_file_cut_short_is_refused_from_its_header(series, tmp_path, damage, message):
     copied = _copy(series, tmp_path / "cut")
@@ -108,9 +111,26 @@ def test_a_file_cut_short_is_refused_from_its_header(series, tmp_path, damage, m
         read_series(copied)
 
 
+def test_small_slices_cut_short_are_refused_and_large_ones_are_not_read(series, tmp_path, monkeypatch):
+    def tiny(dataset, index):  # 8x8 pixels: read with the header, not deferred
+        dataset.Rows = dataset.Columns = 8
+        dataset.PixelData = np.zeros((8, 8), np.int16).tobytes()
+
+    small = _copy(series, tmp_path / "small", tiny)
+    assert check_series(small).shape == (8, 8, 3)
+    (small / "03.dcm").write_bytes((small / "03.dcm").read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"03.dcm: its pixel data is cut short \(10 bytes missing\)"):
+        check_series(small)
+    import pydicom.filereader
+
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element",
+                        lambda *args, **kwargs: pytest.fail("a slice's pixel data was read"))
+    assert check_series(series).shape == (512, 512, 3)
+
+
 def test_a_slice_without_pixel_data_is_refused(series, tmp_path):
     copied = _copy(series, tmp_path / "empty", lambda d, i: delattr(d, "PixelData") if i == 0 else None)
-    with pytest.raises(DataError, match="01.dcm has no pixel data"):
+    with pytest.raises(DataError, match="01.dcm has no pixel data: the file is damaged or cut short, or not an image"):
         check_series(copied)
 
 
