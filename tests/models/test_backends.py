@@ -34,6 +34,7 @@ JAX_SCRIPT = textwrap.dedent(
 
     class ZerosForRandom:
         make_default_seed = staticmethod(random_initializers.random.make_default_seed)
+        SeedGenerator = random_initializers.random.SeedGenerator  # initializers given an integer seed
 
         @staticmethod
         def uniform(shape, *args, dtype=None, **kwargs):
