@@ -146,8 +146,11 @@ def _pixel_bytes_missing(dataset, path: Path) -> int:
     if syntax is None or not syntax.is_transfer_syntax or syntax.is_compressed or syntax.is_deflated:
         return 0  # compressed data has no fixed length; a deflated file's offsets are the inflated stream's
     element = dataset.get_item("PixelData", keep_deferred=True)
+    bits = dataset.get("BitsAllocated")
+    if bits is None:
+        raise DataError(f"{path} has no BitsAllocated: its pixel data cannot be read; export the series again")
     expected = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1))
-                * int(dataset.get("NumberOfFrames", 1) or 1) * int(_required(dataset, "BitsAllocated", path)) + 7) // 8
+                * int(dataset.get("NumberOfFrames", 1) or 1) * int(bits) + 7) // 8
     if element.value is not None:
         return max(0, expected - len(element.value))
     return max(0, element.value_tell + expected - path.stat().st_size)

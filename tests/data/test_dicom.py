@@ -128,6 +128,25 @@ def test_small_slices_cut_short_are_refused_and_large_ones_are_not_read(series, 
     assert check_series(series).shape == (512, 512, 3)
 
 
+@pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")  # pydicom guesses the private syntax's VR
+def test_a_private_transfer_syntax_passes_the_header_check_and_is_refused_when_decoded(series, tmp_path):
+    """GE's private implicit little endian: nothing to measure the pixel data by, no decoder."""
+    def private(dataset, index):
+        if index == 1:
+            dataset.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"
+
+    folder = _copy(series, tmp_path / "private", private)
+    assert check_series(folder).shape == (512, 512, 3)
+    with pytest.raises(DataError, match="02.dcm: its pixel data cannot be decoded"):
+        read_series(folder)
+
+
+def test_a_slice_without_bits_allocated_is_refused_from_its_header(series, tmp_path):
+    folder = _copy(series, tmp_path / "bits", lambda d, i: delattr(d, "BitsAllocated") if i == 2 else None)
+    with pytest.raises(DataError, match="03.dcm has no BitsAllocated: its pixel data cannot be read"):
+        check_series(folder)
+
+
 def test_a_slice_without_pixel_data_is_refused(series, tmp_path):
     copied = _copy(series, tmp_path / "empty", lambda d, i: delattr(d, "PixelData") if i == 0 else None)
     with pytest.raises(DataError, match="01.dcm has no pixel data: the file is damaged or cut short, or not an image"):
