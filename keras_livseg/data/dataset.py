@@ -293,8 +293,8 @@ def _graph_only(function):
     """``function`` as tf.data traces it, without AutoGraph's rewrite of its source.
 
     The pipeline is written in TensorFlow ops; its Python ``if``s test Python values only, so
-    AutoGraph has nothing to convert, and converting costs about 0.2 s a function at every
-    ``fit``'s start (15 % of a tiny run's wall time).
+    AutoGraph has nothing to convert. Converting took about 2 s at every ``fit``'s start: the
+    three pipelines built and read once in 2.3 - 2.6 s with it, 0.55 - 0.6 s without.
     """
     return tf.autograph.experimental.do_not_convert(function)
 

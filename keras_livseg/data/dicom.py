@@ -327,10 +327,7 @@ SEGMENTS = (
 
 def _sorted_series_datasets(folder: Path, series_uid: str | None = None) -> list:
     """The series' datasets (headers) in the order :func:`read_series` stacks the slices."""
-    pydicom = _pydicom()
-    series = list_series(folder)
-    if series_uid is None and len(series) > 1 or series_uid is not None and series_uid not in series:
-        raise DataError(f"{folder} holds series {', '.join(series)}; a DICOM-SEG references one: pass --series UID")
+    pydicom = _pydicom()  # check_series names the series to choose from when the folder holds several
     return [pydicom.dcmread(str(path), stop_before_pixels=True) for path in check_series(folder, series_uid).files]
 
 

@@ -49,6 +49,22 @@ def test_our_seg_of_dcmqis_liver_has_the_same_frames_and_references(series, tmp_
     assert not list(path.parent.glob(".*partial*"))
 
 
+def test_a_seg_for_a_folder_of_two_series_needs_the_series_uid(series, tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for index, name in enumerate(["01.dcm", "02.dcm", "03.dcm"]):
+        for suffix in ("", ".2"):
+            dataset = pydicom.dcmread(str(series / name))
+            dataset.SeriesInstanceUID += suffix
+            dataset.SOPInstanceUID += suffix
+            dataset.save_as(str(folder / f"{'b' if suffix else 'a'}-{name}"))
+    with pytest.raises(DataError, match="holds 2 image series .*choose one with --series UID"):
+        write_segmentation(np.zeros((512, 512, 3), np.uint8), folder, tmp_path / "seg.dcm")
+    other = pydicom.dcmread(str(series / "01.dcm")).SeriesInstanceUID + ".2"
+    path = write_segmentation(np.ones((512, 512, 3), np.uint8), folder, tmp_path / "seg.dcm", series_uid=other)
+    assert hd.seg.segread(str(path)).ReferencedSeriesSequence[0].SeriesInstanceUID == other
+
+
 def test_labels_that_do_not_fit_the_series_are_refused(series, tmp_path):
     with pytest.raises(DataError, match="do not fit the series"):
         write_segmentation(np.zeros((512, 512, 2), np.uint8), series, tmp_path / "seg.dcm")
