@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model, cases, out, batch_size=args.batch_size, tta_flip=args.tta,
                 postprocess=postprocess, save_probabilities=args.save_probabilities,
                 label_map=label_map, progress=not args.no_progress, output_format=args.format, series_uid=args.series,
+                check_inputs=False,  # checked above, before TensorFlow
             )
         for record in written:
             shown = f"{str(args.out).rstrip('/')}/{Path(record.output).name}" if storage.is_url(args.out) else record.output

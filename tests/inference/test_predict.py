@@ -536,6 +536,28 @@ def test_a_dicom_series_predicts_like_its_nifti_conversion(keras_checkpoint, rea
                                   to_canonical(np.asarray(nifti_nii.dataobj), nifti_nii.affine))
 
 
+def test_the_cli_checks_a_dicom_series_once_before_reading_it(keras_checkpoint, real_data_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    """Up front, then by read_series itself: predict_paths does not check the series a third time."""
+    from keras_livseg.data import dicom
+
+    checked = []
+    real_check = dicom.check_series
+    monkeypatch.setattr(dicom, "check_series", lambda *args, **kwargs: checked.append(args[0]) or real_check(*args, **kwargs))
+    series = real_data_dir / "dcmqi-ct-3slice" / "dicom"
+    code, _, err = run_cli(["--model", keras_checkpoint, series, "--out", tmp_path / "out", "--no-progress"], capsys)
+    assert code == 0, err
+    assert checked == [series, series]
+
+
+def test_predict_paths_without_its_check_finds_a_damaged_header_when_it_reaches_that_case(tmp_path):
+    _damaged_second_case(tmp_path / "data")
+    calls = Calls()
+    with pytest.raises(DataError, match="volume-2.nii holds .* bytes but its header needs"):
+        predict_paths(fake_model(calls), [tmp_path / "data"], tmp_path / "out", progress=False, check_inputs=False)
+    assert (tmp_path / "out" / "segmentation-1.nii.gz").is_file()  # volume-1 was predicted first
+
+
 def test_cli_writes_a_dicom_seg_for_a_dicom_series(keras_checkpoint, real_data_dir, tmp_path, capsys):
     hd = pytest.importorskip("highdicom")
     from keras_livseg.data.dicom import _sorted_series_datasets
