@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--margin", type=int, help="slices kept beyond the liver with --slices liver")
     parser.add_argument("--split", type=_floats, help="train,val,test fractions by patient (0.7,0.15,0.15)")
     parser.add_argument("--seed", type=int, help="seed of the patient-level split (default 0)")
+    parser.add_argument("--stratify", action="store_true", default=None,
+                        help="share each stratum (a CSV's 'stratum' column; a phantom's contrast phase and lesion "
+                        "kind) among train, val and test in the split's proportions")
     parser.add_argument("--gzip", action="store_true", default=None, help="GZIP-compress the shards")
     parser.add_argument("--shard-mb", type=float, help="target shard size in MB (default 150)")
     parser.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 4)")
@@ -94,6 +97,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         "margin": args.margin,
         "split": args.split,
         "seed": args.seed,
+        "stratify": args.stratify,
         "compression": "GZIP" if args.gzip else None,
         "shard_mb": args.shard_mb,
         "workers": args.workers,

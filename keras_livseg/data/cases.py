@@ -12,8 +12,12 @@ Layouts understood:
   (nnU-Net's channel suffix ``_0000`` is dropped from the case id; ``imagesTs/`` is ignored for
   training).
 - **CSV list of pairs**: a ``.csv`` file with the columns ``image,label`` and optionally
-  ``case_id`` and ``patient`` (or ``patient_id``: several scans of one patient never fall into
-  different splits or folds); relative paths are taken relative to the CSV file.
+  ``case_id``, ``patient`` (or ``patient_id``: several scans of one patient never fall into
+  different splits or folds) and ``stratum`` (a group such as the contrast phase, which
+  ``prepare --stratify`` shares out evenly among the splits); relative paths are taken relative
+  to the CSV file.
+- **Phantom**: a LiTS folder written by ``python -m keras_livseg.phantom`` also holds
+  ``phantom.json``, whose record of each case's contrast phase and lesion kind is its stratum.
 - **Predictions**: ``segmentation-N.nii[.gz]`` and ``probabilities-N.nii[.gz]`` for a LiTS
   input, ``<case>.nii.gz`` and ``<case>_probabilities.nii.gz`` for any other.
 
@@ -54,6 +58,8 @@ class CaseFiles:
         patient_id: the patient the scan belongs to (splits and folds keep a patient's scans
             together); ``None`` means the case is its own patient.
         series_uid: for an image that is a DICOM folder holding several series, the one to read.
+        stratum: the case's group for a stratified split (``prepare --stratify``), e.g.
+            ``"arterial/hyper"``; ``None`` when the source names none.
     """
 
     case_id: str
@@ -61,6 +67,7 @@ class CaseFiles:
     label: Path | None
     patient_id: str | None = None
     series_uid: str | None = None
+    stratum: str | None = None
 
     @property
     def patient(self) -> str:
@@ -235,8 +242,43 @@ def _check_unique(cases: Sequence[CaseFiles]) -> None:
         seen[case.case_id] = case.image
 
 
+#: The file in which the phantom generator describes its cases (see :mod:`keras_livseg.data.phantom`).
+PHANTOM_RECORD = "phantom.json"
+
+
+def phantom_strata(folder: Path) -> dict[str, str]:
+    """Each phantom case's stratum, ``"<contrast phase>/<lesion kind>"``, from ``phantom.json``.
+
+    The lesion kind is ``none``, ``hypo``, ``hyper`` or ``mixed`` (both kinds): the two things
+    that decide how hard a phantom case's tumours are to find. Empty when the folder holds no
+    phantom record (or one without phases).
+
+    Example:
+        >>> phantom_strata(Path(".cache/keras_livseg/phantom-2581bfd4d41d"))["12"]  # doctest: +SKIP
+        'arterial/hyper'
+    """
+    import json
+
+    record = folder / PHANTOM_RECORD
+    if not record.is_file():
+        return {}
+    try:
+        entries = json.loads(record.read_text()).get("cases", [])
+    except (OSError, ValueError, AttributeError) as error:
+        raise DataError(f"{record} cannot be read as the phantom's record ({error}); generate the phantom again") from None
+    strata = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or "phase" not in entry or "id" not in entry:
+            continue
+        kinds = sorted({str(t.get("kind")) for t in entry.get("tumors", [])})
+        kind = "none" if not kinds else kinds[0] if len(kinds) == 1 else "mixed"
+        strata[str(entry["id"])] = f"{entry['phase']}/{kind}"
+    return strata
+
+
 def _discover_lits(src: Path, require_labels: bool) -> list[CaseFiles]:
     cases = []
+    strata = phantom_strata(src)
     for image in sorted(src.rglob("volume-*.nii*")):
         match = _LITS_VOLUME.match(image.name)
         if not match or not image.is_file():
@@ -248,7 +290,7 @@ def _discover_lits(src: Path, require_labels: bool) -> list[CaseFiles]:
                 f"{image} has no segmentation-{case_id}.nii[.gz] beside it; "
                 "add the label file or move the volume out of the folder"
             )
-        cases.append(CaseFiles(case_id, image, label))
+        cases.append(CaseFiles(case_id, image, label, stratum=strata.get(case_id)))
     return cases
 
 
@@ -279,7 +321,7 @@ def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "image" not in reader.fieldnames:
             raise DataError(
-                f"{csv_path} needs a header row with the columns image,label[,case_id][,patient]; "
+                f"{csv_path} needs a header row with the columns image,label[,case_id][,patient][,stratum]; "
                 f"found {reader.fieldnames}"
             )
         for line_number, row in enumerate(reader, start=2):
@@ -293,6 +335,7 @@ def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
             case_id = (row.get("case_id") or "").strip() or strip_nifti_suffix(image.name)
             patient = (row.get("patient") or row.get("patient_id") or "").strip() or None
             series_uid = (row.get("series_uid") or "").strip() or None
+            stratum = (row.get("stratum") or "").strip() or None
             if image.is_dir():
                 from keras_livseg.data.dicom import is_dicom_folder
 
@@ -305,7 +348,7 @@ def _discover_csv(csv_path: Path, require_labels: bool) -> list[CaseFiles]:
                 raise DataError(f"{csv_path}:{line_number}: label {label} does not exist; fix the path")
             if label is None and require_labels:
                 raise DataError(f"{csv_path}:{line_number}: {image} has no label; fill the label column")
-            cases.append(CaseFiles(case_id, image, label, patient, series_uid=series_uid))
+            cases.append(CaseFiles(case_id, image, label, patient, series_uid=series_uid, stratum=stratum))
     return cases
 
 

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -72,6 +73,9 @@ class PrepareOptions:
         margin: slices kept beyond the liver in ``"liver"`` mode.
         split: fractions of cases for train, val, test (by patient).
         seed: seed of the patient-level split.
+        stratify: share each stratum (a CSV's ``stratum`` column, a phantom's contrast phase
+            and lesion kind) among train, val and test in the split's proportions
+            (:func:`split_cases`); a source that names no stratum is split as usual.
         assignment: explicit split of every case, ``{case_id: "train"|"val"|"test"}`` (a
             cross-validation fold); overrides ``split`` when given.
         label_map: ``"SRC:DST,..."`` remapping of foreign label maps.
@@ -95,6 +99,7 @@ class PrepareOptions:
     margin: int = 5
     split: Sequence[float] = (0.7, 0.15, 0.15)
     seed: int = 0
+    stratify: bool = False
     assignment: Mapping[str, str] | None = None
     label_map: str | None = None
     compression: str | None = None
@@ -114,6 +119,14 @@ class PrepareOptions:
             spacing_mm=self.spacing_mm,
         )
 
+    def strata(self, cases: Sequence[CaseFiles]) -> dict[str, str] | None:
+        """The cases' strata when the split is to be stratified (an explicit assignment is not), else None.
+
+        Raises:
+            DataError: ``stratify`` with some cases that name a stratum and some that do not.
+        """
+        return case_strata(cases, self.src) if self.stratify and self.assignment is None else None
+
     def validate(self) -> None:
         if self.slices not in SLICE_SELECTIONS:
             raise DataError(f"slices must be one of {SLICE_SELECTIONS}, got {self.slices!r}")
@@ -121,6 +134,8 @@ class PrepareOptions:
             raise DataError(f"margin must be >= 0 slices, got {self.margin}")
         if len(self.split) != 3 or any(f < 0 for f in self.split) or not self.split[0] > 0:
             raise DataError(f"split must be three fractions train,val,test with train > 0, got {list(self.split)}")
+        if not isinstance(self.stratify, bool):  # "flase" in a recipe would otherwise read as true
+            raise DataError(f"stratify must be true or false, got {self.stratify!r}")
         if self.compression not in (None, "", "GZIP"):
             raise DataError(f"compression must be none or GZIP, got {self.compression!r}")
         if self.on_error not in ("stop", "skip"):
@@ -164,8 +179,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _grouped_order(people: Sequence[str], strata: Mapping[str, str] | None, rng: np.random.Generator) -> list[int]:
+    """Indices into ``people`` in a seeded random order; with ``strata`` (person → stratum), the
+    strata in random order and each one's people shuffled together, so that dealing this order
+    out spreads every stratum over the parts in proportion."""
+    if strata is None:
+        return [int(i) for i in rng.permutation(len(people))]
+    groups: dict[str, list[int]] = {}
+    for index, person in enumerate(people):
+        groups.setdefault(strata[person], []).append(index)
+    order: list[int] = []
+    for name in [sorted(groups)[i] for i in rng.permutation(len(groups))]:
+        order += [groups[name][i] for i in rng.permutation(len(groups[name]))]
+    return order
+
+
+def _person_strata(owner: Mapping[str, str], strata: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Each patient's stratum: that of their first case in id order (a patient's scans share one split)."""
+    if strata is None:
+        return None
+    by_person: dict[str, str] = {}
+    for cid in sorted(owner):
+        by_person.setdefault(owner[cid], str(strata[cid]))
+    return by_person
+
+
 def split_cases(
-    case_ids: Sequence[str], fractions: Sequence[float], seed: int, patients: Mapping[str, str] | None = None
+    case_ids: Sequence[str], fractions: Sequence[float], seed: int, patients: Mapping[str, str] | None = None,
+    strata: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """Patient-level split: each patient (with all their cases) goes to exactly one of train, val, test.
 
@@ -173,18 +214,27 @@ def split_cases(
     assignment depends only on the sorted ids and the seed. ``patients`` maps case id →
     patient id (default: every case is its own patient).
 
+    ``strata`` (case id → a group such as the contrast phase) stratifies the split, as
+    scikit-learn's stratified splits do: the same split sizes, and each stratum shared among
+    train, val and test in those proportions (to within one patient), so that a rare kind of
+    case cannot fall mostly into one split by chance. A patient counts in the stratum of their
+    first case.
+
     Example:
         >>> parts = split_cases([str(i) for i in range(10)], (0.8, 0.1, 0.1), seed=0)
         >>> [len(parts[s]) for s in ("train", "val", "test")]
         [8, 1, 1]
         >>> split_cases(["a1", "a2", "b"], (0.5, 0.0, 0.5), 0, {"a1": "A", "a2": "A", "b": "B"})["test"] in (["a1", "a2"], ["b"])
         True
+        >>> kinds = {str(i): "rare" if i < 4 else "common" for i in range(20)}
+        >>> sum(kinds[c] == "rare" for c in split_cases(list(kinds), (0.5, 0.0, 0.5), 0, strata=kinds)["test"])
+        2
     """
     ids = sorted(case_ids)
     owner = {cid: (patients or {}).get(cid) or cid for cid in ids}
     people = sorted(set(owner.values()))
     total = sum(fractions)
-    order = np.random.default_rng(seed).permutation(len(people))
+    order = _grouped_order(people, _person_strata(owner, strata), np.random.default_rng(seed))
     n_val = int(round(fractions[1] / total * len(people)))
     n_test = int(round(fractions[2] / total * len(people)))
     while n_val + n_test >= len(people) and (n_val or n_test):
@@ -192,8 +242,20 @@ def split_cases(
             n_val -= 1
         else:
             n_test -= 1
-    val_people = {people[i] for i in order[:n_val]}
-    test_people = {people[i] for i in order[n_val : n_val + n_test]}
+    if strata is None:
+        val_people = {people[i] for i in order[:n_val]}
+        test_people = {people[i] for i in order[n_val : n_val + n_test]}
+    else:
+        # Dealt in the grouped order to whichever split is furthest behind its share so far: every
+        # stratum is cut in the split's proportions, and the sizes come out exactly as above.
+        sizes = {"val": n_val, "test": n_test, "train": len(people) - n_val - n_test}
+        dealt = {name: 0 for name in sizes}
+        chosen: dict[str, set[str]] = {name: set() for name in sizes}
+        for position, index in enumerate(order, start=1):
+            name = max(sizes, key=lambda s: sizes[s] * position / len(people) - dealt[s])
+            dealt[name] += 1
+            chosen[name].add(people[index])
+        val_people, test_people = chosen["val"], chosen["test"]
     val = [i for i in ids if owner[i] in val_people]
     test = [i for i in ids if owner[i] in test_people]
     train = [i for i in ids if owner[i] not in val_people | test_people]
@@ -201,12 +263,15 @@ def split_cases(
 
 
 def assign_folds(
-    case_ids: Sequence[str], folds: int, seed: int = 0, patients: Mapping[str, str] | None = None
+    case_ids: Sequence[str], folds: int, seed: int = 0, patients: Mapping[str, str] | None = None,
+    strata: Mapping[str, str] | None = None,
 ) -> list[list[str]]:
     """Cross-validation folds by patient: ``folds`` lists of case ids, no patient in two folds.
 
     Patients are shuffled with ``seed`` and dealt round-robin, so fold sizes differ by at most
-    one patient. ``folds`` equal to the number of patients gives leave-one-patient-out.
+    one patient. ``folds`` equal to the number of patients gives leave-one-patient-out. With
+    ``strata`` (case id → group) each stratum's patients are dealt one after another, so every
+    fold holds its share of each (to within one patient).
 
     Raises:
         DataError: fewer than 2 folds, or more folds than patients (the message says how many
@@ -227,7 +292,7 @@ def assign_folds(
             f"({', '.join(people[:8])}{' ...' if len(people) > 8 else ''}); pass --folds {len(people)} "
             "(leave one patient out) or fewer"
         )
-    order = np.random.default_rng(seed).permutation(len(people))
+    order = _grouped_order(people, _person_strata(owner, strata), np.random.default_rng(seed))
     fold_of = {people[index]: position % folds for position, index in enumerate(order)}
     return [[cid for cid in ids if fold_of[owner[cid]] == fold] for fold in range(folds)]
 
@@ -380,6 +445,7 @@ def _finished_run_differences(manifest: Mapping[str, Any], options: PrepareOptio
         "label_map": (manifest.get("label_map"), parse_label_map(options.label_map)),
         "split": (manifest.get("split", {}).get("fractions"), list(options.split)),
         "seed": (manifest.get("split", {}).get("seed"), options.seed),
+        "stratify": (manifest.get("split", {}).get("stratify", False), options.stratify),
         "compression": (manifest.get("compression"), options.compression or None),
     }
     for key, (done, wanted) in checks.items():
@@ -473,14 +539,38 @@ def write_shard(out: Path, work_dir: Path, name: str, case_ids: Sequence[str], c
     return {"name": name, "sha256": writer.sha256, "bytes": (out / name).stat().st_size, "cases": list(case_ids)}
 
 
-def assign_splits(options: PrepareOptions, order: Sequence[str], patients: Mapping[str, str]) -> dict[str, list[str]]:
-    """The split of the prepared cases ``order``: the explicit assignment, else by patient with the seed.
+def case_strata(cases: Sequence[CaseFiles], source: str | Path) -> dict[str, str] | None:
+    """Each case's stratum, for a stratified split or folds; ``None`` when no case names one.
+
+    A source without strata (a LiTS folder of real scans) is split as usually, with a warning:
+    the demo's recipe stratifies its phantom, and ``fit --data DIR`` keeps that recipe.
+
+    Raises:
+        DataError: some cases name a stratum and others do not (the message says which).
+    """
+    missing = [c.case_id for c in cases if not c.stratum]
+    if len(missing) == len(cases):
+        logger.warning("no stratum to stratify by in %s (a CSV's 'stratum' column, or a phantom's phantom.json): "
+                       "the split is not stratified", source)
+        return None
+    if missing:
+        raise DataError(
+            f"--stratify needs every case's stratum, and {len(missing)} case(s) have none ({', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}) in {source}; fill their 'stratum' column, or drop --stratify"
+        )
+    return {c.case_id: str(c.stratum) for c in cases}
+
+
+def assign_splits(options: PrepareOptions, order: Sequence[str], patients: Mapping[str, str],
+                  strata: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """The split of the prepared cases ``order``: the explicit assignment, else by patient with
+    the seed (stratified by ``strata``, :meth:`PrepareOptions.strata`'s, when given).
 
     Raises:
         DataError: the assignment misses a case or leaves train empty.
     """
     if options.assignment is None:
-        return split_cases(order, options.split, options.seed, patients)
+        return split_cases(order, options.split, options.seed, patients, strata)
     missing = [cid for cid in order if cid not in options.assignment]
     if missing:
         raise DataError(f"the split assignment has no entry for cases {', '.join(missing[:8])}; assign every case")
@@ -535,6 +625,7 @@ def build_manifest(
     by_id: Mapping[str, Mapping[str, Any]],
     patients: Mapping[str, str],
     skipped: Sequence[Mapping[str, str]],
+    strata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a finished run; every engine writes exactly this.
 
@@ -549,13 +640,19 @@ def build_manifest(
         "selection": {"slices": options.slices, "margin": options.margin},
         "label_map": parse_label_map(options.label_map),
         "split": {"fractions": list(options.split), "seed": options.seed,
-                  "assignment": dict(options.assignment) if options.assignment is not None else None},
+                  "assignment": dict(options.assignment) if options.assignment is not None else None,
+                  "stratify": bool(options.stratify),
+                  # None when not stratified (not asked, an explicit assignment, or no stratum named).
+                  # How many cases of each stratum each split holds: the check that they are shared out.
+                  "strata": None if strata is None else {
+                      split: dict(sorted(Counter(strata[cid] for cid in splits[split]).items())) for split in SPLITS}},
         "compression": options.compression or None,
         "statistics": {"computed_on": "train", "foreground": foreground.to_dict()},
         "splits": dict(split_info),
         "cases": {
             cid: {key: by_id[cid][key] for key in _CASE_KEYS}
             | {"split": next(s for s in SPLITS if cid in splits[s]), "patient": patients[cid]}
+            | ({"stratum": strata[cid]} if strata is not None else {})
             for cid in by_id
         },
         "skipped": list(skipped),
@@ -570,6 +667,7 @@ def start_run(options: PrepareOptions) -> tuple[Path, list[CaseFiles], dict[str,
     options.validate()
     out = Path(options.out)
     all_cases = discover_cases(options.src)
+    options.strata(all_cases)  # a missing stratum is refused before any case is read
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -627,7 +725,8 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
         raise DataError(f"every case in {options.src} was skipped; see the warnings above")
     by_id = {c.case_id: summaries[c.case_id] for c in all_cases if c.case_id in summaries}
     patients = {c.case_id: c.patient for c in all_cases}
-    splits = assign_splits(options, list(by_id), patients)
+    strata = options.strata(all_cases)
+    splits = assign_splits(options, list(by_id), patients, strata)
     foreground = merge_foreground(options.preprocessing().window, (by_id[cid]["foreground"] for cid in splits["train"]))
     prep = standardized_preprocessing(options, foreground)
     members = {split: [by_id[cid] for cid in splits[split]] for split in SPLITS}
@@ -643,7 +742,7 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
         except BaseException:  # one shard failed, or Ctrl-C: the queued ones are not started
             threads.shutdown(cancel_futures=True)
             raise
-    return finish_run(out, build_manifest(options, prep, foreground, splits, split_info, by_id, patients, skipped))
+    return finish_run(out, build_manifest(options, prep, foreground, splits, split_info, by_id, patients, skipped, strata))
 
 
 def prepare_in_fresh_process(options: PrepareOptions) -> dict[str, Any]:

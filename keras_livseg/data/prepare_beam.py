@@ -123,7 +123,7 @@ def _process(files: CaseFiles, options: PrepareOptions, work_dir: str) -> tuple[
 
 
 def _plan(outcomes: Sequence[tuple], options: PrepareOptions, case_order: Sequence[str],
-          patients: Mapping[str, str]) -> dict[str, Any]:
+          patients: Mapping[str, str], strata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Split and shard plan from every case's outcome; ``{"error": ...}`` when the run must stop."""
     position = {cid: i for i, cid in enumerate(case_order)}
     outcomes = sorted(outcomes, key=lambda o: position[o[0]])
@@ -136,7 +136,7 @@ def _plan(outcomes: Sequence[tuple], options: PrepareOptions, case_order: Sequen
     if not by_id:
         return {"error": f"every case in {options.src} was skipped; see the warnings above"}
     try:
-        splits = assign_splits(options, list(by_id), patients)
+        splits = assign_splits(options, list(by_id), patients, strata)
     except DataError as error:
         return {"error": str(error)}
     shard_plan = [
@@ -147,6 +147,7 @@ def _plan(outcomes: Sequence[tuple], options: PrepareOptions, case_order: Sequen
     return {
         "by_id": by_id,
         "splits": splits,
+        "strata": strata,
         "skipped": [{"case_id": cid, "reason": error} for cid, error in errors],
         "shards": shard_plan,
     }
@@ -183,7 +184,8 @@ def _finalize(_, plan: Mapping[str, Any], statistics: StatisticsSum, written: Se
             )
             for split in SPLITS
         }
-        manifest = build_manifest(options, prep, foreground, splits, split_info, by_id, patients, plan["skipped"])
+        manifest = build_manifest(options, prep, foreground, splits, split_info, by_id, patients, plan["skipped"],
+                                  plan.get("strata"))
     except DataError as error:
         (out / WORK_DIR / _FAILED).write_text(json.dumps({"error": str(error)}))
         return
@@ -289,6 +291,7 @@ def prepare_with_beam(options: PrepareOptions, runner: str = "DirectRunner",
     todo = [files for files in all_cases if files.case_id not in reused]
     case_order = [c.case_id for c in all_cases]
     patients = {c.case_id: c.patient for c in all_cases}
+    strata = options.strata(all_cases)
     window = options.preprocessing().window
     # Workers must not draw progress bars or re-check the output: the driver did.
     worker_options = dataclasses.replace(options, progress=False)
@@ -307,7 +310,8 @@ def prepare_with_beam(options: PrepareOptions, runner: str = "DirectRunner",
         plan = (
             outcomes
             | "Gather" >> beam.combiners.ToList()
-            | "Plan" >> beam.Map(_plan, options=worker_options, case_order=case_order, patients=patients)
+            | "Plan" >> beam.Map(_plan, options=worker_options, case_order=case_order, patients=patients,
+                                      strata=strata)
         )
         statistics = (
             outcomes

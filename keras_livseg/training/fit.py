@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from keras_livseg.data import storage
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
@@ -164,6 +164,8 @@ def resolve_config(recipe: str | Path | None = None, overrides: Mapping[str, Map
     Augmentation.from_config(config["training"]["augmentation"])  # its keys and values, before any run folder
     if not isinstance(config["run"]["deterministic"], bool):  # "flase" would otherwise read as true
         raise ValueError(f"run.deterministic must be true or false, got {config['run']['deterministic']!r}")
+    if not isinstance(config["data"].get("stratify", False), bool):
+        raise ValueError(f"data.stratify must be true or false, got {config['data']['stratify']!r}")
     config["recipe"] = str(path)
     return config
 
@@ -277,10 +279,10 @@ def ensure_source(config: dict) -> Path:
     phantom = discover_cases(phantom_dir)
     if mix > len(phantom):
         raise ValueError(f"data.mix_phantom={mix} but the phantom has {len(phantom)} cases; raise data.phantom_cases")
-    rows = [(c.image.resolve(), c.label.resolve(), c.case_id, c.patient) for c in real]
-    rows += [(c.image.resolve(), c.label.resolve(), MIXED_PHANTOM_PREFIX + c.case_id, MIXED_PHANTOM_PREFIX + c.case_id)
-             for c in phantom[:mix]]
-    text = "image,label,case_id,patient\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
+    rows = [(c.image.resolve(), c.label.resolve(), c.case_id, c.patient, c.stratum or "") for c in real]
+    rows += [(c.image.resolve(), c.label.resolve(), MIXED_PHANTOM_PREFIX + c.case_id, MIXED_PHANTOM_PREFIX + c.case_id,
+              c.stratum or "") for c in phantom[:mix]]
+    text = "image,label,case_id,patient,stratum\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
     path = _cache_root() / f"mixed-{_digest(text)}.csv"
     if not path.is_file():  # unchanged content keeps its time stamp, so the shard cache holds
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,9 +293,11 @@ def ensure_source(config: dict) -> Path:
 
 
 def mixed_assignment(config: Mapping[str, Any], case_ids: list[str], patients: Mapping[str, str],
-                     held_out: Mapping[str, str] | None = None) -> dict[str, str] | None:
+                     held_out: Mapping[str, str] | None = None,
+                     strata: Mapping[str, str] | None = None) -> dict[str, str] | None:
     """The split of every case when phantom cases are mixed in: phantom cases in train, real cases
-    by ``held_out`` (a fold) or else by ``data.split`` over the real patients only."""
+    by ``held_out`` (a fold) or else by ``data.split`` over the real patients only (stratified by
+    ``strata`` when given)."""
     if not mixed_phantom_count(config):
         return None
     from keras_livseg.data.prepare import split_cases
@@ -301,9 +305,19 @@ def mixed_assignment(config: Mapping[str, Any], case_ids: list[str], patients: M
     real = [cid for cid in case_ids if not cid.startswith(MIXED_PHANTOM_PREFIX)]
     if held_out is None:
         data = config["data"]
-        parts = split_cases(real, data.get("split", (0.7, 0.15, 0.15)), int(data.get("seed", 0)), patients)
+        parts = split_cases(real, data.get("split", (0.7, 0.15, 0.15)), int(data.get("seed", 0)), patients,
+                            None if strata is None else {cid: strata[cid] for cid in real})
         held_out = {cid: split for split, members in parts.items() for cid in members}
     return {cid: held_out.get(cid, "train") for cid in case_ids}
+
+
+def _strata(config: Mapping[str, Any], cases: Sequence[Any], source: Path) -> dict[str, str] | None:
+    """The real cases' strata when ``data.stratify`` is on (mixed-in phantom cases always train), else None."""
+    if not config["data"].get("stratify", False):
+        return None
+    from keras_livseg.data.prepare import case_strata
+
+    return case_strata([c for c in cases if not c.case_id.startswith(MIXED_PHANTOM_PREFIX)], source)
 
 
 def _source_stamp(source: Path) -> list:
@@ -335,7 +349,8 @@ def ensure_data(config: dict) -> Path:
     prep_keys["src"] = str(source)
     if mixed_phantom_count(config) and prep_keys.get("assignment") is None:
         cases = discover_cases(source)
-        prep_keys["assignment"] = mixed_assignment(config, [c.case_id for c in cases], {c.case_id: c.patient for c in cases})
+        prep_keys["assignment"] = mixed_assignment(config, [c.case_id for c in cases], {c.case_id: c.patient for c in cases},
+                                                   strata=_strata(config, cases, source))
     prep_keys.update(config["preprocessing"])
     # The cache key covers the source files' names, sizes and times: added or edited cases
     # give new shards instead of silently reusing old ones.
@@ -895,7 +910,7 @@ def cross_validate(config: dict, folds: int, only_fold: int | None = None, resum
     # Mixed-in phantom cases train in every fold and are never held out or scored.
     cases = [c for c in everything if not (mixed_phantom_count(config) and c.case_id.startswith(MIXED_PHANTOM_PREFIX))]
     parts = assign_folds([c.case_id for c in cases], folds, seed=int(config["data"].get("seed", 0)),
-                         patients={c.case_id: c.patient for c in cases})
+                         patients={c.case_id: c.patient for c in cases}, strata=_strata(config, cases, source))
     if only_fold is not None and not 0 <= only_fold < folds:
         raise ValueError(f"--fold {only_fold} is not one of the {folds} folds; pass 0..{folds - 1}")
     name = config["run"]["name"] or f"{config['model']['name']}-{Path(config['recipe']).stem}-cv{folds}"

@@ -47,8 +47,8 @@ def check_keys(section: Mapping[str, Any], valid: set[str] | frozenset[str], whe
 
 # [data] keys: those of prepare, plus the phantom settings that fit uses to make its demo data.
 PREPARE_DATA_KEYS = frozenset(
-    {"src", "out", "label_map", "split", "seed", "slices", "margin", "compression", "shard_mb", "workers", "on_error",
-     "mix_phantom"}
+    {"src", "out", "label_map", "split", "seed", "stratify", "slices", "margin", "compression", "shard_mb", "workers",
+     "on_error", "mix_phantom"}
 )
 PHANTOM_DATA_KEYS = frozenset({"phantom_cases", "phantom_seed", "phantom_size", "phantom_slices", "phantom_spacing_mm"})
 DATA_KEYS = PREPARE_DATA_KEYS | PHANTOM_DATA_KEYS

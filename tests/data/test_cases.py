@@ -1,5 +1,6 @@
 """File names and case discovery in one place (keras_livseg.data.cases)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from keras_livseg.data.cases import (
     natural_key,
     nifti_files,
     output_names,
+    phantom_strata,
     resolve_inputs,
 )
 from keras_livseg.data.errors import DataError
@@ -65,3 +67,34 @@ def test_discovery_and_inputs_agree_on_case_ids(tmp_path):
     assert resolved == [CaseFiles("10", tmp_path / "lits" / "volume-10.nii", tmp_path / "lits" / "segmentation-10.nii")]
     with pytest.raises(DataError, match="does not exist"):
         resolve_inputs([tmp_path / "missing.nii"])
+
+
+def test_a_phantom_folder_gives_each_case_its_phase_and_lesion_kind(tmp_path):
+    for i in range(4):
+        _touch(tmp_path / f"volume-{i}.nii.gz")
+        _touch(tmp_path / f"segmentation-{i}.nii.gz")
+    tumors = [[], [{"kind": "hypo"}], [{"kind": "hyper"}, {"kind": "hyper"}], [{"kind": "hypo"}, {"kind": "hyper"}]]
+    record = {"cases": [{"id": i, "phase": phase, "tumors": t}
+                        for i, (phase, t) in enumerate(zip(["portal", "arterial", "arterial", "delayed"], tumors))]}
+    (tmp_path / "phantom.json").write_text(json.dumps(record))
+    assert [c.stratum for c in discover_cases(tmp_path)] == [
+        "portal/none", "arterial/hypo", "arterial/hyper", "delayed/mixed"]
+    (tmp_path / "phantom.json").unlink()  # a plain LiTS folder names no stratum
+    assert [c.stratum for c in discover_cases(tmp_path)] == [None] * 4
+    (tmp_path / "phantom.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"phantom.json cannot be read as the phantom's record .*generate the phantom again"):
+        discover_cases(tmp_path)
+
+
+def test_a_written_phantom_names_the_strata_its_record_describes(tmp_path):
+    from keras_livseg.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path, cases=3, seed=2, size=64, slices=(16, 16))
+    meta = {str(c["id"]): c for c in json.loads((tmp_path / "phantom.json").read_text())["cases"]}
+    strata = phantom_strata(tmp_path)
+    assert set(strata) == set(meta)
+    for cid, stratum in strata.items():
+        phase, kind = stratum.split("/")
+        kinds = {t["kind"] for t in meta[cid]["tumors"]}
+        assert phase == meta[cid]["phase"]
+        assert kind == ("none" if not kinds else "mixed" if len(kinds) == 2 else kinds.pop())

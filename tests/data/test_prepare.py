@@ -331,3 +331,110 @@ def test_csv_patient_column_and_explicit_assignment(lits_dir, tmp_path):
     assert fixed["split"]["assignment"] == assignment
     with pytest.raises(DataError, match="no entry for cases 5"):
         prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "bad", assignment={str(i): "train" for i in range(5)}))
+
+
+# -- stratified splits and folds -------------------------------------------------------------
+
+
+def _strata_layout(sizes):
+    """Case ids and their strata: ``sizes[k]`` cases in stratum ``s<k>``."""
+    strata = {}
+    for k, size in enumerate(sizes):
+        strata.update({f"s{k}-{i}": f"s{k}" for i in range(size)})
+    return strata
+
+
+@pytest.mark.parametrize("sizes", [(5, 13, 1, 2, 40, 35), (1, 1, 1, 1, 1, 1, 1, 1, 1, 1), (60, 3), (7,)])
+@pytest.mark.parametrize("fractions", [(0.67, 0.16, 0.17), (0.6, 0.2, 0.2), (0.5, 0.0, 0.5)])
+def test_stratified_split_shares_every_stratum_in_proportion(sizes, fractions):
+    strata = _strata_layout(sizes)
+    ids = list(strata)
+    for seed in range(6):
+        plain = split_cases(ids, fractions, seed)
+        parts = split_cases(ids, fractions, seed, strata=strata)
+        assert parts == split_cases(ids, fractions, seed, strata=strata)  # seeded
+        # The same split sizes as unstratified, every case exactly once.
+        assert {s: len(v) for s, v in parts.items()} == {s: len(v) for s, v in plain.items()}
+        assert sorted(c for v in parts.values() for c in v) == sorted(ids)
+        for split, members in parts.items():
+            share = len(members) / len(ids)
+            for stratum, size in enumerate(sizes):
+                count = sum(strata[c] == f"s{stratum}" for c in members)
+                # Dealt to the split furthest behind its share: never 2 or more cases off.
+                assert abs(count - share * size) < 2, (split, stratum, count, share * size)
+
+
+def test_stratified_split_keeps_patients_together_and_differs_by_seed():
+    ids = [f"{p}{s}" for p in "abcdefghijklmnopqrst" for s in ("1", "2")]  # 20 patients, 2 scans each
+    patients = {cid: cid[0] for cid in ids}
+    strata = {cid: "rare" if cid[0] in "abcde" else "common" for cid in ids}
+    seen = set()
+    for seed in range(8):
+        parts = split_cases(ids, (0.6, 0.2, 0.2), seed, patients, strata)
+        owners = {split: {patients[c] for c in parts[split]} for split in parts}
+        assert not (owners["train"] & owners["val"] or owners["train"] & owners["test"] or owners["val"] & owners["test"])
+        assert [len(owners[s]) for s in ("train", "val", "test")] == [12, 4, 4]
+        assert sorted(sum(p in "abcde" for p in owners[s]) for s in ("val", "test")) in ([1, 1], [1, 2], [0, 1])
+        seen.add(tuple(parts["test"]))
+    assert len(seen) > 4  # the seed still chooses which patients
+
+
+def test_stratified_folds_deal_each_stratum_evenly():
+    strata = _strata_layout((5, 13, 2, 9))
+    ids = list(strata)
+    for seed in range(4):
+        folds = prepare_module.assign_folds(ids, 3, seed=seed, strata=strata)
+        assert sorted(c for fold in folds for c in fold) == sorted(ids)
+        for stratum in range(4):
+            counts = [sum(strata[c] == f"s{stratum}" for c in fold) for fold in folds]
+            assert max(counts) - min(counts) <= 1, (stratum, counts)
+    # Unstratified, 5 rare cases of 29 in 3 folds land unevenly for some seed; stratified never.
+    rare = {c for c in ids if strata[c] == "s0"}
+    spreads = [max(sum(c in rare for c in f) for f in prepare_module.assign_folds(ids, 3, seed=s)) for s in range(20)]
+    assert max(spreads) >= 3
+
+
+def test_csv_stratum_column_stratifies_prepare_and_is_recorded(lits_dir, tmp_path):
+    rows = ["image,label,case_id,stratum"]
+    for i in range(6):
+        rows.append(f"{lits_dir}/volume-{i}.nii.gz,{lits_dir}/segmentation-{i}.nii.gz,{i},{'A' if i < 2 else 'B'}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    assert [c.stratum for c in discover_cases(tmp_path / "pairs.csv")] == ["A", "A", "B", "B", "B", "B"]
+    manifest = prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "out", split=(0.5, 0.0, 0.5), stratify=True))
+    assert manifest["split"]["stratify"] is True
+    # Half of each stratum in test: one A and two B.
+    assert manifest["split"]["strata"]["test"] == {"A": 1, "B": 2}
+    assert manifest["split"]["strata"]["train"] == {"A": 1, "B": 2}
+    assert {cid: record["stratum"] for cid, record in manifest["cases"].items()} == {
+        str(i): "A" if i < 2 else "B" for i in range(6)}
+    # An unstratified finished run is not the same run: resume says what differs.
+    with pytest.raises(DataError, match=r"stratify True \(asked False\)"):
+        prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "out", split=(0.5, 0.0, 0.5), resume=True))
+    plain = prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "plain", split=(0.5, 0.0, 0.5)))
+    assert plain["split"]["stratify"] is False and plain["split"]["strata"] is None
+    assert "stratum" not in plain["cases"]["0"]
+
+
+def test_stratify_needs_every_case_or_no_case_to_name_a_stratum(lits_dir, tmp_path, capsys, caplog):
+    rows = ["image,label,case_id,stratum"]
+    for i in range(6):
+        rows.append(f"{lits_dir}/volume-{i}.nii.gz,{lits_dir}/segmentation-{i}.nii.gz,{i},{'A' if i % 2 else ''}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    code = prepare_cli.main(["--src", str(tmp_path / "pairs.csv"), "--out", str(out), "--image-size", "32",
+                             "--stratify", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--stratify needs every case's stratum, and 3 case(s) have none (0, 2, 4)" in err
+    assert "fill their 'stratum' column" in err and "Traceback" not in err
+    assert not out.exists()  # refused before any case was read
+    # A source that names no stratum at all (real scans in the LiTS layout): split as usual, and said.
+    with caplog.at_level("WARNING"):
+        manifest = prepare_dataset(_options(lits_dir, tmp_path / "plain", stratify=True))
+    assert "no stratum to stratify by" in caplog.text
+    assert manifest["split"]["stratify"] is True and manifest["split"]["strata"] is None
+    unstratified = prepare_dataset(_options(lits_dir, tmp_path / "same"))
+    assert [manifest["splits"][s]["cases"] for s in ("train", "val", "test")] == [
+        unstratified["splits"][s]["cases"] for s in ("train", "val", "test")]
+    with pytest.raises(DataError, match="stratify must be true or false"):
+        prepare_dataset(_options(lits_dir, tmp_path / "x", stratify="yes"))

@@ -218,6 +218,8 @@ def test_unknown_recipe_key_names_it_and_the_valid_keys(tmp_path, capsys):
     assert code == 2 and "section.key=value" in err
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "run.deterministic=flase"])
     assert code == 2 and "run.deterministic must be true or false, got 'flase'" in err and "Traceback" not in err
+    code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "data.stratify=flase"])
+    assert code == 2 and "data.stratify must be true or false, got 'flase'" in err and "Traceback" not in err
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.epochs.first=3"])
     assert code == 2 and "training.epochs is a value, not a table" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.augmentaton.rotation=0.1"])
@@ -717,6 +719,18 @@ def test_mixed_phantom_cases_always_train_and_are_never_held_out(tmp_path, monke
     assert sorted(split[cid] for cid in ("0", "1", "2", "3")) == ["test", "train", "train", "val"]
     fold = fit.mixed_assignment(config, ids, patients, held_out={"2": "test"})
     assert [cid for cid in ids if fold[cid] == "test"] == ["2"]
+    # The mixed CSV keeps each case's stratum (here the phantom's own), for a stratified split
+    # of the real cases; mixed-in phantom cases train whatever their stratum.
+    real_strata = {c.case_id: c.stratum for c in discover_cases(real)}
+    assert {c.case_id: c.stratum for c in cases if not c.case_id.startswith("phantom-")} == real_strata
+    assert all(c.stratum for c in cases)
+    assert config["data"]["stratify"] is True  # the demo's recipe stratifies
+    strata = fit._strata(config, cases, source)
+    assert strata == real_strata
+    assert fit._strata({"data": {"stratify": False}}, cases, source) is None
+    stratified = fit.mixed_assignment(config, ids, patients, strata=strata)
+    assert all(stratified[cid] == "train" for cid in ids if cid.startswith("phantom-"))
+    assert sorted(stratified[cid] for cid in ("0", "1", "2", "3")) == ["test", "train", "train", "val"]
     config["data"]["label_map"] = "5:1"
     with pytest.raises(ValueError, match="mix_phantom cannot be combined with data.label_map"):
         fit.ensure_source(config)
