@@ -117,3 +117,15 @@ def test_cli_engine_beam_and_its_refusals(lits_dir, tmp_path, capsys):
         "prepare: error: unknown Beam runner 'Nope'; use one of DirectRunner, PrismRunner, DataflowRunner, "
         "FlinkRunner, SparkRunner, PortableRunner"
     )
+
+
+def test_a_stratified_split_is_the_local_engines(lits_dir, tmp_path):
+    rows = ["image,label,case_id,stratum"] + [
+        f"{lits_dir}/volume-{i}.nii.gz,{lits_dir}/segmentation-{i}.nii.gz,{i},{'A' if i < 2 else 'B'}" for i in range(6)]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    settings = dict(split=(0.5, 0.0, 0.5), stratify=True)
+    beam = prepare_with_beam(_options(tmp_path / "pairs.csv", tmp_path / "beam", **settings))
+    local = prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "local", **settings))
+    assert beam["split"] == local["split"] and beam["split"]["strata"]["test"] == {"A": 1, "B": 2}
+    assert {c: r["stratum"] for c, r in beam["cases"].items()} == {c: r["stratum"] for c, r in local["cases"].items()}
+    assert beam["splits"] == local["splits"]
