@@ -179,29 +179,72 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _grouped_order(people: Sequence[str], strata: Mapping[str, str] | None, rng: np.random.Generator) -> list[int]:
-    """Indices into ``people`` in a seeded random order; with ``strata`` (person → stratum), the
-    strata in random order and each one's people shuffled together, so that dealing this order
-    out spreads every stratum over the parts in proportion."""
-    if strata is None:
-        return [int(i) for i in rng.permutation(len(people))]
-    groups: dict[str, list[int]] = {}
-    for index, person in enumerate(people):
-        groups.setdefault(strata[person], []).append(index)
-    order: list[int] = []
-    for name in [sorted(groups)[i] for i in rng.permutation(len(groups))]:
-        order += [groups[name][i] for i in rng.permutation(len(groups[name]))]
-    return order
-
-
 def _person_strata(owner: Mapping[str, str], strata: Mapping[str, str] | None) -> dict[str, str] | None:
-    """Each patient's stratum: that of their first case in id order (a patient's scans share one split)."""
+    """Each patient's stratum: that of their first case in id order (a patient's scans share one split).
+
+    ``None`` without strata, or when every patient is in one stratum (then stratifying changes
+    nothing, and the split is the unstratified one for the seed).
+
+    Raises:
+        DataError: a case has no stratum.
+    """
     if strata is None:
         return None
+    missing = [cid for cid in sorted(owner) if cid not in strata]
+    if missing:
+        raise DataError(f"case(s) {', '.join(missing[:5])} have no stratum; give every case one or none")
     by_person: dict[str, str] = {}
     for cid in sorted(owner):
-        by_person.setdefault(owner[cid], str(strata[cid]))
-    return by_person
+        first = by_person.setdefault(owner[cid], str(strata[cid]))
+        if first != str(strata[cid]):
+            logger.warning("patient %s has scans in strata %r and %r; the split counts the patient in %r",
+                           owner[cid], first, strata[cid], first)
+    return by_person if len(set(by_person.values())) > 1 else None
+
+
+def _stratum_counts(sizes: Mapping[str, int], parts: Mapping[str, int], rng: np.random.Generator) -> dict[str, dict[str, int]]:
+    """How many patients of each stratum go to each part: every count the floor or the ceiling of
+    the stratum's share, each stratum's counts summing to its size and each part's to its size.
+
+    Such a rounding always exists (the shares form a table whose rows and columns sum to integers;
+    a flow through it is integral). The floors are taken first; the remaining patients are matched
+    to parts by augmenting paths over the (stratum, part) pairs whose share has a fraction, tried
+    in a seeded random order, so the seed decides which strata round up where.
+    """
+    total = sum(sizes.values())
+    counts = {name: {part: (size * want) // total for part, want in parts.items()} for name, size in sizes.items()}
+    open_pairs = [(name, part) for name, size in sizes.items() for part, want in parts.items() if (size * want) % total]
+    options: dict[str, list[str]] = {name: [] for name in sizes}
+    for index in rng.permutation(len(open_pairs)):
+        name, part = open_pairs[int(index)]
+        options[name].append(part)
+    room = {part: want - sum(counts[name][part] for name in sizes) for part, want in parts.items()}
+    taken: dict[str, list[str]] = {part: [] for part in parts}  # strata rounded up in each part
+
+    def place(name: str, seen: set[str]) -> bool:
+        for part in options[name]:
+            if part in seen or name in taken[part]:
+                continue
+            seen.add(part)
+            if len(taken[part]) < room[part]:
+                taken[part].append(name)
+                return True
+            for other in list(taken[part]):  # make room: move another stratum's extra patient elsewhere
+                taken[part].remove(other)
+                if place(other, seen):
+                    taken[part].append(name)
+                    return True
+                taken[part].append(other)
+        return False
+
+    for name in [sorted(sizes)[int(i)] for i in rng.permutation(len(sizes))]:
+        for _ in range(sizes[name] - sum(counts[name].values())):
+            if not place(name, set()):  # cannot happen (see above); a bug if it does
+                raise RuntimeError(f"no rounding of the strata {dict(sizes)} into parts {dict(parts)}")
+    for part, names in taken.items():
+        for name in names:
+            counts[name][part] += 1
+    return counts
 
 
 def split_cases(
@@ -215,10 +258,13 @@ def split_cases(
     patient id (default: every case is its own patient).
 
     ``strata`` (case id → a group such as the contrast phase) stratifies the split, as
-    scikit-learn's stratified splits do: the same split sizes, and each stratum shared among
-    train, val and test in those proportions (to within one patient), so that a rare kind of
+    scikit-learn's stratified splits do: the same split sizes, and each stratum's patients shared
+    among train, val and test in those proportions, rounded down or up, so that a rare kind of
     case cannot fall mostly into one split by chance. A patient counts in the stratum of their
-    first case.
+    first case. One stratum for everyone is no stratification.
+
+    Raises:
+        DataError: ``strata`` misses a case.
 
     Example:
         >>> parts = split_cases([str(i) for i in range(10)], (0.8, 0.1, 0.1), seed=0)
@@ -234,7 +280,8 @@ def split_cases(
     owner = {cid: (patients or {}).get(cid) or cid for cid in ids}
     people = sorted(set(owner.values()))
     total = sum(fractions)
-    order = _grouped_order(people, _person_strata(owner, strata), np.random.default_rng(seed))
+    person_strata = _person_strata(owner, strata)
+    rng = np.random.default_rng(seed)
     n_val = int(round(fractions[1] / total * len(people)))
     n_test = int(round(fractions[2] / total * len(people)))
     while n_val + n_test >= len(people) and (n_val or n_test):
@@ -242,20 +289,21 @@ def split_cases(
             n_val -= 1
         else:
             n_test -= 1
-    if strata is None:
+    if person_strata is None:
+        order = rng.permutation(len(people))
         val_people = {people[i] for i in order[:n_val]}
         test_people = {people[i] for i in order[n_val : n_val + n_test]}
     else:
-        # Dealt in the grouped order to whichever split is furthest behind its share so far: every
-        # stratum is cut in the split's proportions, and the sizes come out exactly as above.
-        sizes = {"val": n_val, "test": n_test, "train": len(people) - n_val - n_test}
-        dealt = {name: 0 for name in sizes}
-        chosen: dict[str, set[str]] = {name: set() for name in sizes}
-        for position, index in enumerate(order, start=1):
-            name = max(sizes, key=lambda s: sizes[s] * position / len(people) - dealt[s])
-            dealt[name] += 1
-            chosen[name].add(people[index])
-        val_people, test_people = chosen["val"], chosen["test"]
+        groups: dict[str, list[str]] = {}
+        for person in people:
+            groups.setdefault(person_strata[person], []).append(person)
+        counts = _stratum_counts({name: len(groups[name]) for name in sorted(groups)},
+                                 {"val": n_val, "test": n_test, "train": len(people) - n_val - n_test}, rng)
+        val_people, test_people = set(), set()
+        for name in sorted(groups):
+            members = [groups[name][int(i)] for i in rng.permutation(len(groups[name]))]
+            val_people.update(members[:counts[name]["val"]])
+            test_people.update(members[counts[name]["val"]:counts[name]["val"] + counts[name]["test"]])
     val = [i for i in ids if owner[i] in val_people]
     test = [i for i in ids if owner[i] in test_people]
     train = [i for i in ids if owner[i] not in val_people | test_people]
@@ -292,7 +340,17 @@ def assign_folds(
             f"({', '.join(people[:8])}{' ...' if len(people) > 8 else ''}); pass --folds {len(people)} "
             "(leave one patient out) or fewer"
         )
-    order = _grouped_order(people, _person_strata(owner, strata), np.random.default_rng(seed))
+    person_strata = _person_strata(owner, strata)
+    rng = np.random.default_rng(seed)
+    if person_strata is None:
+        order = [int(i) for i in rng.permutation(len(people))]
+    else:  # the strata in random order, each one's patients shuffled together: dealt out evenly
+        groups: dict[str, list[int]] = {}
+        for index, person in enumerate(people):
+            groups.setdefault(person_strata[person], []).append(index)
+        order = []
+        for name in [sorted(groups)[int(i)] for i in rng.permutation(len(groups))]:
+            order += [groups[name][int(i)] for i in rng.permutation(len(groups[name]))]
     fold_of = {people[index]: position % folds for position, index in enumerate(order)}
     return [[cid for cid in ids if fold_of[owner[cid]] == fold] for fold in range(folds)]
 
