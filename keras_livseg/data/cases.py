@@ -264,15 +264,18 @@ def phantom_strata(folder: Path) -> dict[str, str]:
         return {}
     try:
         entries = json.loads(record.read_text()).get("cases", [])
-    except (OSError, ValueError, AttributeError) as error:
-        raise DataError(f"{record} cannot be read as the phantom's record ({error}); generate the phantom again") from None
-    strata = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or "phase" not in entry or "id" not in entry:
-            continue
-        kinds = sorted({str(t.get("kind")) for t in entry.get("tumors", [])})
-        kind = "none" if not kinds else kinds[0] if len(kinds) == 1 else "mixed"
-        strata[str(entry["id"])] = f"{entry['phase']}/{kind}"
+        strata = {}
+        for entry in entries:
+            if "phase" not in entry or "id" not in entry:
+                continue
+            kinds = sorted({str(t["kind"]) for t in entry.get("tumors") or []})
+            strata[str(entry["id"])] = f"{entry['phase']}/{'none' if not kinds else kinds[0] if len(kinds) == 1 else 'mixed'}"
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as error:
+        # Strata only matter to a stratified split, which then says that none was found: a
+        # damaged record must not stop the commands that merely find the cases.
+        logger.warning("%s cannot be read as the phantom's record (%s: %s); its cases name no stratum",
+                       record, type(error).__name__, error)
+        return {}
     return strata
 
 

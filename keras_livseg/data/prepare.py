@@ -487,7 +487,8 @@ def _reusable_summary(files: CaseFiles, options: PrepareOptions, work_dir: Path)
     return summary if same else None
 
 
-def _finished_run_differences(manifest: Mapping[str, Any], options: PrepareOptions, case_ids: set[str]) -> list[str]:
+def _finished_run_differences(manifest: Mapping[str, Any], options: PrepareOptions, case_ids: set[str],
+                              strata: Mapping[str, str] | None = None) -> list[str]:
     """What a finished run's manifest says differently from the run asked for (empty: the same)."""
     prep = manifest.get("preprocessing", {})
     asked = options.preprocessing().to_dict()
@@ -512,16 +513,21 @@ def _finished_run_differences(manifest: Mapping[str, Any], options: PrepareOptio
     finished = set(manifest.get("cases", {})) | {s["case_id"] for s in manifest.get("skipped", [])}
     if case_ids != finished:
         differences.append(f"cases: {len(case_ids - finished)} new and {len(finished - case_ids)} gone in the source")
+    # A stratum edited in the CSV since moves cases between splits: not the same run.
+    changed = sorted(cid for cid, record in manifest.get("cases", {}).items()
+                     if record.get("stratum") != (strata or {}).get(cid))
+    if changed:
+        differences.append(f"strata of {len(changed)} case(s) ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})")
     return differences
 
 
-def _check_output(out: Path, options: PrepareOptions, case_ids: set[str]) -> bool:
+def _check_output(out: Path, options: PrepareOptions, case_ids: set[str], strata: Mapping[str, str] | None) -> bool:
     """Make ``out`` ready for a run; True when ``--resume`` finds the same run already complete."""
     manifest = out / MANIFEST_NAME
     if manifest.exists():
         if options.resume and not options.overwrite:
             # A scheduler simply reruns a job: a finished identical run is success, not an error.
-            differences = _finished_run_differences(json.loads(manifest.read_text()), options, case_ids)
+            differences = _finished_run_differences(json.loads(manifest.read_text()), options, case_ids, strata)
             if not differences:
                 return True
             raise DataError(
@@ -613,8 +619,10 @@ def case_strata(cases: Sequence[CaseFiles], source: str | Path) -> dict[str, str
         return None
     if missing:
         raise DataError(
-            f"--stratify needs every case's stratum, and {len(missing)} case(s) have none ({', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}) in {source}; fill their 'stratum' column, or drop --stratify"
+            f"a stratified split needs every case's stratum, and {len(missing)} case(s) have none "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}) in {source}; give each one (a CSV's "
+            "'stratum' column; a phantom's phantom.json, written again by python -m keras_livseg.phantom) or split "
+            "unstratified (prepare without --stratify; fit: --set data.stratify=false)"
         )
     return {c.case_id: str(c.stratum) for c in cases}
 
@@ -717,21 +725,22 @@ def build_manifest(
     }
 
 
-def start_run(options: PrepareOptions) -> tuple[Path, list[CaseFiles], dict[str, dict] | None]:
-    """Validate, find the cases and make ``out`` ready: ``(out, cases, reused summaries)``.
+def start_run(options: PrepareOptions) -> tuple[Path, list[CaseFiles], dict[str, dict] | None, dict[str, str] | None]:
+    """Validate, find the cases and make ``out`` ready: ``(out, cases, reused summaries, strata)``.
 
-    The summaries are ``None`` when ``--resume`` finds the same run already complete.
+    The summaries are ``None`` when ``--resume`` finds the same run already complete. The strata
+    are :meth:`PrepareOptions.strata`'s (checked here, before any case is read).
     """
     options.validate()
     out = Path(options.out)
     all_cases = discover_cases(options.src)
-    options.strata(all_cases)  # a missing stratum is refused before any case is read
+    strata = options.strata(all_cases)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder")
     out.mkdir(parents=True, exist_ok=True)
-    if _check_output(out, options, {c.case_id for c in all_cases}):
+    if _check_output(out, options, {c.case_id for c in all_cases}, strata):
         logger.info("%s is already complete (same source, cases and parameters): nothing to do", out / MANIFEST_NAME)
-        return out, all_cases, None
+        return out, all_cases, None, strata
     work_dir = out / WORK_DIR
     work_dir.mkdir(exist_ok=True)
     reused: dict[str, dict] = {}
@@ -741,7 +750,7 @@ def start_run(options: PrepareOptions) -> tuple[Path, list[CaseFiles], dict[str,
             if summary is not None:
                 reused[files.case_id] = summary
         logger.info("resume: %d cases done before, %d to do", len(reused), len(all_cases) - len(reused))
-    return out, all_cases, reused
+    return out, all_cases, reused, strata
 
 
 def finish_run(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -764,7 +773,7 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     Raises:
         DataError: any bad input, with the file and the fix in the message.
     """
-    out, all_cases, summaries = start_run(options)
+    out, all_cases, summaries, strata = start_run(options)
     if summaries is None:
         return load_manifest(out)
     work_dir = out / WORK_DIR
@@ -783,7 +792,6 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
         raise DataError(f"every case in {options.src} was skipped; see the warnings above")
     by_id = {c.case_id: summaries[c.case_id] for c in all_cases if c.case_id in summaries}
     patients = {c.case_id: c.patient for c in all_cases}
-    strata = options.strata(all_cases)
     splits = assign_splits(options, list(by_id), patients, strata)
     foreground = merge_foreground(options.preprocessing().window, (by_id[cid]["foreground"] for cid in splits["train"]))
     prep = standardized_preprocessing(options, foreground)

@@ -283,7 +283,7 @@ def prepare_with_beam(options: PrepareOptions, runner: str = "DirectRunner",
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
         # The DirectRunner forwards each worker's start-up warnings once more through this logger.
         logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
-    out, all_cases, reused = start_run(options)
+    out, all_cases, reused, strata = start_run(options)
     if reused is None:
         return load_manifest(out)
     work_dir = out / WORK_DIR
@@ -291,7 +291,6 @@ def prepare_with_beam(options: PrepareOptions, runner: str = "DirectRunner",
     todo = [files for files in all_cases if files.case_id not in reused]
     case_order = [c.case_id for c in all_cases]
     patients = {c.case_id: c.patient for c in all_cases}
-    strata = options.strata(all_cases)
     window = options.preprocessing().window
     # Workers must not draw progress bars or re-check the output: the driver did.
     worker_options = dataclasses.replace(options, progress=False)

@@ -317,7 +317,8 @@ def _strata(config: Mapping[str, Any], cases: Sequence[Any], source: Path) -> di
         return None
     from keras_livseg.data.prepare import case_strata
 
-    return case_strata([c for c in cases if not c.case_id.startswith(MIXED_PHANTOM_PREFIX)], source)
+    mixed = mixed_phantom_count(config)
+    return case_strata([c for c in cases if not (mixed and c.case_id.startswith(MIXED_PHANTOM_PREFIX))], source)
 
 
 def _source_stamp(source: Path) -> list:

@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import subprocess
 import sys
@@ -357,11 +358,11 @@ def test_stratified_split_shares_every_stratum_in_proportion(sizes, fractions):
         assert {s: len(v) for s, v in parts.items()} == {s: len(v) for s, v in plain.items()}
         assert sorted(c for v in parts.values() for c in v) == sorted(ids)
         for split, members in parts.items():
-            share = len(members) / len(ids)
             for stratum, size in enumerate(sizes):
                 count = sum(strata[c] == f"s{stratum}" for c in members)
-                # Dealt to the split furthest behind its share: never 2 or more cases off.
-                assert abs(count - share * size) < 2, (split, stratum, count, share * size)
+                share = size * len(members) / len(ids)
+                # The stratum's share, rounded down or up (controlled rounding), never further.
+                assert math.floor(share + 1e-9) <= count <= math.ceil(share - 1e-9), (split, stratum, count, share)
 
 
 def test_stratified_split_keeps_patients_together_and_differs_by_seed():
@@ -425,8 +426,8 @@ def test_stratify_needs_every_case_or_no_case_to_name_a_stratum(lits_dir, tmp_pa
                              "--stratify", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "--stratify needs every case's stratum, and 3 case(s) have none (0, 2, 4)" in err
-    assert "fill their 'stratum' column" in err and "Traceback" not in err
+    assert "a stratified split needs every case's stratum, and 3 case(s) have none (0, 2, 4)" in err
+    assert "'stratum' column" in err and "--set data.stratify=false" in err and "Traceback" not in err
     assert not out.exists()  # refused before any case was read
     # A source that names no stratum at all (real scans in the LiTS layout): split as usual, and said.
     with caplog.at_level("WARNING"):
@@ -438,3 +439,42 @@ def test_stratify_needs_every_case_or_no_case_to_name_a_stratum(lits_dir, tmp_pa
         unstratified["splits"][s]["cases"] for s in ("train", "val", "test")]
     with pytest.raises(DataError, match="stratify must be true or false"):
         prepare_dataset(_options(lits_dir, tmp_path / "x", stratify="yes"))
+
+
+def test_unstratified_splits_and_folds_are_those_of_before_strata():
+    """The seed gives the same split as it always did (pinned from the code before stratification)."""
+    ids = [str(i) for i in range(12)]
+    assert split_cases(ids, (0.5, 0.25, 0.25), 0)["test"] == ["2", "3", "9"]
+    assert split_cases(ids, (0.5, 0.25, 0.25), 3)["val"] == ["10", "5", "9"]  # sorted as strings
+    assert prepare_module.assign_folds(ids, 3, seed=1)[0] == ["1", "5", "6", "8"]
+    # One stratum for everyone is no stratification: the same split.
+    one = {cid: "all" for cid in ids}
+    assert split_cases(ids, (0.5, 0.25, 0.25), 0, strata=one) == split_cases(ids, (0.5, 0.25, 0.25), 0)
+    assert prepare_module.assign_folds(ids, 3, seed=1, strata=one) == prepare_module.assign_folds(ids, 3, seed=1)
+
+
+def test_a_small_stratum_keeps_its_training_share_and_a_case_without_stratum_is_named():
+    strata = {"a": "s0", "b1": "s1", "b2": "s1", "c": "s2"}
+    for seed in range(20):
+        parts = split_cases(list(strata), (0.7, 0.15, 0.15), seed, strata=strata)
+        assert sum(strata[c] == "s1" for c in parts["train"]) == 1  # its share is exactly 1.0
+    with pytest.raises(DataError, match="case.s. b2 have no stratum"):
+        split_cases(list(strata), (0.7, 0.15, 0.15), 0, strata={k: v for k, v in strata.items() if k != "b2"})
+    with pytest.raises(DataError, match="case.s. b2 have no stratum"):
+        prepare_module.assign_folds(list(strata), 2, strata={k: v for k, v in strata.items() if k != "b2"})
+
+
+def test_resume_refuses_a_finished_run_whose_strata_changed(lits_dir, tmp_path):
+    def pairs(second):
+        rows = ["image,label,case_id,stratum"] + [
+            f"{lits_dir}/volume-{i}.nii.gz,{lits_dir}/segmentation-{i}.nii.gz,{i},{'A' if i < 2 else second}"
+            for i in range(6)]
+        (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+
+    pairs("B")
+    settings = dict(split=(0.5, 0.0, 0.5), stratify=True, resume=True)
+    prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "out", **settings))
+    assert prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "out", **settings))["split"]["stratify"]
+    pairs("C")
+    with pytest.raises(DataError, match=r"differs from this one \(strata of 4 case\(s\) \(2, 3, 4 ...\)\)"):
+        prepare_dataset(_options(tmp_path / "pairs.csv", tmp_path / "out", **settings))
