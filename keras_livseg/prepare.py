@@ -5,6 +5,7 @@ Examples:
     python -m keras_livseg.prepare --src ../shared/data/real/totalseg-example-ct/pairs.csv \\
         --out shards/ts --label-map 5:1
     python -m keras_livseg.prepare --pipeline pipelines/lits_tam_unet.toml --resume
+    python -m keras_livseg.prepare --src pairs.csv --out shards/mine --stratify   # CSV column 'stratum'
     python -m keras_livseg.prepare --engine beam --src data/LiTS --out shards/lits --workers 2
     python -m keras_livseg.prepare --engine beam --runner FlinkRunner --src /shared/LiTS \
         --out /shared/shards --flink_master=flink:8081 --parallelism=16

@@ -9,6 +9,10 @@ standardization statistics are merged from the **training split only**, and
 ``manifest.json`` is written last, atomically. A folder without a manifest is an unfinished
 run; ``--resume`` reuses the per-case files whose sources and parameters are unchanged.
 
+The split is by patient (:func:`split_cases`), stratified on request (``stratify``): each
+stratum — a CSV's ``stratum`` column, a phantom case's contrast phase and lesion kind — is
+shared among train, val and test in their proportions.
+
 Output is byte-identical for the same inputs and seed, whatever the number of workers.
 
 Example:
