@@ -37,12 +37,14 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class MatchedCase:
-    """A prediction and its reference (and the CT, when the reference is a dataset)."""
+    """A prediction and its reference (and the CT, when the reference is a dataset; and the
+    case's stratum, when the dataset or manifest names one)."""
 
     case_id: str
     prediction: Path
     reference: Path
     image: Path | None = None
+    stratum: str | None = None
 
 
 def match_cases(
@@ -87,8 +89,10 @@ def match_cases(
         raise DataError(f"reference {ref} does not exist; pass the dataset or folder of label maps")
     references: dict[str, tuple[Path, Path | None]] = {}
     aliases: dict[str, str] = {}  # other keys a prediction may carry (the CT file's stem)
+    strata: dict[str, str | None] = {}
     if is_manifest(ref):
         for files in manifest_cases(ref, split):
+            strata[files.case_id] = files.stratum
             # A CT that is gone only costs the overlay its background; the label is what scores.
             references[files.case_id] = (files.label, files.image if files.image.is_file() else None)  # type: ignore[assignment]
             for path in (files.image, files.label):
@@ -102,6 +106,7 @@ def match_cases(
         try:
             for files in discover_cases(ref, require_labels=True):
                 references[files.case_id] = (files.label, files.image)
+                strata[files.case_id] = files.stratum
         except DataError:
             if not ref.is_dir():
                 raise
@@ -126,7 +131,7 @@ def match_cases(
         seen[key] = path
         if key in references:
             label, image = references[key]
-            matched.append(MatchedCase(key, path, label, image))
+            matched.append(MatchedCase(key, path, label, image, strata.get(key)))
         else:
             unmatched.append(path)
     missing = sorted(set(references) - set(seen), key=natural_key)
@@ -287,7 +292,8 @@ def manifest_cases(data: str | Path, split: str | None) -> list[CaseFiles]:
                 f"{data}: the label map {record.get('label')} of case {case_id!r} does not exist any more; "
                 f"restore the source dataset ({manifest.get('source')}) or score with --ref DATASET"
             )
-        cases.append(CaseFiles(str(case_id), image if image is not None else Path(record.get("image", "")), label))
+        cases.append(CaseFiles(str(case_id), image if image is not None else Path(record.get("image", "")), label,
+                               stratum=record.get("stratum")))
     return cases
 
 

@@ -297,6 +297,38 @@ def summarize(scores: Sequence[CaseScores], options: EvaluationOptions = Evaluat
     }
 
 
+def stratum_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Liver and tumour Dice per stratum (e.g. contrast phase): where a model does well and where not.
+
+    Args:
+        rows: Per-case rows of :func:`score_case` with a ``stratum`` key (cases without one count
+            as ``"none"``).
+
+    Returns:
+        ``{stratum: {"n_cases", "liver_dice", "tumor_dice" (means per case), "tumor_dice_global",
+        "tumor_free_cases"}}``, strata in sorted order.
+
+    Example:
+        >>> rows = [{"stratum": "portal", "liver_dice": 0.9, "tumor_dice": 1.0, "tumor_intersection": 0,
+        ...          "tumor_pred_voxels": 0, "tumor_ref_voxels": 0}]
+        >>> stratum_summary(rows)["portal"]["tumor_free_cases"]
+        1
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get("stratum") or "none"), []).append(row)
+    return {
+        name: {
+            "n_cases": len(members),
+            "liver_dice": float(np.mean([r["liver_dice"] for r in members])),
+            "tumor_dice": float(np.mean([r["tumor_dice"] for r in members])),
+            "tumor_dice_global": core.global_dice(members, "tumor"),
+            "tumor_free_cases": sum(1 for r in members if not r["tumor_ref_voxels"]),
+        }
+        for name, members in sorted(groups.items())
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Curves and training history
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +608,13 @@ def render_report(metrics: Mapping[str, Any], compare: Sequence[tuple[str, Mappi
         "",
         paper_tables(entries),
     ]
+    by_stratum = metrics.get("by_stratum")
+    if by_stratum:
+        lines += ["", "### Dice by stratum (as the dataset or manifest names each case's)", "",
+                  _table(["Stratum", "Cases", "Tumour-free", "Liver Dice (per case)", "Tumour Dice (per case)",
+                          "Tumour Dice (global)"],
+                         [[name, v["n_cases"], v["tumor_free_cases"], _number(v["liver_dice"]),
+                           _number(v["tumor_dice"]), _number(v["tumor_dice_global"])] for name, v in by_stratum.items()])]
     curves = metrics.get("curves")
     if curves:
         lines += ["", "### Voxel-wise ROC and precision-recall (one-vs-rest, sampled voxels)", "",
@@ -691,11 +730,13 @@ def evaluate_folders(
     overlap = find_training_cases(matched, training_manifest) if training_manifest is not None else []
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, rows, lesion_rows = [], [], []
+    stratified = any(case.stratum for case in matched)
     for case in matched:
         pred, ref, spacing = load_pair(case, options.label_map)
         result = score_case(pred, ref, spacing, options)
         result.row = {"case_id": case.case_id, "prediction": str(case.prediction),
-                      "reference": str(case.reference), **result.row}
+                      "reference": str(case.reference), **({"stratum": case.stratum} if stratified else {}),
+                      **result.row}
         scores.append(result)
         rows.append(result.row)
         lesion_rows += [{"case_id": case.case_id, **record} for record in result.detection.lesions]
@@ -716,6 +757,8 @@ def evaluate_folders(
         "training_overlap": overlap,
         **summarize(scores, options),
     }
+    if stratified:
+        summary["by_stratum"] = stratum_summary(rows)
     curves = None
     if probability_samples is not None and len(probability_samples[1]):
         curves = one_vs_rest_curves(*probability_samples)

@@ -822,7 +822,9 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
 
     Returns:
         ``{"split", "cases", "covers", "liver_dice", "tumor_dice", "liver_dice_global",
-        "tumor_dice_global", "per_case": {case: {"liver_dice", "tumor_dice"}}}``.
+        "tumor_dice_global", "per_case": {case: {"liver_dice", "tumor_dice"}}}``, and
+        ``"by_stratum"`` (:func:`~keras_livseg.evaluation.report.stratum_summary`) when the
+        manifest records strata.
     """
     import csv
 
@@ -854,6 +856,8 @@ def score_held_out_volumes(checkpoint: Path, manifest: Mapping[str, Any], split:
         "tumor_dice_global": volume["tumor"]["dice_global"],
         "per_case": per_case,
     }
+    if summary.get("by_stratum"):  # a stratified split: Dice per contrast phase and lesion kind
+        result["by_stratum"] = summary["by_stratum"]
     (out_dir / "held_out_volumes.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
     return result
 

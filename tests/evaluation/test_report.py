@@ -502,3 +502,32 @@ def test_overlay_shows_the_canonical_slice_untransposed():
     plt.close(figure)
     assert shown.shape == (40, 30) and axis.images[0].origin == "upper"
     np.testing.assert_array_equal(shown, ct)  # row 0 (anterior) at the top, columns as stored
+
+
+def test_scores_by_stratum_from_the_manifest(folders, tmp_path):
+    pred_dir, ref_dir, pairs = folders
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": [], "val": [], "test": ["0", "1", "2"]})
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for case_id, stratum in {"0": "arterial/hypo", "1": "portal/hypo", "2": "portal/hypo"}.items():
+        manifest["cases"][case_id]["stratum"] = stratum
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    summary = evaluate_folders(pred_dir, shards, tmp_path / "e", split="test", figures=False)
+    metrics = {cid: core.case_metrics(pred, ref, SPACING) for cid, (pred, ref) in pairs.items()}
+    portal = summary["by_stratum"]["portal/hypo"]
+    assert list(summary["by_stratum"]) == ["arterial/hypo", "portal/hypo"]
+    assert portal["n_cases"] == 2 and portal["tumor_free_cases"] == 0
+    assert portal["tumor_dice"] == pytest.approx((metrics["1"]["tumor_dice"] + metrics["2"]["tumor_dice"]) / 2)
+    assert portal["liver_dice"] == pytest.approx((metrics["1"]["liver_dice"] + metrics["2"]["liver_dice"]) / 2)
+    assert portal["tumor_dice_global"] == pytest.approx(core.global_dice([metrics["1"], metrics["2"]], "tumor"))
+    assert summary["by_stratum"]["arterial/hypo"]["tumor_dice"] == pytest.approx(metrics["0"]["tumor_dice"])
+    with (tmp_path / "e" / "per_case.csv").open() as handle:
+        assert {row["case_id"]: row["stratum"] for row in csv.DictReader(handle)} == {
+            "0": "arterial/hypo", "1": "portal/hypo", "2": "portal/hypo"}
+    report = (tmp_path / "e" / "report.md").read_text()
+    cells = table_row(report, "Dice by stratum", ["portal/hypo"])
+    assert cells[:2] == ["2", "0"] and float(cells[3]) == pytest.approx(portal["tumor_dice"], abs=1e-4)
+    # Without strata: no column, no table.
+    plain = evaluate_folders(pred_dir, ref_dir, tmp_path / "p", figures=False)
+    assert "by_stratum" not in plain and "Dice by stratum" not in (tmp_path / "p" / "report.md").read_text()
+    with (tmp_path / "p" / "per_case.csv").open() as handle:
+        assert "stratum" not in next(csv.DictReader(handle))
