@@ -65,7 +65,8 @@ def demo(seeds: list[int]) -> dict:
                      "liver_dice": volumes["liver_dice"], "tumor_dice": volumes["tumor_dice"],
                      "liver_dice_global": volumes["liver_dice_global"], "tumor_dice_global": volumes["tumor_dice_global"],
                      "min_lesion_mm3": chosen, "tumor_dice_default_postprocessing": plain["tumor_dice"],
-                     "tumor_dice_global_default_postprocessing": plain["tumor_dice_global"]})
+                     "tumor_dice_global_default_postprocessing": plain["tumor_dice_global"],
+                     "tumor_dice_by_phase": tumour_dice_by_phase(RUNS / name)})
     import numpy as np
 
     summary = {key: {"mean": float(np.mean([r[key] for r in rows])), "min": float(np.min([r[key] for r in rows])),
@@ -77,6 +78,23 @@ def demo(seeds: list[int]) -> dict:
                  "min_lesion_mm3", "tumor_dice_default_postprocessing"]))
     return {"runs": rows, "summary": summary,
             "covers": "every slice of the held-out phantom test volumes, native grid, post-processed; mean per case and global"}
+
+
+def tumour_dice_by_phase(run: Path) -> dict[str, dict]:
+    """A demo run's held-out tumour Dice per case, by contrast phase (the stratum's first part, as
+    the run's manifest records it): ``{phase: {"cases", "tumor_dice"}}``; empty when unstratified."""
+    import csv
+
+    from keras_livseg.data.prepare import load_manifest
+
+    manifest = load_manifest(json.loads((run / "config.json").read_text())["data"]["shards"])
+    strata = {cid: record.get("stratum") for cid, record in manifest["cases"].items()}
+    groups: dict[str, list[float]] = {}
+    with (run / "eval" / "volumes" / "per_case.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if strata.get(row["case_id"]):
+                groups.setdefault(strata[row["case_id"]].split("/")[0], []).append(float(row["tumor_dice"]))
+    return {phase: {"cases": len(values), "tumor_dice": sum(values) / len(values)} for phase, values in sorted(groups.items())}
 
 
 def default_postprocessing_scores(run: Path) -> tuple[float, dict]:

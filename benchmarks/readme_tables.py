@@ -265,6 +265,15 @@ def render_real_ct(data: dict) -> str:
     if "tumor_dice_global" in demo:
         rows.append(f"| demo held-out phantom tumour Dice, global (the test volumes' voxels as one; seeds: mean, range) | "
                     f"{spread(demo['tumor_dice_global'])} | — | |")
+    phases = [run.get("tumor_dice_by_phase") or {} for run in data["demo"]["runs"]]
+    if all(phases):
+        names = sorted(set().union(*phases), key=lambda p: -phases[0].get(p, {}).get("cases", 0))
+        cells = []
+        for phase in names:
+            values = [p[phase]["tumor_dice"] for p in phases if phase in p]
+            cells.append(f"{phase.replace('_', '-')} {sum(values) / len(values):.3f} ({phases[0].get(phase, {}).get('cases', '?')})")
+        rows.append(f"| demo held-out phantom tumour Dice per case, by contrast phase (mean over seeds; test cases) | "
+                    f"{' · '.join(cells)} | — | |")
     if "tumor_dice_default_postprocessing" in demo:
         sizes = ", ".join(f"{run['min_lesion_mm3']:.0f}" for run in data["demo"]["runs"])
         rows.append(f"| the same with the default minimum lesion size (10 mm³) instead of the one each run chose on its "

@@ -294,6 +294,12 @@ def _discover_lits(src: Path, require_labels: bool) -> list[CaseFiles]:
                 "add the label file or move the volume out of the folder"
             )
         cases.append(CaseFiles(case_id, image, label, stratum=strata.get(case_id)))
+    unknown = [c.case_id for c in cases if c.stratum is None]
+    if strata and unknown:
+        # Cases added to a phantom folder since: its record no longer describes the folder.
+        logger.warning("%s does not describe case(s) %s of %s; the folder's cases name no stratum",
+                       PHANTOM_RECORD, ", ".join(unknown[:5]), src)
+        cases = [dataclasses.replace(c, stratum=None) for c in cases]
     return cases
 
 

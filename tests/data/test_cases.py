@@ -79,6 +79,13 @@ def test_a_phantom_folder_gives_each_case_its_phase_and_lesion_kind(tmp_path, ca
     (tmp_path / "phantom.json").write_text(json.dumps(record))
     assert [c.stratum for c in discover_cases(tmp_path)] == [
         "portal/none", "arterial/hypo", "arterial/hyper", "delayed/mixed"]
+    _touch(tmp_path / "volume-4.nii.gz")  # a case added since the phantom was written
+    _touch(tmp_path / "segmentation-4.nii.gz")
+    with caplog.at_level("WARNING"):
+        assert [c.stratum for c in discover_cases(tmp_path)] == [None] * 5
+    assert "phantom.json does not describe case(s) 4" in caplog.text
+    for name in ("volume-4.nii.gz", "segmentation-4.nii.gz"):
+        (tmp_path / name).unlink()
     (tmp_path / "phantom.json").unlink()  # a plain LiTS folder names no stratum
     assert [c.stratum for c in discover_cases(tmp_path)] == [None] * 4
     # A damaged record costs the strata, with a warning, not the cases: finding them still works.
