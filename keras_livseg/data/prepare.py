@@ -610,7 +610,7 @@ def write_shard(out: Path, work_dir: Path, name: str, case_ids: Sequence[str], c
 def case_strata(cases: Sequence[CaseFiles], source: str | Path) -> dict[str, str] | None:
     """Each case's stratum, for a stratified split or folds; ``None`` when no case names one.
 
-    A source without strata (a LiTS folder of real scans) is split as usually, with a warning:
+    A source without strata (a LiTS folder of real scans) is split as usual, with a warning:
     the demo's recipe stratifies its phantom, and ``fit --data DIR`` keeps that recipe.
 
     Raises:

@@ -305,8 +305,7 @@ def mixed_assignment(config: Mapping[str, Any], case_ids: list[str], patients: M
     real = [cid for cid in case_ids if not cid.startswith(MIXED_PHANTOM_PREFIX)]
     if held_out is None:
         data = config["data"]
-        parts = split_cases(real, data.get("split", (0.7, 0.15, 0.15)), int(data.get("seed", 0)), patients,
-                            None if strata is None else {cid: strata[cid] for cid in real})
+        parts = split_cases(real, data.get("split", (0.7, 0.15, 0.15)), int(data.get("seed", 0)), patients, strata)
         held_out = {cid: split for split, members in parts.items() for cid in members}
     return {cid: held_out.get(cid, "train") for cid in case_ids}
 
