@@ -12,9 +12,6 @@ from typing import Callable
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from harness import share_the_cores  # noqa: E402
-
-share_the_cores()
 import keras_livseg  # noqa: E402,F401  before any test imports TensorFlow: the package's oneDNN default
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
