@@ -60,13 +60,14 @@ def demo(seeds: list[int]) -> dict:
             wall = json.loads((RUNS / name / "wall.json").read_text())["seconds"]
         (RUNS / name / "wall.json").write_text(json.dumps({"seconds": wall}))
         volumes = json.loads((RUNS / name / "eval" / "held_out_volumes.json").read_text())
+        report = json.loads((RUNS / name / "eval" / "volumes" / "metrics.json").read_text())
         chosen, plain = default_postprocessing_scores(RUNS / name)
         rows.append({"seed": seed, "minutes": round(wall / 60, 2), "cases": len(volumes["cases"]),
                      "liver_dice": volumes["liver_dice"], "tumor_dice": volumes["tumor_dice"],
                      "liver_dice_global": volumes["liver_dice_global"], "tumor_dice_global": volumes["tumor_dice_global"],
                      "min_lesion_mm3": chosen, "tumor_dice_default_postprocessing": plain["tumor_dice"],
                      "tumor_dice_global_default_postprocessing": plain["tumor_dice_global"],
-                     "tumor_dice_by_phase": tumour_dice_by_phase(RUNS / name)})
+                     "tumor_dice_by_phase": tumour_dice_by_phase(report.get("by_stratum", {}))})
     import numpy as np
 
     summary = {key: {"mean": float(np.mean([r[key] for r in rows])), "min": float(np.min([r[key] for r in rows])),
@@ -80,21 +81,21 @@ def demo(seeds: list[int]) -> dict:
             "covers": "every slice of the held-out phantom test volumes, native grid, post-processed; mean per case and global"}
 
 
-def tumour_dice_by_phase(run: Path) -> dict[str, dict]:
-    """A demo run's held-out tumour Dice per case, by contrast phase (the stratum's first part, as
-    the run's manifest records it): ``{phase: {"cases", "tumor_dice"}}``; empty when unstratified."""
-    import csv
+def tumour_dice_by_phase(by_stratum: dict[str, dict]) -> dict[str, dict]:
+    """Held-out tumour Dice per case by contrast phase (a stratum's first part), from the
+    ``by_stratum`` entry of the LiTS report (``eval/volumes/metrics.json``): ``{phase: {"cases",
+    "tumor_dice"}}``; empty when the run was unstratified.
 
-    from keras_livseg.data.prepare import load_manifest
-
-    manifest = load_manifest(json.loads((run / "config.json").read_text())["data"]["shards"])
-    strata = {cid: record.get("stratum") for cid, record in manifest["cases"].items()}
-    groups: dict[str, list[float]] = {}
-    with (run / "eval" / "volumes" / "per_case.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            if strata.get(row["case_id"]):
-                groups.setdefault(strata[row["case_id"]].split("/")[0], []).append(float(row["tumor_dice"]))
-    return {phase: {"cases": len(values), "tumor_dice": sum(values) / len(values)} for phase, values in sorted(groups.items())}
+    >>> tumour_dice_by_phase({"portal/hypo": {"n_cases": 1, "tumor_dice": 0.25},
+    ...                       "portal/none": {"n_cases": 3, "tumor_dice": 0.75}})
+    {'portal': {'cases': 4, 'tumor_dice': 0.625}}
+    """
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for stratum, scores in by_stratum.items():
+        if stratum != "none":  # cases without a stratum
+            groups.setdefault(stratum.split("/")[0], []).append((scores["n_cases"], scores["tumor_dice"]))
+    return {phase: {"cases": sum(n for n, _ in parts), "tumor_dice": sum(n * d for n, d in parts) / sum(n for n, _ in parts)}
+            for phase, parts in sorted(groups.items())}
 
 
 def default_postprocessing_scores(run: Path) -> tuple[float, dict]:
