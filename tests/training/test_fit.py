@@ -613,6 +613,26 @@ def test_held_out_dice_covers_every_slice_of_the_held_out_volumes(tiny_run):
     assert 0.2 < volumes["liver_dice_global"] <= 1.0, volumes
 
 
+def test_held_out_volumes_are_scored_by_stratum_when_the_manifest_records_strata(tiny_run, tmp_path):
+    import shutil
+
+    from keras_livseg.data.prepare import load_manifest
+
+    config = json.loads((tiny_run.run_dir / "config.json").read_text())
+    shards = shutil.copytree(config["data"]["shards"], tmp_path / "shards")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    test_cases = manifest["splits"]["test"]["cases"]
+    for index, cid in enumerate(test_cases):
+        manifest["cases"][cid]["stratum"] = ("portal/hypo", "arterial/hyper")[index % 2]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    result = fit.score_held_out_volumes(tiny_run.run_dir / "checkpoints" / "best.keras", load_manifest(shards), "test",
+                                        tmp_path / "eval", postprocess=None)
+    expected = {"portal/hypo": len(test_cases[0::2]), "arterial/hyper": len(test_cases[1::2])}
+    assert {name: s["n_cases"] for name, s in result["by_stratum"].items()} == {k: v for k, v in expected.items() if v}
+    written = json.loads((tmp_path / "eval" / "held_out_volumes.json").read_text())
+    assert written["by_stratum"] == result["by_stratum"]
+
+
 def test_empty_validation_split_is_refused_not_silently_replaced_by_training_data(cache_dir, tmp_path):
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", "data.split=[1.0, 0.0, 0.0]"])
     assert code == 2
