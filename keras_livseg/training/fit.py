@@ -38,6 +38,7 @@ TRAINING_KEYS = frozenset(
     {
         "epochs", "batch_size", "steps_per_epoch", "optimizer", "learning_rate", "weight_decay", "schedule",
         "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
+        "fn_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
         "shuffle_buffer", "monitor", "validation", "init_from", "score_volumes", "max_minutes",
         "choose_postprocessing",
@@ -66,6 +67,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ce_weight": 1.0,
         "dice_weight": 1.0,
         "class_weights": [],
+        "fn_weights": [],
         "foreground_fraction": 0.33,
         "augmentation": {},
         "precision": "auto",
@@ -433,7 +435,8 @@ def build_loss(training: Mapping[str, Any], head: str):
         if head != "softmax":
             raise ValueError("training.loss 'ce_dice' needs the softmax head; use loss 'bce_dice' with head 'sigmoid'")
         return CombinedCEDiceLoss(ce_weight=training["ce_weight"], dice_weight=training["dice_weight"],
-                                  class_weights=training["class_weights"] or None)
+                                  class_weights=training["class_weights"] or None,
+                                  fn_weights=training["fn_weights"] or None)
     if training["loss"] == "bce_dice":
         return BCEDiceLoss(bce_weight=training["ce_weight"], dice_weight=training["dice_weight"])
     raise ValueError(f"training.loss must be 'ce_dice' or 'bce_dice', got {training['loss']!r}")

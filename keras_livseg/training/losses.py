@@ -43,6 +43,7 @@ __all__ = [
     "label_map",
     "region_mask",
     "soft_dice",
+    "soft_tversky",
     "sparse_labels",
 ]
 
@@ -239,6 +240,52 @@ def soft_dice(y_true_onehot, y_pred, classes: Sequence[int] | None = None,
     return (2.0 * intersection + smooth) / (total + smooth)
 
 
+def soft_tversky(y_true_onehot, y_pred, classes: Sequence[int] | None = None,
+                 fn_weight: float | Sequence[float] = 0.5, smooth: float = 1e-5):
+    """Batch-level soft Tversky index per class, in float32 (Salehi et al. 2017).
+
+    ``TI_c = (TP_c + smooth) / (TP_c + (1 − β)·FP_c + β·FN_c + smooth)`` with
+    ``TP = Σ y·p``, ``FP = Σ (1 − y)·p``, ``FN = Σ y·(1 − p)`` over the whole batch
+    and all pixels, and ``β = fn_weight``. ``β = 0.5`` is the soft Dice
+    (``soft_dice``); ``β > 0.5`` charges a missed voxel more than a false one,
+    which pushes a model that under-segments (high precision, low recall)
+    towards recall.
+
+    Args:
+        y_true_onehot: ``[B, H, W, C]`` binary targets.
+        y_pred: ``[B, H, W, C]`` probabilities.
+        classes: channel indices to score; all channels when ``None``.
+        fn_weight: β in [0, 1], the weight of false negatives: one for every
+            class, or one per scored class. Defaults to 0.5.
+        smooth: added to numerator and denominator. Defaults to 1e-5.
+
+    Returns:
+        A float32 tensor ``[len(classes)]`` in [0, 1].
+
+    Example:
+
+    >>> import numpy as np
+    >>> t = np.array([[[[1], [1], [0], [0]]]], "float32")  # [1, 1, 4, 1]: 2 true voxels
+    >>> p = np.array([[[[1], [0], [0], [0]]]], "float32")  # finds one of them
+    >>> [round(float(d), 4) for d in soft_tversky(t, p, fn_weight=0.5, smooth=0.0)]  # Dice 2/3
+    [0.6667]
+    >>> [round(float(d), 4) for d in soft_tversky(t, p, fn_weight=0.8, smooth=0.0)]  # 1 / (1 + 0.8)
+    [0.5556]
+    """
+    y_true_onehot = ops.cast(y_true_onehot, "float32")
+    y_pred = ops.cast(y_pred, "float32")
+    if classes is not None:
+        index = ops.convert_to_tensor(list(classes), dtype="int32")
+        y_true_onehot = ops.take(y_true_onehot, index, axis=-1)
+        y_pred = ops.take(y_pred, index, axis=-1)
+    axes = tuple(range(len(y_pred.shape) - 1))
+    true_positive = ops.sum(y_true_onehot * y_pred, axis=axes)
+    false_positive = ops.sum(y_pred, axis=axes) - true_positive
+    false_negative = ops.sum(y_true_onehot, axis=axes) - true_positive
+    beta = ops.convert_to_tensor(fn_weight, dtype="float32")
+    return (true_positive + smooth) / (true_positive + (1.0 - beta) * false_positive + beta * false_negative + smooth)
+
+
 def cross_entropy(labels, y_pred, class_weights: Sequence[float] | None = None,
                   from_logits: bool = False):
     """Per-pixel categorical cross-entropy from integer labels, in float32.
@@ -348,6 +395,11 @@ class CombinedCEDiceLoss(keras.losses.Loss):
         class_weights: optional per-class CE weights, one per output channel,
             e.g. ``(1.0, 1.0, 5.0)`` to up-weight tumor pixels. Defaults to
             ``None`` (unweighted mean CE).
+        fn_weights: optional Tversky false-negative weights β, one per entry of
+            ``dice_classes``, e.g. ``(0.5, 0.7)`` to charge missed tumor voxels
+            more than false ones (``soft_tversky``); the overlap term is then
+            ``1 − mean Tversky index``. ``None`` (the default) is the soft Dice,
+            as is 0.5 for every class.
         dice_classes: channel indices the Dice term averages over. Defaults to
             ``(1, 2)`` (liver, tumor); background is left out because its Dice is
             always near 1 and would dilute the signal.
@@ -383,6 +435,7 @@ class CombinedCEDiceLoss(keras.losses.Loss):
         from_logits: bool = False,
         reduction: str | None = "sum_over_batch_size",
         name: str = "combined_ce_dice",
+        fn_weights: Sequence[float] | None = None,
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -400,6 +453,14 @@ class CombinedCEDiceLoss(keras.losses.Loss):
                 f"dice_classes={dice_classes!r}; e.g. (1, 2) for liver and tumor."
             )
         self.dice_classes = dice_classes
+        if fn_weights is not None:
+            fn_weights = [float(w) for w in fn_weights]
+            if len(fn_weights) != len(dice_classes) or not all(0.0 <= w <= 1.0 for w in fn_weights):
+                raise ValueError(
+                    f"fn_weights must hold one number in [0, 1] per Dice class ({len(dice_classes)}: "
+                    f"{dice_classes}), got fn_weights={fn_weights!r}; e.g. (0.5, 0.7) for liver and tumor."
+                )
+        self.fn_weights = fn_weights
         self.smooth = _check_smooth(smooth)
         self.from_logits = bool(from_logits)
 
@@ -420,8 +481,11 @@ class CombinedCEDiceLoss(keras.losses.Loss):
         ce = cross_entropy(labels, y_pred, self.class_weights, self.from_logits)
         probs = ops.softmax(y_pred, axis=-1) if self.from_logits else y_pred
         onehot = ops.one_hot(labels, num_classes, dtype="float32")
-        dice = ops.mean(soft_dice(onehot, probs, self.dice_classes, self.smooth))
-        return self.ce_weight * ce + self.dice_weight * (1.0 - dice)
+        if self.fn_weights is None:
+            overlap = soft_dice(onehot, probs, self.dice_classes, self.smooth)
+        else:
+            overlap = soft_tversky(onehot, probs, self.dice_classes, self.fn_weights, self.smooth)
+        return self.ce_weight * ce + self.dice_weight * (1.0 - ops.mean(overlap))
 
     def get_config(self):
         config = super().get_config()
@@ -430,6 +494,7 @@ class CombinedCEDiceLoss(keras.losses.Loss):
             dice_weight=self.dice_weight,
             class_weights=self.class_weights,
             dice_classes=list(self.dice_classes),
+            fn_weights=self.fn_weights,
             smooth=self.smooth,
             from_logits=self.from_logits,
         )

@@ -187,6 +187,12 @@ def test_shipped_recipe_resolves_and_builds_its_model(recipe):
     fit.build_loss(config["training"], options.get("head", "softmax"))
 
 
+def test_tversky_weights_of_the_recipe_reach_the_loss():
+    training = {**fit.DEFAULTS["training"], "fn_weights": [0.5, 0.7]}
+    assert fit.build_loss(training, "softmax").fn_weights == [0.5, 0.7]
+    assert fit.build_loss(fit.DEFAULTS["training"], "softmax").fn_weights is None  # the plain soft Dice
+
+
 def test_lits_recipes_follow_the_papers():
     tam = fit.resolve_config(PIPELINES / "lits_tam_unet.toml")
     unet = fit.resolve_config(PIPELINES / "lits_unet.toml")

@@ -16,6 +16,7 @@ from keras_livseg.training.losses import (
     label_map,
     region_mask,
     soft_dice,
+    soft_tversky,
     sparse_labels,
 )
 
@@ -78,6 +79,46 @@ def test_combined_loss_weights():
     assert float(ce_only(Y_TRUE, Y_PRED)) == pytest.approx(CE_MEAN, abs=1e-5)
     dice_only = CombinedCEDiceLoss(ce_weight=0.0)
     assert float(dice_only(Y_TRUE, Y_PRED)) == pytest.approx(DICE_LOSS, abs=1e-4)
+
+
+def test_soft_tversky_hand_computed_and_equal_to_dice_at_one_half():
+    # Liver channel of Y_PRED: TP 1.5, FP 2.2 - 1.5 = 0.7, FN 2 - 1.5 = 0.5.
+    # Tumor channel: TP 0.5, FP 0.5, FN 0.5.
+    truth, pred = onehot(Y_TRUE), Y_PRED
+    half = np.asarray(soft_tversky(truth, pred, (1, 2), fn_weight=0.5, smooth=0.0))
+    np.testing.assert_allclose(half, [DICE_LIVER, DICE_TUMOR], rtol=1e-6)
+    np.testing.assert_allclose(half, np.asarray(soft_dice(truth, pred, (1, 2), smooth=0.0)), rtol=1e-6)
+    per_class = np.asarray(soft_tversky(truth, pred, (1, 2), fn_weight=(0.5, 0.8), smooth=0.0))
+    np.testing.assert_allclose(per_class, [DICE_LIVER, 0.5 / (0.5 + 0.2 * 0.5 + 0.8 * 0.5)], rtol=1e-6)
+    # beta = 1: false positives cost nothing, the index is the recall TP / (TP + FN).
+    recall = np.asarray(soft_tversky(truth, pred, (1,), fn_weight=1.0, smooth=0.0))
+    np.testing.assert_allclose(recall, [1.5 / 2.0], rtol=1e-6)
+
+
+def test_tversky_weights_charge_a_missed_voxel_more_than_a_false_one():
+    # A 4-pixel tumor predicted with one pixel missed, and with one false pixel added.
+    labels = np.array([[[2, 2], [2, 2], [1, 1]]], "int32")  # [1, 3, 2]
+    missed, extra = labels.copy(), labels.copy()
+    missed[0, 1, 1] = 1
+    extra[0, 2, 0] = 2
+    # Tumor channel only: the liver channel's own error differs between the two.
+    dice = CombinedCEDiceLoss(ce_weight=0.0, dice_classes=(2,))
+    tversky = CombinedCEDiceLoss(ce_weight=0.0, dice_classes=(2,), fn_weights=(0.7,))
+    # Dice: missed 1 - 6 / 7, extra 1 - 8 / 9. Tversky, beta 0.7: missed (TP 3, FN 1)
+    # 1 - 3 / (3 + 0.7), extra (TP 4, FP 1) 1 - 4 / (4 + 0.3).
+    assert float(dice(labels, onehot(missed))) == pytest.approx(1 / 7, abs=1e-5)
+    assert float(dice(labels, onehot(extra))) == pytest.approx(1 / 9, abs=1e-5)
+    assert float(tversky(labels, onehot(missed))) == pytest.approx(1 - 3 / 3.7, abs=1e-5)
+    assert float(tversky(labels, onehot(extra))) == pytest.approx(1 - 4 / 4.3, abs=1e-5)
+    config = tversky.get_config()
+    assert config["fn_weights"] == [0.7]
+    assert CombinedCEDiceLoss.from_config(config).fn_weights == [0.7]
+
+
+@pytest.mark.parametrize("weights", [(0.7,), (0.5, 1.5), (0.5, -0.1)])
+def test_tversky_weights_outside_zero_one_or_of_the_wrong_count_are_refused(weights):
+    with pytest.raises(ValueError, match=r"fn_weights must hold one number in \[0, 1\] per Dice class"):
+        CombinedCEDiceLoss(fn_weights=weights)
 
 
 def test_combined_loss_class_weights():
