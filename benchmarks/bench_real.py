@@ -14,8 +14,12 @@ already measured are kept, so they can run one at a time):
 - ``lopo``: ``pipelines/ircadb_finetune.toml`` with ``--folds 2`` on the two IRCAD patients,
   warm-started from the seed-0 demo model: liver and tumour Dice per held-out patient
   (goals >= 0.93 and >= 0.60).
+- ``ablation``: the demo with recipe changes (``--set KEY=VALUE``, as ``fit`` takes them) over the
+  same seeds, scored as ``demo`` and ``sim2real`` are and kept under ``ablations`` by ``--label``:
+  what a change of the recipe did, side by side with the recipe as shipped, on one machine.
 
     python benchmarks/bench_real.py demo fresh sim2real lopo [--seeds 0 1 2] [--rerun]
+    python benchmarks/bench_real.py ablation --label "soft Dice" --set training.fn_weights=[]
 
 Finished runs under ``runs/bench_real`` are reused (their recorded wall time with them), so an
 interrupted benchmark continues where it stopped; ``--rerun`` trains them all again.
@@ -50,12 +54,24 @@ def fit(args: list[str], runs: Path = RUNS, env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
-def demo(seeds: list[int]) -> dict:
+def slug(label: str) -> str:
+    """A run-name-safe form of an ablation's label.
+
+    >>> slug("soft Dice, no Tversky")
+    'soft-dice-no-tversky'
+    """
+    return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
+
+
+def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
+    """The demo recipe (with ``--set`` overrides) trained once per seed and scored on its test volumes."""
     rows = []
     for seed in seeds:
-        name = f"demo-seed{seed}"
+        name = f"demo-seed{seed}" + (f"-{slug(label)}" if label else "")
         if not (RUNS / name / "eval" / "held_out_volumes.json").is_file():
-            wall = fit(["--name", name, "--no-export", "--set", f"run.seed={seed}"])
+            shutil.rmtree(RUNS / name, ignore_errors=True)  # a run cut short: fit would name the new one name-1
+            sets = [arg for override in overrides for arg in ("--set", override)]
+            wall = fit(["--name", name, "--no-export", "--set", f"run.seed={seed}", *sets])
         else:
             wall = json.loads((RUNS / name / "wall.json").read_text())["seconds"]
         (RUNS / name / "wall.json").write_text(json.dumps({"seconds": wall}))
@@ -202,13 +218,19 @@ def lopo(checkpoint: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo"])
+    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo", "ablation"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rerun", action="store_true",
                         help="train the demo seeds and the fine-tuning folds again instead of reusing finished runs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="ablation: a recipe change, as fit's --set (repeatable)")
+    parser.add_argument("--label", default="", help="ablation: its name in the JSON and the README")
     args = parser.parse_args()
+    if "ablation" in args.parts and not (args.label and args.overrides):
+        parser.error("ablation needs --label NAME and at least one --set KEY=VALUE")
     if args.rerun:
         stale = [f"demo-seed{seed}" for seed in args.seeds] if "demo" in args.parts else []
+        stale += [f"demo-seed{seed}-{slug(args.label)}" for seed in args.seeds] if "ablation" in args.parts else []
         stale += ["ircadb-lopo"] if "lopo" in args.parts else []
         for name in stale:
             shutil.rmtree(RUNS / name, ignore_errors=True)
@@ -220,7 +242,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     previous = results.pop("machine", None)
     for part, value in results.items():  # parts from before each part kept its own
-        if isinstance(value, dict) and "machine" not in value and previous:
+        if isinstance(value, dict) and "machine" not in value and previous and part != "ablations":
             value["machine"] = previous
     checkpoint = RUNS / f"demo-seed{args.seeds[0]}" / "checkpoints" / "best.keras"
     for part in args.parts:
@@ -228,6 +250,14 @@ def main() -> None:
             results["demo"] = demo(args.seeds)
         elif part == "fresh":
             results["fresh"] = fresh()
+        elif part == "ablation":
+            ablation = {"set": args.overrides, **demo(args.seeds, args.overrides, args.label), "machine": machine()}
+            # The same models on the real scans: whether the change carries over to real CT.
+            ablation["sim2real"] = sim2real([RUNS / f"demo-seed{seed}-{slug(args.label)}" / "checkpoints" / "best.keras"
+                                             for seed in args.seeds])
+            results.setdefault("ablations", {})[args.label] = ablation
+            print(f"wrote {write_json('real_ct', results)}")
+            continue
         elif part == "sim2real":
             results["sim2real"] = sim2real([RUNS / f"demo-seed{seed}" / "checkpoints" / "best.keras" for seed in args.seeds])
         else:

@@ -242,10 +242,7 @@ def render_real_ct(data: dict) -> str:
     def spread(stat: dict, spec: str = ".3f") -> str:
         return f"{stat['mean']:{spec}} ({stat['min']:{spec}} – {stat['max']:{spec}})"
 
-    tumour = {}
-    for entry in sim["cases"]:
-        if not entry["model"].startswith("ensemble"):
-            tumour.setdefault(str(entry["case"]), []).append(entry["tumor_dice"])
+    tumour = _mean_tumour_by_case(sim)
     per_case = sim["per_case"]
     goal = sim.get("goal_liver_dice", 0.9)
     rows = [
@@ -278,6 +275,20 @@ def render_real_ct(data: dict) -> str:
         sizes = ", ".join(f"{run['min_lesion_mm3']:.0f}" for run in data["demo"]["runs"])
         rows.append(f"| the same with the default minimum lesion size (10 mm³) instead of the one each run chose on its "
                     f"validation volumes ({sizes} mm³) | {spread(demo['tumor_dice_default_postprocessing'])} | | |")
+    for label, ablation in data.get("ablations", {}).items():
+        stats = ablation["summary"]
+        sets = " ".join(f"`--set {change}`" for change in ablation["set"])
+        rows.append(f"| the demo with {label} ({sets}), seeds 0–{len(ablation['runs']) - 1}: held-out liver Dice / tumour Dice "
+                    f"per case / tumour Dice global | {spread(stats['liver_dice'])} / {spread(stats['tumor_dice'])} / "
+                    f"{spread(stats['tumor_dice_global'])} | | |")
+        if "per_case" in ablation.get("sim2real", {}):
+            real = ablation["sim2real"]
+            scans = " / ".join(f"{stats['liver_dice_mean']:.3f}" for stats in real["per_case"].values())
+            tumours = _mean_tumour_by_case(real)
+            short = {"1": "IRCAD 1", "7": "IRCAD 7", "totalseg": "TotalSegmentator crop"}
+            rows.append(f"| the demo with {label}: sim-to-real liver Dice, {' / '.join(short.get(c, c) for c in real['per_case'])} "
+                        f"(mean over models){'; tumour Dice, ' + ' / '.join(short.get(c, c) for c in tumours) if tumours else ''} | {scans}"
+                        f"{'; ' + ' / '.join(format(v, '.3f') for v in tumours.values()) if tumours else ''} | | |")
     names = {"1": "IRCAD patient 1", "7": "IRCAD patient 7", "totalseg": "TotalSegmentator crop (3 mm, model-made labels)"}
     for case, stats in per_case.items():
         rows.append(
@@ -291,7 +302,7 @@ def render_real_ct(data: dict) -> str:
         )
     irc = [case for case in tumour if case in ("1", "7")]
     if irc:
-        values = " / ".join(f"{sum(tumour[c]) / len(tumour[c]):.3f}" for c in irc)
+        values = " / ".join(f"{tumour[c]:.3f}" for c in irc)
         rows.append(f"| sim-to-real tumour Dice, IRCAD patient {' / '.join(irc)} (mean over models) | {values} | — | |")
     goals = lopo["goal"]
     patients = lopo["per_patient"]
@@ -306,7 +317,18 @@ def render_real_ct(data: dict) -> str:
         f"| leave one patient out: wall time, both folds (data, training, whole-volume prediction, LiTS report) | "
         f"{lopo['minutes']:.1f} min | — | |",
     ]
-    return "\n".join([*rows, "", _parts_machine_line(data, ("fresh", "demo", "sim2real", "lopo"))])
+    parts = {**data, **{f"ablation '{label}'": ablation for label, ablation in data.get("ablations", {}).items()}}
+    return "\n".join([*rows, "", _parts_machine_line(parts, ("fresh", "demo", *(p for p in parts if p.startswith("ablation '")),
+                                                            "sim2real", "lopo"))])
+
+
+def _mean_tumour_by_case(sim2real: dict) -> dict[str, float]:
+    """Sim-to-real tumour Dice per scan, the mean over the single models (scans with tumour labels only)."""
+    values: dict[str, list[float]] = {}
+    for entry in sim2real["cases"]:
+        if not entry["model"].startswith("ensemble") and entry["tumor_dice"] is not None:
+            values.setdefault(str(entry["case"]), []).append(entry["tumor_dice"])
+    return {case: sum(v) / len(v) for case, v in values.items()}
 
 
 def _parts_machine_line(data: dict, parts: Sequence[str]) -> str:

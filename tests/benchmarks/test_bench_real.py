@@ -1,0 +1,82 @@
+"""benchmarks/bench_real.py: the ablation part (a recipe change over the demo's seeds) and its README rows."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_real  # noqa: E402
+import readme_tables  # noqa: E402
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(bench_real)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+def fake_fit(calls: list[list[str]], runs: Path):
+    """Stands in for ``python -m keras_livseg.fit``: records its arguments, writes what demo() reads."""
+
+    def fit(args: list[str], *_, **__) -> float:
+        calls.append(args)
+        run = runs / args[args.index("--name") + 1]
+        (run / "eval" / "volumes").mkdir(parents=True)
+        seed = int(next(a for a in args if a.startswith("run.seed="))[len("run.seed="):])
+        scores = {"cases": {"3": {}, "5": {}}, "liver_dice": 0.9 + seed / 100, "tumor_dice": 0.4 + seed / 10,
+                  "liver_dice_global": 0.93, "tumor_dice_global": 0.6 + seed / 10}
+        (run / "eval" / "held_out_volumes.json").write_text(json.dumps(scores))
+        (run / "eval" / "volumes" / "metrics.json").write_text(json.dumps({"by_stratum": {}}))
+        return 60.0 * (seed + 1)
+
+    return fit
+
+
+def test_an_ablation_trains_each_seed_with_its_changes_under_its_own_run_names(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(bench_real, "RUNS", tmp_path)
+    monkeypatch.setattr(bench_real, "fit", fake_fit(calls, tmp_path))
+    monkeypatch.setattr(bench_real, "default_postprocessing_scores", lambda run: (10.0, {"tumor_dice": 0.3, "tumor_dice_global": 0.5}))
+    result = bench_real.demo([0, 2], ["training.fn_weights=[]", "training.epochs=12"], label="soft Dice")
+    assert [args[args.index("--name") + 1] for args in calls] == ["demo-seed0-soft-dice", "demo-seed2-soft-dice"]
+    assert calls[0][-4:] == ["--set", "training.fn_weights=[]", "--set", "training.epochs=12"]
+    assert [run["minutes"] for run in result["runs"]] == [1.0, 3.0]
+    assert result["summary"]["tumor_dice"] == pytest.approx({"mean": 0.5, "min": 0.4, "max": 0.6})
+    # Finished runs are reused, not trained again.
+    assert bench_real.demo([0], ["training.fn_weights=[]"], label="soft Dice")["runs"][0]["minutes"] == 1.0
+    assert len(calls) == 2
+
+
+def test_an_ablation_needs_a_label_and_a_change(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_real.py", "ablation", "--set", "training.epochs=3"])
+    with pytest.raises(SystemExit) as stop:
+        bench_real.main()
+    assert stop.value.code == 2
+    assert "ablation needs --label NAME and at least one --set KEY=VALUE" in capsys.readouterr().err
+
+
+def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
+    data = json.loads((ROOT / "benchmarks" / "results" / "real_ct.json").read_text())
+    other = {**data["demo"]["machine"], "cpu_flags": ["avx2", "avx512f", "avx512_bf16"]}
+    data["demo"]["machine"] = {**data["demo"]["machine"], "cpu_flags": ["avx2", "fma"]}
+    stats = {key: {"mean": 0.5, "min": 0.4, "max": 0.6} for key in ("liver_dice", "tumor_dice", "tumor_dice_global")}
+    cases = [{"model": model, "case": case, "liver_dice": 0.8, "tumor_dice": tumour}
+             for model, tumours in (("a", (0.2, 0.4, None)), ("b", (0.4, 0.0, None)), ("ensemble of the demo models", (0.9, 0.9, None)))
+             for case, tumour in zip(("1", "7", "totalseg"), tumours)]
+    per_case = {case: {"liver_dice_mean": mean, "liver_dice_min": 0.0, "liver_dice_max": 1.0}
+                for case, mean in (("1", 0.91), ("7", 0.82), ("totalseg", 0.885))}
+    data["ablations"] = {"soft Dice": {"set": ["training.fn_weights=[]"], "runs": [{}, {}, {}], "summary": stats,
+                                       "machine": other, "sim2real": {"cases": cases, "per_case": per_case}}}
+    table = readme_tables.render_real_ct(data)
+    assert ("| the demo with soft Dice (`--set training.fn_weights=[]`), seeds 0–2: held-out liver Dice / tumour Dice per "
+            "case / tumour Dice global | 0.500 (0.400 – 0.600) / 0.500 (0.400 – 0.600) / 0.500 (0.400 – 0.600) | | |") in table
+    # Tumour Dice: the single models' mean (0.3 and 0.2), the ensemble and the unlabelled crop left out.
+    assert ("| the demo with soft Dice: sim-to-real liver Dice, IRCAD 1 / IRCAD 7 / TotalSegmentator crop (mean over models); "
+            "tumour Dice, IRCAD 1 / IRCAD 7 | "
+            "0.910 / 0.820 / 0.885; 0.300 / 0.200 | | |") in table
+    assert "ablation 'soft Dice': _Measured on AMD EPYC (avx512f, avx512_bf16)" in table
