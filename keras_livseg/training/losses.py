@@ -202,6 +202,17 @@ def _check_channels(channels, head) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 
 
+def _scored_channels(y_true_onehot, y_pred, classes: Sequence[int] | None):
+    """Targets and probabilities in float32, reduced to the ``classes`` channels (all when ``None``)."""
+    y_true_onehot = ops.cast(y_true_onehot, "float32")
+    y_pred = ops.cast(y_pred, "float32")
+    if classes is not None:
+        index = ops.convert_to_tensor(list(classes), dtype="int32")
+        y_true_onehot = ops.take(y_true_onehot, index, axis=-1)
+        y_pred = ops.take(y_pred, index, axis=-1)
+    return y_true_onehot, y_pred
+
+
 def soft_dice(y_true_onehot, y_pred, classes: Sequence[int] | None = None,
               smooth: float = 1e-5):
     """Batch-level soft Dice per class, in float32.
@@ -228,12 +239,7 @@ def soft_dice(y_true_onehot, y_pred, classes: Sequence[int] | None = None,
     >>> [round(float(d), 4) for d in soft_dice(t, p, smooth=0.0)]
     [0.8, 0.6667]
     """
-    y_true_onehot = ops.cast(y_true_onehot, "float32")
-    y_pred = ops.cast(y_pred, "float32")
-    if classes is not None:
-        index = ops.convert_to_tensor(list(classes), dtype="int32")
-        y_true_onehot = ops.take(y_true_onehot, index, axis=-1)
-        y_pred = ops.take(y_pred, index, axis=-1)
+    y_true_onehot, y_pred = _scored_channels(y_true_onehot, y_pred, classes)
     axes = tuple(range(len(y_pred.shape) - 1))  # everything but the channel axis
     intersection = ops.sum(y_true_onehot * y_pred, axis=axes)
     total = ops.sum(y_true_onehot, axis=axes) + ops.sum(y_pred, axis=axes)
@@ -272,12 +278,7 @@ def soft_tversky(y_true_onehot, y_pred, classes: Sequence[int] | None = None,
     >>> [round(float(d), 4) for d in soft_tversky(t, p, fn_weight=0.8, smooth=0.0)]  # 1 / (1 + 0.8)
     [0.5556]
     """
-    y_true_onehot = ops.cast(y_true_onehot, "float32")
-    y_pred = ops.cast(y_pred, "float32")
-    if classes is not None:
-        index = ops.convert_to_tensor(list(classes), dtype="int32")
-        y_true_onehot = ops.take(y_true_onehot, index, axis=-1)
-        y_pred = ops.take(y_pred, index, axis=-1)
+    y_true_onehot, y_pred = _scored_channels(y_true_onehot, y_pred, classes)
     axes = tuple(range(len(y_pred.shape) - 1))
     true_positive = ops.sum(y_true_onehot * y_pred, axis=axes)
     false_positive = ops.sum(y_pred, axis=axes) - true_positive
