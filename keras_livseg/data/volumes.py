@@ -17,6 +17,7 @@ on :class:`Case` so that predictions go back onto the input's own grid with
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
 import os
 import zlib
@@ -423,6 +424,7 @@ def load_case(
 #: ISA-L's deflate level for written ``.nii.gz``: its level 1 is several times faster than zlib's
 #: level 1 (nibabel's default) and compresses label maps at least as tightly.
 _ISAL_WRITE_LEVEL = 1
+_ZLIB_WRITE_LEVEL = 1  # nibabel's own default for .gz
 
 
 def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:
@@ -463,8 +465,9 @@ def write_nifti(image: nib.Nifti1Image, path: str | Path) -> Path:
     """Write ``image`` to ``path`` atomically: a temporary name in the same folder, then a rename.
 
     ``.nii.gz`` is deflated by ISA-L where it is installed (standard gzip: nibabel, zlib and
-    every other reader open it); otherwise nibabel writes it. A half-written file never carries
-    the final name, and the temporary is removed if writing fails.
+    every other reader open it), otherwise by zlib, with an empty name and a zero time in the
+    gzip header: one image gives the same bytes whichever process writes it, and when. A
+    half-written file never carries the final name, and the temporary is removed if writing fails.
 
     Example:
         >>> write_nifti(nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4)), "out/seg.nii.gz")  # doctest: +SKIP
@@ -474,8 +477,12 @@ def write_nifti(image: nib.Nifti1Image, path: str | Path) -> Path:
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     temporary = path.with_name(f".{path.name[: -len(suffix)]}.partial-{os.getpid()}{suffix}")
     try:
-        if igzip is not None and suffix == ".nii.gz":
-            with igzip.open(temporary, "wb", compresslevel=_ISAL_WRITE_LEVEL) as handle:
+        if suffix == ".nii.gz":
+            # gzip's header would otherwise hold the temporary's name (with this process's id) and the time.
+            deflate = igzip.IGzipFile if igzip is not None else gzip.GzipFile
+            level = _ISAL_WRITE_LEVEL if igzip is not None else _ZLIB_WRITE_LEVEL
+            with open(temporary, "wb") as raw, deflate(filename="", mode="wb", compresslevel=level, fileobj=raw,
+                                                       mtime=0) as handle:
                 image.to_file_map({"image": nib.FileHolder(filename=str(temporary), fileobj=handle)})
         else:
             nib.save(image, str(temporary))

@@ -287,6 +287,27 @@ def test_written_nifti_holds_the_bytes_nibabel_writes(tmp_path, name):
     assert [p.name for p in ours.parent.iterdir()] == [name]  # no temporary left beside it
 
 
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_one_image_written_twice_is_the_same_bytes(tmp_path, monkeypatch, deflate):
+    """The gzip header holds no name (the temporary's carries the process id) and no time."""
+    import gzip
+
+    from keras_livseg.data import volumes
+
+    if deflate == "zlib":
+        monkeypatch.setattr(volumes, "igzip", None)
+    image = nib.Nifti1Image((np.arange(8 * 6 * 3) % 3).astype(np.uint8).reshape(8, 6, 3), np.eye(4))
+    (tmp_path / "first").mkdir()
+    first = volumes.write_nifti(image, tmp_path / "first" / "segmentation-1.nii.gz")
+    monkeypatch.setattr(volumes.os, "getpid", lambda: 4242)  # another process
+    monkeypatch.setattr(gzip.time, "time", lambda: 2_000_000_000.0)  # another second
+    second = volumes.write_nifti(image, tmp_path / "segmentation-1.nii.gz")
+    assert first.read_bytes() == second.read_bytes()
+    header = second.read_bytes()[:10]
+    assert header[3] & 0x08 == 0 and header[4:8] == bytes(4)  # no FNAME flag, MTIME 0
+    np.testing.assert_array_equal(np.asanyarray(nib.load(second).dataobj), np.asanyarray(image.dataobj))
+
+
 def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     from keras_livseg.data import volumes
 
