@@ -438,6 +438,8 @@ def build_loss(training: Mapping[str, Any], head: str):
                                   class_weights=training["class_weights"] or None,
                                   fn_weights=training["fn_weights"] or None)
     if training["loss"] == "bce_dice":
+        if training["fn_weights"]:
+            raise ValueError("training.fn_weights (the Tversky term) needs loss 'ce_dice'; leave it out with 'bce_dice'")
         return BCEDiceLoss(bce_weight=training["ce_weight"], dice_weight=training["dice_weight"])
     raise ValueError(f"training.loss must be 'ce_dice' or 'bce_dice', got {training['loss']!r}")
 

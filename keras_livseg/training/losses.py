@@ -455,8 +455,10 @@ class CombinedCEDiceLoss(keras.losses.Loss):
             )
         self.dice_classes = dice_classes
         if fn_weights is not None:
-            fn_weights = [float(w) for w in fn_weights]
-            if len(fn_weights) != len(dice_classes) or not all(0.0 <= w <= 1.0 for w in fn_weights):
+            numbers = isinstance(fn_weights, (list, tuple)) and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in fn_weights)
+            fn_weights = [float(w) for w in fn_weights] if numbers else fn_weights
+            if not numbers or len(fn_weights) != len(dice_classes) or not all(0.0 <= w <= 1.0 for w in fn_weights):
                 raise ValueError(
                     f"fn_weights must hold one number in [0, 1] per Dice class ({len(dice_classes)}: "
                     f"{dice_classes}), got fn_weights={fn_weights!r}; e.g. (0.5, 0.7) for liver and tumor."

@@ -191,6 +191,8 @@ def test_tversky_weights_of_the_recipe_reach_the_loss():
     training = {**fit.DEFAULTS["training"], "fn_weights": [0.5, 0.7]}
     assert fit.build_loss(training, "softmax").fn_weights == [0.5, 0.7]
     assert fit.build_loss(fit.DEFAULTS["training"], "softmax").fn_weights is None  # the plain soft Dice
+    with pytest.raises(ValueError, match="training.fn_weights .* needs loss 'ce_dice'"):
+        fit.build_loss({**training, "loss": "bce_dice"}, "sigmoid")
 
 
 def test_lits_recipes_follow_the_papers():

@@ -115,7 +115,7 @@ def test_tversky_weights_charge_a_missed_voxel_more_than_a_false_one():
     assert CombinedCEDiceLoss.from_config(config).fn_weights == [0.7]
 
 
-@pytest.mark.parametrize("weights", [(0.7,), (0.5, 1.5), (0.5, -0.1)])
+@pytest.mark.parametrize("weights", [(0.7,), (0.5, 1.5), (0.5, -0.1), 0.7, ("a", "b"), (True, 0.5)])
 def test_tversky_weights_outside_zero_one_or_of_the_wrong_count_are_refused(weights):
     with pytest.raises(ValueError, match=r"fn_weights must hold one number in \[0, 1\] per Dice class"):
         CombinedCEDiceLoss(fn_weights=weights)
