@@ -275,6 +275,7 @@ def render_real_ct(data: dict) -> str:
         sizes = ", ".join(f"{run['min_lesion_mm3']:.0f}" for run in data["demo"]["runs"])
         rows.append(f"| the same with the default minimum lesion size (10 mm³) instead of the one each run chose on its "
                     f"validation volumes ({sizes} mm³) | {spread(demo['tumor_dice_default_postprocessing'])} | | |")
+    names = {"1": "IRCAD patient 1", "7": "IRCAD patient 7", "totalseg": "TotalSegmentator crop (3 mm, model-made labels)"}
     for label, ablation in data.get("ablations", {}).items():
         stats = ablation["summary"]
         sets = " ".join(f"`--set {change}`" for change in ablation["set"])
@@ -285,11 +286,9 @@ def render_real_ct(data: dict) -> str:
             real = ablation["sim2real"]
             scans = " / ".join(f"{stats['liver_dice_mean']:.3f}" for stats in real["per_case"].values())
             tumours = _mean_tumour_by_case(real)
-            short = {"1": "IRCAD 1", "7": "IRCAD 7", "totalseg": "TotalSegmentator crop"}
-            rows.append(f"| the demo with {label}: sim-to-real liver Dice, {' / '.join(short.get(c, c) for c in real['per_case'])} "
-                        f"(mean over models){'; tumour Dice, ' + ' / '.join(short.get(c, c) for c in tumours) if tumours else ''} | {scans}"
+            rows.append(f"| the demo with {label}: sim-to-real liver Dice, {' / '.join(names.get(c, c) for c in real['per_case'])} "
+                        f"(mean over models){'; tumour Dice, ' + ' / '.join(names.get(c, c) for c in tumours) if tumours else ''} | {scans}"
                         f"{'; ' + ' / '.join(format(v, '.3f') for v in tumours.values()) if tumours else ''} | | |")
-    names = {"1": "IRCAD patient 1", "7": "IRCAD patient 7", "totalseg": "TotalSegmentator crop (3 mm, model-made labels)"}
     for case, stats in per_case.items():
         rows.append(
             f"| sim-to-real liver Dice, {names.get(case, case)} (models: mean, range) | {stats['liver_dice_mean']:.3f} "

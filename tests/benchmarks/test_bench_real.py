@@ -26,6 +26,7 @@ def fake_fit(calls: list[list[str]], runs: Path):
     def fit(args: list[str], *_, **__) -> float:
         calls.append(args)
         run = runs / args[args.index("--name") + 1]
+        assert not run.exists(), f"fit would name its run {run.name}-1"  # as fit does with a taken name
         (run / "eval" / "volumes").mkdir(parents=True)
         seed = int(next(a for a in args if a.startswith("run.seed="))[len("run.seed="):])
         scores = {"cases": {"3": {}, "5": {}}, "liver_dice": 0.9 + seed / 100, "tumor_dice": 0.4 + seed / 10,
@@ -42,6 +43,7 @@ def test_an_ablation_trains_each_seed_with_its_changes_under_its_own_run_names(t
     monkeypatch.setattr(bench_real, "RUNS", tmp_path)
     monkeypatch.setattr(bench_real, "fit", fake_fit(calls, tmp_path))
     monkeypatch.setattr(bench_real, "default_postprocessing_scores", lambda run: (10.0, {"tumor_dice": 0.3, "tumor_dice_global": 0.5}))
+    (tmp_path / "demo-seed2-soft-dice" / "checkpoints").mkdir(parents=True)  # a run cut short: trained again, same name
     result = bench_real.demo([0, 2], ["training.fn_weights=[]", "training.epochs=12"], label="soft Dice")
     assert [args[args.index("--name") + 1] for args in calls] == ["demo-seed0-soft-dice", "demo-seed2-soft-dice"]
     assert calls[0][-4:] == ["--set", "training.fn_weights=[]", "--set", "training.epochs=12"]
@@ -76,7 +78,7 @@ def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
     assert ("| the demo with soft Dice (`--set training.fn_weights=[]`), seeds 0–2: held-out liver Dice / tumour Dice per "
             "case / tumour Dice global | 0.500 (0.400 – 0.600) / 0.500 (0.400 – 0.600) / 0.500 (0.400 – 0.600) | | |") in table
     # Tumour Dice: the single models' mean (0.3 and 0.2), the ensemble and the unlabelled crop left out.
-    assert ("| the demo with soft Dice: sim-to-real liver Dice, IRCAD 1 / IRCAD 7 / TotalSegmentator crop (mean over models); "
-            "tumour Dice, IRCAD 1 / IRCAD 7 | "
+    assert ("| the demo with soft Dice: sim-to-real liver Dice, IRCAD patient 1 / IRCAD patient 7 / TotalSegmentator crop (3 mm, "
+            "model-made labels) (mean over models); tumour Dice, IRCAD patient 1 / IRCAD patient 7 | "
             "0.910 / 0.820 / 0.885; 0.300 / 0.200 | | |") in table
     assert "ablation 'soft Dice': _Measured on AMD EPYC (avx512f, avx512_bf16)" in table
