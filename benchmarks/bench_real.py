@@ -54,6 +54,28 @@ def fit(args: list[str], runs: Path = RUNS, env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
+def recipe_digest(recipe: Path = ROOT / "pipelines" / "phantom_demo.toml") -> str:
+    """The demo recipe's sha256 (12 hex digits): what the demo and each ablation were measured on."""
+    import hashlib
+
+    return hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
+
+
+def drop_stale_ablations(results: dict) -> list[str]:
+    """Remove the ablations measured against another demo recipe than ``results["demo"]``'s
+    (a change beside a recipe that is gone compares nothing); return their labels.
+
+    >>> results = {"demo": {"recipe": "aaa"}, "ablations": {"x": {"recipe": "aaa"}, "y": {"recipe": "bbb"}, "z": {}}}
+    >>> drop_stale_ablations(results), sorted(results["ablations"])
+    (['y', 'z'], ['x'])
+    """
+    base = results.get("demo", {}).get("recipe")
+    stale = [label for label, ablation in results.get("ablations", {}).items() if ablation.get("recipe") != base]
+    for label in stale:
+        del results["ablations"][label]
+    return stale
+
+
 def slug(label: str) -> str:
     """A run-name-safe form of an ablation's label.
 
@@ -93,7 +115,7 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
     print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["seed", "minutes", "cases", "liver_dice", "tumor_dice", "liver_dice_global", "tumor_dice_global",
                  "min_lesion_mm3", "tumor_dice_default_postprocessing"]))
-    return {"runs": rows, "summary": summary,
+    return {"runs": rows, "summary": summary, "recipe": recipe_digest(),
             "covers": "every slice of the held-out phantom test volumes, native grid, post-processed; mean per case and global"}
 
 
@@ -248,6 +270,9 @@ def main() -> None:
     for part in args.parts:
         if part == "demo":
             results["demo"] = demo(args.seeds)
+            for label in drop_stale_ablations(results):
+                print(f"dropped the ablation {label!r}: it was measured beside another demo recipe; run it again "
+                      f"with: python benchmarks/bench_real.py ablation --label {label!r} --set ...")
         elif part == "fresh":
             results["fresh"] = fresh()
         elif part == "ablation":

@@ -90,6 +90,47 @@ def parse_batch(records: tf.Tensor, context: int, image_size: tuple[int, int]) -
     return parsed
 
 
+def random_crops(images: tf.Tensor, masks: tf.Tensor, size: int, n_foreground: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Cut one ``size`` x ``size`` patch from each slice, as nnU-Net samples its patches.
+
+    The first ``n_foreground`` slices (the batch's tumor quota) are cut around a random tumor
+    pixel (a liver pixel when the augmentation pushed the tumor out, anywhere when there is
+    neither), shifted by up to a quarter of the patch so that the lesion is not always in
+    the middle; the other slices are cut anywhere. Patches stay inside the slice.
+
+    Args:
+        images: ``[B, H, W, C]`` float32.
+        masks: ``[B, H, W]`` integer labels (0 background, 1 liver, 2 tumor).
+        size: patch side, at most ``min(H, W)``.
+        n_foreground: leading slices cut around their tumor.
+        seed: stateless seed, int ``[2]``.
+
+    Returns:
+        ``(images [B, size, size, C], masks [B, size, size])``, same dtypes.
+
+    Example:
+        >>> images, masks = tf.zeros([2, 8, 8, 1]), tf.zeros([2, 8, 8], tf.uint8)
+        >>> [tuple(t.shape) for t in random_crops(images, masks, 4, 1, tf.constant([0, 1]))]
+        [(2, 4, 4, 1), (2, 4, 4)]
+    """
+    batch, height, width = tf.shape(masks)[0], tf.shape(masks)[1], tf.shape(masks)[2]
+    labels = tf.reshape(tf.cast(masks, tf.int32), [batch, height * width])
+    # Pixel weights: tumor >> liver >> anything for the quota's slices; uniform for the rest.
+    weights = tf.gather([0.0, 10.0, 20.0], labels)
+    quota = tf.range(batch)[:, None] < n_foreground
+    logits = tf.where(quota, weights, tf.zeros_like(weights))
+    pixel = tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)[:, 0]
+    jitter = tf.random.stateless_uniform([batch, 2], tf.random.experimental.stateless_fold_in(seed, 1),
+                                         minval=-(size // 4), maxval=size // 4 + 1, dtype=tf.int32)
+    jitter = tf.where(quota, jitter, tf.zeros_like(jitter))  # the rest are anywhere already
+    top = tf.clip_by_value(pixel // width + jitter[:, 0] - size // 2, 0, height - size)
+    left = tf.clip_by_value(pixel % width + jitter[:, 1] - size // 2, 0, width - size)
+    rows = top[:, None] + tf.range(size)[None]
+    cols = left[:, None] + tf.range(size)[None]
+    crop = lambda t: tf.gather(tf.gather(t, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)  # noqa: E731
+    return crop(images), crop(masks)
+
+
 def _has_tumor(record: tf.Tensor) -> tf.Tensor:
     return tf.io.parse_single_example(record, {"tumor_pixels": FEATURE_SPEC["tumor_pixels"]})["tumor_pixels"] > 0
 
@@ -120,6 +161,7 @@ def make_dataset(
     drop_remainder: bool | None = None,
     replicas: int = 1,
     input_shard: tuple[int, int] | None = None,
+    crop_size: int | None = None,
 ) -> tf.data.Dataset:
     """Build the input pipeline for one split.
 
@@ -146,6 +188,9 @@ def make_dataset(
             split has fewer files than workers. Under ``MultiWorkerMirroredStrategy`` each
             worker passes its own index; the strategy's auto-sharding is then turned off.
             Evaluation datasets (``training=False``) are split by batch instead.
+        crop_size: train on ``crop_size`` x ``crop_size`` patches of the augmented slices
+            (:func:`random_crops`: the tumor quota's around their tumor, the rest anywhere).
+            Evaluation datasets keep whole slices.
 
     Returns:
         ``tf.data.Dataset`` of ``(images [B, H, W, C] float32, masks [B, H, W] int32)``.
@@ -208,6 +253,8 @@ def make_dataset(
         # This worker's own counts: its foreground quota must come from its own tumor slices.
         slices = sum(len(manifest["cases"][cid]["slice_indices"]) for cid in mine)
         tumor_slices = sum(sum(1 for t in manifest["cases"][cid]["tumor_pixels"] if t > 0) for cid in mine)
+    if crop_size is not None and crop_size and not 1 <= int(crop_size) <= min(prep.image_size):
+        raise ValueError(f"crop_size {crop_size} must be between 1 and the slices' size {min(prep.image_size)}")
     if replicas < 1 or batch_size % replicas:
         raise ValueError(f"batch_size {batch_size} must be a multiple of replicas {replicas}")
     files = tf.data.Dataset.from_tensor_slices(paths)
@@ -272,6 +319,9 @@ def make_dataset(
         images, masks = standardized(tf.concat(record_batches, 0))
         if augmenter is not None:
             images, masks = augmenter(images, masks, batch_seed)
+        if crop_size:
+            images, masks = random_crops(images, masks, crop_size, n_foreground,
+                                         tf.random.experimental.stateless_fold_in(batch_seed, 5))
         return _int32_masks(images, masks)
 
     # Keras's preprocessing layers (fused=False) keep random state: one call at a time keeps

@@ -107,9 +107,55 @@ def build_model(name: str, input_shape=(256, 256, 1), num_classes: int = 3, **op
     return builder(input_shape=tuple(input_shape), num_classes=num_classes, **options)
 
 
+def any_size(model: keras.Model, size: int) -> keras.Model:
+    """The same network on slices of any height and width: the same layers, so the same weights.
+
+    Training on patches (nnU-Net's way) and validating on whole slices needs a model that
+    takes both; the fixed-size ``model`` stays the one that is saved, exported and served.
+    What one learns, the other has at once. The U-Nets (``unet``, ``tam_unet``,
+    ``attention_unet``, ``unet_cbam``) can; the models with a built-in encoder of fixed size
+    cannot.
+
+    Args:
+        model: a functional model from :func:`build_model`.
+        size: a patch side the twin must take (checked with one forward pass of zeros).
+
+    Returns:
+        A ``keras.Model`` with input ``"ct_slices"`` ``(batch, None, None, channels)``.
+
+    Raises:
+        ValueError: the network cannot run at ``size`` (a layer built for one size).
+
+    Example:
+
+    >>> model = build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2)
+    >>> twin = any_size(model, 16)
+    >>> tuple(twin.input.shape), twin.weights[0] is model.weights[0]
+    ((None, None, None, 1), True)
+    """
+    channels_first = keras.config.image_data_format() == "channels_first"
+    shape = list(model.inputs[0].shape[1:])
+    spatial = [1, 2] if channels_first else [0, 1]
+    probe = [1, *shape]
+    for axis in spatial:
+        shape[axis] = None
+        probe[axis + 1] = int(size)
+    try:
+        twin = keras.models.clone_model(model, input_tensors=keras.Input(tuple(shape), name=model.inputs[0].name),
+                                        clone_function=lambda layer: layer)
+        twin(keras.ops.zeros(probe), training=False)
+    except Exception as error:  # whatever the layer raises: say which model and what to do
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"model {model.name!r} cannot run on {size}x{size} patches ({first.strip()}): it holds a "
+                         "part built for one input size; train it on whole slices (training.crop_size = 0), or "
+                         "use a U-Net (unet, tam_unet, attention_unet, unet_cbam)") from None
+    return twin
+
+
 __all__ = [
     "MODEL_BUILDERS",
     "MissingExtraError",
+    "any_size",
     "available_models",
     "build_attention_unet",
     "build_deeplabv3plus",

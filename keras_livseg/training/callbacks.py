@@ -6,6 +6,7 @@ EarlyStopping) is Keras's own; :func:`standard_callbacks` assembles it for a run
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -171,10 +172,14 @@ class PredictionImages(keras.callbacks.Callback):
         masks: their labels ``[n, H, W]``.
         log_dir: TensorBoard folder (the grid goes to ``<log_dir>/images``).
         every: epochs between grids.
+        model: the model to draw, when it is not the one trained (patch training trains
+            :func:`~keras_livseg.models.any_size`'s twin of it).
     """
 
-    def __init__(self, images: np.ndarray, masks: np.ndarray, log_dir: str | Path, every: int = 1) -> None:
+    def __init__(self, images: np.ndarray, masks: np.ndarray, log_dir: str | Path, every: int = 1,
+                 model: keras.Model | None = None) -> None:
         super().__init__()
+        self._drawn = model
         self.images = np.asarray(images, dtype=np.float32)
         self.masks = np.asarray(masks)
         self.log_dir = Path(log_dir) / "images"
@@ -186,14 +191,15 @@ class PredictionImages(keras.callbacks.Callback):
             return
         import tensorflow as tf  # TensorBoard's summary writer is TensorFlow's
 
-        probabilities = self.model.predict(self.images, verbose=0)
+        network = self._drawn or self.model
+        probabilities = network.predict(self.images, verbose=0)
         predicted = np.argmax(np.asarray(probabilities), axis=-1)
         grid = prediction_grid(self.images, self.masks, predicted)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
         from keras_livseg.models.attention_maps import attention_maps
 
-        maps = attention_maps(self.model, self.images)
+        maps = attention_maps(network, self.images)
         with self._writer.as_default():
             tf.summary.image("validation/ct_truth_prediction", grid[None].astype(np.float32), step=epoch)
             if maps:
@@ -231,28 +237,47 @@ def best_value_in_history(history_csv: Path, monitor: str) -> float | None:
     return max(values) if values else None
 
 
+class SavesModel(keras.callbacks.ModelCheckpoint):
+    """A ``ModelCheckpoint`` that saves ``saves`` instead of the model being trained.
+
+    Patch training fits :func:`~keras_livseg.models.any_size`'s twin; the checkpoints hold
+    the fixed-size model (the same weights) that ``predict``, ``evaluate`` and the export
+    read.
+    """
+
+    def __init__(self, *args, saves: keras.Model, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._saves = saves
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(self._saves)
+
+
 def standard_callbacks(
     run_dir: Path,
     monitor: str | None = "val_tumor_dice",
     resume: bool = False,
     early_stopping_patience: int | None = None,
     extra: Sequence[keras.callbacks.Callback] = (),
+    saves: keras.Model | None = None,
 ) -> tuple[list[keras.callbacks.Callback], NaNStop]:
     """The run's callbacks, in order: LR logger, NaN stop, extras, checkpoints, backup, CSV, TensorBoard.
 
     ``monitor=None`` (training without validation): ``best.keras`` is the last epoch, as
-    nnU-Net keeps its final checkpoint, and there is no early stopping.
+    nnU-Net keeps its final checkpoint, and there is no early stopping. ``saves``: the model
+    the checkpoints hold, when it is not the one trained (patch training).
     """
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     nan_stop = NaNStop()
     threshold = best_value_in_history(run_dir / "history.csv", monitor) if resume and monitor else None
     callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(), nan_stop, *extra]
+    checkpoint = keras.callbacks.ModelCheckpoint if saves is None else functools.partial(SavesModel, saves=saves)
     if monitor is None:
-        callbacks.append(keras.callbacks.ModelCheckpoint(str(checkpoints / "best.keras")))
+        callbacks.append(checkpoint(str(checkpoints / "best.keras")))
     else:
         callbacks.append(
-            keras.callbacks.ModelCheckpoint(
+            checkpoint(
                 str(checkpoints / "best.keras"),
                 monitor=monitor,
                 mode="max",
@@ -260,7 +285,7 @@ def standard_callbacks(
                 initial_value_threshold=threshold,
             )
         )
-    callbacks.append(keras.callbacks.ModelCheckpoint(str(checkpoints / "last.keras")))
+    callbacks.append(checkpoint(str(checkpoints / "last.keras")))
     callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch", delete_checkpoint=True))
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume))
     if early_stopping_patience and monitor is not None:

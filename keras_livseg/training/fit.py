@@ -41,7 +41,7 @@ TRAINING_KEYS = frozenset(
         "fn_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
         "shuffle_buffer", "monitor", "validation", "init_from", "score_volumes", "max_minutes",
-        "choose_postprocessing",
+        "choose_postprocessing", "crop_size",
     }
 )
 EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
@@ -83,6 +83,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Choose the minimum lesion size on the validation volumes (inference.tuning), as nnU-Net
         # chooses its post-processing; predict, evaluate and the export then apply it.
         "choose_postprocessing": True,
+        # > 0: train on crop_size x crop_size patches (the tumor quota's around their tumor), as
+        # nnU-Net does; validation, checkpoints and everything after see whole slices.
+        "crop_size": 0,
     },
     "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},
 }
@@ -456,6 +459,30 @@ def check_model_matches_data(model_input_shape, prep) -> None:
         )
 
 
+def check_crop_size(value: Any, config: Mapping[str, Any], prep) -> int:
+    """``training.crop_size`` as an int (0: whole slices), checked against the slices and the model.
+
+    The model must be buildable at the patch size (a U-Net of depth 4 needs a multiple of 16):
+    a wrong size would otherwise fail at the first step, deep in a concatenation.
+    """
+    from keras_livseg.models import build_model
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"training.crop_size must be a whole number of pixels (0 for whole slices), got {value!r}")
+    if value == 0:
+        return 0
+    if value > min(prep.image_size):
+        raise ValueError(f"training.crop_size {value} is larger than the slices ({prep.image_size[0]}x{prep.image_size[1]}); "
+                         f"give at most {min(prep.image_size)}, or 0 for whole slices")
+    if value == min(prep.image_size) == max(prep.image_size):
+        return 0  # the whole slice
+    try:
+        build_model(config["model"]["name"], input_shape=(value, value, prep.context), **_model_options(config))
+    except ValueError as error:
+        raise ValueError(f"training.crop_size {value}: {error}") from None
+    return value
+
+
 def _model_options(config: Mapping[str, Any]) -> dict[str, Any]:
     # TOML has no null: the string "none" stands for None (e.g. model.encoder_weights = "none").
     return {
@@ -573,7 +600,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
     from keras_livseg.data.prepare import load_manifest
     from keras_livseg.data.preprocessing import Preprocessing
-    from keras_livseg.models import build_model
+    from keras_livseg.models import any_size, build_model
     from keras_livseg.training import multi_worker
     from keras_livseg.training.callbacks import (
         PredictionImages,
@@ -663,7 +690,8 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     augmentation = Augmentation.from_config(training["augmentation"])
     # Each worker reads its own shards; every batch is made of one part per replica.
     shard = (task.num_workers, task.worker_index) if task is not None else None
-    train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation,
+    crop = check_crop_size(training["crop_size"], config, prep)
+    train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation, crop_size=crop or None,
                             foreground_fraction=float(training["foreground_fraction"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
                             shuffle_buffer=int(training["shuffle_buffer"]), replicas=replicas,
@@ -676,9 +704,14 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     with strategy.scope():
         model = build_model(config["model"]["name"], input_shape=(*prep.image_size, prep.context), **model_options)
         check_model_matches_data(model.input_shape, prep)
-        model.compile(optimizer=build_optimizer(training, steps * epochs), loss=build_loss(training, head),
-                      metrics=default_metrics(head=head))
-        build_optimizer_variables(model)  # not inside the first traced step: a smaller graph
+        # Patches: fit the twin that takes any size (the same layers); checkpoints, held-out
+        # scores and the export use the fixed-size model, compiled alike.
+        trainer = any_size(model, crop) if crop else model
+        trainer.compile(optimizer=build_optimizer(training, steps * epochs), loss=build_loss(training, head),
+                        metrics=default_metrics(head=head))
+        if crop:
+            model.compile(optimizer=trainer.optimizer, loss=trainer.loss, metrics=default_metrics(head=head))
+        build_optimizer_variables(trainer)  # not inside the first traced step: a smaller graph
     logger.info("model %s: %s parameters; %d steps/epoch x %d epochs, global batch %d",
                 config["model"]["name"], f"{model.count_params():,}", steps, epochs, global_batch)
     warm_start = None
@@ -700,13 +733,14 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     if has_val:
         images, masks = pick_tumor_slices(val_ds, count=4)
         if len(images):
-            extra.append(PredictionImages(images, masks, run_dir / "tensorboard", every=int(training["image_every"])))
+            extra.append(PredictionImages(images, masks, run_dir / "tensorboard", every=int(training["image_every"]),
+                                          model=model))
     budget = TimeBudget(float(training.get("max_minutes") or 0)) if float(training.get("max_minutes") or 0) > 0 else None
     if budget is not None:
         extra.append(budget)
     callbacks, nan_stop = standard_callbacks(run_dir, monitor=monitor, resume=resume,
                                              early_stopping_patience=int(training["early_stopping_patience"]) or None,
-                                             extra=extra)
+                                             extra=extra, saves=model if crop else None)
     upload_to = run_url(config, run_dir) if chief else None
     if upload_to:
         callbacks.append(UploadRun(run_dir, upload_to))
@@ -714,7 +748,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     # data, and warns "Your input ran out of data" on every first pass.
     val_steps = math.ceil(manifest["splits"]["val"]["slices"] / global_batch) if has_val else None
     try:
-        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
+        history = trainer.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
                             validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
                             shuffle=False)  # the dataset shuffles itself
     except Exception as error:

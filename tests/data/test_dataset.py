@@ -149,3 +149,71 @@ def test_augmentation_probability_is_the_share_of_changed_samples(shard_dir):
     for (a, _), (b, _) in zip(augmented.take(40), plain.take(40)):
         changed.extend(np.abs(a.numpy() - b.numpy()).max(axis=(1, 2, 3)) > 1e-6)
     assert 0.15 < np.mean(changed) < 0.35
+
+
+# --- patches (training.crop_size) ----------------------------------------------------------------
+
+
+def _coordinate_batch(batch: int = 6, size: int = 32) -> tuple[tf.Tensor, tf.Tensor]:
+    """Images whose channels are the pixel's row and column; one tumour pixel per slice at
+    a different place, liver around it."""
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    images = np.stack([rows, cols], -1).astype(np.float32)[None].repeat(batch, 0)
+    masks = np.zeros((batch, size, size), np.uint8)
+    for b in range(batch):
+        r, c = (3 + 5 * b) % size, (size - 2 - 7 * b) % size
+        masks[b, max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = 1
+        masks[b, r, c] = 2
+    return tf.constant(images), tf.constant(masks)
+
+
+def test_random_crops_cut_image_and_mask_at_the_same_place_inside_the_slice():
+    from keras_livseg.data.dataset import random_crops
+
+    images, masks = _coordinate_batch()
+    for seed in range(20):
+        crops, crop_masks = random_crops(images, masks, 12, 3, tf.constant([seed, 1]))
+        crops, crop_masks = crops.numpy(), crop_masks.numpy()
+        assert crops.shape == (6, 12, 12, 2) and crop_masks.shape == (6, 12, 12) and crop_masks.dtype == np.uint8
+        for b in range(6):
+            top, left = int(crops[b, 0, 0, 0]), int(crops[b, 0, 0, 1])
+            assert 0 <= top <= 20 and 0 <= left <= 20
+            # One contiguous window: rows and columns step by one, and the mask is the same window.
+            np.testing.assert_array_equal(crops[b, :, 0, 0], np.arange(top, top + 12))
+            np.testing.assert_array_equal(crops[b, 0, :, 1], np.arange(left, left + 12))
+            np.testing.assert_array_equal(crop_masks[b], masks.numpy()[b, top:top + 12, left:left + 12])
+
+
+def test_random_crops_hold_the_quotas_tumour_always_and_the_others_by_chance():
+    from keras_livseg.data.dataset import random_crops
+
+    images, masks = _coordinate_batch()
+    quota_hits, other_hits, centred, tops = [], [], [], set()
+    for seed in range(200):
+        crops, crop_masks = random_crops(images, masks, 12, 3, tf.constant([seed, 7]))
+        has_tumour = (crop_masks.numpy() == 2).any(axis=(1, 2))
+        quota_hits.extend(has_tumour[:3])
+        other_hits.extend(has_tumour[3:])
+        for b in range(3):  # where the tumour sits in the quota's patches: not always the middle
+            r, c = np.argwhere(crop_masks.numpy()[b] == 2)[0]
+            centred.append((r, c) == (6, 6))
+        tops.update(int(t) for t in crops.numpy()[3:, 0, 0, 0])
+    assert all(quota_hits)
+    # Anywhere: a 12-pixel patch of a 32-pixel slice holds a given pixel about 12*12/21/21 = 1/3 of the
+    # time (less near the border); far from always.
+    assert 0.1 < np.mean(other_hits) < 0.6
+    assert np.mean(centred) < 0.2
+    assert tops == set(range(21))  # every position is drawn
+
+
+def test_training_batches_are_patches_and_evaluation_batches_whole_slices(shard_dir):
+    manifest = load_manifest(shard_dir)
+    train = make_dataset(manifest, "train", batch_size=4, foreground_fraction=0.5, seed=1, crop_size=16,
+                         augmentation=Augmentation.none())  # a zoom could push a lesion out of the slice
+    for images, masks in train.take(10):
+        assert images.shape == (4, 16, 16, 1) and masks.shape == (4, 16, 16) and masks.dtype == tf.int32
+        assert (masks.numpy()[:2] == 2).any(axis=(1, 2)).all()  # the quota's tumour is in the patch
+    images, _ = next(iter(make_dataset(manifest, "val", batch_size=4, crop_size=16)))
+    assert images.shape == (4, 32, 32, 1)
+    with pytest.raises(ValueError, match="crop_size 40 must be between 1 and the slices' size 32"):
+        make_dataset(manifest, "train", batch_size=4, crop_size=40)

@@ -64,3 +64,27 @@ def test_a_model_without_its_extra_names_the_extra(name, monkeypatch):
         build_model(name, input_shape=(64, 64, 1))
     with pytest.raises(ValueError):  # the commands print ValueErrors as one line
         build_model(name, input_shape=(64, 64, 1))
+
+
+PATCH_TRAINABLE = {"unet", "tam_unet", "attention_unet", "unet_cbam"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_any_size_twin_shares_the_weights_or_says_the_model_cannot_take_patches(name):
+    from keras_livseg.models import any_size
+
+    _needs(name)
+    model = build_model(name, input_shape=(64, 64, 1), **SMALL_OPTIONS[name])
+    if name not in PATCH_TRAINABLE:
+        with pytest.raises(ValueError, match=r"cannot run on 32x32 patches .*training.crop_size = 0"):
+            any_size(model, 32)
+        return
+    twin = any_size(model, 32)
+    assert tuple(twin.input.shape) == (None, None, None, 1) and twin.inputs[0].name == "ct_slices"
+    assert len(twin.weights) == len(model.weights) and all(a is b for a, b in zip(twin.weights, model.weights))
+    whole = random_inputs([(2, 64, 64, 1)])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(twin(whole, training=False)),
+                                  keras.ops.convert_to_numpy(model(whole, training=False)))
+    patch = keras.ops.convert_to_numpy(twin(random_inputs([(2, 32, 32, 1)]), training=False))
+    assert patch.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(patch.sum(-1), 1.0, atol=1e-5)

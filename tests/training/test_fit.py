@@ -185,6 +185,15 @@ def test_shipped_recipe_resolves_and_builds_its_model(recipe):
     # The optimizer and loss the recipe names can be built too.
     fit.build_optimizer(config["training"], total_steps=10)
     fit.build_loss(config["training"], options.get("head", "softmax"))
+    crop = int(config["training"]["crop_size"])
+    if crop:  # the model of the recipe's own size takes its patches
+        from keras_livseg.models import any_size
+
+        size = int(config["preprocessing"]["image_size"])
+        prep = types.SimpleNamespace(image_size=(size, size), context=context)
+        assert fit.check_crop_size(crop, {**config, "model": {"name": config["model"]["name"], **options}}, prep) == crop
+        full = build_model(config["model"]["name"], input_shape=(*prep.image_size, context), **options)
+        assert any_size(full, crop).input_shape == (None, None, None, context)
 
 
 def test_tversky_weights_of_the_recipe_reach_the_loss():
@@ -683,6 +692,47 @@ def test_a_deterministic_run_repeats_exactly_and_leaves_tensorflow_as_it_was(cac
     assert len(weights_1) == len(weights_2) > 10
     for a, b in zip(weights_1, weights_2):
         np.testing.assert_array_equal(a, b)
+
+
+def test_patch_training_fits_patches_and_keeps_whole_slice_checkpoints(cache_dir, tmp_path, monkeypatch):
+    from keras_livseg.data import dataset
+
+    sizes = []
+    cut = dataset.random_crops
+    monkeypatch.setattr(dataset, "random_crops", lambda images, masks, size, *rest: sizes.append(size) or cut(images, masks, size, *rest))
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "patches", "--epochs", "1",
+                              "--steps-per-epoch", "10", "--set", "training.crop_size=16"])
+    assert code == 0, err[-3000:]
+    assert sizes and set(sizes) == {16}  # the training pipeline cut 16x16 patches
+    run = tmp_path / "patches"
+    for name in ("best.keras", "last.keras"):  # what predict and the export read: the whole-slice model
+        saved = keras.saving.load_model(run / "checkpoints" / name, compile=False)
+        assert tuple(saved.input_shape) == (None, 32, 32, 1)
+    history = read_history(run)
+    assert float(history[0]["val_loss"]) > 0 and history[0]["val_liver_dice"] != "NA"  # validated on whole slices
+    held_out = json.loads((run / "eval" / "held_out_volumes.json").read_text())
+    assert 0 < held_out["liver_dice"] <= 1
+    assert list((run / "tensorboard" / "images").iterdir())  # the prediction grid drew the whole-slice model
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [("10", "training.crop_size 10: tam_unet: input height 10 is not a multiple of 4"),
+     ("48", "training.crop_size 48 is larger than the slices (32x32); give at most 32"),
+     ("-1", "training.crop_size must be a whole number of pixels"),
+     ("16.5", "training.crop_size must be a whole number of pixels")],
+)
+def test_bad_crop_size_is_one_line(cache_dir, tmp_path, value, fragment):
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", f"training.crop_size={value}"])
+    assert code == 2 and fragment in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_model_that_cannot_take_patches_is_refused_before_training(cache_dir, tmp_path):
+    tam_unet_options = {i for i, arg in enumerate(TINY_ARGS) if arg.startswith("model.")}
+    args = [arg for i, arg in enumerate(TINY_ARGS) if i not in tam_unet_options and i + 1 not in tam_unet_options]
+    code, _, err = run_cli([*args, "--runs-dir", str(tmp_path), "--image-size", "64", "--set", "model.name=linknet",
+                            "--set", "model.encoder=resnet18", "--set", "training.crop_size=32"])
+    assert code == 2 and "cannot run on 32x32 patches" in err and "training.crop_size = 0" in err, err[-2000:]
 
 
 @pytest.mark.slow
