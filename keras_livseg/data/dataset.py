@@ -93,10 +93,11 @@ def parse_batch(records: tf.Tensor, context: int, image_size: tuple[int, int]) -
 def random_crops(images: tf.Tensor, masks: tf.Tensor, size: int, n_foreground: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Cut one ``size`` x ``size`` patch from each slice, as nnU-Net samples its patches.
 
-    The first ``n_foreground`` slices (the batch's tumor quota) are cut around a random tumor
-    pixel (a liver pixel when the augmentation pushed the tumor out, anywhere when there is
-    neither), shifted by up to a quarter of the patch so that the lesion is not always in
-    the middle; the other slices are cut anywhere. Patches stay inside the slice.
+    The first ``n_foreground`` slices (the batch's tumor quota) are cut around a pixel drawn
+    uniformly from their tumor (from their liver when the augmentation pushed the tumor out,
+    from anywhere when there is neither), shifted by up to a quarter of the patch so that the
+    lesion is not always in the middle; the other slices' patches are placed uniformly among
+    the positions inside the slice. Patches never leave the slice.
 
     Args:
         images: ``[B, H, W, C]`` float32.
@@ -115,16 +116,23 @@ def random_crops(images: tf.Tensor, masks: tf.Tensor, size: int, n_foreground: i
     """
     batch, height, width = tf.shape(masks)[0], tf.shape(masks)[1], tf.shape(masks)[2]
     labels = tf.reshape(tf.cast(masks, tf.int32), [batch, height * width])
-    # Pixel weights: tumor >> liver >> anything for the quota's slices; uniform for the rest.
-    weights = tf.gather([0.0, 10.0, 20.0], labels)
-    quota = tf.range(batch)[:, None] < n_foreground
-    logits = tf.where(quota, weights, tf.zeros_like(weights))
-    pixel = tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)[:, 0]
-    jitter = tf.random.stateless_uniform([batch, 2], tf.random.experimental.stateless_fold_in(seed, 1),
-                                         minval=-(size // 4), maxval=size // 4 + 1, dtype=tf.int32)
-    jitter = tf.where(quota, jitter, tf.zeros_like(jitter))  # the rest are anywhere already
-    top = tf.clip_by_value(pixel // width + jitter[:, 0] - size // 2, 0, height - size)
-    left = tf.clip_by_value(pixel % width + jitter[:, 1] - size // 2, 0, width - size)
+    seeds = [tf.random.experimental.stateless_fold_in(seed, k) for k in range(3)]
+    quota = tf.range(batch) < n_foreground
+    # The quota's target class: tumor if the slice still has some, else liver, else any pixel (-1);
+    # then one pixel of that class, each as likely as the others.
+    has = lambda label: tf.reduce_any(tf.equal(labels, label), axis=1)  # noqa: E731
+    target = tf.where(has(2), 2, tf.where(has(1), 1, -1))
+    eligible = tf.equal(labels, target[:, None]) | (target[:, None] < 0)
+    pixel = tf.random.stateless_categorical(tf.where(eligible, 0.0, -1e9), 1, seed=seeds[0], dtype=tf.int32)[:, 0]
+    jitter = tf.random.stateless_uniform([batch, 2], seeds[1], minval=-(size // 4), maxval=size // 4 + 1, dtype=tf.int32)
+    around_top = tf.clip_by_value(pixel // width + jitter[:, 0] - size // 2, 0, height - size)
+    around_left = tf.clip_by_value(pixel % width + jitter[:, 1] - size // 2, 0, width - size)
+    # The others: every position inside the slice equally likely (no pile-up at the borders).
+    anywhere = tf.random.stateless_uniform([batch, 2], seeds[2], dtype=tf.float32)
+    anywhere_top = tf.cast(anywhere[:, 0] * tf.cast(height - size + 1, tf.float32), tf.int32)
+    anywhere_left = tf.cast(anywhere[:, 1] * tf.cast(width - size + 1, tf.float32), tf.int32)
+    top = tf.minimum(tf.where(quota, around_top, anywhere_top), height - size)
+    left = tf.minimum(tf.where(quota, around_left, anywhere_left), width - size)
     rows = top[:, None] + tf.range(size)[None]
     cols = left[:, None] + tf.range(size)[None]
     crop = lambda t: tf.gather(tf.gather(t, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)  # noqa: E731

@@ -44,6 +44,10 @@ MODEL_BUILDERS = {
 }
 
 
+#: Models that can train on patches and predict whole slices (:func:`any_size`): the U-Nets.
+#: The others hold an encoder built for one input size.
+PATCH_TRAINABLE = frozenset({"unet", "tam_unet", "attention_unet", "unet_cbam"})
+
 #: Models that need an optional extra: name -> (the package they import, the extra that installs it).
 EXTRAS: dict[str, tuple[str, str]] = {"deeplabv3plus": ("keras_cv", "cv"), "segformer": ("keras_cv", "cv")}
 
@@ -112,9 +116,8 @@ def any_size(model: keras.Model, size: int) -> keras.Model:
 
     Training on patches (nnU-Net's way) and validating on whole slices needs a model that
     takes both; the fixed-size ``model`` stays the one that is saved, exported and served.
-    What one learns, the other has at once. The U-Nets (``unet``, ``tam_unet``,
-    ``attention_unet``, ``unet_cbam``) can; the models with a built-in encoder of fixed size
-    cannot.
+    What one learns, the other has at once. The models of :data:`PATCH_TRAINABLE` can; the
+    ones with an encoder built for one size cannot.
 
     Args:
         model: a functional model from :func:`build_model`.
@@ -144,7 +147,7 @@ def any_size(model: keras.Model, size: int) -> keras.Model:
         twin = keras.models.clone_model(model, input_tensors=keras.Input(tuple(shape), name=model.inputs[0].name),
                                         clone_function=lambda layer: layer)
         twin(keras.ops.zeros(probe), training=False)
-    except Exception as error:  # whatever the layer raises: say which model and what to do
+    except ValueError as error:  # a layer's shape check: say which model and what to do
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise ValueError(f"model {model.name!r} cannot run on {size}x{size} patches ({first.strip()}): it holds a "
                          "part built for one input size; train it on whole slices (training.crop_size = 0), or "
@@ -155,6 +158,7 @@ def any_size(model: keras.Model, size: int) -> keras.Model:
 __all__ = [
     "MODEL_BUILDERS",
     "MissingExtraError",
+    "PATCH_TRAINABLE",
     "any_size",
     "available_models",
     "build_attention_unet",

@@ -191,7 +191,7 @@ class PredictionImages(keras.callbacks.Callback):
             return
         import tensorflow as tf  # TensorBoard's summary writer is TensorFlow's
 
-        network = self._drawn or self.model
+        network = self._drawn if self._drawn is not None else self.model
         probabilities = network.predict(self.images, verbose=0)
         predicted = np.argmax(np.asarray(probabilities), axis=-1)
         grid = prediction_grid(self.images, self.masks, predicted)

@@ -73,8 +73,12 @@ def model_section(base: Mapping[str, Any], model: str, per_model: Mapping[str, M
 
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The shared sections of a config, without the keys allowed to differ."""
-    return {section: {k: v for k, v in config.get(section, {}).items() if k not in VOLATILE_KEYS.get(section, set())}
+    """The shared sections of a config, without the keys allowed to differ; training keys newer
+    than a run count as their defaults (which keep what the run did)."""
+    from keras_livseg.training.fit import DEFAULTS
+
+    return {section: {k: v for k, v in {**DEFAULTS.get(section, {}), **config.get(section, {})}.items()
+                      if k not in VOLATILE_KEYS.get(section, set())}
             for section in SHARED_SECTIONS}
 
 
@@ -133,6 +137,7 @@ def run_comparison(
         raise ValueError("compare needs at least one model and one seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds gave the same seed twice: {list(seeds)}")
+    config = same_input_for_all(config, models)
     out_dir = Path(config["run"]["runs_dir"]) / (name or f"compare-{Path(config['recipe']).stem}")
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dirs, total = [], len(models) * len(seeds)
@@ -171,10 +176,32 @@ def run_comparison(
     return ComparisonResult(out_dir, summary)
 
 
+def same_input_for_all(config: Mapping[str, Any], models: Sequence[str]) -> dict:
+    """``config`` with whole slices for every model when one of ``models`` cannot train on
+    patches (``training.crop_size``): a comparison gives every model the same input and budget.
+
+    >>> same_input_for_all({"training": {"crop_size": 64}}, ["unet", "effb0_pan"])["training"]["crop_size"]
+    0
+    >>> same_input_for_all({"training": {"crop_size": 64}}, ["unet", "tam_unet"])["training"]["crop_size"]
+    64
+    """
+    from keras_livseg.models import PATCH_TRAINABLE
+
+    crop = int(config.get("training", {}).get("crop_size") or 0)
+    whole = [model for model in models if model not in PATCH_TRAINABLE]
+    if not crop or not whole:
+        return dict(config)
+    logger.info("%s cannot train on patches: every model trains on whole slices (training.crop_size %d -> 0), so that "
+                "all see the same input", ", ".join(whole), crop)
+    return {**config, "training": {**config["training"], "crop_size": 0}}
+
+
 def _budget(training: Mapping[str, Any]) -> str:
     steps = int(training.get("steps_per_epoch") or 0)
     per_epoch = f"{steps} steps" if steps else "one pass over the training slices"
     budget = f"{training['epochs']} epochs of {per_epoch}, batch {training['batch_size']}"
+    crop = int(training.get("crop_size") or 0)
+    budget += f" of {crop}x{crop} patches" if crop else ""
     minutes = float(training.get("max_minutes") or 0)
     if minutes > 0:
         budget = f"at most {budget}, each run stopped after the first epoch that ended past {minutes:g} min"

@@ -459,13 +459,15 @@ def check_model_matches_data(model_input_shape, prep) -> None:
         )
 
 
-def check_crop_size(value: Any, config: Mapping[str, Any], prep) -> int:
-    """``training.crop_size`` as an int (0: whole slices), checked against the slices and the model.
+def resolve_crop_size(value: Any, config: Mapping[str, Any], prep) -> int:
+    """``training.crop_size`` as the run will use it: 0 for whole slices, else the patch side.
 
-    The model must be buildable at the patch size (a U-Net of depth 4 needs a multiple of 16):
-    a wrong size would otherwise fail at the first step, deep in a concatenation.
+    A size the model cannot be built at (a U-Net of depth 4 needs a multiple of 16) is refused
+    here, before the run's config is written, not at the first step deep in a concatenation.
+    A model that cannot train on patches (not in :data:`~keras_livseg.models.PATCH_TRAINABLE`,
+    e.g. ``fit --model effb0_pan`` on the demo's recipe) trains on whole slices, with a warning.
     """
-    from keras_livseg.models import build_model
+    from keras_livseg.models import PATCH_TRAINABLE, build_model
 
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"training.crop_size must be a whole number of pixels (0 for whole slices), got {value!r}")
@@ -476,8 +478,13 @@ def check_crop_size(value: Any, config: Mapping[str, Any], prep) -> int:
                          f"give at most {min(prep.image_size)}, or 0 for whole slices")
     if value == min(prep.image_size) == max(prep.image_size):
         return 0  # the whole slice
+    name = config["model"]["name"]
+    if name not in PATCH_TRAINABLE:
+        logger.warning("%s cannot train on patches (its encoder is built for one input size): training.crop_size %d "
+                       "is ignored, it trains on whole %dx%d slices", name, value, *prep.image_size)
+        return 0
     try:
-        build_model(config["model"]["name"], input_shape=(value, value, prep.context), **_model_options(config))
+        build_model(name, input_shape=(value, value, prep.context), **_model_options(config))
     except ValueError as error:
         raise ValueError(f"training.crop_size {value}: {error}") from None
     return value
@@ -513,6 +520,8 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str,
             return {"finished": finished, "run_dir": str(run_dir)}
         saved = json.loads((run_dir / "config.json").read_text())
         saved["training"]["epochs"] = training["epochs"]  # the one value a resume may extend
+        for key, value in DEFAULTS["training"].items():  # keys newer than the run: their defaults keep its behaviour
+            saved["training"].setdefault(key, value)
         config = saved
         training = config["training"]
     else:
@@ -528,6 +537,7 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str,
             "normalization='volume' models cannot be exported for serving (a request holds slices, not the "
             "volume); pass --no-export, or use preprocessing.normalization='foreground'"
         )
+    crop = resolve_crop_size(training["crop_size"], config, prep)  # a bad size stops before config.json exists
     model_options = _model_options(config)
     input_shape = (*prep.image_size, prep.context)
 
@@ -545,7 +555,8 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str,
     os.replace(partial, run_dir / "config.json")
     write_preprocessing_json(run_dir / "preprocessing.json", prep, model=config["model"]["name"],
                              classes=["background", "liver", "tumor"])
-    return {"finished": None, "run_dir": str(run_dir), "config": config, "shards": str(shard_dir), "precision": policy}
+    return {"finished": None, "run_dir": str(run_dir), "config": config, "shards": str(shard_dir), "precision": policy,
+            "crop_size": crop}
 
 
 def _copy_resume_state(chief_run: Path, scratch: Path) -> None:
@@ -644,14 +655,14 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         if setup["finished"] is not None:
             return setup["finished"]
         run_dir, config = Path(setup["run_dir"]), setup["config"]
-        shard_dir = Path(setup["shards"])
+        shard_dir, crop = Path(setup["shards"]), int(setup["crop_size"])
         manifest = load_manifest(shard_dir)
     else:
         shared = multi_worker.share_from_chief(strategy, False, None)
         if shared["finished"]:
             logger.info("%s: the chief found the run already finished: nothing to do", task.name)
             return FitResult(Path(shared["run_dir"]), None, None, {}, 0, 0.0, already_complete=True, chief=False)
-        config, shard_dir = shared["config"], Path(shared["shards"])
+        config, shard_dir, crop = shared["config"], Path(shared["shards"]), int(shared["crop_size"])
         scratch = Path(tempfile.mkdtemp(prefix=f"keras_livseg-{task.name}-"))
         run_dir = scratch
         error = None
@@ -690,7 +701,6 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     augmentation = Augmentation.from_config(training["augmentation"])
     # Each worker reads its own shards; every batch is made of one part per replica.
     shard = (task.num_workers, task.worker_index) if task is not None else None
-    crop = check_crop_size(training["crop_size"], config, prep)
     train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation, crop_size=crop or None,
                             foreground_fraction=float(training["foreground_fraction"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
@@ -781,7 +791,9 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     if held_out is not None:
         test_ds = make_dataset(manifest, held_out, global_batch, training=False, input_shard=shard)
         test_steps = math.ceil(manifest["splits"][held_out]["slices"] / global_batch)
-        scores = model.evaluate(test_ds, steps=test_steps, verbose=0, return_dict=True)
+        # The trained model's twin (same weights) has built metrics: the fixed-size one, compiled but
+        # never run, would take a batch from the evaluation to build them under several workers.
+        scores = trainer.evaluate(test_ds, steps=test_steps, verbose=0, return_dict=True)
         test_metrics = {k: float(v) for k, v in scores.items()}
         test_metrics["split"] = held_out
         test_metrics["covers"] = f"{manifest['selection']['slices']} slices of the shards, {len(manifest['splits'][held_out]['cases'])} case(s), model grid"

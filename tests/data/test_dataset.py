@@ -199,11 +199,42 @@ def test_random_crops_hold_the_quotas_tumour_always_and_the_others_by_chance():
             centred.append((r, c) == (6, 6))
         tops.update(int(t) for t in crops.numpy()[3:, 0, 0, 0])
     assert all(quota_hits)
-    # Anywhere: a 12-pixel patch of a 32-pixel slice holds a given pixel about 12*12/21/21 = 1/3 of the
-    # time (less near the border); far from always.
-    assert 0.1 < np.mean(other_hits) < 0.6
+    # Anywhere: a 12-pixel patch placed uniformly in a 32-pixel slice holds these tumour pixels (near
+    # the borders) about 1/8 of the time; far from always.
+    assert 0.03 < np.mean(other_hits) < 0.4
     assert np.mean(centred) < 0.2
     assert tops == set(range(21))  # every position is drawn
+
+
+def test_random_crops_place_the_others_uniformly_and_find_one_tumour_pixel_among_much_liver():
+    from keras_livseg.data.dataset import random_crops
+
+    # 128 px slices that are nearly all liver with a single tumour pixel in a corner.
+    masks = np.ones((8, 128, 128), np.uint8)
+    masks[:, 120, 5] = 2
+    masks[4:] = 0  # the others: background only
+    masks[2] = 1  # a quota slice whose tumour is gone (say, zoomed out): its patch is cut around liver
+    masks[2, :, :64] = 0
+    images = tf.zeros((8, 128, 128, 1))
+    tops, lefts, liver_share = [], [], []
+    for seed in range(100):
+        crops, crop_masks = random_crops(images, tf.constant(masks), 64, 4, tf.constant([seed, 3]))
+        crop_masks = crop_masks.numpy()
+        assert (crop_masks[[0, 1, 3]] == 2).any(axis=(1, 2)).all()
+        liver_share.append((crop_masks[2] == 1).mean())
+        assert liver_share[-1] >= 0.25  # cut around a liver pixel (column >= 64): a quarter patch of liver at least
+        rows, cols = np.asarray(crops.numpy().shape[1:3])
+        assert rows == cols == 64
+        # Where the others were cut: recover the offsets from a coordinate image.
+        coords = np.stack(np.meshgrid(np.arange(128), np.arange(128), indexing="ij"), -1).astype(np.float32)
+        placed, _ = random_crops(tf.constant(coords[None].repeat(8, 0)), tf.constant(masks), 64, 4, tf.constant([seed, 3]))
+        tops.extend(placed.numpy()[4:, 0, 0, 0])
+        lefts.extend(placed.numpy()[4:, 0, 0, 1])
+    assert np.mean(liver_share) > 0.65  # a uniform placement would give 0.5
+    tops, lefts = np.asarray(tops), np.asarray(lefts)
+    # 65 positions per axis, 400 draws: each border position about 1/65 of them, not a quarter.
+    assert (tops == 0).mean() < 0.05 and (tops == 64).mean() < 0.05 and (lefts == 0).mean() < 0.05
+    assert abs(tops.mean() - 32) < 4 and abs(lefts.mean() - 32) < 4
 
 
 def test_training_batches_are_patches_and_evaluation_batches_whole_slices(shard_dir):

@@ -216,3 +216,25 @@ def test_the_budget_line_names_epochs_and_minutes():
     args = compare_cli.build_parser().parse_args(["--minutes", "12.5", "--epochs", "50"])
     shared, _ = compare_cli.split_overrides(args)
     assert shared["training"] == {"epochs": 50, "max_minutes": 12.5}
+
+
+def test_one_model_without_patches_puts_every_model_on_whole_slices():
+    from keras_livseg.training.compare import _budget, same_input_for_all
+
+    recipe = {"training": {"crop_size": 64, "epochs": 10, "steps_per_epoch": 180, "batch_size": 8}}
+    assert same_input_for_all(recipe, ["unet", "tam_unet"])["training"]["crop_size"] == 64
+    mixed = same_input_for_all(recipe, ["tam_unet", "effb0_pan"])
+    assert mixed["training"]["crop_size"] == 0 and recipe["training"]["crop_size"] == 64  # a copy, not the recipe
+    assert _budget(recipe["training"]) == "10 epochs of 180 steps, batch 8 of 64x64 patches"
+    assert _budget(mixed["training"]) == "10 epochs of 180 steps, batch 8"
+
+
+def test_a_run_from_before_a_training_key_existed_compares_as_its_default():
+    from keras_livseg.training.compare import _differences, _settings
+    from keras_livseg.training.fit import DEFAULTS
+
+    now = {"training": {**DEFAULTS["training"], "epochs": 5}}
+    before = {"training": {k: v for k, v in now["training"].items() if k != "crop_size"}}
+    assert _differences(_settings(before), _settings(now)) == []
+    assert _differences(_settings(before), _settings({"training": {**now["training"], "crop_size": 32}})) == [
+        "training.crop_size: 0 there, 32 here"]

@@ -191,8 +191,9 @@ def test_shipped_recipe_resolves_and_builds_its_model(recipe):
 
         size = int(config["preprocessing"]["image_size"])
         prep = types.SimpleNamespace(image_size=(size, size), context=context)
-        assert fit.check_crop_size(crop, {**config, "model": {"name": config["model"]["name"], **options}}, prep) == crop
-        full = build_model(config["model"]["name"], input_shape=(*prep.image_size, context), **options)
+        assert fit.resolve_crop_size(crop, config, prep) == crop  # the recipe's own model, depth and all
+        own = {k: v for k, v in config["model"].items() if k not in fit.MODEL_FIXED_KEYS}
+        full = build_model(config["model"]["name"], input_shape=(*prep.image_size, context), **own)
         assert any_size(full, crop).input_shape == (None, None, None, context)
 
 
@@ -727,12 +728,37 @@ def test_bad_crop_size_is_one_line(cache_dir, tmp_path, value, fragment):
     assert code == 2 and fragment in err and "Traceback" not in err, err[-2000:]
 
 
-def test_a_model_that_cannot_take_patches_is_refused_before_training(cache_dir, tmp_path):
+def test_a_model_that_cannot_take_patches_trains_on_whole_slices_and_says_so(cache_dir, tmp_path, caplog):
     tam_unet_options = {i for i, arg in enumerate(TINY_ARGS) if arg.startswith("model.")}
     args = [arg for i, arg in enumerate(TINY_ARGS) if i not in tam_unet_options and i + 1 not in tam_unet_options]
-    code, _, err = run_cli([*args, "--runs-dir", str(tmp_path), "--image-size", "64", "--set", "model.name=linknet",
-                            "--set", "model.encoder=resnet18", "--set", "training.crop_size=32"])
-    assert code == 2 and "cannot run on 32x32 patches" in err and "training.crop_size = 0" in err, err[-2000:]
+    with caplog.at_level("WARNING", logger="keras_livseg.training.fit"):
+        code, _, err = run_cli([*args, "--runs-dir", str(tmp_path), "--name", "linknet", "--image-size", "64",
+                                "--epochs", "1", "--steps-per-epoch", "2", "--set", "model.name=linknet",
+                                "--set", "model.encoder=resnet18", "--set", "training.crop_size=32",
+                                "--set", "training.score_volumes=false", "--set", "training.choose_postprocessing=false"])
+    assert code == 0, err[-2000:]
+    assert any("linknet cannot train on patches" in r.getMessage() and "whole 64x64 slices" in r.getMessage()
+               for r in caplog.records)
+    saved = keras.saving.load_model(tmp_path / "linknet" / "checkpoints" / "last.keras", compile=False)
+    assert tuple(saved.input_shape) == (None, 64, 64, 1)
+
+
+def test_resuming_a_run_from_before_a_recipe_key_existed_uses_its_default(tiny_run, tmp_path):
+    """A run whose config.json predates ``training.crop_size`` (and other new keys) resumes as it trained."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run.run_dir, run)
+    (run / "complete.json").unlink()
+    saved = json.loads((run / "config.json").read_text())
+    del saved["training"]["crop_size"], saved["training"]["fn_weights"]
+    (run / "config.json").write_text(json.dumps(saved))
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "old", "--resume", "--epochs", "3",
+                            "--set", "training.score_volumes=false", "--set", "training.choose_postprocessing=false"])
+    assert code == 0, err[-2000:]  # a KeyError before the defaults filled in
+    resumed = json.loads((run / "config.json").read_text())["training"]
+    assert resumed["crop_size"] == 0 and resumed["fn_weights"] == []
+    assert float(read_history(run)[-1]["epoch"]) == 2  # it trained to the third epoch
 
 
 @pytest.mark.slow
