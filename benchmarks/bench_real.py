@@ -55,10 +55,13 @@ def fit(args: list[str], runs: Path = RUNS, env: dict | None = None) -> float:
 
 
 def recipe_digest(recipe: Path = ROOT / "pipelines" / "phantom_demo.toml") -> str:
-    """The demo recipe's sha256 (12 hex digits): what the demo and each ablation were measured on."""
+    """The demo recipe's settings as a sha256 (12 hex digits; comments and layout do not count):
+    what the demo and each ablation were measured on."""
     import hashlib
+    import tomllib
 
-    return hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
+    settings = json.dumps(tomllib.loads(recipe.read_text()), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:12]
 
 
 def drop_stale_ablations(results: dict) -> list[str]:
