@@ -170,7 +170,7 @@ def test_existing_run_name_gets_a_suffix(tmp_path):
 # --- recipes -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["phantom_demo.toml", *LITS_RECIPES])
+@pytest.mark.parametrize("recipe", ["phantom_demo.toml", "ircadb_finetune.toml", *LITS_RECIPES])
 def test_shipped_recipe_resolves_and_builds_its_model(recipe):
     from keras_livseg.models import build_model
 
