@@ -58,9 +58,10 @@ def recipe_digest(recipe: Path = ROOT / "pipelines" / "phantom_demo.toml") -> st
     """The demo recipe's settings as a sha256 (12 hex digits; comments and layout do not count):
     what the demo and each ablation were measured on."""
     import hashlib
-    import tomllib
 
-    settings = json.dumps(tomllib.loads(recipe.read_text()), sort_keys=True)
+    from keras_livseg.training.recipe import load_recipe
+
+    settings = json.dumps(load_recipe(recipe), sort_keys=True)
     return hashlib.sha256(settings.encode()).hexdigest()[:12]
 
 

@@ -261,7 +261,7 @@ def make_dataset(
         # This worker's own counts: its foreground quota must come from its own tumor slices.
         slices = sum(len(manifest["cases"][cid]["slice_indices"]) for cid in mine)
         tumor_slices = sum(sum(1 for t in manifest["cases"][cid]["tumor_pixels"] if t > 0) for cid in mine)
-    if crop_size is not None and crop_size and not 1 <= int(crop_size) <= min(prep.image_size):
+    if crop_size and not 1 <= int(crop_size) <= min(prep.image_size):
         raise ValueError(f"crop_size {crop_size} must be between 1 and the slices' size {min(prep.image_size)}")
     if replicas < 1 or batch_size % replicas:
         raise ValueError(f"batch_size {batch_size} must be a multiple of replicas {replicas}")

@@ -151,7 +151,7 @@ def any_size(model: keras.Model, size: int) -> keras.Model:
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise ValueError(f"model {model.name!r} cannot run on {size}x{size} patches ({first.strip()}): it holds a "
                          "part built for one input size; train it on whole slices (training.crop_size = 0), or "
-                         "use a U-Net (unet, tam_unet, attention_unet, unet_cbam)") from None
+                         f"use a U-Net ({', '.join(sorted(PATCH_TRAINABLE))})") from None
     return twin
 
 
