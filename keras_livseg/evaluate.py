@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", nargs="+", default=[], metavar="RUN_OR_EVAL_DIR",
                         help="other evaluations (their metrics.json) to set side by side")
     parser.add_argument("--batch-size", type=int, default=8, help="with --model: slices per forward pass")
-    parser.add_argument("--tta", action="store_true", help="with --model: flip test-time augmentation")
+    parser.add_argument("--tta", action="store_true", help="with --model: mirrored test-time augmentation, as the model was trained (refused for a model trained without flips)")
     parser.add_argument("--no-postprocess", action="store_true", help="with --model: no post-processing")
     parser.add_argument("--sample-voxels", type=int, default=200_000,
                         help="with --model: voxels sampled for ROC/PR curves (default 200000)")

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from keras_livseg import cli
 from keras_livseg.data import storage
-from keras_livseg.data.preprocessing import PREPROCESSING_FILE, find_preprocessing_json, read_preprocessing_json
+from keras_livseg.data.preprocessing import PREPROCESSING_FILE, find_preprocessing_json, model_record, read_preprocessing_json
 
 
 def _json_object(text: str) -> dict:
@@ -89,9 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not model_path.is_file():
             raise FileNotFoundError(f"model file {model_path} does not exist")
         prep, stored = resolve_preprocessing(str(model_path), storage.local_input(args.preprocessing) if args.preprocessing else None)
-        # The post-processing the run chose travels with the model; --metadata may override it.
-        metadata = {**({"postprocessing": stored["postprocessing"]} if stored.get("postprocessing") else {}),
-                    **(args.metadata or {})}
+        # What the run recorded of its model (post-processing, trained flips) travels with it;
+        # --metadata may override it.
+        metadata = {**model_record(stored), **(args.metadata or {})}
         # TensorFlow is imported only once the arguments are known to be good.
         from keras_livseg.serving import export_to
 

@@ -156,14 +156,13 @@ def export_trained(config: Mapping[str, Any], result):
     export = config["export"]
     if not export["enabled"] or result.best_checkpoint is None or result.already_complete:
         return result  # a finished run resumed again was exported the first time
-    from keras_livseg.data.preprocessing import find_preprocessing_json, read_preprocessing_json
+    from keras_livseg.data.preprocessing import find_preprocessing_json, model_record, read_preprocessing_json
     from keras_livseg.serving import export_to
 
     prep, stored = read_preprocessing_json(find_preprocessing_json(result.best_checkpoint))
-    chosen = {"postprocessing": stored["postprocessing"]} if stored.get("postprocessing") else {}
     target = export_to(result.best_checkpoint, export["out"], prep, version=int(export["version"]) or None,
                                 overwrite=bool(export["overwrite"]),
-                                metadata={"model": config["model"]["name"], "run": str(result.run_dir), **chosen})
+                                metadata={"model": config["model"]["name"], "run": str(result.run_dir), **model_record(stored)})
     return dataclasses.replace(result, export_dir=target)
 
 

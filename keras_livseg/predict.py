@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeat it to average several models' probabilities (folds or seeds, as nnU-Net does)")
     parser.add_argument("--out", required=True, help="output folder for the label maps")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
-    parser.add_argument("--tta", action="store_true", help="average with the left-right-flipped prediction")
+    parser.add_argument("--tta", action="store_true", help="average with the predictions of the slices mirrored as the model was trained (refused for a model trained without flips)")
     parser.add_argument("--no-postprocess", action="store_true",
                         help="no largest-liver-component, tumor-in-liver or minimum-lesion clean-up")
     parser.add_argument("--min-lesion-mm3", type=float, default=None,

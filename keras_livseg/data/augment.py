@@ -116,6 +116,17 @@ class Augmentation:
         return self.flip in ("vertical", "horizontal_and_vertical")
 
     @property
+    def flips(self) -> list[str]:
+        """The mirrorings training draws, ``"horizontal"`` (columns) and ``"vertical"`` (rows):
+        the only ones a model trained so may be averaged over at test time.
+
+        Example:
+            >>> Augmentation(flip="horizontal_and_vertical").flips, Augmentation().flips
+            (['horizontal', 'vertical'], [])
+        """
+        return [name for name, on in (("horizontal", self.flip_x), ("vertical", self.flip_y)) if on]
+
+    @property
     def intensity(self) -> bool:
         return self.intensity_scale > 0 or self.intensity_shift > 0
 

@@ -730,6 +730,21 @@ def merge_foreground(window: Sequence[float], parts: Iterable[Mapping[str, Any]]
 
 
 PREPROCESSING_FILE = "preprocessing.json"
+#: Entries of a run's ``preprocessing.json`` that describe the trained model and travel with it
+#: into an export: the post-processing chosen on validation cases
+#: (:mod:`keras_livseg.inference.tuning`) and the flips it was trained with, the only ones
+#: test-time augmentation may average over (:attr:`~keras_livseg.inference.SegmentationModel.tta_flips`).
+MODEL_RECORD_KEYS = ("postprocessing", "tta_flips")
+
+
+def model_record(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`MODEL_RECORD_KEYS` entries of a ``preprocessing.json``'s metadata.
+
+    Example:
+        >>> model_record({"postprocessing": {"min_lesion_mm3": 10.0}, "tta_flips": [], "model": "unet"})
+        {'postprocessing': {'min_lesion_mm3': 10.0}, 'tta_flips': []}
+    """
+    return {key: metadata[key] for key in MODEL_RECORD_KEYS if metadata.get(key) is not None}
 
 
 def write_preprocessing_json(path, prep: Preprocessing, **metadata: Any) -> None:

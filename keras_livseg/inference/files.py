@@ -80,7 +80,8 @@ def predict_paths(
             ``series_uid``), not a mix of both.
         out_dir: Output folder (created); see :func:`output_names` for the file names.
         batch_size: Slices per forward pass (default 8).
-        tta_flip: Left-right flip test-time augmentation (default False).
+        tta_flip: Mirrored test-time augmentation, as the model was trained (default False; see
+            :func:`~keras_livseg.inference.volume.tta_mirrorings`).
         postprocess: Clean-up steps: ``"model"`` (default) for the model's own, a
             :class:`PostProcessing`, or ``None`` for none (see :func:`predict_volume`).
         save_probabilities: Also write uint8 ``[..., 3]`` probability maps (0–255 per class).

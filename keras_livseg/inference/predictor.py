@@ -61,6 +61,10 @@ class SegmentationModel:
             ``postprocessing`` entry of its ``preprocessing.json``, see
             :mod:`keras_livseg.inference.tuning`), else :class:`PostProcessing()`;
             ``predict`` applies it unless told otherwise.
+        tta_flips: The mirrorings the model was trained with (``"horizontal"``, ``"vertical"``;
+            the ``tta_flips`` entry of its ``preprocessing.json``), the only ones test-time
+            augmentation may average over; ``None`` when the model has no such record (runs
+            from before it was kept, foreign SavedModels).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class SegmentationModel:
         self.needs_volume_statistics = kind == "keras" and preprocessing is not None and preprocessing.normalization == "volume"
         self.members: list[SegmentationModel] = []
         self.postprocessing = stored_postprocessing(self.path) if kind != "ensemble" else PostProcessing()
+        self.tta_flips = stored_tta_flips(self.path) if kind != "ensemble" else None
 
     def __repr__(self) -> str:
         return f"SegmentationModel({str(self.path)!r}, kind={self.kind!r}, context={self.context})"
@@ -295,6 +300,9 @@ class SegmentationModel:
         if len(set(sizes)) > 1:
             logger.info("ensemble members chose minimum lesion sizes %s mm³; the ensemble uses their median, %g mm³",
                         ", ".join(f"{v:g}" for v in sizes), median)
+        # A flip is safe for the ensemble only where every member was trained with it.
+        known = [m.tta_flips for m in members if m.tta_flips is not None]
+        model.tta_flips = tuple(f for f in FLIPS if all(f in flips for flips in known)) if known else None
         return model
 
     # -- prediction ------------------------------------------------------------------------
@@ -352,6 +360,29 @@ def stored_postprocessing(model_path: str | Path) -> PostProcessing:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{found}: its postprocessing entry is not valid ({error}); delete the entry to use the "
                          "default post-processing") from None
+
+
+#: The mirrorings a model may be trained with and test-time augmentation may use, in that order.
+FLIPS = ("horizontal", "vertical")
+
+
+def stored_tta_flips(model_path: str | Path) -> tuple[str, ...] | None:
+    """The flips a model was trained with (``preprocessing.json``'s ``tta_flips`` entry), or
+    ``None`` when it has no record.
+
+    Raises:
+        ValueError: the entry is there but not a list of :data:`FLIPS` (names the file).
+    """
+    found = find_preprocessing_json(model_path)
+    if found is None:
+        return None
+    entry = read_preprocessing_json(found)[1].get("tta_flips")
+    if entry is None:
+        return None
+    if not isinstance(entry, list) or not set(entry) <= set(FLIPS):
+        raise ValueError(f"{found}: tta_flips must be a list of {', '.join(FLIPS)} (the flips the model was trained "
+                         f"with), got {entry!r}; write the run's flips or delete the entry")
+    return tuple(f for f in FLIPS if f in entry)
 
 
 def _saved_model_dir(path: Path) -> Path | None:

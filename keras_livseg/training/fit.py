@@ -553,8 +553,11 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str,
     partial = run_dir / ".config.json.partial"
     partial.write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
     os.replace(partial, run_dir / "config.json")
+    from keras_livseg.data.augment import Augmentation
+
     write_preprocessing_json(run_dir / "preprocessing.json", prep, model=config["model"]["name"],
-                             classes=["background", "liver", "tumor"])
+                             classes=["background", "liver", "tumor"],
+                             tta_flips=Augmentation.from_config(config["training"]["augmentation"]).flips)
     return {"finished": None, "run_dir": str(run_dir), "config": config, "shards": str(shard_dir), "precision": policy,
             "crop_size": crop}
 

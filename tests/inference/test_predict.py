@@ -66,6 +66,52 @@ def planted_volume(shape=(10, 24, 20)) -> np.ndarray:
     return hu
 
 
+def test_tta_mirrors_only_as_the_model_was_trained(tmp_path):
+    from keras_livseg.inference.volume import tta_mirrorings
+
+    case = load_case(CaseFiles("t", write_volume(tmp_path / "v.nii.gz", planted_volume()), None))
+    plain = predict_volume(fake_model(), case, batch_size=4, postprocess=None, progress=False)
+    both = fake_model()
+    both.tta_flips = ("horizontal", "vertical")
+    assert tta_mirrorings(both) == ((2,), (1,), (1, 2))  # columns, rows, and both at once
+    tta = predict_volume(both, case, batch_size=4, tta_flip=True, postprocess=None, progress=False)
+    np.testing.assert_array_equal(plain.labels, tta.labels)  # mirrored back onto the same voxels
+    assert tta.forward_calls == 4 * plain.forward_calls
+    rows_only = fake_model()
+    rows_only.tta_flips = ("vertical",)
+    assert tta_mirrorings(rows_only) == ((1,),)
+    # Trained without flips (the recipes' default): mirrored, the liver is on the wrong side; refused.
+    unflipped = fake_model()
+    unflipped.tta_flips = ()
+    with pytest.raises(ValueError, match=r"trained without flips.*leave out --tta"):
+        predict_volume(unflipped, case, tta_flip=True, progress=False)
+    assert predict_volume(unflipped, case, batch_size=4, postprocess=None, progress=False).forward_calls == plain.forward_calls
+
+
+def test_an_ensemble_mirrors_only_where_every_member_was_trained_to(tmp_path):
+    members = [fake_model(), fake_model(), fake_model()]
+    members[0].tta_flips, members[1].tta_flips, members[2].tta_flips = ("horizontal", "vertical"), ("horizontal",), None
+    assert SegmentationModel.ensemble(members).tta_flips == ("horizontal",)
+    members[1].tta_flips = ()
+    assert SegmentationModel.ensemble(members).tta_flips == ()
+    assert SegmentationModel.ensemble([fake_model(), fake_model()]).tta_flips is None  # no record: unknown
+
+
+def test_stored_tta_flips_reads_the_run_record(tmp_path):
+    from keras_livseg.inference.predictor import stored_tta_flips
+
+    checkpoint = tmp_path / "checkpoints" / "best.keras"
+    assert stored_tta_flips(checkpoint) is None
+    prep = Preprocessing(image_size=(32, 32))
+    write_preprocessing_json(tmp_path / "preprocessing.json", prep)
+    assert stored_tta_flips(checkpoint) is None
+    write_preprocessing_json(tmp_path / "preprocessing.json", prep, tta_flips=["vertical", "horizontal"])
+    assert stored_tta_flips(checkpoint) == ("horizontal", "vertical")
+    write_preprocessing_json(tmp_path / "preprocessing.json", prep, tta_flips=["sideways"])
+    with pytest.raises(ValueError, match=r"preprocessing.json: tta_flips must be a list of horizontal, vertical"):
+        stored_tta_flips(checkpoint)
+
+
 def test_prediction_lands_on_the_input_grid_with_a_permuted_flipped_affine(tmp_path):
     hu = planted_volume()
     source = write_volume(tmp_path / "in" / "volume-7.nii.gz", hu)
@@ -427,6 +473,23 @@ def test_cli_predicts_with_a_checkpoint(tmp_path, capsys, keras_checkpoint):
     assert written.is_file() and str(written) in out
     values = set(np.unique(np.asarray(nib.load(str(written)).dataobj)).tolist())
     assert values <= {0, 6, 7}
+
+
+def test_cli_refuses_tta_for_a_model_trained_without_flips(tmp_path, capsys, keras_checkpoint):
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(keras_checkpoint, run / "checkpoints" / "best.keras")
+    write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=50.0, std=80.0),
+                             tta_flips=[])
+    write_volume(tmp_path / "data" / "volume-4.nii.gz", planted_volume())
+    code, out, err = run_cli(["--model", run / "checkpoints" / "best.keras", tmp_path / "data", "--out",
+                              tmp_path / "out", "--tta", "--no-progress"], capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert "trained without flips" in last and "leave out --tta" in last and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.nii*"))
 
 
 def test_postprocessing_keeps_the_centre_of_a_large_lesion_inside_the_liver():

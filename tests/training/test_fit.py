@@ -138,6 +138,7 @@ def test_tiny_fit_beats_chance_and_fills_the_run_folder(tiny_run):
         assert list((run_dir / "tensorboard" / part).glob("events.out.tfevents.*")), part
     prep = json.loads((run_dir / "preprocessing.json").read_text())
     assert "window" in json.dumps(prep) and "tam_unet" in json.dumps(prep)
+    assert prep["tta_flips"] == []  # trained without flips: test-time augmentation must not mirror it
     # The minimum lesion size was chosen on the validation volumes, every candidate scored.
     chosen = prep["postprocessing"]
     assert chosen["chosen_on"]["cases"] == manifest["splits"]["val"]["cases"]
@@ -575,9 +576,11 @@ def test_fit_exports_a_saved_model(tmp_path, cache_dir):
     # The post-processing the run chose travels with the export, and predict finds it there.
     run_metadata = json.loads((tmp_path / "runs" / "exported" / "preprocessing.json").read_text())
     assert metadata["postprocessing"] == run_metadata["postprocessing"]
-    from keras_livseg.inference.predictor import stored_postprocessing
+    from keras_livseg.inference.predictor import stored_postprocessing, stored_tta_flips
 
     assert stored_postprocessing(versions[0]).min_lesion_mm3 == run_metadata["postprocessing"]["min_lesion_mm3"]
+    # So does the record of the flips it was trained with (none), which --tta checks.
+    assert run_metadata["tta_flips"] == [] and stored_tta_flips(versions[0]) == ()
 
 
 def test_phantom_spacing_recipe_key_reaches_the_phantom(tmp_path, monkeypatch):
