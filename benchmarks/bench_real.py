@@ -4,7 +4,9 @@ Three parts, each printing a table and writing ``benchmarks/results/real_ct.json
 already measured are kept, so they can run one at a time):
 
 - ``demo``: ``python -m keras_livseg.fit`` (the phantom demo) with training seeds 0, 1, 2: wall
-  time and held-out phantom Dice on whole volumes (goal: liver >= 0.95, tumour >= 0.75, <= 5 min).
+  time and held-out phantom Dice on whole volumes (goal: liver >= 0.95, tumour >= 0.75, <= 5 min),
+  and each model's Dice on 48 phantom cases of a seed no recipe trains on (``UNSEEN_PHANTOM``):
+  the same cases for every recipe, whose own test split changes with its phantom size.
 - ``fresh``: the demo once more as a newcomer runs it, with an empty cache (the phantom is
   generated, prepared and trained on in the timed run): the wall time the <= 5 min goal is about.
 - ``sim2real``: the demo models (one per seed), phantom only, on the real scans in ../shared/data/real
@@ -104,22 +106,25 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
         volumes = json.loads((RUNS / name / "eval" / "held_out_volumes.json").read_text())
         report = json.loads((RUNS / name / "eval" / "volumes" / "metrics.json").read_text())
         chosen, plain = default_postprocessing_scores(RUNS / name)
+        unseen = unseen_phantom_scores(RUNS / name)
         rows.append({"seed": seed, "minutes": round(wall / 60, 2), "cases": len(volumes["cases"]),
                      "liver_dice": volumes["liver_dice"], "tumor_dice": volumes["tumor_dice"],
                      "liver_dice_global": volumes["liver_dice_global"], "tumor_dice_global": volumes["tumor_dice_global"],
                      "min_lesion_mm3": chosen, "tumor_dice_default_postprocessing": plain["tumor_dice"],
                      "tumor_dice_global_default_postprocessing": plain["tumor_dice_global"],
-                     "tumor_dice_by_phase": tumour_dice_by_phase(report.get("by_stratum", {}))})
+                     "tumor_dice_by_phase": tumour_dice_by_phase(report.get("by_stratum", {})),
+                     **{f"unseen_{key}": value for key, value in unseen.items()}})
     import numpy as np
 
     summary = {key: {"mean": float(np.mean([r[key] for r in rows])), "min": float(np.min([r[key] for r in rows])),
                      "max": float(np.max([r[key] for r in rows]))}
                for key in ("minutes", "liver_dice", "tumor_dice", "liver_dice_global", "tumor_dice_global",
-                           "tumor_dice_default_postprocessing")}
+                           "tumor_dice_default_postprocessing", "unseen_liver_dice", "unseen_tumor_dice",
+                           "unseen_tumor_dice_global")}
     print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["seed", "minutes", "cases", "liver_dice", "tumor_dice", "liver_dice_global", "tumor_dice_global",
-                 "min_lesion_mm3", "tumor_dice_default_postprocessing"]))
-    return {"runs": rows, "summary": summary, "recipe": recipe_digest(),
+                 "min_lesion_mm3", "tumor_dice_default_postprocessing", "unseen_liver_dice", "unseen_tumor_dice"]))
+    return {"runs": rows, "summary": summary, "recipe": recipe_digest(), "unseen_phantom": UNSEEN_PHANTOM,
             "covers": "every slice of the held-out phantom test volumes, native grid, post-processed; mean per case and global"}
 
 
@@ -138,6 +143,32 @@ def tumour_dice_by_phase(by_stratum: dict[str, dict]) -> dict[str, dict]:
             groups.setdefault(stratum.split("/")[0], []).append((scores["n_cases"], scores["tumor_dice"]))
     return {phase: {"cases": sum(n for n, _ in parts), "tumor_dice": sum(n * d for n, d in parts) / sum(n for n, _ in parts)}
             for phase, parts in sorted(groups.items())}
+
+
+#: The unseen phantom set every demo model (and every ablation's) is also scored on: a seed no
+#: recipe trains on, so that recipes with other phantom sizes or splits meet the same cases.
+UNSEEN_PHANTOM = {"cases": 48, "seed": 1000}
+
+
+def unseen_phantom_scores(run: Path) -> dict:
+    """A demo run's best model on :data:`UNSEEN_PHANTOM` (made once, at the demo recipe's size and
+    slice range): liver and tumour Dice per case and global, every slice, post-processed as
+    ``predict`` does. Cached in the run's ``eval_unseen_phantom/``."""
+    from keras_livseg.data.phantom import write_phantom_dataset
+    from keras_livseg.evaluation.report import evaluate_model
+    from keras_livseg.training.recipe import load_recipe
+
+    folder = run / "eval_unseen_phantom"
+    if not (folder / "metrics.json").is_file():
+        data = load_recipe(ROOT / "pipelines" / "phantom_demo.toml")["data"]
+        phantom = RUNS / f"unseen-phantom-{UNSEEN_PHANTOM['seed']}"
+        if not (phantom / "phantom.json").is_file():
+            write_phantom_dataset(phantom, UNSEEN_PHANTOM["cases"], UNSEEN_PHANTOM["seed"], size=int(data["phantom_size"]),
+                                  slices=tuple(data["phantom_slices"]), overwrite=True, workers=2)
+        evaluate_model([run / "checkpoints" / "best.keras"], phantom, folder, figures=False, progress=False, sample_voxels=0)
+    volume = json.loads((folder / "metrics.json").read_text())["volume"]
+    return {"liver_dice": volume["liver"]["dice"], "tumor_dice": volume["tumor"]["dice"],
+            "tumor_dice_global": volume["tumor"]["dice_global"]}
 
 
 def default_postprocessing_scores(run: Path) -> tuple[float, dict]:

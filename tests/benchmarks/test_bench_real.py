@@ -43,12 +43,17 @@ def test_an_ablation_trains_each_seed_with_its_changes_under_its_own_run_names(t
     monkeypatch.setattr(bench_real, "RUNS", tmp_path)
     monkeypatch.setattr(bench_real, "fit", fake_fit(calls, tmp_path))
     monkeypatch.setattr(bench_real, "default_postprocessing_scores", lambda run: (10.0, {"tumor_dice": 0.3, "tumor_dice_global": 0.5}))
+    monkeypatch.setattr(bench_real, "unseen_phantom_scores",
+                        lambda run: {"liver_dice": 0.8, "tumor_dice": 0.2 if "seed0" in run.name else 0.4, "tumor_dice_global": 0.5})
     (tmp_path / "demo-seed2-soft-dice" / "checkpoints").mkdir(parents=True)  # a run cut short: trained again, same name
     result = bench_real.demo([0, 2], ["training.fn_weights=[]", "training.epochs=12"], label="soft Dice")
     assert [args[args.index("--name") + 1] for args in calls] == ["demo-seed0-soft-dice", "demo-seed2-soft-dice"]
     assert calls[0][-4:] == ["--set", "training.fn_weights=[]", "--set", "training.epochs=12"]
     assert [run["minutes"] for run in result["runs"]] == [1.0, 3.0]
     assert result["summary"]["tumor_dice"] == pytest.approx({"mean": 0.5, "min": 0.4, "max": 0.6})
+    # Each model also on the unseen phantom, the same cases whatever the recipe's own split.
+    assert result["summary"]["unseen_tumor_dice"] == pytest.approx({"mean": 0.3, "min": 0.2, "max": 0.4})
+    assert result["unseen_phantom"] == bench_real.UNSEEN_PHANTOM
     # Finished runs are reused, not trained again.
     assert bench_real.demo([0], ["training.fn_weights=[]"], label="soft Dice")["runs"][0]["minutes"] == 1.0
     assert len(calls) == 2
@@ -83,3 +88,24 @@ def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
             "model-made labels) (mean over models); tumour Dice, IRCAD patient 1 / IRCAD patient 7 | "
             "0.910 / 0.820 / 0.885; 0.300 / 0.200 | | |") in table
     assert "ablation 'soft Dice': _Measured on Test CPU (avx512f, avx512_bf16)" in table
+
+
+@pytest.mark.slow
+def test_unseen_phantom_scores_a_model_on_cases_made_once(tmp_path, monkeypatch):
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+
+    monkeypatch.setattr(bench_real, "RUNS", tmp_path)
+    monkeypatch.setattr(bench_real, "UNSEEN_PHANTOM", {"cases": 2, "seed": 1000})
+    run = tmp_path / "demo-seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(run / "checkpoints" / "best.keras")
+    write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=60.0, std=40.0))
+    scores = bench_real.unseen_phantom_scores(run)
+    assert set(scores) == {"liver_dice", "tumor_dice", "tumor_dice_global"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    phantom = json.loads((tmp_path / "unseen-phantom-1000" / "phantom.json").read_text())
+    assert phantom["seed"] == 1000 and len(phantom["cases"]) == 2 and phantom["cases"][0]["shape"][:2] == [128, 128]  # the demo recipe's phantom size
+    metrics = run / "eval_unseen_phantom" / "metrics.json"
+    written = metrics.stat().st_mtime_ns
+    assert bench_real.unseen_phantom_scores(run) == scores and metrics.stat().st_mtime_ns == written  # reused
