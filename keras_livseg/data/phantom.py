@@ -1421,9 +1421,12 @@ def write_phantom_dataset(
                 described.append(_write_case(*job))
                 bar.update(1)
         else:
+            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(min(workers, cases)) as pool:
+            # Spawned, not forked: fit generates its phantom with TensorFlow loaded, which a fork
+            # would copy half-initialized; a spawned child imports only NumPy, SciPy and nibabel.
+            with ProcessPoolExecutor(min(workers, cases), mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = [pool.submit(_write_case, *job) for job in jobs]
                 described = []
                 for future in futures:  # in case order, so phantom.json does not depend on timing

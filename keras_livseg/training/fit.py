@@ -224,6 +224,10 @@ def _digest(payload: Any) -> str:
 MIXED_PHANTOM_PREFIX = "phantom-"
 
 
+#: Below this many phantom cases, fit makes them in its own process.
+PHANTOM_CASES_PER_WORKER = 16
+
+
 def _phantom_dir(data: Mapping[str, Any]) -> Path:
     """The recipe's phantom dataset (generated once, cached by its parameters and generator version)."""
     from keras_livseg.data.phantom import GENERATOR_VERSION, write_phantom_dataset
@@ -238,9 +242,12 @@ def _phantom_dir(data: Mapping[str, Any]) -> Path:
     }
     phantom_dir = _cache_root() / f"phantom-{_digest(phantom)}"
     if not (phantom_dir / "phantom.json").is_file():
-        logger.info("generating %d phantom cases in %s", phantom["cases"], phantom_dir)
+        # data.workers processes, as prepare uses (0: one per CPU, at most 4); a few cases are
+        # made faster in this process than a spawned worker starts.
+        workers = int(data.get("workers") or min(os.cpu_count() or 1, 4)) if phantom["cases"] >= PHANTOM_CASES_PER_WORKER else 1
+        logger.info("generating %d phantom cases in %s (%d process(es))", phantom["cases"], phantom_dir, workers)
         write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
-                              slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True)
+                              slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True, workers=workers)
     return phantom_dir
 
 

@@ -926,3 +926,23 @@ def test_a_time_budget_stops_at_an_epoch_end_and_the_run_counts_as_done(cache_di
     code, out, err = run_cli([*args, "--resume"])
     assert code == 0 and "had already finished its 1 epochs: nothing to do" in out, err[-2000:]
     assert [int(row["epoch"]) for row in read_history(run_dir)] == [0]
+
+
+def test_the_phantom_is_made_by_data_workers_processes_when_it_is_large(tmp_path, monkeypatch):
+    from keras_livseg.data import phantom
+    from keras_livseg.training import fit as training_fit
+
+    monkeypatch.setenv("KERAS_LIVSEG_CACHE", str(tmp_path / "cache"))
+    asked: list[int] = []
+
+    def record(out, cases, seed, *, workers=1, **_):
+        asked.append(workers)
+        Path(out).mkdir(parents=True)
+        (Path(out) / "phantom.json").write_text("{}")
+
+    monkeypatch.setattr(phantom, "write_phantom_dataset", record)
+    large = training_fit.PHANTOM_CASES_PER_WORKER
+    training_fit._phantom_dir({"phantom_cases": large, "phantom_size": 32, "workers": 2})
+    training_fit._phantom_dir({"phantom_cases": large - 1, "phantom_size": 32, "workers": 2})
+    folder = training_fit._phantom_dir({"phantom_cases": large, "phantom_size": 32, "workers": 2})  # cached
+    assert asked == [2, 1] and (folder / "phantom.json").is_file()
