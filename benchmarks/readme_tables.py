@@ -271,6 +271,12 @@ def render_real_ct(data: dict) -> str:
             cells.append(f"{phase.replace('_', '-')} {sum(values) / len(values):.3f} ({phases[0].get(phase, {}).get('cases', '?')})")
         rows.append(f"| demo held-out phantom tumour Dice per case, by contrast phase (mean over seeds; test cases) | "
                     f"{' · '.join(cells)} | — | |")
+    unseen = data["demo"].get("unseen_phantom")
+    if unseen and "unseen_tumor_dice" in demo:
+        rows.append(f"| demo models on {unseen['cases']} unseen phantom cases (seed {unseen['seed']}, the same for every recipe "
+                    f"and ablation): liver Dice / tumour Dice per case / tumour Dice global (seeds: mean, range) | "
+                    f"{spread(demo['unseen_liver_dice'])} / {spread(demo['unseen_tumor_dice'])} / "
+                    f"{spread(demo['unseen_tumor_dice_global'])} | — | |")
     if "tumor_dice_default_postprocessing" in demo:
         sizes = ", ".join(f"{run['min_lesion_mm3']:.0f}" for run in data["demo"]["runs"])
         rows.append(f"| the same with the default minimum lesion size (10 mm³) instead of the one each run chose on its "
@@ -282,6 +288,10 @@ def render_real_ct(data: dict) -> str:
         rows.append(f"| the demo with {label} ({sets}), seeds 0–{len(ablation['runs']) - 1}: held-out liver Dice / tumour Dice "
                     f"per case / tumour Dice global | {spread(stats['liver_dice'])} / {spread(stats['tumor_dice'])} / "
                     f"{spread(stats['tumor_dice_global'])} | | |")
+        if "unseen_tumor_dice" in stats:
+            rows.append(f"| the demo with {label}: on the same unseen phantom cases, liver Dice / tumour Dice per case / "
+                        f"tumour Dice global | {spread(stats['unseen_liver_dice'])} / {spread(stats['unseen_tumor_dice'])} / "
+                        f"{spread(stats['unseen_tumor_dice_global'])} | | |")
         if "per_case" in ablation.get("sim2real", {}):
             real = ablation["sim2real"]
             scans = " / ".join(f"{stats['liver_dice_mean']:.3f}" for stats in real["per_case"].values())

@@ -88,6 +88,16 @@ def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
             "model-made labels) (mean over models); tumour Dice, IRCAD patient 1 / IRCAD patient 7 | "
             "0.910 / 0.820 / 0.885; 0.300 / 0.200 | | |") in table
     assert "ablation 'soft Dice': _Measured on Test CPU (avx512f, avx512_bf16)" in table
+    # With unseen-phantom scores, a row for the demo and one for each ablation that has them.
+    data["demo"]["unseen_phantom"] = {"cases": 48, "seed": 1000}
+    data["demo"]["summary"].update({f"unseen_{key}": {"mean": 0.7, "min": 0.6, "max": 0.8} for key in stats})
+    stats.update({f"unseen_{key}": {"mean": 0.3, "min": 0.2, "max": 0.4} for key in list(stats)})
+    table = readme_tables.render_real_ct(data)
+    assert ("| demo models on 48 unseen phantom cases (seed 1000, the same for every recipe and ablation): liver Dice / tumour "
+            "Dice per case / tumour Dice global (seeds: mean, range) | 0.700 (0.600 – 0.800) / 0.700 (0.600 – 0.800) / "
+            "0.700 (0.600 – 0.800) | — | |") in table
+    assert ("| the demo with soft Dice: on the same unseen phantom cases, liver Dice / tumour Dice per case / tumour Dice "
+            "global | 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) | | |") in table
 
 
 @pytest.mark.slow
