@@ -124,7 +124,7 @@ def predict_volume(
         case: A case from :func:`~keras_livseg.data.volumes.load_case` (image in HU,
             ``[rows, cols, slices]`` canonical).
         batch_size: Slices per forward pass (default 8); memory per batch is about
-            ``batch_size × rows × cols × 3 × 4`` bytes (×2 with TTA).
+            ``batch_size × rows × cols × 3 × 4`` bytes (twice that with TTA: one mirrored batch at a time).
         tta_flip: Average with the predictions of the slices mirrored as the model was trained
             (default False; :func:`tta_mirrorings`): a model trained without flips is refused.
         postprocess: Clean-up steps: ``"model"`` (default) for the model's own
