@@ -64,11 +64,15 @@ def _streaming_volume_statistics(volume: np.ndarray, window: Sequence[float], ch
 _FLIP_AXES = {"horizontal": 2, "vertical": 1}
 
 
+#: Models already warned about an unrecorded flip set (the warning would repeat for every volume).
+_WARNED_NO_FLIPS: set[str] = set()
+
+
 def tta_mirrorings(model: SegmentationModel) -> tuple[tuple[int, ...], ...]:
     """The mirrorings test-time augmentation averages over: every combination of the flips the
     model was trained with (:attr:`SegmentationModel.tta_flips`), as nnU-Net mirrors only along
     the axes its training mirrored. A model trained without flips never saw the liver on the
-    image's right: mirrored, a phantom model's liver Dice fell from 0.94 to 0.79.
+    image's right, so a mirrored slice is one it was never taught to read.
 
     Returns:
         Tuples of axes of a ``[B, rows, cols, context]`` batch, one per extra prediction.
@@ -83,8 +87,10 @@ def tta_mirrorings(model: SegmentationModel) -> tuple[tuple[int, ...], ...]:
     """
     flips = model.tta_flips
     if flips is None:  # no record (an older run or a foreign export): the left-right flip, as before
-        logger.warning("%s does not record the flips it was trained with; test-time augmentation mirrors left-right, "
-                       "which is wrong for a model trained without flips", model.name)
+        if model.name not in _WARNED_NO_FLIPS:  # once per model, not once per volume of a batch
+            _WARNED_NO_FLIPS.add(model.name)
+            logger.warning("%s does not record the flips it was trained with; test-time augmentation mirrors left-right, "
+                           "which is wrong for a model trained without flips", model.name)
         flips = ("horizontal",)
     if not flips:
         raise ValueError(

@@ -88,6 +88,19 @@ def test_tta_mirrors_only_as_the_model_was_trained(tmp_path):
     assert predict_volume(unflipped, case, batch_size=4, postprocess=None, progress=False).forward_calls == plain.forward_calls
 
 
+def test_a_model_without_a_flip_record_is_warned_about_once(caplog):
+    from keras_livseg.inference import volume
+
+    unknown = fake_model()
+    unknown.tta_flips, unknown.name = None, "no-record-model"
+    volume._WARNED_NO_FLIPS.discard(unknown.name)
+    with caplog.at_level("WARNING", logger=volume.logger.name):
+        for _ in range(3):  # three volumes of one predict run
+            assert volume.tta_mirrorings(unknown) == ((2,),)  # left-right, as before the record existed
+    warnings = [r for r in caplog.records if "does not record the flips" in r.getMessage()]
+    assert len(warnings) == 1 and "no-record-model" in warnings[0].getMessage()
+
+
 def test_an_ensemble_mirrors_only_where_every_member_was_trained_to(tmp_path):
     members = [fake_model(), fake_model(), fake_model()]
     members[0].tta_flips, members[1].tta_flips, members[2].tta_flips = ("horizontal", "vertical"), ("horizontal",), None

@@ -704,12 +704,24 @@ def test_a_deterministic_run_repeats_exactly_and_leaves_tensorflow_as_it_was(cac
 def test_patch_training_fits_patches_and_keeps_whole_slice_checkpoints(cache_dir, tmp_path, monkeypatch):
     from keras_livseg.data import dataset
 
+    from keras_livseg.training import precision
+
     sizes = []
     cut = dataset.random_crops
     monkeypatch.setattr(dataset, "random_crops", lambda images, masks, size, *rest: sizes.append(size) or cut(images, masks, size, *rest))
+    # precision "auto" on a bf16 CPU times the model: at the patch's shape, the one a train step sees.
+    probed = []
+
+    def probe(build, key, batch, cache_file):
+        probed.append((tuple(build().input_shape), tuple(key["input_shape"])))
+        return "float32"
+
+    monkeypatch.setattr(precision, "cpu_supports_bfloat16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(precision, "choose_cpu_policy", probe)
     code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "patches", "--epochs", "1",
-                              "--steps-per-epoch", "10", "--set", "training.crop_size=16"])
+                              "--steps-per-epoch", "10", "--set", "training.crop_size=16", "--precision", "auto"])
     assert code == 0, err[-3000:]
+    assert probed == [((None, 16, 16, 1), (16, 16, 1))]
     assert sizes and set(sizes) == {16}  # the training pipeline cut 16x16 patches
     run = tmp_path / "patches"
     for name in ("best.keras", "last.keras"):  # what predict and the export read: the whole-slice model
