@@ -703,7 +703,6 @@ def test_a_deterministic_run_repeats_exactly_and_leaves_tensorflow_as_it_was(cac
 
 def test_patch_training_fits_patches_and_keeps_whole_slice_checkpoints(cache_dir, tmp_path, monkeypatch):
     from keras_livseg.data import dataset
-
     from keras_livseg.training import precision
 
     sizes = []
