@@ -276,6 +276,8 @@ def plot_history(
         for name in names:
             values = history[name]
             x = (epochs + 1) if epochs is not None and epochs.size == values.size else np.arange(1, values.size + 1)
+            shown = np.isfinite(values)  # epochs without validation (training.validate_last) have none
+            x, values = x[shown], values[shown]
             label = name
             if stability and name in stability and stability[name].get("cv") is not None:
                 label += f" (CV {stability[name]['cv']:.3f})"

@@ -383,6 +383,8 @@ def one_vs_rest_curves(probabilities: np.ndarray, labels: np.ndarray) -> dict[st
 def read_history(path: str | Path) -> dict[str, np.ndarray]:
     """Columns of a run's ``history.csv`` (Keras ``CSVLogger``) as float arrays.
 
+    An epoch without a value (``NA``: not validated, ``training.validate_last``) reads as NaN.
+
     Raises:
         DataError: the file is missing or has no numeric rows.
     """
@@ -397,8 +399,10 @@ def read_history(path: str | Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path} has no epochs yet; train at least one epoch first")
     columns = {}
     for name in rows[0]:
+        cells = [row[name] for row in rows]
         try:
-            columns[name] = np.asarray([float(row[name]) for row in rows], dtype=np.float64)
+            columns[name] = np.asarray([np.nan if cell in ("NA", "", None) else float(cell) for cell in cells],
+                                       dtype=np.float64)
         except (TypeError, ValueError):
             continue  # a non-numeric column (none in CSVLogger's output)
     return columns
@@ -413,6 +417,7 @@ def history_stability(history: Mapping[str, np.ndarray], last: int = 10) -> dict
     """
     out = {}
     for name, values in history.items():
+        values = values[np.isfinite(values)]  # the validated epochs only
         if not (name.startswith("val_") and "dice" in name) or values.size < 2:
             continue
         out[name] = {

@@ -1,7 +1,9 @@
 """Training callbacks: learning rate in the logs, NaN stop, TensorBoard prediction grids.
 
-The rest of the callback list (TensorBoard, ModelCheckpoint, BackupAndRestore, CSVLogger,
-EarlyStopping) is Keras's own; :func:`standard_callbacks` assembles it for a run folder.
+The rest of the callback list (TensorBoard, BackupAndRestore, CSVLogger) is Keras's own, and
+its ModelCheckpoint and EarlyStopping with the changes :class:`Checkpoint` and
+:class:`EarlyStopping` describe (epochs without validation are skipped);
+:func:`standard_callbacks` assembles it for a run folder.
 """
 
 from __future__ import annotations
@@ -232,25 +234,93 @@ def best_value_in_history(history_csv: Path, monitor: str) -> float | None:
     import csv
 
     with history_csv.open() as handle:
-        values = [float(row[monitor]) for row in csv.DictReader(handle) if row.get(monitor) not in (None, "", "nan")]
+        values = [_number(row.get(monitor)) for row in csv.DictReader(handle)]
     values = [v for v in values if math.isfinite(v)]
     return max(values) if values else None
 
 
-class SavesModel(keras.callbacks.ModelCheckpoint):
-    """A ``ModelCheckpoint`` that saves ``saves`` instead of the model being trained.
+def _number(text: str | None) -> float:
+    """A CSV history cell as a float; NaN for an epoch without that value (CSVLogger's ``NA``)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
-    Patch training fits :func:`~keras_livseg.models.any_size`'s twin; the checkpoints hold
-    the fixed-size model (the same weights) that ``predict``, ``evaluate`` and the export
-    read.
+
+class Checkpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' ``ModelCheckpoint``, with two changes for ``fit``'s runs.
+
+    - ``saves``: the model the file holds, when it is not the one trained. Patch training fits
+      :func:`~keras_livseg.models.any_size`'s twin; the checkpoints hold the fixed-size model
+      (the same weights) that ``predict``, ``evaluate`` and the export read.
+    - With ``save_best_only``, an epoch that was not validated (``training.validate_last``)
+      is skipped: Keras' own would save it as the best, with a warning, whatever it scored.
     """
 
-    def __init__(self, *args, saves: keras.Model, **kwargs):
+    def __init__(self, *args, saves: keras.Model | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._saves = saves
 
     def set_model(self, model: keras.Model) -> None:
-        super().set_model(self._saves)
+        super().set_model(self._saves if self._saves is not None else model)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.save_best_only and self.monitor not in (logs or {}):
+            return
+        super().on_epoch_end(epoch, logs)
+
+
+class EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' ``EarlyStopping``, counting validated epochs only, without a warning for the others."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.monitor in (logs or {}):
+            super().on_epoch_end(epoch, logs)
+
+
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` with columns that stay put when not every epoch is validated.
+
+    Keras takes the columns from the first epoch it logs. When that epoch was not validated
+    (``training.validate_last``) this adds the ``val_`` twin of each metric (not of the
+    learning rate), in the order a validated epoch would give; when a resumed run appends, the
+    file's own header is kept, so that its rows stay under the right columns whichever epoch
+    comes first. A missing value is written ``NA``.
+    """
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        path = Path(self.filename)
+        if self.append and path.is_file():
+            with path.open() as handle:
+                header = handle.readline().strip()
+            if header:
+                self.keys = [key for key in header.split(self.sep) if key != "epoch"]
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if self.keys is None and not any(key.startswith("val_") for key in logs):
+            self.keys = sorted([*logs, *(f"val_{key}" for key in logs if key != "learning_rate")])
+        super().on_epoch_end(epoch, logs)
+
+
+def validation_epochs(epochs: int, validate_last: int) -> int | list[int]:
+    """Keras' ``validation_freq`` for a run of ``epochs`` that validates only its last ``validate_last``.
+
+    The best checkpoint is chosen among the validated epochs; with a one-cycle schedule the
+    early epochs' weights are never the best, and validating them costs time that training
+    could use. ``0`` (or ``validate_last >= epochs``) validates every epoch.
+
+    Example:
+        >>> validation_epochs(10, 3), validation_epochs(10, 0), validation_epochs(4, 9)
+        ([8, 9, 10], 1, 1)
+    """
+    if isinstance(validate_last, bool) or not isinstance(validate_last, int) or validate_last < 0:
+        raise ValueError(f"training.validate_last={validate_last!r} must be a whole number of epochs >= 0 "
+                         "(0 validates every epoch), e.g. --set training.validate_last=4")
+    if validate_last == 0 or validate_last >= epochs:
+        return 1
+    return list(range(epochs - validate_last + 1, epochs + 1))
 
 
 def standard_callbacks(
@@ -272,7 +342,7 @@ def standard_callbacks(
     nan_stop = NaNStop()
     threshold = best_value_in_history(run_dir / "history.csv", monitor) if resume and monitor else None
     callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(), nan_stop, *extra]
-    checkpoint = keras.callbacks.ModelCheckpoint if saves is None else functools.partial(SavesModel, saves=saves)
+    checkpoint = functools.partial(Checkpoint, saves=saves)
     if monitor is None:
         callbacks.append(checkpoint(str(checkpoints / "best.keras")))
     else:
@@ -287,10 +357,10 @@ def standard_callbacks(
         )
     callbacks.append(checkpoint(str(checkpoints / "last.keras")))
     callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch", delete_checkpoint=True))
-    callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume))
+    callbacks.append(HistoryLogger(str(run_dir / "history.csv"), append=resume))
     if early_stopping_patience and monitor is not None:
         callbacks.append(
-            keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=int(early_stopping_patience))
+            EarlyStopping(monitor=monitor, mode="max", patience=int(early_stopping_patience))
         )
     callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
     return callbacks, nan_stop

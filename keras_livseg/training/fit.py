@@ -40,7 +40,7 @@ TRAINING_KEYS = frozenset(
         "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
         "fn_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
-        "shuffle_buffer", "monitor", "validation", "init_from", "score_volumes", "max_minutes",
+        "shuffle_buffer", "monitor", "validation", "validate_last", "init_from", "score_volumes", "max_minutes",
         "choose_postprocessing", "crop_size",
     }
 )
@@ -77,6 +77,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "shuffle_buffer": 2048,
         "monitor": "val_tumor_dice",
         "validation": "split",
+        # > 0: validate only in the last this many epochs (the best checkpoint is chosen among
+        # them), giving the time of the others' validation to training; 0 validates every epoch.
+        "validate_last": 0,
         "init_from": "",
         "score_volumes": True,  # also score the held-out cases' whole volumes (native grid, LiTS)
         "max_minutes": 0.0,  # > 0: stop after the first epoch that ends past this many minutes
@@ -631,6 +634,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         UploadRun,
         pick_tumor_slices,
         standard_callbacks,
+        validation_epochs,
     )
     from keras_livseg.training.metrics import default_metrics
     from keras_livseg.training.optimizers import build_optimizer_variables
@@ -710,6 +714,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     if training["validation"] not in ("split", "none"):
         raise ValueError(f"training.validation must be 'split' or 'none', got {training['validation']!r}")
     monitor = training["monitor"] if has_val else None
+    validation_freq = validation_epochs(epochs, training["validate_last"])
     augmentation = Augmentation.from_config(training["augmentation"])
     # Each worker reads its own shards; every batch is made of one part per replica.
     shard = (task.num_workers, task.worker_index) if task is not None else None
@@ -771,8 +776,8 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     val_steps = math.ceil(manifest["splits"]["val"]["slices"] / global_batch) if has_val else None
     try:
         history = trainer.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
-                            validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
-                            shuffle=False)  # the dataset shuffles itself
+                              validation_steps=val_steps, validation_freq=validation_freq, callbacks=callbacks,
+                              verbose=verbose, shuffle=False)  # the dataset shuffles itself
     except Exception as error:
         if task is not None and multi_worker.is_peer_failure(error):
             raise multi_worker.WorkerLost(
@@ -790,6 +795,14 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     if nan_stop.stopped_at is not None:
         return FitResult(run_dir, best if best.is_file() else None, None, {}, epochs_done,
                          time.perf_counter() - started, stopped_on_nan=nan_stop.stopped_at)
+    last = run_dir / "checkpoints" / "last.keras"
+    if monitor is not None and not best.is_file() and last.is_file():
+        # Stopped (time budget, early stop) before its first validated epoch (training.validate_last).
+        logger.warning("no epoch of this run was validated (training.validate_last=%s; %d epoch(s) done): "
+                       "best.keras is the last epoch", training["validate_last"], epochs_done)
+        partial = best.with_name(f".{best.name}.partial")
+        shutil.copy2(last, partial)
+        partial.replace(best)
     if best.is_file():
         model.load_weights(best)
     if chief and best.is_file() and has_val and bool(training["choose_postprocessing"]):

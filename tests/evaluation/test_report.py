@@ -15,11 +15,14 @@ import pytest
 from keras_livseg import evaluate as evaluate_cli
 from keras_livseg.data.volumes import DataError
 from keras_livseg.evaluation import metrics as core
+from keras_livseg.evaluation import plots
 from keras_livseg.evaluation.report import (
     evaluate_folders,
     evaluate_model,
+    history_stability,
     match_cases,
     one_vs_rest_curves,
+    read_history,
 )
 
 AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])
@@ -531,3 +534,17 @@ def test_scores_by_stratum_from_the_manifest(folders, tmp_path):
     assert "by_stratum" not in plain and "Dice by stratum" not in (tmp_path / "p" / "report.md").read_text()
     with (tmp_path / "p" / "per_case.csv").open() as handle:
         assert "stratum" not in next(csv.DictReader(handle))
+
+
+def test_a_history_validated_only_in_its_last_epochs_reads_nan_for_the_others(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_loss,val_tumor_dice\n0,0.9,NA,NA\n1,0.7,NA,NA\n2,0.5,0.6,0.7\n3,0.4,0.55,0.8\n")
+    history = read_history(path)
+    np.testing.assert_array_equal(history["loss"], [0.9, 0.7, 0.5, 0.4])
+    np.testing.assert_array_equal(np.isnan(history["val_tumor_dice"]), [True, True, False, False])
+    stability = history_stability(history)
+    # Over the two validated epochs only: mean 0.75, sample std 0.0707.
+    assert stability["val_tumor_dice"]["epochs"] == 2 and stability["val_tumor_dice"]["best"] == 0.8
+    assert stability["val_tumor_dice"]["cv"] == pytest.approx(np.std([0.7, 0.8], ddof=1) / 0.75)
+    written = plots.plot_history(history, tmp_path / "curves.png", stability)
+    assert written["Training curves"].stat().st_size > 0

@@ -679,6 +679,39 @@ def test_training_without_validation_keeps_the_last_epoch_and_reports_no_held_ou
         np.testing.assert_array_equal(a, b)
 
 
+def test_validating_only_the_last_epochs_chooses_the_best_among_them(cache_dir, tmp_path, caplog):
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "late", "--epochs", "3",
+                              "--steps-per-epoch", "4", "--set", "training.validate_last=1",
+                              "--set", "training.score_volumes=false"])
+    assert code == 0, err[-2000:]
+    history = read_history(tmp_path / "late")
+    assert [row["val_loss"] == "NA" for row in history] == [True, True, False]
+    assert float(history[-1]["val_tumor_dice"]) >= 0.0
+    # Only the last epoch was validated, so it is the best; Keras' own checkpoint would have saved
+    # every unvalidated epoch as the best.
+    best = keras.saving.load_model(tmp_path / "late" / "checkpoints" / "best.keras", compile=False)
+    last = keras.saving.load_model(tmp_path / "late" / "checkpoints" / "last.keras", compile=False)
+    for a, b in zip(best.get_weights(), last.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert "Can save best model only" not in err + caplog.text
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", "training.validate_last=-2"])
+    assert code == 2 and "training.validate_last=-2 must be a whole number" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_validated_epochs_keeps_the_last_as_best(cache_dir, tmp_path, caplog):
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "cut", "--epochs", "4",
+                            "--steps-per-epoch", "3", "--set", "training.validate_last=2",
+                            "--set", "training.max_minutes=0.001", "--set", "training.score_volumes=false"])
+    assert code == 0, err[-2000:]
+    assert [row["val_loss"] for row in read_history(tmp_path / "cut")] == ["NA"]
+    assert "no epoch of this run was validated" in caplog.text
+    best = keras.saving.load_model(tmp_path / "cut" / "checkpoints" / "best.keras", compile=False)
+    last = keras.saving.load_model(tmp_path / "cut" / "checkpoints" / "last.keras", compile=False)
+    for a, b in zip(best.get_weights(), last.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_deterministic_run_repeats_exactly_and_leaves_tensorflow_as_it_was(cache_dir, tmp_path):
     """``run.deterministic`` (the tiny recipe's): same seed, same batches, same weights, bit for bit."""
     from tensorflow.python.framework import config as tf_config

@@ -1,0 +1,105 @@
+"""Tests for ``keras_livseg.training.callbacks``: runs that validate only their last epochs."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_livseg.training.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    HistoryLogger,
+    best_value_in_history,
+    validation_epochs,
+)
+
+
+def tiny_model() -> keras.Model:
+    inputs = keras.Input((2,))
+    return keras.Model(inputs, keras.layers.Dense(1)(inputs))
+
+
+def rows(path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("epochs, last, expected", [(10, 4, [7, 8, 9, 10]), (10, 1, [10]), (10, 0, 1), (3, 3, 1),
+                                                    (3, 7, 1)])
+def test_validation_epochs_are_the_last_ones(epochs, last, expected):
+    assert validation_epochs(epochs, last) == expected
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "4", True])
+def test_a_bad_validate_last_names_the_key_and_an_example(value):
+    with pytest.raises(ValueError, match=r"training.validate_last=.* must be a whole number of epochs >= 0"):
+        validation_epochs(10, value)
+
+
+def test_the_best_checkpoint_skips_epochs_without_validation(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "best.keras"
+    checkpoint = Checkpoint(str(path), monitor="val_score", mode="max", save_best_only=True)
+    checkpoint.set_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Keras' own warns "Can save best model only with ..." and saves
+        checkpoint.on_epoch_end(0, {"loss": 1.0})
+    assert not path.exists()
+    model.layers[-1].set_weights([np.full((2, 1), 3.0, np.float32), np.zeros(1, np.float32)])
+    checkpoint.on_epoch_end(1, {"loss": 0.5, "val_score": 0.4})
+    model.layers[-1].set_weights([np.zeros((2, 1), np.float32), np.zeros(1, np.float32)])
+    checkpoint.on_epoch_end(2, {"loss": 0.4})  # not validated: the 0.4 epoch stays the best
+    checkpoint.on_epoch_end(3, {"loss": 0.3, "val_score": 0.2})  # validated, worse
+    saved = keras.saving.load_model(path, compile=False)
+    np.testing.assert_array_equal(saved.layers[-1].get_weights()[0], np.full((2, 1), 3.0))
+
+
+def test_a_checkpoint_can_hold_another_model_than_the_trained_one(tmp_path):
+    trained, held = tiny_model(), tiny_model()
+    held.layers[-1].set_weights([np.full((2, 1), 7.0, np.float32), np.zeros(1, np.float32)])
+    checkpoint = Checkpoint(str(tmp_path / "last.keras"), saves=held)
+    checkpoint.set_model(trained)
+    checkpoint.on_epoch_end(0, {"loss": 1.0})
+    saved = keras.saving.load_model(tmp_path / "last.keras", compile=False)
+    np.testing.assert_array_equal(saved.layers[-1].get_weights()[0], np.full((2, 1), 7.0))
+
+
+def test_early_stopping_counts_validated_epochs_only():
+    stopping = EarlyStopping(monitor="val_score", mode="max", patience=2)
+    model = tiny_model()
+    model.stop_training = False  # as fit sets it
+    stopping.set_model(model)
+    stopping.on_train_begin()
+    stopping.on_epoch_end(0, {"val_score": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in (1, 2, 3):
+            stopping.on_epoch_end(epoch, {"loss": 0.1})  # not validated: no patience used up
+    assert stopping.wait == 0 and not stopping.model.stop_training
+    stopping.on_epoch_end(4, {"val_score": 0.4})
+    stopping.on_epoch_end(5, {"val_score": 0.4})
+    assert stopping.model.stop_training
+
+
+def test_history_keeps_val_columns_from_an_unvalidated_first_epoch_and_across_a_resume(tmp_path):
+    path = tmp_path / "history.csv"
+    logger = HistoryLogger(str(path))
+    logger.set_model(tiny_model())
+    logger.on_train_begin()
+    logger.on_epoch_end(0, {"loss": 0.9, "learning_rate": 0.01})
+    logger.on_train_end()
+    # The resumed run's first epoch is validated: its columns must land under the file's header.
+    resumed = HistoryLogger(str(path), append=True)
+    resumed.set_model(tiny_model())
+    resumed.on_train_begin()
+    resumed.on_epoch_end(1, {"loss": 0.5, "learning_rate": 0.001, "val_loss": 0.6})
+    resumed.on_train_end()
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == ["epoch", "learning_rate", "loss", "val_loss"]  # no val_learning_rate
+    assert rows(path) == [{"epoch": "0", "learning_rate": "0.01", "loss": "0.9", "val_loss": "NA"},
+                          {"epoch": "1", "learning_rate": "0.001", "loss": "0.5", "val_loss": "0.6"}]
+    assert best_value_in_history(path, "val_loss") == 0.6  # the NA epoch is skipped, not an error
