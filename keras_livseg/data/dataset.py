@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -170,6 +170,7 @@ def make_dataset(
     replicas: int = 1,
     input_shard: tuple[int, int] | None = None,
     crop_size: int | None = None,
+    tumor_sampling: str = "slice",
 ) -> tf.data.Dataset:
     """Build the input pipeline for one split.
 
@@ -199,6 +200,11 @@ def make_dataset(
         crop_size: train on ``crop_size`` x ``crop_size`` patches of the augmented slices
             (:func:`random_crops`: the tumor quota's around their tumor, the rest anywhere).
             Evaluation datasets keep whole slices.
+        tumor_sampling: how the tumor quota draws its slices: ``"slice"`` (default), every
+            tumor slice as likely as the others, so the cases with the largest lesions (the
+            most tumor slices) fill most of it; ``"case"``, every tumor-bearing case as likely
+            as the others, then one of its tumor slices, as nnU-Net picks a case before a
+            foreground voxel: cases with a few small lesions are seen as often as a large mass.
 
     Returns:
         ``tf.data.Dataset`` of ``(images [B, H, W, C] float32, masks [B, H, W] int32)``.
@@ -263,6 +269,8 @@ def make_dataset(
         tumor_slices = sum(sum(1 for t in manifest["cases"][cid]["tumor_pixels"] if t > 0) for cid in mine)
     if crop_size and not 1 <= int(crop_size) <= min(prep.image_size):
         raise ValueError(f"crop_size {crop_size} must be between 1 and the slices' size {min(prep.image_size)}")
+    if tumor_sampling not in ("slice", "case"):
+        raise ValueError(f"tumor_sampling must be 'slice' or 'case', got {tumor_sampling!r}")
     if replicas < 1 or batch_size % replicas:
         raise ValueError(f"batch_size {batch_size} must be a multiple of replicas {replicas}")
     files = tf.data.Dataset.from_tensor_slices(paths)
@@ -312,7 +320,12 @@ def make_dataset(
             # The shuffle buffer holds every tumor slice anyway: keeping them costs no memory
             # and spares re-reading the whole split for them each time round.
             tumor = tumor.cache()
-        streams.append(tumor.repeat().shuffle(tumor_buffer, seed=_offset(seed, 7)).batch(n_foreground, drop_remainder=True))
+        tumor = tumor.repeat()
+        if tumor_sampling == "case":
+            my_ids = mine if input_shard is not None else manifest["splits"][split]["cases"]
+            tumor = _one_case_at_a_time(tumor, {cid: manifest["cases"][cid]["tumor_pixels"] for cid in my_ids},
+                                        _offset(seed, 13))
+        streams.append(tumor.shuffle(tumor_buffer, seed=_offset(seed, 7)).batch(n_foreground, drop_remainder=True))
     if n_foreground < batch_size:
         buffer = max(1, min(shuffle_buffer, slices))
         everything = cached(records).repeat().shuffle(buffer, seed=seed)
@@ -345,6 +358,31 @@ def make_dataset(
                                                tf.reshape(masks, [whole_batch, *masks.shape[2:]])))
         )
     return batches.prefetch(autotune).with_options(options)
+
+
+def _one_case_at_a_time(tumor: tf.data.Dataset, tumor_pixels: Mapping[str, Sequence[int]],
+                        seed: int | None) -> tf.data.Dataset:
+    """Keep each slice of the (repeated) tumor stream with probability 1 / its case's tumor slices.
+
+    Every tumor-bearing case then comes out equally often, whatever the size of its lesions;
+    within a case every tumor slice is as likely as the others. The stream is read about
+    ``tumor slices / tumor cases`` times per slice kept (its slices are in memory: cheap).
+
+    Args:
+        tumor: serialized tumor slices, repeated.
+        tumor_pixels: the manifest's tumor pixel count per slice, for each case of the stream.
+        seed: seed of the keep-or-drop draws.
+    """
+    counts = {cid: sum(1 for pixels in values if pixels > 0) for cid, values in tumor_pixels.items()}
+    ids = sorted(cid for cid, n in counts.items() if n)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.constant([1.0 / counts[c] for c in ids], tf.float32)),
+        default_value=0.0,
+    )
+    draws = tf.data.Dataset.random(seed=seed).map(lambda x: tf.cast(x % (1 << 24), tf.float32) / float(1 << 24))
+    kept = tf.data.Dataset.zip((tumor, draws)).filter(
+        _graph_only(lambda record, draw: draw < table.lookup(_case_id(record))))
+    return kept.map(lambda record, draw: record)
 
 
 def _graph_only(function):

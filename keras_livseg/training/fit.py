@@ -41,7 +41,7 @@ TRAINING_KEYS = frozenset(
         "fn_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
         "shuffle_buffer", "monitor", "validation", "validate_last", "init_from", "score_volumes", "max_minutes",
-        "choose_postprocessing", "crop_size",
+        "choose_postprocessing", "crop_size", "tumor_sampling",
     }
 )
 EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
@@ -89,6 +89,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # > 0: train on crop_size x crop_size patches (the tumor quota's around their tumor), as
         # nnU-Net does; validation, checkpoints and everything after see whole slices.
         "crop_size": 0,
+        # How the foreground quota draws its tumour slices: "slice" (each alike) or "case" (each
+        # tumour-bearing case alike, then one of its tumour slices, as nnU-Net picks a case first).
+        "tumor_sampling": "slice",
     },
     "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},
 }
@@ -720,6 +723,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     shard = (task.num_workers, task.worker_index) if task is not None else None
     train_ds = make_dataset(manifest, "train", global_batch, augmentation=augmentation, crop_size=crop or None,
                             foreground_fraction=float(training["foreground_fraction"]),
+                            tumor_sampling=str(training["tumor_sampling"]),
                             cache=bool(training["cache"]), seed=int(config["run"]["seed"]),
                             shuffle_buffer=int(training["shuffle_buffer"]), replicas=replicas,
                             input_shard=shard, deterministic=config["run"].get("deterministic", False))

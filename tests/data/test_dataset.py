@@ -7,7 +7,7 @@ from keras_livseg.data.dataset import Augmentation, make_dataset, parse_batch, p
 from keras_livseg.data.prepare import PrepareOptions, load_manifest, prepare_dataset
 from keras_livseg.data.volumes import DataError
 
-from data_helpers import write_case
+from data_helpers import make_volume, write_case
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +248,37 @@ def test_training_batches_are_patches_and_evaluation_batches_whole_slices(shard_
     assert images.shape == (4, 32, 32, 1)
     with pytest.raises(ValueError, match="crop_size 40 must be between 1 and the slices' size 32"):
         make_dataset(manifest, "train", batch_size=4, crop_size=40)
+
+
+def _lesion_case(folder, case_id: str, slices: int, lesion_hu: float) -> None:
+    """A case whose lesion has its own HU (the case can be told from a training slice) and
+    ``slices - 8`` tumour slices."""
+    hu, labels = make_volume((40, 48, slices), seed=len(case_id) + slices, tumor=True)
+    hu[labels == 2] = lesion_hu
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), str(folder / f"volume-{case_id}.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(folder / f"segmentation-{case_id}.nii.gz"))
+
+
+@pytest.mark.parametrize("sampling, expected_share_of_the_large_case", [("slice", 24 / 28), ("case", 0.5)])
+def test_tumour_quota_samples_slices_or_cases_alike(tmp_path, sampling, expected_share_of_the_large_case):
+    (tmp_path / "src").mkdir()
+    _lesion_case(tmp_path / "src", "large", 32, lesion_hu=0.0)  # 24 tumour slices
+    _lesion_case(tmp_path / "src", "small", 12, lesion_hu=-100.0)  # 4 tumour slices
+    prepare_dataset(PrepareOptions(tmp_path / "src", tmp_path / "out", image_size=32, workers=1, progress=False,
+                                   split=(1.0, 0.0, 0.0), window=(-200.0, 250.0)))
+    manifest = load_manifest(tmp_path / "out")
+    assert sorted(manifest["splits"]["train"]["cases"]) == ["large", "small"]
+    ds = make_dataset(manifest, "train", batch_size=4, augmentation=Augmentation.none(), foreground_fraction=1.0,
+                      seed=1, tumor_sampling=sampling)
+    prep = manifest["preprocessing"]
+    lesion_hu = [float(image[..., 0][mask == 2].mean()) * prep["std"] + prep["mean"]
+                 for images, masks in ds.take(150) for image, mask in zip(images.numpy(), masks.numpy())]
+    share = np.mean(np.asarray(lesion_hu) > -50.0)
+    # 600 draws: the binomial standard error is at most 0.02.
+    assert share == pytest.approx(expected_share_of_the_large_case, abs=0.07)
+
+
+def test_an_unknown_tumour_sampling_is_refused(shard_dir):
+    with pytest.raises(ValueError, match="tumor_sampling must be 'slice' or 'case', got 'lesion'"):
+        make_dataset(shard_dir, "train", batch_size=4, tumor_sampling="lesion")

@@ -698,6 +698,17 @@ def test_validating_only_the_last_epochs_chooses_the_best_among_them(cache_dir, 
     assert code == 2 and "training.validate_last=-2 must be a whole number" in err and "Traceback" not in err
 
 
+def test_case_balanced_tumour_sampling_trains_and_a_bad_value_is_one_line(cache_dir, tmp_path):
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "cases", "--epochs", "1",
+                            "--steps-per-epoch", "3", "--set", "training.tumor_sampling=case",
+                            "--set", "training.score_volumes=false"])
+    assert code == 0, err[-2000:]
+    assert len(read_history(tmp_path / "cases")) == 1
+    assert json.loads((tmp_path / "cases" / "config.json").read_text())["training"]["tumor_sampling"] == "case"
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", "training.tumor_sampling=lesion"])
+    assert code == 2 and "tumor_sampling must be 'slice' or 'case', got 'lesion'" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_a_run_stopped_before_its_validated_epochs_keeps_the_last_as_best(cache_dir, tmp_path, caplog):
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "cut", "--epochs", "4",
