@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import phantom_volumes, table, write_json  # noqa: E402
+
+from keras_livseg.training.multi_worker import free_loopback_port  # noqa: E402
 
 LITS_VOLUMES, LITS_SLICES = 131, 58_638
 
@@ -97,12 +98,6 @@ def same_folders(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def fit_rate(workers: int, work: Path, size: int, batch: int, steps: int, epochs: int) -> float:
     """Global slices/s of the last epoch, from Keras's per-step time."""
     recipe = work / "tiny.toml"
@@ -112,7 +107,7 @@ def fit_rate(workers: int, work: Path, size: int, batch: int, steps: int, epochs
             "--set", "data.phantom_size=128", "--set", "data.phantom_slices=[24, 32]", "--set", "data.shard_mb=0.5",
             "--set", "data.workers=1", "--set", "training.validation=none", "--set", "training.score_volumes=false",
             "--runs-dir", str(work / f"runs{workers}"), "--name", "bench"]
-    ports = [free_port() for _ in range(workers)]
+    ports = [free_loopback_port() for _ in range(workers)]
     processes = []
     for index in range(workers):
         env = {**os.environ, "KERAS_LIVSEG_CACHE": str(work / "cache")}

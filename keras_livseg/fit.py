@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", help="recipe TOML (default: pipelines/phantom_demo.toml)")
     parser.add_argument("--data", help="dataset folder or CSV (LiTS/MSD layout) instead of the phantom")
     parser.add_argument("--shards", help="where prepared shards go (default: a cache folder keyed by the settings)")
-    parser.add_argument("--model", help="unet, tam_unet or effb0_pan")
+    parser.add_argument("--model", help="model name, e.g. tam_unet, unet, effb0_pan, linknet (an unknown name lists them all)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="per replica")
     parser.add_argument("--steps-per-epoch", type=int, help="0 = one pass over the training slices")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras_livseg  # noqa: E402,F401  before any test imports TensorFlow: the package's oneDNN default
+from keras_livseg.training.multi_worker import free_loopback_port  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = PROJECT_ROOT.parent / "shared" / "data" / "real"
@@ -40,13 +40,6 @@ def jax_env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (another process may still take it: see start_server)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def start_server(tmp_path):
     """Start a server process on a free loopback port and stop it after the test.
@@ -63,7 +56,7 @@ def start_server(tmp_path):
     def start(command: Callable[[int], list[str]], ready: Callable[[int], bool], timeout: float = 60.0):
         log_path = tmp_path / f"server-{len(started)}.log"
         for _ in range(3):
-            port = free_port()
+            port = free_loopback_port()
             with log_path.open("wb") as log:
                 process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT)
             started.append(process)

@@ -16,6 +16,7 @@ beyond the strategy itself:
   the strategy is multi-worker.
 - :func:`weights_digest`: a SHA-256 of the weights, logged by every worker at the end, so
   that one can see that all workers trained the same model.
+- :func:`free_loopback_port`: a port for a worker (or any server) started on this machine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,6 +33,21 @@ logger = logging.getLogger(__name__)
 
 #: Keys a worker may differ on: the chief resolves them and shares the result.
 WORKER_LOCAL_KEYS = ("data.shards", "training.resolved_precision")
+
+
+def free_loopback_port() -> int:
+    """A loopback port that was free a moment ago, for workers started on one machine.
+
+    Another process may take it before the worker binds it: a caller that starts servers on a
+    busy machine retries on a new port when one exits early (the tests' ``start_server`` does).
+
+    Example:
+        >>> 0 < free_loopback_port() < 65536
+        True
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def exchange(strategy: Any, payload: bytes) -> list[bytes]:

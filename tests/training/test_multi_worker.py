@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,11 +19,6 @@ from keras_livseg.training.strategy import parse_tf_config
 
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 TINY_RECIPE = """
 [run]
@@ -237,7 +231,7 @@ def _start(tmp_path: Path, extra: list[list[str]]) -> list[subprocess.Popen]:
     for _ in range(3):
         offsets = [(tmp_path / f"worker{i}.log").stat().st_size if (tmp_path / f"worker{i}.log").exists() else 0
                    for i in range(2)]
-        processes = _launch(tmp_path, [free_port(), free_port()], extra)
+        processes = _launch(tmp_path, [multi_worker.free_loopback_port(), multi_worker.free_loopback_port()], extra)
         time.sleep(3)  # the gRPC servers bind at start-up
         if not (any(p.poll() is not None for p in processes) and _port_lost(tmp_path, offsets)):
             return processes
