@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -74,7 +73,9 @@ def keras_step_memory(model_name: str, size: int, batch: int, steps: int = 3, op
     ``optimizer="fit"``: the optimizer as ``fit`` makes it (``FusedAdam``, variables built before the
     first step); ``"keras"``: ``keras.optimizers.Adam``, built by Keras inside the first traced step.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from keras_livseg import cli
+
+    cli.quiet_tensorflow()
     # The live-tensor statistics come from oneDNN's allocator: keras_livseg (imported by _common,
     # before TensorFlow) asks for it on every CPU.
     import keras

@@ -127,7 +127,9 @@ def build_torch(args, name):
 
 
 def worker_keras(args) -> dict:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from keras_livseg import cli
+
+    cli.quiet_tensorflow()
     import keras
     import numpy as np
 
@@ -221,7 +223,9 @@ def worker_peak(framework: str, size: int = 2048, repeats: int = 10) -> dict:
 
     a = np.random.default_rng(0).normal(size=(size, size)).astype("float32")
     if framework == "keras":
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        from keras_livseg import cli
+
+        cli.quiet_tensorflow()
         import tensorflow as tf
 
         x = tf.constant(a)

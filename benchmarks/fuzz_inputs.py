@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import resource
 import subprocess
 import sys
@@ -229,10 +228,9 @@ def _limit_memory() -> None:
 
 def classify(argv: list[str], timeout: float = TIMEOUT_S) -> tuple[str, str]:
     """Run one command; ``(outcome, last stderr line)``."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    try:
+    try:  # the commands quiet TensorFlow themselves (keras_livseg.cli)
         done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=_limit_memory, env=env)
+                              preexec_fn=_limit_memory)
     except subprocess.TimeoutExpired:
         return "hang", f"no answer within {timeout:.0f} s"
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]

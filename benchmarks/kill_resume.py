@@ -40,7 +40,7 @@ FIT_ARGS = [
 
 
 def _env(work: Path) -> dict[str, str]:
-    return {**os.environ, "KERAS_LIVSEG_CACHE": str(work / "cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return {**os.environ, "KERAS_LIVSEG_CACHE": str(work / "cache")}  # the commands quiet TensorFlow themselves
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: Path, kill_after: float | None) -> str:
