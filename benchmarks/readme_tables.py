@@ -29,6 +29,21 @@ def _mark(ok: bool | None) -> str:
     return "" if ok is None else ("✓" if ok else "✗")
 
 
+def _fresh_runs(fresh: dict) -> str:
+    """What the first-run time is when several runs were made: their median, and each.
+
+    >>> _fresh_runs({"minutes": 4.8, "runs": [{"minutes": 5.27}, {"minutes": 4.8}, {"minutes": 4.61}]})
+    '; median of 3 runs, one after the other (5.3, 4.8, 4.6 min)'
+    >>> _fresh_runs({"minutes": 4.3})
+    ''
+    """
+    runs = fresh.get("runs", [])
+    if len(runs) < 2:
+        return ""
+    each = ", ".join(f"{run['minutes']:.1f}" for run in runs)
+    return f"; median of {len(runs)} runs, one after the other ({each} min)"
+
+
 def _n(value: float | None, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -248,8 +263,9 @@ def render_real_ct(data: dict) -> str:
     rows = [
         "| what | measured | goal | met |",
         "| --- | --- | --- | --- |",
-        *([f"| demo wall time, first run on a new machine (empty cache: phantom, shards, training, scoring) | "
-           f"{data['fresh']['minutes']:.1f} min | ≤ 5 min | {_mark(data['fresh']['minutes'] <= 5)} |",
+        *([f"| demo wall time, first run on a new machine (empty cache: phantom, shards, training, scoring)"
+           f"{_fresh_runs(data['fresh'])} | {data['fresh']['minutes']:.1f} min | ≤ 5 min | "
+           f"{_mark(data['fresh']['minutes'] <= 5)} |",
            f"| demo wall time, training seeds 0–{len(data['demo']['runs']) - 1} (data cached) | {demo['minutes']['min']:.1f} – "
            f"{demo['minutes']['max']:.1f} min | | |"] if "fresh" in data else
           [f"| demo wall time ({len(data['demo']['runs'])} seeds, data made by the first) | {demo['minutes']['min']:.1f} – "
