@@ -52,6 +52,23 @@ def make_parser(command: str, description: str, doc: str | None, verbose_help: s
     return parser
 
 
+def add_recipe_arguments(parser: argparse.ArgumentParser, *, name_help: str, set_help: str) -> None:
+    """The arguments of the commands that train from a recipe (``fit``, ``compare``).
+
+    ``--pipeline``, ``--data``, ``--epochs``, ``--steps-per-epoch``, ``--batch-size``, ``--name``,
+    ``--runs-dir`` and the repeatable ``--set SECTION.KEY=VALUE``; ``name_help`` and ``set_help``
+    say what the command makes of its name and overrides.
+    """
+    parser.add_argument("--pipeline", help="recipe TOML (default: pipelines/phantom_demo.toml)")
+    parser.add_argument("--data", help="dataset folder or CSV (LiTS/MSD layout) instead of the phantom")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int, help="0 = one pass over the training slices")
+    parser.add_argument("--batch-size", type=int, help="per replica")
+    parser.add_argument("--name", help=name_help)
+    parser.add_argument("--runs-dir", help="parent of run folders (default runs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help)
+
+
 def _has_nvidia_driver() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 

@@ -33,17 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "recipe and seeds.", __doc__)
     parser.add_argument("--models", help="comma-separated registry names, the baseline first (default: all)")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds 0..N-1 per model (default 1)")
-    parser.add_argument("--pipeline", help="recipe TOML (default: pipelines/phantom_demo.toml)")
-    parser.add_argument("--data", help="dataset folder or CSV instead of the phantom")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--steps-per-epoch", type=int)
-    parser.add_argument("--batch-size", type=int)
+    cli.add_recipe_arguments(parser, name_help="folder under runs/ (default compare-<recipe>)",
+                             set_help="override a recipe value for every model, or model.<name>.<key>=value for one")
     parser.add_argument("--minutes", type=float, help="time budget per run: stop after the first epoch that ends past "
                         "it (the same wall time for every model; set --epochs high enough)")
-    parser.add_argument("--name", help="folder under runs/ (default compare-<recipe>)")
-    parser.add_argument("--runs-dir", help="parent folder (default runs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a recipe value for every model, or model.<name>.<key>=value for one")
     parser.add_argument("--no-speed", action="store_true", help="skip the training/inference timing")
     parser.add_argument("--runs", nargs="+", metavar="RUN", help="compare these finished fit runs instead of training")
     parser.add_argument("--out", help="with --runs: the output folder")

@@ -35,23 +35,16 @@ EXIT_WORKER_LOST = 4
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser("fit", "Train a liver/tumor segmentation model from a recipe, evaluate it and export a SavedModel.", __doc__)
-    parser.add_argument("--pipeline", help="recipe TOML (default: pipelines/phantom_demo.toml)")
-    parser.add_argument("--data", help="dataset folder or CSV (LiTS/MSD layout) instead of the phantom")
+    cli.add_recipe_arguments(parser, name_help="run name (folder under runs/)",
+                             set_help="override any recipe value, e.g. --set training.foreground_fraction=0.5 or "
+                                      "--set training.augmentation.rotation=0.04 (repeatable)")
     parser.add_argument("--shards", help="where prepared shards go (default: a cache folder keyed by the settings)")
     parser.add_argument("--model", help="model name, e.g. tam_unet, unet, effb0_pan, linknet (an unknown name lists them all)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, help="per replica")
-    parser.add_argument("--steps-per-epoch", type=int, help="0 = one pass over the training slices")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"])
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--name", help="run name (folder under runs/)")
-    parser.add_argument("--runs-dir", help="parent of run folders (default runs/)")
     parser.add_argument("--export-dir", help="TF Serving base folder for the export (default saved_models/livseg)")
     parser.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any recipe value, e.g. --set training.foreground_fraction=0.5 or "
-                             "--set training.augmentation.rotation=0.04 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name where it stopped")
     parser.add_argument("--folds", type=int, help="K-fold cross-validation by patient (K = patients: leave one out)")
     parser.add_argument("--fold", type=int, help="with --folds: run only this fold (0-based)")

@@ -125,6 +125,16 @@ def lits_id(name: str, prefix: str = "volume") -> str | None:
     return strip_nifti_suffix(name)[len(prefix) + 1:] or None
 
 
+def lits_names(case_id: str, suffix: str = ".nii.gz") -> tuple[str, str]:
+    """The LiTS file names of a case's CT volume and label map.
+
+    Example:
+        >>> lits_names("3", ".nii")
+        ('volume-3.nii', 'segmentation-3.nii')
+    """
+    return f"volume-{case_id}{suffix}", f"segmentation-{case_id}{suffix}"
+
+
 def case_key(path: Path) -> str:
     """The case a NIfTI file belongs to: ``segmentation-3.nii`` and ``volume-3.nii`` → ``"3"``,
     ``liver_3_0000.nii.gz`` and ``liver_3.nii.gz`` → ``"liver_3"``.

@@ -82,6 +82,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
+from keras_livseg.data.cases import lits_names
+
 logger = logging.getLogger(__name__)
 
 LABEL_BACKGROUND = 0
@@ -1404,7 +1406,7 @@ def write_phantom_dataset(
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to {out}; choose a writable --out")
     ext = ".nii.gz" if gzip else ".nii"
-    names = [(out / f"volume-{i}{ext}", out / f"segmentation-{i}{ext}") for i in range(cases)]
+    names = [tuple(out / name for name in lits_names(str(i), ext)) for i in range(cases)]
     if not overwrite:
         existing = [p for pair in names for p in pair if p.exists()]
         if existing:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keras_livseg.data.cases import CaseFiles, case_key, discover_cases, natural_key, nifti_files
+from keras_livseg.data.cases import CaseFiles, case_key, discover_cases, lits_id, natural_key, nifti_files
 from keras_livseg.data.volumes import (
     DataError,
     apply_label_map,
@@ -110,9 +110,9 @@ def match_cases(
         except DataError:
             if not ref.is_dir():
                 raise
-            volumes = {case_key(p): p for p in nifti_files(ref) if p.name.startswith("volume-")}
+            volumes = {case_key(p): p for p in nifti_files(ref) if lits_id(p.name) is not None}
             for path in nifti_files(ref):
-                if not path.name.startswith("volume-"):
+                if lits_id(path.name) is None:
                     references[case_key(path)] = (path, volumes.get(case_key(path)))
     if images is not None:
         references = _attach_images(references, Path(images))
@@ -157,7 +157,7 @@ def _attach_images(
         raise DataError(f"images folder {images} does not exist; pass the folder of the CT volumes (--images)")
     found: dict[str, Path] = {}
     for path in nifti_files(images):
-        if not path.name.startswith("segmentation-"):
+        if lits_id(path.name, "segmentation") is None:
             found.setdefault(case_key(path), path)
     out = {key: (label, image if image is not None else found.get(key)) for key, (label, image) in references.items()}
     lacking = sorted((key for key, (_, image) in out.items() if image is None), key=natural_key)

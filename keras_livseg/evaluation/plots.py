@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from keras_livseg.data.labels import LIVER_MIN_LABEL, TUMOR_LABEL
+
 logger = logging.getLogger(__name__)
 
 _WINDOW = (-200.0, 250.0)  # display window for the CT panels (HU), the training default
@@ -118,10 +120,10 @@ def overlay_slice(pred: np.ndarray, ref: np.ndarray) -> tuple[int, str]:
         (2, 'largest tumour area in the reference')
     """
     for labels, test, reason in (
-        (ref, lambda a: a == 2, "largest tumour area in the reference"),
-        (pred, lambda a: a == 2, "largest predicted tumour area (no tumour in the reference)"),
-        (ref, lambda a: a >= 1, "largest liver area in the reference (no tumour)"),
-        (pred, lambda a: a >= 1, "largest predicted liver area (empty reference)"),
+        (ref, lambda a: a == TUMOR_LABEL, "largest tumour area in the reference"),
+        (pred, lambda a: a == TUMOR_LABEL, "largest predicted tumour area (no tumour in the reference)"),
+        (ref, lambda a: a >= LIVER_MIN_LABEL, "largest liver area in the reference (no tumour)"),
+        (pred, lambda a: a >= LIVER_MIN_LABEL, "largest predicted liver area (empty reference)"),
     ):
         area = test(labels).sum(axis=(0, 1))
         if area.any():
@@ -160,7 +162,7 @@ def _draw_overlay(axis, ct: np.ndarray | None, ref_slice: np.ndarray, pred_slice
     # patient's right (the liver) on the image's left, the radiological view.
     axis.imshow(background, cmap="gray", vmin=_WINDOW[0], vmax=_WINDOW[1], origin="upper")
     for labels, style in ((ref_slice, "solid"), (pred_slice, "dashed")):
-        for region, test in (("liver", labels >= 1), ("tumor", labels == 2)):
+        for region, test in (("liver", labels >= LIVER_MIN_LABEL), ("tumor", labels == TUMOR_LABEL)):
             if test.any() and not test.all():
                 colour = _CONTOUR_COLOURS[(region, style)]
                 axis.contour(test.astype(np.float32), levels=[0.5], colors=[colour],
@@ -360,7 +362,7 @@ def plot_model_overlays(
     ranked = []
     for case in cases:
         _, ref, _ = load_pair(MatchedCase(case.case_id, case.reference, case.reference, case.image), label_map)
-        ranked.append((int((ref == 2).sum()), int((ref >= 1).sum()), case))
+        ranked.append((int((ref == TUMOR_LABEL).sum()), int((ref >= LIVER_MIN_LABEL).sum()), case))
         del ref
     ranked.sort(key=lambda item: (-item[0], -item[1], str(item[2].case_id)))
     rows = []
@@ -422,7 +424,7 @@ def plot_attention(image: np.ndarray, mask: np.ndarray, maps: Mapping[str, Mappi
             axis.axis("off")
         row[0].imshow(ct, cmap="gray")
         for region, colour in (("liver", "lime"), ("tumor", "red")):
-            test = mask >= 1 if region == "liver" else mask == 2
+            test = mask >= LIVER_MIN_LABEL if region == "liver" else mask == TUMOR_LABEL
             if test.any() and not test.all():
                 row[0].contour(test.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
         row[0].set_title(f"{name}: CT, reference", fontsize=8)
