@@ -1,8 +1,8 @@
 """Training callbacks: learning rate in the logs, NaN stop, TensorBoard prediction grids.
 
-The rest of the callback list (TensorBoard, BackupAndRestore, CSVLogger) is Keras's own, and
-its ModelCheckpoint and EarlyStopping with the changes :class:`Checkpoint` and
-:class:`EarlyStopping` describe (epochs without validation are skipped);
+The rest of the callback list (TensorBoard, BackupAndRestore) is Keras's own, and its
+ModelCheckpoint, EarlyStopping and CSVLogger with the changes :class:`Checkpoint`,
+:class:`EarlyStopping` and :class:`HistoryLogger` describe (epochs without validation);
 :func:`standard_callbacks` assembles it for a run folder.
 """
 
@@ -231,20 +231,15 @@ def best_value_in_history(history_csv: Path, monitor: str) -> float | None:
     """The best (max) value of ``monitor`` in a CSV history, for resuming a checkpoint's threshold."""
     if not history_csv.is_file():
         return None
-    import csv
+    from keras_livseg.data.errors import DataError
+    from keras_livseg.evaluation.report import read_history  # epochs without the value read as NaN
 
-    with history_csv.open() as handle:
-        values = [_number(row.get(monitor)) for row in csv.DictReader(handle)]
-    values = [v for v in values if math.isfinite(v)]
-    return max(values) if values else None
-
-
-def _number(text: str | None) -> float:
-    """A CSV history cell as a float; NaN for an epoch without that value (CSVLogger's ``NA``)."""
     try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
+        values = read_history(history_csv).get(monitor, np.zeros(0))
+    except DataError:  # no epoch written yet
+        return None
+    values = values[np.isfinite(values)]
+    return float(values.max()) if values.size else None
 
 
 class Checkpoint(keras.callbacks.ModelCheckpoint):
