@@ -70,6 +70,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -1323,6 +1324,31 @@ def _case_arguments(cases, seed, slice_counts, case_kwargs) -> list[tuple[int, d
     return arguments
 
 
+#: Thread-count variables of the BLAS and OpenMP runtimes NumPy and SciPy may load.
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _one_blas_thread_each() -> Iterator[None]:
+    """Processes started inside run NumPy's matrix products on one thread each.
+
+    The cases' smooth fields are small matrix products. With one process per core, each
+    process's BLAS would start a thread per core too, and the threads of the processes wait
+    on each other. A spawned process reads these variables when it starts, so they are set
+    here, around the pool, and restored after; a value the user set is kept.
+    """
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    for name, value in saved.items():
+        if value is None:
+            os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
 def _write_case(index: int, kwargs: dict, volume_path: Path, label_path: Path) -> dict:
     """Makes case ``index``, writes its two files atomically, returns its ``phantom.json`` entry."""
     from keras_livseg.data.volumes import write_nifti  # with nibabel, only where files are written
@@ -1428,7 +1454,9 @@ def write_phantom_dataset(
 
             # Spawned, not forked: fit generates its phantom with TensorFlow loaded, which a fork
             # would copy half-initialized; a spawned child imports only NumPy, SciPy and nibabel.
-            with ProcessPoolExecutor(min(workers, cases), mp_context=multiprocessing.get_context("spawn")) as pool:
+            with _one_blas_thread_each(), ProcessPoolExecutor(
+                min(workers, cases), mp_context=multiprocessing.get_context("spawn")
+            ) as pool:
                 futures = [pool.submit(_write_case, *job) for job in jobs]
                 described = []
                 for future in futures:  # in case order, so phantom.json does not depend on timing

@@ -255,6 +255,27 @@ def test_slice_counts_and_workers_give_the_same_files(tmp_path):
         write_phantom_dataset(tmp_path / "bad", cases=1, size=32, slices=(8, 8), workers=0)
 
 
+def _thread_variables() -> dict:
+    import os
+
+    return {name: os.environ.get(name) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def test_worker_processes_get_one_blas_thread_each_and_the_environment_is_restored(monkeypatch):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from keras_livseg.data import phantom
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the user's own setting is kept
+    with phantom._one_blas_thread_each(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child = pool.submit(_thread_variables).result()
+    assert child == {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3"}
+    assert _thread_variables() == {"OPENBLAS_NUM_THREADS": None, "OMP_NUM_THREADS": None, "MKL_NUM_THREADS": "3"}
+
+
 def test_existing_files_need_overwrite(tmp_path):
     write_phantom_dataset(tmp_path, cases=1, seed=0, **TINY)
     with pytest.raises(FileExistsError, match="overwrite"):
