@@ -50,12 +50,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import step_times  # noqa: E402
+from _common import machine, results_dir, step_times, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, BATCH, DECODER_FILTERS, CLASSES = 256, 1, 8, 64, 3
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -214,7 +213,7 @@ def parse_xplane(logdir: str):
     return result
 
 
-def run_ops(args) -> None:
+def run_ops(args) -> dict:
     import tensorflow as tf
 
     model, x, y = keras_model_and_data()
@@ -243,6 +242,10 @@ def run_ops(args) -> None:
             for t, s in by_type.most_common(args.top)]
     print("### per op type (_Mkl/_MklNative prefixes of oneDNN kernels dropped)\n")
     print(md_table(["op type", "ms/step", "share"], rows))
+    result = {"step_s_untraced": step, "step_s_traced": traced, "op_self_time_s_per_step": per_step,
+              "trace_steps": args.trace_steps,
+              "per_op_type": [{"op_type": t, "ms_per_step": s / args.trace_steps * 1e3, "share": s / total}
+                              for t, s in by_type.most_common()]}
 
     parts = collections.defaultdict(lambda: [0.0, 0.0])
     for name, op_type, backward, seconds in ops:
@@ -252,6 +255,9 @@ def run_ops(args) -> None:
                                 and not name.startswith("effb0_pan"))
         parts[part][int(backward)] += seconds
     rows = sorted(parts.items(), key=lambda kv: -sum(kv[1]))
+    result["per_part"] = [{"part": p, "forward_ms_per_step": f / args.trace_steps * 1e3,
+                           "backward_ms_per_step": b / args.trace_steps * 1e3, "share": (f + b) / total}
+                          for p, (f, b) in rows]
     print("\n### per model part (forward / backward = ops under gradient_tape/)\n")
     print(md_table(
         ["part", "fwd ms/step", "bwd ms/step", "total ms/step", "share"],
@@ -265,6 +271,9 @@ def run_ops(args) -> None:
     print(md_table(["op", "ms/step", "share"],
                    [(n, f"{s / args.trace_steps * 1e3:.1f}", f"{100 * s / total:.1f}%")
                     for n, s in by_name.most_common(args.top)]))
+    result["top_ops"] = [{"op": n, "ms_per_step": s / args.trace_steps * 1e3, "share": s / total}
+                         for n, s in by_name.most_common(args.top)]
+    return result
 
 
 # ---------------------------------------------------------------------------- blocks
@@ -402,7 +411,7 @@ def _run_worker(kind: str, args) -> list:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_blocks(args) -> None:
+def run_blocks(args) -> dict:
     tf_rows = pt_rows = None
     for _ in range(max(1, args.rounds)):  # alternate, keep the best: load from others comes and goes
         tf_new = _run_worker("blocks:tf", args)
@@ -425,6 +434,9 @@ def run_blocks(args) -> None:
     print(f"Each framework in its own process, best of {max(1, args.rounds)} alternating rounds; TF = the Keras "
           f"layers in a tf.function with a GradientTape; PyTorch = the twin's modules, eager.\n")
     print(md_table(["block", "TF ms", "TF share", "PyTorch ms", "TF speed / PyTorch"], rows))
+    return {"repeats": args.repeats, "rounds": max(1, args.rounds),
+            "blocks": [{"block": label, "shapes": shapes, "tf_s": tf_s, "torch_s": None if pt is None else pt[2]}
+                       for (label, shapes, tf_s), pt in zip(tf_rows, pt_rows)]}
 
 
 # ---------------------------------------------------------------------------- repro
@@ -582,7 +594,7 @@ def worker_repro(framework: str, repeats: int) -> list:
     return results
 
 
-def run_repro(args) -> None:
+def run_repro(args) -> dict:
     tf_rows = _run_worker("repro:tf", args)
     pt_rows = _run_worker("repro:torch", args) if not args.no_torch else [(r[0], None) for r in tf_rows]
     jax_rows = _run_worker("repro:jax", args) if not args.no_jax else [(r[0], None) for r in tf_rows]
@@ -599,6 +611,9 @@ def run_repro(args) -> None:
     print(f"\n## Single kernels, forward + backward (all gradients), best of {args.repeats}\n")
     print("JAX = jax.jit(jax.grad) of the same op on XLA:CPU (what KERAS_BACKEND=jax and jit_compile=True run).\n")
     print(md_table(["kernel", "TF ms", "PyTorch ms", "TF speed / PyTorch", "JAX ms"], rows))
+    return {"repeats": args.repeats,
+            "kernels": [{"kernel": label, "tf_s": tf_s, "torch_s": pt_s, "jax_s": jax_s}
+                        for (label, tf_s), (_, pt_s), (_, jax_s) in zip(tf_rows, pt_rows, jax_rows)]}
 
 
 # ---------------------------------------------------------------------------- whole
@@ -636,7 +651,7 @@ def worker_whole(kind: str) -> dict:
     return {"first_step_s": first, "step_s": best, "peak_rss_mb": peak_rss_mb}
 
 
-def run_whole(args) -> None:
+def run_whole(args) -> dict:
     kinds = [("Keras / TF graph (default)", "keras", {}),
              ("Keras / TF jit_compile=True (XLA)", "keras_xla", {}),
              ("Keras / JAX (jit)", "keras", {"KERAS_BACKEND": "jax"}),
@@ -664,6 +679,7 @@ def run_whole(args) -> None:
                      f"{r['peak_rss_mb']:.0f}"))
     print("\n## Whole train step, best of 4 after warm-up, each in its own process\n")
     print(md_table(["variant", "s/step", "slices/s", "speed / PyTorch", "first step s", "peak RSS MB"], rows))
+    return {"variants": [{"variant": label, **r} for label, r in results]}
 
 
 def main(argv=None) -> int:
@@ -680,9 +696,15 @@ def main(argv=None) -> int:
                         help="profile the model with keras_livseg's TF speed-ups undone (the 'before')")
     parser.add_argument("--rounds", type=int, default=2,
                         help="blocks: TF and PyTorch workers alternate this many times; best per block")
+    parser.add_argument("--no-json", action="store_true",
+                        help="print only; by default each part's figures go to benchmarks/results/"
+                             "profile_effb0_pan[_plain][_<policy>].json (other parts in that file are kept)")
     parser.add_argument("--whole-worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from keras_livseg import cli
+
+    cli.quiet_tensorflow()  # before TensorFlow loads, here and (through the environment) in the workers
     if args.whole_worker:
         print(json.dumps(worker_whole(args.whole_worker)))
         return 0
@@ -701,9 +723,17 @@ def main(argv=None) -> int:
     unknown = sorted(set(parts) - {"ops", "blocks", "repro", "whole"})
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from ops, blocks, repro, whole")
+    name = "profile_effb0_pan" + ("_plain" if args.plain else "") + ("" if args.policy == "float32" else f"_{args.policy}")
+    path = results_dir() / f"{name}.json"
+    measured = json.loads(path.read_text()).get("parts", {}) if path.is_file() and not args.no_json else {}
     for part in parts:
-        {"ops": run_ops, "blocks": run_blocks, "repro": run_repro, "whole": run_whole}[part](args)
+        figures = {"ops": run_ops, "blocks": run_blocks, "repro": run_repro, "whole": run_whole}[part](args)
         sys.stdout.flush()
+        if not args.no_json:  # each part as soon as it is measured, with the machine it ran on
+            measured[part] = {**figures, "machine": machine()}
+            config = {"model": "effb0_pan", "input": [SIZE, SIZE, CHANNELS], "batch": BATCH,
+                      "decoder_filters": DECODER_FILTERS, "policy": args.policy, "plain": args.plain}
+            print(f"wrote {write_json(name, {'config': config, 'parts': measured})}")
     return 0
 
 

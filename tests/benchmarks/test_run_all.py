@@ -95,7 +95,8 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
                            "--skip", "real_ct", "phantom_realism", "memory"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "run_all_quick.json").read_text())
-    assert [run["name"] for run in summary["runs"]] == ["prepare", "scale", "lits_scale", "pipeline", "models", "predict", "fit_loop", "fuzz"]
+    assert [run["name"] for run in summary["runs"]] == ["prepare", "scale", "lits_scale", "pipeline", "models", "predict", "fit_loop",
+                                                          "phantom_speed", "fuzz"]
     for run in summary["runs"]:
         data = json.loads((tmp_path / "results" / f"{run['name']}.json").read_text())
         machine = data["machine"]
@@ -114,6 +115,9 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     models = json.loads((tmp_path / "results" / "models.json").read_text())
     assert [row["model"] for row in models["rows"]] == ["unet", "tam_unet"]
     assert all(row["keras_float32"]["step_s"] > 0 for row in models["rows"])
+    phantom_speed = json.loads((tmp_path / "results" / "phantom_speed.json").read_text())
+    assert [row["time_vs_default"] for row in phantom_speed["rows"]][0] == 1.0  # the default is the baseline
+    assert all(row["median_s"] > 0 and len(row["runs_s"]) == 1 for row in phantom_speed["rows"])
     fit_loop = json.loads((tmp_path / "results" / "fit_loop.json").read_text())
     assert fit_loop["ratio"] == pytest.approx(fit_loop["shards_steps_per_s"] / fit_loop["in_memory_steps_per_s"])
     assert f"**{fit_loop['ratio']:.2f}**" in readme_tables.render_fit_loop(fit_loop)
