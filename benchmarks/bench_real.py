@@ -19,9 +19,12 @@ already measured are kept, so they can run one at a time):
 - ``ablation``: the demo with recipe changes (``--set KEY=VALUE``, as ``fit`` takes them) over the
   same seeds, scored as ``demo`` and ``sim2real`` are and kept under ``ablations`` by ``--label``:
   what a change of the recipe did, side by side with the recipe as shipped, on one machine.
+- ``lopo-ablation``: ``lopo`` with changes of the fine-tuning recipe (``--set``), from the same
+  seed-0 demo model, kept under ``lopo_ablations`` by ``--label``.
 
     python benchmarks/bench_real.py demo fresh sim2real lopo [--seeds 0 1 2] [--rerun] [--fresh-runs 3]
     python benchmarks/bench_real.py ablation --label "soft Dice" --set training.fn_weights=[]
+    python benchmarks/bench_real.py lopo-ablation --label "Tversky loss" --set "training.fn_weights=[0.5, 0.7]"
 
 Finished runs under ``runs/bench_real`` are reused (their recorded wall time with them), so an
 interrupted benchmark continues where it stopped; ``--rerun`` trains them all again.
@@ -38,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, results_dir, table, write_json  # noqa: E402
@@ -254,11 +258,14 @@ def sim2real(checkpoints: list[Path]) -> dict:
             "goal_liver_dice": 0.90}
 
 
-def lopo(checkpoint: Path) -> dict:
+def lopo(checkpoint: Path, overrides: Sequence[str] = (), label: str = "") -> dict:
+    """Leave one IRCAD patient out with ``pipelines/ircadb_finetune.toml`` warm-started from
+    ``checkpoint``; with ``overrides`` (``fit --set``) and a ``label``, the same under its own
+    run name: a change of the fine-tuning recipe, measured beside it."""
     if not (REAL / "ircadb").is_dir():
         print(f"skipped: {REAL / 'ircadb'} is absent")
         return {"skipped": "ircadb absent"}
-    name = "ircadb-lopo"
+    name = lopo_run_name(label)
     walls = RUNS / name / "wall.json"
     wall = json.loads(walls.read_text())["seconds"] if walls.is_file() else 0.0
     if not (walls.is_file() and (RUNS / name / "eval" / "metrics.json").is_file()):
@@ -267,7 +274,8 @@ def lopo(checkpoint: Path) -> dict:
         started = time.perf_counter()
         try:
             fit(["--pipeline", "pipelines/ircadb_finetune.toml", "--data", str(REAL / "ircadb"), "--folds", "2",
-                 "--name", name, "--init-from", str(checkpoint)] + resume)
+                 "--name", name, "--init-from", str(checkpoint)] + resume
+                + [arg for change in overrides for arg in ("--set", change)])
         finally:
             wall += time.perf_counter() - started
             if (RUNS / name).is_dir():
@@ -280,14 +288,24 @@ def lopo(checkpoint: Path) -> dict:
     print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["fold", "held_out_patient", "liver_dice", "tumor_dice"]))
     metrics = json.loads((RUNS / name / "eval" / "metrics.json").read_text())
-    return {"minutes": round(wall / 60, 2), "per_patient": rows, "goal": {"liver_dice": 0.93, "tumor_dice": 0.60},
+    return {"minutes": round(wall / 60, 2), **({"set": list(overrides)} if overrides else {}), "init_from": str(checkpoint.relative_to(ROOT)) if checkpoint.is_relative_to(ROOT) else str(checkpoint),
+            "per_patient": rows, "goal": {"liver_dice": 0.93, "tumor_dice": 0.60},
             "out_of_fold": {"liver_dice": metrics["volume"]["liver"]["dice"], "tumor_dice": metrics["volume"]["tumor"]["dice"],
                             "tumor_dice_global": metrics["volume"]["tumor"]["dice_global"]}}
 
 
+def lopo_run_name(label: str = "") -> str:
+    """``ircadb-lopo``, or ``ircadb-lopo-<slug>`` for a change measured beside it.
+
+    >>> lopo_run_name(), lopo_run_name("Tversky loss")
+    ('ircadb-lopo', 'ircadb-lopo-tversky-loss')
+    """
+    return "ircadb-lopo" + (f"-{slug(label)}" if label else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo", "ablation"])
+    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo", "ablation", "lopo-ablation"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rerun", action="store_true",
                         help="train the demo seeds and the fine-tuning folds again instead of reusing finished runs")
@@ -297,12 +315,14 @@ def main() -> None:
     parser.add_argument("--fresh-runs", type=int, default=1,
                         help="fresh: this many runs from an empty cache, one after the other; their median is quoted")
     args = parser.parse_args()
-    if "ablation" in args.parts and not (args.label and args.overrides):
-        parser.error("ablation needs --label NAME and at least one --set KEY=VALUE")
+    for part in ("ablation", "lopo-ablation"):
+        if part in args.parts and not (args.label and args.overrides):
+            parser.error(f"{part} needs --label NAME and at least one --set KEY=VALUE")
     if args.rerun:
         stale = [f"demo-seed{seed}" for seed in args.seeds] if "demo" in args.parts else []
         stale += [f"demo-seed{seed}-{slug(args.label)}" for seed in args.seeds] if "ablation" in args.parts else []
         stale += ["ircadb-lopo"] if "lopo" in args.parts else []
+        stale += [lopo_run_name(args.label)] if "lopo-ablation" in args.parts else []
         for name in stale:
             shutil.rmtree(RUNS / name, ignore_errors=True)
     # The in-process scoring imports TensorFlow: quietly, as the commands do (no cuInit lines on a CPU).
@@ -330,6 +350,11 @@ def main() -> None:
             ablation["sim2real"] = sim2real([RUNS / f"demo-seed{seed}-{slug(args.label)}" / "checkpoints" / "best.keras"
                                              for seed in args.seeds])
             results.setdefault("ablations", {})[args.label] = ablation
+            print(f"wrote {write_json('real_ct', results)}")
+            continue
+        elif part == "lopo-ablation":
+            measured = {**lopo(checkpoint, args.overrides, args.label), "machine": machine()}
+            results.setdefault("lopo_ablations", {})[args.label] = measured
             print(f"wrote {write_json('real_ct', results)}")
             continue
         elif part == "sim2real":

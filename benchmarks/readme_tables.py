@@ -342,9 +342,18 @@ def render_real_ct(data: dict) -> str:
         f"| leave one patient out: wall time, both folds (data, training, whole-volume prediction, LiTS report) | "
         f"{lopo['minutes']:.1f} min | — | |",
     ]
-    parts = {**data, **{f"ablation '{label}'": ablation for label, ablation in data.get("ablations", {}).items()}}
+    for label, ablation in data.get("lopo_ablations", {}).items():
+        sets = " ".join(f"`--set {change}`" for change in ablation["set"])
+        held_out = ablation["per_patient"]
+        rows.append(f"| leave one patient out with {label} ({sets}): liver Dice / tumour Dice, patient "
+                    f"{' / '.join(str(p['held_out_patient']) for p in held_out)} | "
+                    f"{' / '.join(format(p['liver_dice'], '.3f') for p in held_out)}; "
+                    f"{' / '.join(format(p['tumor_dice'], '.3f') for p in held_out)} ({ablation['minutes']:.1f} min) | | |")
+    parts = {**data, **{f"ablation '{label}'": ablation for label, ablation in data.get("ablations", {}).items()},
+             **{f"lopo ablation '{label}'": ablation for label, ablation in data.get("lopo_ablations", {}).items()}}
     return "\n".join([*rows, "", _parts_machine_line(parts, ("fresh", "demo", *(p for p in parts if p.startswith("ablation '")),
-                                                            "sim2real", "lopo"))])
+                                                            "sim2real", "lopo",
+                                                            *(p for p in parts if p.startswith("lopo ablation '"))))])
 
 
 def _mean_tumour_by_case(sim2real: dict) -> dict[str, float]:

@@ -119,3 +119,48 @@ def test_unseen_phantom_scores_a_model_on_cases_made_once(tmp_path, monkeypatch)
     metrics = run / "eval_unseen_phantom" / "metrics.json"
     written = metrics.stat().st_mtime_ns
     assert bench_real.unseen_phantom_scores(run) == scores and metrics.stat().st_mtime_ns == written  # reused
+
+
+def test_a_lopo_ablation_fine_tunes_under_its_own_run_name_with_its_changes(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    real = tmp_path / "real"
+    (real / "ircadb").mkdir(parents=True)
+    monkeypatch.setattr(bench_real, "REAL", real)
+    monkeypatch.setattr(bench_real, "RUNS", tmp_path / "runs")
+
+    def fit(args, runs=None, env=None):
+        calls.append(args)
+        run = tmp_path / "runs" / args[args.index("--name") + 1]
+        for fold, patient, liver, tumour in (("fold-0", "1", 0.93, 0.55), ("fold-1", "7", 0.87, 0.43)):
+            (run / fold / "eval").mkdir(parents=True)
+            (run / fold / "eval" / "held_out_volumes.json").write_text(
+                json.dumps({"per_case": {patient: {"liver_dice": liver, "tumor_dice": tumour}}}))
+        (run / "eval").mkdir()
+        (run / "eval" / "metrics.json").write_text(json.dumps(
+            {"volume": {"liver": {"dice": 0.9}, "tumor": {"dice": 0.49, "dice_global": 0.6}}}))
+        return 1.0
+
+    monkeypatch.setattr(bench_real, "fit", fit)
+    checkpoint = tmp_path / "runs" / "demo-seed0" / "checkpoints" / "best.keras"
+    result = bench_real.lopo(checkpoint, ["training.fn_weights=[0.5, 0.7]"], label="Tversky loss")
+    assert calls[0][calls[0].index("--name") + 1] == "ircadb-lopo-tversky-loss"
+    assert calls[0][-2:] == ["--set", "training.fn_weights=[0.5, 0.7]"]
+    assert calls[0][calls[0].index("--init-from") + 1] == str(checkpoint)
+    assert result["set"] == ["training.fn_weights=[0.5, 0.7]"]
+    assert [(p["held_out_patient"], p["tumor_dice"]) for p in result["per_patient"]] == [("1", 0.55), ("7", 0.43)]
+    # Finished: reused, not fine-tuned again.
+    bench_real.lopo(checkpoint, ["training.fn_weights=[0.5, 0.7]"], label="Tversky loss")
+    assert len(calls) == 1
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "real_ct.json").read_text())
+    data["lopo_ablations"] = {"Tversky loss": {**result, "machine": data["lopo"]["machine"]}}
+    assert ("| leave one patient out with Tversky loss (`--set training.fn_weights=[0.5, 0.7]`): liver Dice / tumour Dice, "
+            "patient 1 / 7 | 0.930 / 0.870; 0.550 / 0.430 (") in readme_tables.render_real_ct(data)
+
+
+def test_a_lopo_ablation_needs_a_label_and_a_change(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_real.py", "lopo-ablation", "--label", "x"])
+    with pytest.raises(SystemExit) as stop:
+        bench_real.main()
+    assert stop.value.code == 2
+    assert "lopo-ablation needs --label NAME and at least one --set KEY=VALUE" in capsys.readouterr().err
