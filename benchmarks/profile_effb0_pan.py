@@ -664,7 +664,8 @@ def run_whole(args) -> dict:
         done = subprocess.run([sys.executable, __file__, "--whole-worker", kind], capture_output=True, text=True,
                               env={**os.environ, **env})
         if done.returncode:
-            results.append((label, {"error": done.stderr.strip().splitlines()[-1]}))
+            lines = done.stderr.strip().splitlines()
+            results.append((label, {"error": lines[-1] if lines else f"exit status {done.returncode}"}))
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results.append((label, result))
@@ -702,9 +703,13 @@ def main(argv=None) -> int:
     parser.add_argument("--whole-worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from keras_livseg import cli
+    framework = "torch" if args.whole_worker == "torch" else (args.worker or ":").split(":")[1]
+    if framework not in ("torch", "jax") and os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+        # Quiet TensorFlow before it loads. Never in a PyTorch or JAX worker: loading TensorFlow
+        # there would only cost memory, and TensorFlow and PyTorch in one process crash.
+        from keras_livseg import cli
 
-    cli.quiet_tensorflow()  # before TensorFlow loads, here and (through the environment) in the workers
+        cli.quiet_tensorflow()
     if args.whole_worker:
         print(json.dumps(worker_whole(args.whole_worker)))
         return 0
