@@ -333,7 +333,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     previous = results.pop("machine", None)
     for part, value in results.items():  # parts from before each part kept its own
-        if isinstance(value, dict) and "machine" not in value and previous and part != "ablations":
+        if isinstance(value, dict) and "machine" not in value and previous and part not in ("ablations", "lopo_ablations"):
             value["machine"] = previous
     checkpoint = RUNS / f"demo-seed{args.seeds[0]}" / "checkpoints" / "best.keras"
     for part in args.parts:

@@ -252,8 +252,10 @@ def _phantom_dir(data: Mapping[str, Any]) -> Path:
         # made faster in this process than a spawned worker starts.
         workers = int(data.get("workers") or min(os.cpu_count() or 1, 4)) if phantom["cases"] >= PHANTOM_CASES_PER_WORKER else 1
         logger.info("generating %d phantom cases in %s (%d process(es))", phantom["cases"], phantom_dir, workers)
+        started = time.perf_counter()
         write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
                               slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True, workers=workers)
+        logger.info("generated %d phantom cases in %.0f s", phantom["cases"], time.perf_counter() - started)
     return phantom_dir
 
 
@@ -382,7 +384,9 @@ def ensure_data(config: dict) -> Path:
             logger.info("reusing shards in %s", out)
             return local
         # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
+        started = time.perf_counter()
         prepare_in_fresh_process(PrepareOptions(out=local, resume=True, **prep_keys))
+        logger.info("prepared the shards in %.0f s", time.perf_counter() - started)
     return local
 
 

@@ -11,13 +11,15 @@ versions. float16 is never chosen on a CPU: it runs about 8x slower there than f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -25,6 +27,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+#: How :func:`choose_cpu_policy` measures; part of its cache key, so answers measured another
+#: way are measured again. 2: the two policies take turns (1 timed them one after the other,
+#: which on a shared CPU could move float32's step by a fifth and flip the answer).
+PROBE_VERSION = 2
 
 
 def cpu_supports_bfloat16(cpuinfo: str | None = None) -> bool:
@@ -62,27 +68,51 @@ def gpu_count() -> int:
     return 0
 
 
-def _train_step_seconds(build: Callable[[], keras.Model], policy: str, batch: int, steps: int) -> float:
-    """The best of ``steps`` train steps of a model built under ``policy``, on random inputs."""
+def _alternating_best(steps: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """The best time of each step, the steps taking turns ``rounds`` times (first place alternating).
+
+    Timed one after the other, the first policy would run while the machine is still settling
+    (threads starting, memory first touched) and the second after: on a shared CPU that order
+    alone moved float32's step by a fifth. Taking turns gives both the same conditions.
+
+    Example:
+        >>> order = []
+        >>> best = _alternating_best({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3)
+        >>> order, sorted(best)
+        (['a', 'b', 'b', 'a', 'a', 'b'], ['a', 'b'])
+    """
+    best = {name: math.inf for name in steps}
+    names = list(steps)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            steps[name]()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def _train_step_seconds(build: Callable[[], keras.Model], policies: Sequence[str], batch: int,
+                        rounds: int) -> dict[str, float]:
+    """The best train step of the model built under each of ``policies``, on random inputs,
+    the policies taking turns (:func:`_alternating_best`) after each model's first (traced) step."""
     from keras_livseg.training.optimizers import FusedAdam, build_optimizer_variables
 
     previous = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy(policy)
+    steps = {}
     try:
-        model = build()
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(batch, *model.input_shape[1:])).astype("float32")
-        y = np.zeros((batch, *model.output_shape[1:]), "float32")
-        # The loss does not matter for the timing: forward, backward and the update (fit's) do.
-        model.compile(optimizer=FusedAdam(1e-4), loss="mse")
-        build_optimizer_variables(model)
-        model.train_on_batch(x, y)  # trace and build
-        times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            model.train_on_batch(x, y)
-            times.append(time.perf_counter() - started)
-        return min(times)
+        for policy in policies:
+            keras.mixed_precision.set_global_policy(policy)  # a layer keeps the policy it was built under
+            model = build()
+            rng = np.random.default_rng(0)
+            x = rng.normal(size=(batch, *model.input_shape[1:])).astype("float32")
+            y = np.zeros((batch, *model.output_shape[1:]), "float32")
+            # The loss does not matter for the timing: forward, backward and the update (fit's) do.
+            model.compile(optimizer=FusedAdam(1e-4), loss="mse")
+            build_optimizer_variables(model)
+            model.train_on_batch(x, y)  # trace and build
+            steps[policy] = functools.partial(model.train_on_batch, x, y)
+        keras.mixed_precision.set_global_policy(previous)
+        return _alternating_best(steps, rounds)
     finally:
         keras.mixed_precision.set_global_policy(previous)
         keras.backend.clear_session()
@@ -93,12 +123,13 @@ def choose_cpu_policy(
     key: Mapping[str, Any],
     batch: int,
     cache_file: str | Path,
-    steps: int = 3,
+    steps: int = 5,
     margin: float = 0.95,
 ) -> str:
     """``"mixed_bfloat16"`` when it trains this model faster than float32 on this CPU, else ``"float32"``.
 
-    Measured once (the best of ``steps`` train steps under each policy, after one to trace) and
+    Measured once (the best of ``steps`` train steps under each policy, after one to trace, the
+    two models taking turns) and
     cached in ``cache_file`` under a digest of ``key`` plus the CPU model, the backend and the
     Keras/TensorFlow versions; later runs read the answer.
 
@@ -107,7 +138,7 @@ def choose_cpu_policy(
         key: what makes the answer differ: model name and options, input shape.
         batch: the training batch size (timed at this size).
         cache_file: JSON file of earlier answers (created).
-        steps: timed steps per policy.
+        steps: timed steps per policy (default 5).
         margin: bfloat16 must take at most ``margin`` times float32's step time to be chosen
             (a tie keeps float32's exact arithmetic).
 
@@ -126,7 +157,7 @@ def choose_cpu_policy(
     except ImportError:
         tf_version = None
     full_key = {**dict(key), "batch": batch, "cpu": cpu, "backend": keras.backend.backend(),
-                "keras": keras.__version__, "tensorflow": tf_version}
+                "keras": keras.__version__, "tensorflow": tf_version, "probe": PROBE_VERSION}
     digest = hashlib.sha256(json.dumps(full_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache_file = Path(cache_file)
     try:
@@ -136,8 +167,8 @@ def choose_cpu_policy(
     if digest in cache:
         return cache[digest]["policy"]
     logger.info("precision auto: timing %d train steps in float32 and in bfloat16 once (cached in %s)", steps, cache_file)
-    float32_s = _train_step_seconds(build, "float32", batch, steps)
-    bfloat16_s = _train_step_seconds(build, "mixed_bfloat16", batch, steps)
+    timed = _train_step_seconds(build, ("float32", "mixed_bfloat16"), batch, steps)
+    float32_s, bfloat16_s = timed["float32"], timed["mixed_bfloat16"]
     policy = "mixed_bfloat16" if bfloat16_s <= margin * float32_s else "float32"
     cache[digest] = {"key": full_key, "float32_s": float32_s, "mixed_bfloat16_s": bfloat16_s, "policy": policy,
                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -157,3 +157,16 @@ def test_a_lopo_ablation_fine_tunes_under_its_own_run_name_with_its_changes(tmp_
     data["lopo_ablations"] = {"Tversky loss": {**result, "machine": data["lopo"]["machine"]}}
     assert ("| leave one patient out with Tversky loss (`--set training.fn_weights=[0.5, 0.7]`): liver Dice / tumour Dice, "
             "patient 1 / 7 | 0.930 / 0.870; 0.550 / 0.430 (") in readme_tables.render_real_ct(data)
+
+
+def test_a_second_lopo_ablation_keeps_the_first_and_adds_no_machine_entry_beside_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_LIVSEG_BENCH_RESULTS", str(tmp_path))
+    first = {"minutes": 1.0, "set": ["training.epochs=20"], "per_patient": [], "machine": {"cpu": "A"}}
+    (tmp_path / "real_ct.json").write_text(json.dumps({"machine": {"cpu": "A"}, "lopo_ablations": {"20 epochs": first}}))
+    monkeypatch.setattr(bench_real, "lopo", lambda checkpoint, overrides, label: {"minutes": 2.0, "set": list(overrides),
+                                                                                  "per_patient": []})
+    monkeypatch.setattr(sys, "argv", ["bench_real.py", "lopo-ablation", "--label", "Tversky loss", "--set", "training.fn_weights=[]"])
+    bench_real.main()
+    ablations = json.loads((tmp_path / "real_ct.json").read_text())["lopo_ablations"]
+    assert sorted(ablations) == ["20 epochs", "Tversky loss"]
+    assert ablations["Tversky loss"]["set"] == ["training.fn_weights=[]"] and "cpu" in ablations["Tversky loss"]["machine"]

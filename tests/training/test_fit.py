@@ -930,10 +930,19 @@ def test_auto_precision_times_the_model_once_and_caches_the_answer(tmp_path, mon
     calls = []
     real = precision._train_step_seconds
 
-    def timed(build, policy, batch, steps):
-        calls.append(policy)
-        real(build, policy, batch, 1)  # really builds and steps the model under the policy
-        return {"float32": 1.0, "mixed_bfloat16": slow}[policy]
+    built_under = []
+
+    def timed(build, policies, batch, rounds):
+        calls.append(tuple(policies))
+
+        def recording_build():
+            built_under.append(keras.mixed_precision.global_policy().name)
+            return build()
+
+        # Really builds and steps the models, each under its policy, taking turns.
+        measured = real(recording_build, policies, batch, 2)
+        assert sorted(measured) == sorted(policies) and min(measured.values()) > 0
+        return {"float32": 1.0, "mixed_bfloat16": slow}
 
     monkeypatch.setattr(precision, "_train_step_seconds", timed)
     build = lambda: build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2)  # noqa: E731
@@ -942,16 +951,18 @@ def test_auto_precision_times_the_model_once_and_caches_the_answer(tmp_path, mon
     slow = 1.2
     probe = lambda: precision.choose_cpu_policy(build, key, 2, cache)  # noqa: E731
     assert precision.resolve_precision("auto", gpus=0, cpuinfo=CPU_BF16, probe=probe) == "float32"
-    assert calls == ["float32", "mixed_bfloat16"] and keras.mixed_precision.global_policy().name == "float32"
+    assert calls == [("float32", "mixed_bfloat16")] and keras.mixed_precision.global_policy().name == "float32"
+    assert built_under == ["float32", "mixed_bfloat16"]
     slow = 0.5  # the cached answer stands; no new measurement
-    assert precision.choose_cpu_policy(build, key, 2, cache) == "float32" and len(calls) == 2
+    assert precision.choose_cpu_policy(build, key, 2, cache) == "float32" and len(calls) == 1
     entry = next(iter(json.loads(cache.read_text()).values()))
     assert entry["float32_s"] == 1.0 and entry["mixed_bfloat16_s"] == 1.2 and entry["key"]["batch"] == 2
+    assert entry["key"]["probe"] == precision.PROBE_VERSION  # an answer measured another way is measured again
     # Another input size is another question: measured, and bfloat16 wins this time.
     assert precision.choose_cpu_policy(build, {**key, "input_shape": (64, 64, 1)}, 2, cache) == "mixed_bfloat16"
-    assert len(calls) == 4
+    assert len(calls) == 2
     # Without native bf16 nothing is timed.
-    assert precision.resolve_precision("auto", gpus=0, cpuinfo=CPU_PLAIN, probe=probe) == "float32" and len(calls) == 4
+    assert precision.resolve_precision("auto", gpus=0, cpuinfo=CPU_PLAIN, probe=probe) == "float32" and len(calls) == 2
 
 
 def test_resume_of_a_finished_run_says_so_and_exits_zero(tiny_run):
