@@ -127,11 +127,13 @@ def _part(name: str, op_type: str) -> str:
         return "encoder swish"
     if op_type.startswith("Resize"):
         return "bilinear resize (GAU, FPA, head)"
-    if name.startswith("adam/") or "/adam/" in name:
+    # A scope's "_<n>" suffix counts the objects of that name made before in the process
+    # ("adam_1" when another optimizer came first): dropped before matching.
+    scopes = [re.sub(r"_\d+$", "", s) for s in name.split("/")]
+    if "adam" in scopes[:-1]:
         return "Adam update"
     if "compile_loss" in name or "/probabilities" in name:
         return "softmax + cross entropy"
-    scopes = [re.sub(r"_\d+$", "", s) for s in name.split("/")]
     if "efficientnetb0_encoder" in scopes:
         layer = scopes[scopes.index("efficientnetb0_encoder") + 1] if scopes[-1] != "efficientnetb0_encoder" else ""
         if "dwconv" in layer:
