@@ -288,7 +288,8 @@ def lopo(checkpoint: Path, overrides: Sequence[str] = (), label: str = "") -> di
     print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["fold", "held_out_patient", "liver_dice", "tumor_dice"]))
     metrics = json.loads((RUNS / name / "eval" / "metrics.json").read_text())
-    return {"minutes": round(wall / 60, 2), **({"set": list(overrides)} if overrides else {}), "init_from": str(checkpoint.relative_to(ROOT)) if checkpoint.is_relative_to(ROOT) else str(checkpoint),
+    init_from = checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint
+    return {"minutes": round(wall / 60, 2), **({"set": list(overrides)} if overrides else {}), "init_from": str(init_from),
             "per_patient": rows, "goal": {"liver_dice": 0.93, "tumor_dice": 0.60},
             "out_of_fold": {"liver_dice": metrics["volume"]["liver"]["dice"], "tumor_dice": metrics["volume"]["tumor"]["dice"],
                             "tumor_dice_global": metrics["volume"]["tumor"]["dice_global"]}}

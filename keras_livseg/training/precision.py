@@ -111,7 +111,6 @@ def _train_step_seconds(build: Callable[[], keras.Model], policies: Sequence[str
             build_optimizer_variables(model)
             model.train_on_batch(x, y)  # trace and build
             steps[policy] = functools.partial(model.train_on_batch, x, y)
-        keras.mixed_precision.set_global_policy(previous)
         return _alternating_best(steps, rounds)
     finally:
         keras.mixed_precision.set_global_policy(previous)
@@ -129,9 +128,9 @@ def choose_cpu_policy(
     """``"mixed_bfloat16"`` when it trains this model faster than float32 on this CPU, else ``"float32"``.
 
     Measured once (the best of ``steps`` train steps under each policy, after one to trace, the
-    two models taking turns) and
-    cached in ``cache_file`` under a digest of ``key`` plus the CPU model, the backend and the
-    Keras/TensorFlow versions; later runs read the answer.
+    two models taking turns) and cached in ``cache_file`` under a digest of ``key`` plus the CPU
+    model, the backend, the Keras/TensorFlow versions and :data:`PROBE_VERSION`; later runs read
+    the answer.
 
     Args:
         build: builds the model (called under each policy).
