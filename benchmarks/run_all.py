@@ -64,7 +64,7 @@ BENCHMARKS = (
     Benchmark("fit_loop", "bench_fit_loop.py", what="fit from shards against in-memory tensors"),
     Benchmark("phantom_speed", "bench_phantom.py",
               quick_args=("--cases", "2", "--size", "32", "--slices", "8", "8", "--repeats", "1"),
-              what="the demo's phantom made with one BLAS thread per worker against one per core"),
+              what="the demo's phantom made with one BLAS thread per worker against one per core; its deflate, zlib against ISA-L"),
     Benchmark("profile_effb0_pan", "profile_effb0_pan.py", args=("ops", "blocks", "repro", "whole"), quick_args=None,
               what="where an EfficientNetB0-PAN train step's time goes, TensorFlow against PyTorch"),
     Benchmark("profile_effb0_pan_plain", "profile_effb0_pan.py", args=("--plain", "ops"), quick_args=None,

@@ -1354,8 +1354,9 @@ def _write_case(index: int, kwargs: dict, volume_path: Path, label_path: Path) -
     from keras_livseg.data.volumes import write_nifti  # with nibabel, only where files are written
 
     case = make_phantom_case(**kwargs)
-    write_nifti(_nifti(case.volume_hu, case.affine), volume_path)  # atomic: temporary name, then rename
-    write_nifti(_nifti(case.labels, case.affine), label_path)
+    # Atomic (a temporary name, then a rename), and deflated by zlib: the same bytes in any process.
+    write_nifti(_nifti(case.volume_hu, case.affine), volume_path, reproducible=True)
+    write_nifti(_nifti(case.labels, case.affine), label_path, reproducible=True)
     logger.info(
         "case %d: %s, spacing %s mm, %d lesion(s)", index, case.volume_hu.shape,
         "x".join(f"{s:.2f}" for s in case.spacing), len(case.tumors),

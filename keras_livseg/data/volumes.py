@@ -461,13 +461,23 @@ def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:
         affine_zooms(image.affine, files.image)
 
 
-def write_nifti(image: nib.Nifti1Image, path: str | Path) -> Path:
+def write_nifti(image: nib.Nifti1Image, path: str | Path, *, reproducible: bool = False) -> Path:
     """Write ``image`` to ``path`` atomically: a temporary name in the same folder, then a rename.
 
     ``.nii.gz`` is deflated by ISA-L where it is installed (standard gzip: nibabel, zlib and
     every other reader open it), otherwise by zlib, with an empty name and a zero time in the
-    gzip header: one image gives the same bytes whichever process writes it, and when. A
-    half-written file never carries the final name, and the temporary is removed if writing fails.
+    gzip header. A half-written file never carries the final name, and the temporary is removed
+    if writing fails.
+
+    Args:
+        image: the NIfTI image.
+        path: ``.nii`` or ``.nii.gz`` file name.
+        reproducible: deflate with zlib even where ISA-L is installed, so that one image is the
+            same bytes whichever process writes it (the phantom's files, whose checksums
+            manifests record). ISA-L's stream was seen to differ once for the same image
+            written in a spawned worker process (the same NIfTI inside; the test suite's
+            ``test_slice_counts_and_workers_give_the_same_files``); zlib's depends only on its
+            input, level and version. Default False: ISA-L's speed (predicted label maps).
 
     Example:
         >>> write_nifti(nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4)), "out/seg.nii.gz")  # doctest: +SKIP
@@ -479,8 +489,9 @@ def write_nifti(image: nib.Nifti1Image, path: str | Path) -> Path:
     try:
         if suffix == ".nii.gz":
             # gzip's header would otherwise hold the temporary's name (with this process's id) and the time.
-            deflate = igzip.IGzipFile if igzip is not None else gzip.GzipFile
-            level = _ISAL_WRITE_LEVEL if igzip is not None else _ZLIB_WRITE_LEVEL
+            fast = igzip is not None and not reproducible
+            deflate = igzip.IGzipFile if fast else gzip.GzipFile
+            level = _ISAL_WRITE_LEVEL if fast else _ZLIB_WRITE_LEVEL
             with open(temporary, "wb") as raw, deflate(filename="", mode="wb", compresslevel=level, fileobj=raw,
                                                        mtime=0) as handle:
                 image.to_file_map({"image": nib.FileHolder(filename=str(temporary), fileobj=handle)})

@@ -118,6 +118,8 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     phantom_speed = json.loads((tmp_path / "results" / "phantom_speed.json").read_text())
     assert [row["time_vs_default"] for row in phantom_speed["rows"]][0] == 1.0  # the default is the baseline
     assert all(row["median_s"] > 0 and len(row["runs_s"]) == 1 for row in phantom_speed["rows"])
+    assert [row["deflate"].split()[0] for row in phantom_speed["deflate"]] == ["zlib", "ISA-L"]
+    assert all(row["seconds"] > 0 and 0 < row["share_of_default_total"] < 1 for row in phantom_speed["deflate"])
     fit_loop = json.loads((tmp_path / "results" / "fit_loop.json").read_text())
     assert fit_loop["ratio"] == pytest.approx(fit_loop["shards_steps_per_s"] / fit_loop["in_memory_steps_per_s"])
     assert f"**{fit_loop['ratio']:.2f}**" in readme_tables.render_fit_loop(fit_loop)

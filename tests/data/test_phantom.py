@@ -260,6 +260,19 @@ def test_slice_counts_and_workers_give_the_same_files(tmp_path):
         write_phantom_dataset(tmp_path / "bad", cases=1, size=32, slices=(8, 8), workers=0)
 
 
+def test_phantom_files_are_deflated_by_zlib_not_isal(tmp_path, monkeypatch):
+    """Written with ``reproducible=True``: ISA-L's stream once differed in a spawned worker."""
+    from keras_livseg.data import volumes
+
+    class NoIsal:
+        def __getattr__(self, name):
+            raise AssertionError("the phantom's files must not go through ISA-L")
+
+    monkeypatch.setattr(volumes, "igzip", NoIsal())
+    paths = write_phantom_dataset(tmp_path, cases=1, seed=0, size=32, slices=(8, 8))
+    assert nib.load(paths[0]).shape == (32, 32, 8)
+
+
 def _thread_variables() -> dict:
     import os
 

@@ -1,4 +1,5 @@
 import dataclasses
+import gzip
 import shutil
 from pathlib import Path
 
@@ -306,6 +307,25 @@ def test_one_image_written_twice_is_the_same_bytes(tmp_path, monkeypatch, deflat
     header = second.read_bytes()[:10]
     assert header[3] & 0x08 == 0 and header[4:8] == bytes(4)  # no FNAME flag, MTIME 0
     np.testing.assert_array_equal(np.asanyarray(nib.load(second).dataobj), np.asanyarray(image.dataobj))
+
+
+def test_reproducible_writes_deflate_with_zlib_where_isal_is_installed(tmp_path, monkeypatch):
+    """``reproducible=True`` gives zlib's stream (what a machine without ISA-L writes), not ISA-L's."""
+    from keras_livseg.data import volumes
+
+    assert volumes.igzip is not None  # installed with the package: otherwise both sides below are zlib's
+    labels = (np.random.default_rng(1).random((24, 20, 6)) * 3).astype(np.uint8)
+    image = nib.Nifti1Image(labels, np.diag([0.8, 0.8, 2.0, 1]))
+    image.set_data_dtype(np.uint8)
+    for name in ("fast", "reproducible", "zlib"):
+        (tmp_path / name).mkdir()
+    fast = volumes.write_nifti(image, tmp_path / "fast" / "s.nii.gz")
+    reproducible = volumes.write_nifti(image, tmp_path / "reproducible" / "s.nii.gz", reproducible=True)
+    monkeypatch.setattr(volumes, "igzip", None)
+    zlib_only = volumes.write_nifti(image, tmp_path / "zlib" / "s.nii.gz")
+    assert reproducible.read_bytes() == zlib_only.read_bytes()
+    assert reproducible.read_bytes() != fast.read_bytes()  # the two libraries' streams differ
+    assert gzip.decompress(reproducible.read_bytes()) == gzip.decompress(fast.read_bytes())
 
 
 def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
