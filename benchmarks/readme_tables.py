@@ -278,15 +278,18 @@ def render_real_ct(data: dict) -> str:
     if "tumor_dice_global" in demo:
         rows.append(f"| demo held-out phantom tumour Dice, global (the test volumes' voxels as one; seeds: mean, range) | "
                     f"{spread(demo['tumor_dice_global'])} | — | |")
-    phases = [run.get("tumor_dice_by_phase") or {} for run in data["demo"]["runs"]]
-    if all(phases):
-        names = sorted(set().union(*phases), key=lambda p: -phases[0].get(p, {}).get("cases", 0))
-        cells = []
-        for phase in names:
-            values = [p[phase]["tumor_dice"] for p in phases if phase in p]
-            cells.append(f"{phase.replace('_', '-')} {sum(values) / len(values):.3f} ({phases[0].get(phase, {}).get('cases', '?')})")
-        rows.append(f"| demo held-out phantom tumour Dice per case, by contrast phase (mean over seeds; test cases) | "
-                    f"{' · '.join(cells)} | — | |")
+    for key, what in (("tumor_dice_by_phase", "by contrast phase"),
+                      ("tumor_dice_by_kind", "by the case's lesion kind (none: tumour-free)")):
+        groups = [run.get(key) or {} for run in data["demo"]["runs"]]
+        if all(groups):
+            names = sorted(set().union(*groups), key=lambda g: -groups[0].get(g, {}).get("cases", 0))
+            cells = []
+            for name in names:
+                values = [g[name]["tumor_dice"] for g in groups if name in g]
+                cells.append(f"{name.replace('_', '-')} {sum(values) / len(values):.3f} "
+                             f"({groups[0].get(name, {}).get('cases', '?')})")
+            rows.append(f"| demo held-out phantom tumour Dice per case, {what} (mean over seeds; test cases) | "
+                        f"{' · '.join(cells)} | — | |")
     unseen = data["demo"].get("unseen_phantom")
     if unseen and "unseen_tumor_dice" in demo:
         rows.append(f"| demo models on {unseen['cases']} unseen phantom cases (seed {unseen['seed']}, the same for every recipe "

@@ -101,6 +101,22 @@ def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
             "global | 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) | | |") in table
 
 
+def test_the_real_ct_table_shows_the_demo_tumour_dice_by_phase_and_by_lesion_kind():
+    data = json.loads((ROOT / "benchmarks" / "results" / "real_ct.json").read_text())
+    kinds = [{"hypo": {"cases": 20, "tumor_dice": 0.7}, "hyper": {"cases": 6, "tumor_dice": 0.2 + i / 10},
+              "none": {"cases": 4, "tumor_dice": 0.75}} for i in range(3)]
+    phases = [{"portal": {"cases": 19, "tumor_dice": 0.7}, "arterial": {"cases": 5, "tumor_dice": 0.1}}] * 3
+    data["demo"]["runs"] = [{**run, "tumor_dice_by_kind": kind, "tumor_dice_by_phase": phase}
+                            for run, kind, phase in zip(data["demo"]["runs"], kinds, phases)]
+    table = readme_tables.render_real_ct(data)
+    assert ("| demo held-out phantom tumour Dice per case, by the case's lesion kind (none: tumour-free) (mean over "
+            "seeds; test cases) | hypo 0.700 (20) · hyper 0.300 (6) · none 0.750 (4) | — | |") in table
+    assert ("| demo held-out phantom tumour Dice per case, by contrast phase (mean over seeds; test cases) | "
+            "portal 0.700 (19) · arterial 0.100 (5) | — | |") in table
+    del data["demo"]["runs"][1]["tumor_dice_by_kind"]  # a run scored before the breakdown: no row, not a wrong one
+    assert "by the case's lesion kind" not in readme_tables.render_real_ct(data)
+
+
 @pytest.mark.slow
 def test_unseen_phantom_scores_a_model_on_cases_made_once(tmp_path, monkeypatch):
     from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
@@ -170,3 +186,25 @@ def test_a_second_lopo_ablation_keeps_the_first_and_adds_no_machine_entry_beside
     ablations = json.loads((tmp_path / "real_ct.json").read_text())["lopo_ablations"]
     assert sorted(ablations) == ["20 epochs", "Tversky loss"]
     assert ablations["Tversky loss"]["set"] == ["training.fn_weights=[]"] and "cpu" in ablations["Tversky loss"]["machine"]
+
+
+def test_scoring_finished_demo_runs_again_keeps_the_machine_they_were_timed_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_LIVSEG_BENCH_RESULTS", str(tmp_path / "results"))
+    (tmp_path / "results").mkdir()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(bench_real, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(bench_real, "fit", fake_fit(calls, tmp_path / "runs"))
+    monkeypatch.setattr(bench_real, "default_postprocessing_scores", lambda run: (10.0, {"tumor_dice": 0.3, "tumor_dice_global": 0.5}))
+    monkeypatch.setattr(bench_real, "unseen_phantom_scores",
+                        lambda run: {"liver_dice": 0.8, "tumor_dice": 0.2, "tumor_dice_global": 0.5})
+    monkeypatch.setattr(bench_real, "drop_stale_ablations", lambda results: [])
+
+    def run(cpu: str, *extra: str) -> dict:
+        monkeypatch.setattr(bench_real, "machine", lambda: {"cpu": cpu})
+        monkeypatch.setattr(sys, "argv", ["bench_real.py", "demo", "--seeds", "0", *extra])
+        bench_real.main()
+        return json.loads((tmp_path / "results" / "real_ct.json").read_text())["demo"]["machine"]
+
+    assert run("trained here") == {"cpu": "trained here"} and len(calls) == 1
+    assert run("scored again elsewhere") == {"cpu": "trained here"} and len(calls) == 1  # reused, not trained
+    assert run("trained again", "--rerun") == {"cpu": "trained again"} and len(calls) == 2
