@@ -364,6 +364,7 @@ def main() -> None:
         if isinstance(value, dict) and "machine" not in value and previous and part not in ("ablations", "lopo_ablations"):
             value["machine"] = previous
     checkpoint = RUNS / f"demo-seed{args.seeds[0]}" / "checkpoints" / "best.keras"
+    earlier = None  # the demo's machine, when its runs are only scored again
     for part in args.parts:
         if part == "demo":
             # Runs that are all finished are only scored again: their times (and so the machine
