@@ -99,7 +99,7 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
     """The demo recipe (with ``--set`` overrides) trained once per seed and scored on its test volumes."""
     rows = []
     for seed in seeds:
-        name = f"demo-seed{seed}" + (f"-{slug(label)}" if label else "")
+        name = demo_run_name(seed, label)
         if not demo_runs_finished([seed], label):
             shutil.rmtree(RUNS / name, ignore_errors=True)  # a run cut short: fit would name the new one name-1
             sets = [arg for override in overrides for arg in ("--set", override)]
@@ -136,8 +136,16 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
 def demo_runs_finished(seeds: list[int], label: str = "") -> bool:
     """Whether every seed's demo run (of ablation ``label``) is finished, so that :func:`demo`
     only scores it again."""
-    return all((RUNS / (f"demo-seed{seed}" + (f"-{slug(label)}" if label else "")) / "eval" / "held_out_volumes.json")
-               .is_file() for seed in seeds)
+    return all((RUNS / demo_run_name(seed, label) / "eval" / "held_out_volumes.json").is_file() for seed in seeds)
+
+
+def demo_run_name(seed: int, label: str = "") -> str:
+    """The run folder of the demo's ``seed`` (of ablation ``label``) under :data:`RUNS`.
+
+    >>> demo_run_name(2), demo_run_name(0, "soft Dice")
+    ('demo-seed2', 'demo-seed0-soft-dice')
+    """
+    return f"demo-seed{seed}" + (f"-{slug(label)}" if label else "")
 
 
 def tumour_dice_by_phase(by_stratum: dict[str, dict]) -> dict[str, dict]:
@@ -347,8 +355,8 @@ def main() -> None:
         if part in args.parts and not (args.label and args.overrides):
             parser.error(f"{part} needs --label NAME and at least one --set KEY=VALUE")
     if args.rerun:
-        stale = [f"demo-seed{seed}" for seed in args.seeds] if "demo" in args.parts else []
-        stale += [f"demo-seed{seed}-{slug(args.label)}" for seed in args.seeds] if "ablation" in args.parts else []
+        stale = [demo_run_name(seed) for seed in args.seeds] if "demo" in args.parts else []
+        stale += [demo_run_name(seed, args.label) for seed in args.seeds] if "ablation" in args.parts else []
         stale += ["ircadb-lopo"] if "lopo" in args.parts else []
         stale += [lopo_run_name(args.label)] if "lopo-ablation" in args.parts else []
         for name in stale:
@@ -363,7 +371,7 @@ def main() -> None:
     for part, value in results.items():  # parts from before each part kept its own
         if isinstance(value, dict) and "machine" not in value and previous and part not in ("ablations", "lopo_ablations"):
             value["machine"] = previous
-    checkpoint = RUNS / f"demo-seed{args.seeds[0]}" / "checkpoints" / "best.keras"
+    checkpoint = RUNS / demo_run_name(args.seeds[0]) / "checkpoints" / "best.keras"
     earlier = None  # the demo's machine, when its runs are only scored again
     for part in args.parts:
         if part == "demo":
@@ -379,7 +387,7 @@ def main() -> None:
         elif part == "ablation":
             ablation = {"set": args.overrides, **demo(args.seeds, args.overrides, args.label), "machine": machine()}
             # The same models on the real scans: whether the change carries over to real CT.
-            ablation["sim2real"] = sim2real([RUNS / f"demo-seed{seed}-{slug(args.label)}" / "checkpoints" / "best.keras"
+            ablation["sim2real"] = sim2real([RUNS / demo_run_name(seed, args.label) / "checkpoints" / "best.keras"
                                              for seed in args.seeds])
             results.setdefault("ablations", {})[args.label] = ablation
             print(f"wrote {write_json('real_ct', results)}")
@@ -390,7 +398,7 @@ def main() -> None:
             print(f"wrote {write_json('real_ct', results)}")
             continue
         elif part == "sim2real":
-            results["sim2real"] = sim2real([RUNS / f"demo-seed{seed}" / "checkpoints" / "best.keras" for seed in args.seeds])
+            results["sim2real"] = sim2real([RUNS / demo_run_name(seed) / "checkpoints" / "best.keras" for seed in args.seeds])
         else:
             results["lopo"] = lopo(checkpoint)
         # Parts are rerun one at a time, possibly on another machine: each keeps its own.
