@@ -89,7 +89,7 @@ LIBRARIES = ("keras_livseg", "tensorflow", "keras", "numpy", "scipy", "nibabel",
 
 
 def machine() -> dict:
-    """What a figure was measured on: CPU model, cores, load, OS, Python and library versions."""
+    """What a figure was measured on, and when: date (UTC), CPU model, cores, load, OS, Python and library versions."""
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -99,6 +99,7 @@ def machine() -> dict:
     except AttributeError:
         cores = os.cpu_count()
     return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),  # UTC: which run of a script a figure is from
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_flags(),
         "cpus": os.cpu_count(),

@@ -59,8 +59,39 @@ def _machine_line(data: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in libraries.items() if k in ("tensorflow", "keras", "torch", "jax"))
     cores = machine.get("cores_usable", machine.get("cpus", "?"))
     load = machine.get("load_average_at_write")
-    return (f"_Measured on {cpu}, {cores} cores{f', load {load[0]:.1f}' if load else ''}"
+    date = machine.get("date")  # older JSON did not record it
+    return (f"_Measured{f' {date}' if date else ''} on {cpu}, {cores} cores{f', load {load[0]:.1f}' if load else ''}"
             f"{f'; {versions}' if versions else ''}._")
+
+
+def _cpu_class(flags: list[str] | None) -> str:
+    if flags is None:
+        return "CPU not recorded"
+    wide = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join(wide) if wide else "AVX2, no AVX-512"
+
+
+def render_run_all(data: dict) -> str:
+    """The index of benchmarks: each script's command, and its last run through ``run_all``."""
+    rows, timed = [], []
+    for entry in data.get("benchmarks", []):
+        command = " ".join([f"`python benchmarks/{entry['script']}", *entry["args"]]) + "`"
+        last = entry.get("last_run")
+        if last is None:
+            when = "not yet through the runner: its JSON was written by the script alone"
+        else:
+            timed.append(last["minutes"])
+            status = "ok" if last["returncode"] == 0 else f"failed (exit {last['returncode']})"
+            when = f"{last['date'] or 'date not recorded'}, {last['minutes']:.1f} min, {status}"
+            if last.get("cpu_flags") is not None:
+                when += f", {last['cpu']} ({_cpu_class(last['cpu_flags'])})"
+        real = " (needs `../shared/data/real`)" if entry.get("needs_real_data") else ""
+        rows.append(f"| {entry['name']} | {command}{real} | {entry['what']} | {when} |")
+    head = ("| benchmark | command | what it measures | last run through `python -m benchmarks.run_all` |\n"
+            "| --- | --- | --- | --- |")
+    total = (f"{len(timed)} of {len(rows)} benchmarks timed through the runner: {sum(timed) / 60:.1f} h together; "
+             "the others are not in that sum.")
+    return "\n".join([head, *rows, "", total])
 
 
 def render_prepare(data: dict) -> str:
@@ -508,6 +539,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "kill_resume": render_kill_resume,
     "real_ct": render_real_ct,
     "compare_phantom": render_compare_phantom,
+    "run_all": render_run_all,
 }
 
 

@@ -12,6 +12,11 @@ The JSON goes to ``benchmarks/results/`` (or ``$KERAS_LIVSEG_BENCH_RESULTS``); t
 tables between ``<!-- bench:NAME -->`` markers are rewritten from it (not with ``--quick``,
 whose tiny figures mean nothing). A benchmark that fails is reported and the others still run;
 the exit status is then 1.
+
+``run_all.json`` is the record of every benchmark's last run through this runner, not only of
+this invocation's: a run with ``--only`` replaces its benchmarks' entries and keeps the others'
+(date, minutes, exit status, CPU), so the README's index of benchmarks says when and on what
+each figure was last measured, and how long a full run takes.
 """
 
 from __future__ import annotations
@@ -101,6 +106,33 @@ def run_benchmark(benchmark: Benchmark, quick: bool, env: dict[str, str]) -> dic
     return {"name": benchmark.name, "args": args, "seconds": round(seconds, 1), "returncode": code}
 
 
+def benchmark_index(previous: dict | None, runs: list[dict], machine_now: dict) -> list[dict]:
+    """Every benchmark with its last run: this invocation's ``runs``, else ``previous``'s record.
+
+    ``previous`` is the ``run_all.json`` written before (``None`` when there is none). A run
+    recorded before the index existed keeps its minutes and exit status, with no date or CPU.
+
+    Example:
+        >>> rows = benchmark_index(None, [{"name": "fuzz", "args": [], "seconds": 60.0, "returncode": 0}],
+        ...                        {"date": "2026-12-03", "cpu": "AMD EPYC", "cpu_flags": ["avx2"]})
+        >>> [r["last_run"] for r in rows if r["name"] == "fuzz"][0]["minutes"], len(rows) == len(BENCHMARKS)
+        (1.0, True)
+    """
+    earlier = {}
+    for entry in (previous or {}).get("benchmarks") or []:
+        if entry.get("last_run"):
+            earlier[entry["name"]] = entry["last_run"]
+    for run in (previous or {}).get("runs") or []:  # a file written before the index: its runs only
+        earlier.setdefault(run["name"], {"minutes": round(run["seconds"] / 60, 1), "returncode": run["returncode"],
+                                         "args": run["args"], "date": None, "cpu": None, "cpu_flags": None})
+    now = {run["name"]: {"minutes": round(run["seconds"] / 60, 1), "returncode": run["returncode"], "args": run["args"],
+                         "date": machine_now.get("date"), "cpu": machine_now.get("cpu"),
+                         "cpu_flags": machine_now.get("cpu_flags")} for run in runs}
+    return [{"name": b.name, "script": b.script, "args": list(b.args), "what": b.what,
+             "needs_real_data": b.needs_real_data, "last_run": now.get(b.name, earlier.get(b.name))}
+            for b in BENCHMARKS]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,9 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runs.append(run_benchmark(benchmark, args.quick, env))
     folder = results_dir()
-    summary = {"machine": machine(), "quick": args.quick, "runs": runs, "skipped": skipped}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ("run_all_quick.json" if args.quick else "run_all.json")).write_text(json.dumps(summary, indent=1) + "\n")
+    path = folder / ("run_all_quick.json" if args.quick else "run_all.json")
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    now = machine()
+    summary = {"machine": now, "quick": args.quick, "runs": runs, "skipped": skipped,
+               "benchmarks": benchmark_index(previous, runs, now)}
+    tmp = path.with_suffix(".json.tmp")  # a half-written record would lose every earlier benchmark's entry
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, path)
 
     print("\n| benchmark | minutes | result |\n| --- | ---: | --- |")
     for run in runs:

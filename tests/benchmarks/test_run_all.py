@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     summary = json.loads((tmp_path / "results" / "run_all_quick.json").read_text())
     assert [run["name"] for run in summary["runs"]] == ["prepare", "scale", "lits_scale", "pipeline", "models", "predict", "fit_loop",
                                                           "phantom_speed", "fuzz"]
+    timed = {row["name"] for row in summary["benchmarks"] if row["last_run"]}
+    assert timed == {run["name"] for run in summary["runs"]}  # the record names this run's benchmarks, no others
     for run in summary["runs"]:
         data = json.loads((tmp_path / "results" / f"{run['name']}.json").read_text())
         machine = data["machine"]
@@ -130,3 +133,45 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     for costs in augment_ms.values():
         assert costs["all"] > 0 and costs["warp"] == pytest.approx(costs["all"] - costs["without warp"])
     assert "| OpenCV + NumPy, one pass (the default) |" in readme_tables.render_pipeline(pipeline)
+
+
+def test_the_run_record_keeps_every_benchmarks_last_run_across_invocations():
+    """``--only`` replaces its benchmarks' entries and keeps the others', dates and CPUs included."""
+    import run_all
+
+    avx2 = {"date": "2026-12-01", "cpu": "AMD EPYC", "cpu_flags": ["avx2", "fma"]}
+    first = run_all.benchmark_index(None, [{"name": "fuzz", "args": [], "seconds": 90.0, "returncode": 0},
+                                           {"name": "models", "args": [], "seconds": 600.0, "returncode": 1}], avx2)
+    assert [row["name"] for row in first] == list(run_all.NAMES)  # every benchmark, in the runner's order
+    by_name = {row["name"]: row for row in first}
+    assert by_name["fuzz"]["last_run"] == {"minutes": 1.5, "returncode": 0, "args": [], "date": "2026-12-01",
+                                           "cpu": "AMD EPYC", "cpu_flags": ["avx2", "fma"]}
+    assert by_name["prepare"]["last_run"] is None
+
+    avx512 = {"date": "2026-12-03", "cpu": "AMD EPYC", "cpu_flags": ["avx2", "avx512f", "avx512_bf16"]}
+    second = run_all.benchmark_index({"benchmarks": first, "runs": []},
+                                     [{"name": "models", "args": [], "seconds": 300.0, "returncode": 0}], avx512)
+    by_name = {row["name"]: row for row in second}
+    assert by_name["fuzz"]["last_run"]["date"] == "2026-12-01"  # kept from the invocation before
+    assert by_name["models"]["last_run"]["minutes"] == 5.0 and by_name["models"]["last_run"]["returncode"] == 0
+    assert by_name["models"]["last_run"]["cpu_flags"] == ["avx2", "avx512f", "avx512_bf16"]
+
+    legacy = run_all.benchmark_index({"runs": [{"name": "predict", "args": [], "seconds": 243.2, "returncode": 0}]}, [], avx2)
+    assert {row["name"]: row for row in legacy}["predict"]["last_run"]["date"] is None  # written before dates
+
+    table = readme_tables.render_run_all({"benchmarks": second})
+    assert "| fuzz | `python benchmarks/fuzz_inputs.py` |" in table
+    assert "2026-12-01, 1.5 min, ok, AMD EPYC (AVX2, no AVX-512) |" in table
+    assert "2026-12-03, 5.0 min, ok, AMD EPYC (avx512f, avx512_bf16) |" in table
+    assert "| real_ct | `python benchmarks/bench_real.py demo fresh sim2real lopo --rerun` (needs `../shared/data/real`) |" in table
+    assert table.count("not yet through the runner") == len(run_all.NAMES) - 2
+    assert f"2 of {len(run_all.NAMES)} benchmarks timed through the runner: 0.1 h together" in table
+
+
+def test_the_machine_line_says_when_a_figure_was_measured():
+    machine = {"cpu": "AMD EPYC", "cores_usable": 2, "date": "2026-12-03"}
+    assert readme_tables._machine_line({"machine": machine}).startswith("_Measured 2026-12-03 on AMD EPYC, 2 cores")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._common import machine as describe
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", describe()["date"])
