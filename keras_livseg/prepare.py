@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spacing-mm", type=float,
                         help="resample slices in-plane to this pixel spacing (mm), then crop/pad to --image-size "
                         "(field of view = size x spacing); default: resize ignoring spacing")
+    parser.add_argument("--context-mm", type=float,
+                        help="take the --context slices this many mm apart (the nearest whole number of slices), "
+                        "so that thin- and thick-slice scans give the model the same through-plane context; "
+                        "default: adjacent slices")
     parser.add_argument("--slices", choices=["all", "liver"], help="all slices or liver slices + margin")
     parser.add_argument("--margin", type=int, help="slices kept beyond the liver with --slices liver")
     parser.add_argument("--split", type=_floats, help="train,val,test fractions by patient (0.7,0.15,0.15)")
@@ -94,6 +98,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         "context": args.context,
         "normalization": args.normalization,
         "spacing_mm": args.spacing_mm,
+        "context_mm": args.context_mm,
         "slices": args.slices,
         "margin": args.margin,
         "split": args.split,

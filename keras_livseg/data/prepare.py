@@ -73,6 +73,8 @@ class PrepareOptions:
         normalization: ``"foreground"`` (training-split foreground statistics), ``"volume"`` or ``"none"``.
         spacing_mm: resample slices in-plane to this pixel spacing (mm) before the centre
             crop/pad to ``image_size``; ``None`` resizes whatever the spacing.
+        context_mm: take the context slices this far apart (mm, the nearest whole number of
+            slices); ``None`` takes adjacent slices whatever their thickness.
         slices: ``"all"`` or ``"liver"`` (slices with liver plus ``margin`` on each side).
         margin: slices kept beyond the liver in ``"liver"`` mode.
         split: fractions of cases for train, val, test (by patient).
@@ -99,6 +101,7 @@ class PrepareOptions:
     context: int = 1
     normalization: str = "foreground"
     spacing_mm: float | None = None
+    context_mm: float | None = None
     slices: str = "all"
     margin: int = 5
     split: Sequence[float] = (0.7, 0.15, 0.15)
@@ -121,6 +124,7 @@ class PrepareOptions:
             context=int(self.context),
             normalization=self.normalization,
             spacing_mm=self.spacing_mm,
+            context_mm=self.context_mm,
         )
 
     def strata(self, cases: Sequence[CaseFiles]) -> dict[str, str] | None:
@@ -158,7 +162,7 @@ class PrepareOptions:
     def case_parameters(self) -> dict[str, Any]:
         """The parameters a per-case file depends on (resume reuses it only if they match)."""
         prep = self.preprocessing()
-        return {
+        parameters = {
             "window": list(prep.window),
             "image_size": list(prep.image_size),
             "context": prep.context,
@@ -167,6 +171,9 @@ class PrepareOptions:
             "margin": self.margin,
             "label_map": parse_label_map(self.label_map),
         }
+        if prep.context_mm is not None:  # absent otherwise, so that files from before it still resume
+            parameters["context_mm"] = prep.context_mm
+        return parameters
 
 
 def sha256_file(path: Path) -> str:
@@ -420,9 +427,12 @@ def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> d
     liver_pixels: list[int] = []
     record_path = work_dir / f"{files.case_id}.tfrecord"
     with shards.TFRecordWriter(record_path, digest=False) as writer:  # a work file: nobody asks its hash
-        half = prep.context // 2
+        try:
+            offsets = prep.context_offsets(case.spacing[2])
+        except ValueError as error:
+            raise DataError(f"{files.image}: {error}") from None
         for index in selected:
-            picks = np.clip(np.arange(index - half, index + half + 1), 0, count - 1)
+            picks = np.clip(index + offsets, 0, count - 1)
             mask = prep.labels_to_model_grid(case.labels[:, :, index], case.spacing)
             counts = np.bincount(mask.ravel(), minlength=3)[:3]
             class_pixels += counts
@@ -498,7 +508,7 @@ def _finished_run_differences(manifest: Mapping[str, Any], options: PrepareOptio
     asked = options.preprocessing().to_dict()
     differences = [
         f"preprocessing.{key} {prep.get(key)!r} (asked {asked[key]!r})"
-        for key in ("window", "image_size", "context", "normalization", "spacing_mm")
+        for key in ("window", "image_size", "context", "normalization", "spacing_mm", "context_mm")
         if json.loads(json.dumps(prep.get(key))) != json.loads(json.dumps(asked[key]))
     ]
     checks = {

@@ -27,6 +27,12 @@ Order of the steps, for raw HU slices ``[rows, cols, K]``:
    normalization; ``normalization="volume"`` uses each volume's own windowed statistics and
    ``"none"`` only rescales the window to [-1, 1].
 
+The 2.5D context (``context`` slices as channels) takes the slices next to the centre one, or,
+with ``context_mm`` set, the slices nearest to that many millimetres apart: a model trained on
+4.5 mm slices and shown a 1.6 mm scan would otherwise see neighbours three times closer than
+it learnt from (through-plane, the same mismatch that ``spacing_mm`` removes in-plane). The
+stride is whole slices, the one closest to ``context_mm`` (ties to the smaller), at least 1.
+
 Shards store the result of steps 1 and 2 (float16, within 0.125 HU over the default window);
 step 3 runs in the input pipeline with the manifest's statistics, so the statistics can be
 computed in the same single pass that writes the shards.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -61,6 +68,8 @@ class Preprocessing:
         std: standardization standard deviation (HU).
         spacing_mm: target in-plane pixel spacing in mm, or ``None`` (default) to resize every
             slice to ``image_size`` whatever its spacing.
+        context_mm: distance in mm between context slices, or ``None`` (default) for adjacent
+            slices whatever their thickness (see :meth:`context_stride`).
 
     Example:
         >>> prep = Preprocessing(window=(-200.0, 250.0), image_size=(64, 64), mean=100.0, std=50.0)
@@ -75,6 +84,7 @@ class Preprocessing:
     mean: float = 0.0
     std: float = 1.0
     spacing_mm: float | None = None
+    context_mm: float | None = None
 
     def __post_init__(self) -> None:
         low, high = (float(v) for v in self.window)
@@ -111,6 +121,19 @@ class Preprocessing:
                     f"got {self.spacing_mm}"
                 )
             object.__setattr__(self, "spacing_mm", spacing)
+        if isinstance(self.context_mm, str) and self.context_mm.strip().lower() in ("none", ""):
+            object.__setattr__(self, "context_mm", None)
+        if self.context_mm is not None:
+            try:
+                distance = float(self.context_mm)
+            except (TypeError, ValueError):
+                distance = float("nan")
+            if not (np.isfinite(distance) and distance > 0):
+                raise ValueError(
+                    "context_mm must be a positive distance in millimetres between context slices "
+                    f"(e.g. 4.5) or none, got {self.context_mm}"
+                )
+            object.__setattr__(self, "context_mm", distance)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +144,7 @@ class Preprocessing:
             "mean": float(self.mean),
             "std": float(self.std),
             "spacing_mm": self.spacing_mm,
+            "context_mm": self.context_mm,
         }
 
     @classmethod
@@ -133,10 +157,43 @@ class Preprocessing:
             mean=float(config["mean"]),
             std=float(config["std"]),
             spacing_mm=config.get("spacing_mm"),  # absent in files written before resampling existed
+            context_mm=config.get("context_mm"),  # absent before context strides existed: adjacent slices
         )
 
     def with_statistics(self, mean: float, std: float) -> "Preprocessing":
         return dataclasses.replace(self, mean=float(mean), std=float(std))
+
+    def context_stride(self, slice_mm: float | None) -> int:
+        """Slices between context channels for slices ``slice_mm`` apart: 1 without ``context_mm``.
+
+        The whole number of slices whose distance is closest to ``context_mm``, ties going to
+        the smaller stride, and at least 1.
+
+        Example:
+            >>> prep = Preprocessing(context=3, context_mm=4.5)
+            >>> [prep.context_stride(mm) for mm in (0.7, 1.6, 3.0, 4.5, 6.0)]
+            [6, 3, 1, 1, 1]
+        """
+        if self.context_mm is None or self.context == 1:
+            return 1
+        mm = float("nan") if slice_mm is None else float(slice_mm)
+        if not (np.isfinite(mm) and mm > 0):
+            raise ValueError(
+                f"slice spacing {slice_mm} mm is not positive: this model takes context slices "
+                f"{self.context_mm:g} mm apart and needs the volume's slice spacing; fix the file's header "
+                "(pixdim[3]) or prepare without preprocessing.context_mm"
+            )
+        return max(1, math.ceil(self.context_mm / mm - 0.5))
+
+    def context_offsets(self, slice_mm: float | None) -> np.ndarray:
+        """Offsets of the context channels from the centre slice, feet to head.
+
+        Example:
+            >>> Preprocessing(context=3, context_mm=4.5).context_offsets(1.6).tolist()
+            [-3, 0, 3]
+        """
+        half = self.context // 2
+        return self.context_stride(slice_mm) * np.arange(-half, half + 1)
 
     # -- NumPy path ---------------------------------------------------------------------
     def window_hu(self, hu: np.ndarray) -> np.ndarray:
@@ -234,12 +291,14 @@ class Preprocessing:
 
         In ``"volume"`` mode the volume's own windowed statistics are used (see
         :func:`volume_statistics`). ``spacing`` is the volume's ``(row, col[, slice])`` mm,
-        required with ``spacing_mm``.
+        required with ``spacing_mm`` (row, col) and with ``context_mm`` (slice).
         """
         mean = std = None
         if self.normalization == "volume":
             mean, std = volume_statistics(self.window_hu(hu_volume))
-        stacks = [self.slices_to_model_grid(context_stack(hu_volume, int(i), self.context), spacing) for i in indices]
+        stride = self.context_stride(spacing[2] if spacing is not None and len(spacing) > 2 else None)
+        stacks = [self.slices_to_model_grid(context_stack(hu_volume, int(i), self.context, stride), spacing)
+                  for i in indices]
         return self.standardize(np.stack(stacks, axis=0), mean, std)
 
     # -- TensorFlow path ------------------------------------------------------------------
@@ -288,13 +347,14 @@ class Preprocessing:
         return (tf.cast(windowed, tf.float32) - mean) / std
 
 
-def context_stack(volume: np.ndarray, index: int, context: int) -> np.ndarray:
-    """Slices ``index - context//2 .. index + context//2`` as channels, edges repeated.
+def context_stack(volume: np.ndarray, index: int, context: int, stride: int = 1) -> np.ndarray:
+    """Slices ``index + stride * (-context//2 .. context//2)`` as channels, edges repeated.
 
     Args:
         volume: canonical ``[rows, cols, slices]`` array.
         index: the centre slice.
         context: odd number of slices.
+        stride: slices between channels (:meth:`Preprocessing.context_stride`; 1: adjacent).
 
     Returns:
         ``[rows, cols, context]``, channels ordered feet to head.
@@ -305,7 +365,7 @@ def context_stack(volume: np.ndarray, index: int, context: int) -> np.ndarray:
         [0.0, 0.0, 1.0]
     """
     half = context // 2
-    picks = np.clip(np.arange(index - half, index + half + 1), 0, volume.shape[2] - 1)
+    picks = np.clip(index + stride * np.arange(-half, half + 1), 0, volume.shape[2] - 1)
     return volume[:, :, picks]
 
 

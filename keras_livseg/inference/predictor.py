@@ -253,7 +253,8 @@ class SegmentationModel:
 
         Raises:
             ValueError: no member, or members with per-volume normalization in different HU
-                windows (the volume's statistics are computed once, in one window).
+                windows (the volume's statistics are computed once, in one window), or members
+                whose context slices lie at different distances (``context_mm``).
 
         Example:
             >>> paths = [f"runs/demo-seed{s}/checkpoints/best.keras" for s in range(3)]  # doctest: +SKIP
@@ -273,6 +274,14 @@ class SegmentationModel:
                 "ensemble models trained with the same window"
             )
         context = max(m.context for m in members)
+        # One stack of context slices feeds every member: their slices must lie equally far apart.
+        distances = {m.preprocessing.context_mm for m in members if m.context > 1 and m.preprocessing is not None}
+        if len(distances) > 1:
+            raise ValueError(
+                "ensemble members take their context slices at different distances (context_mm "
+                f"{', '.join(f'{m.name}: {m.preprocessing.context_mm}' for m in members if m.preprocessing)}); "
+                "ensemble models trained with the same preprocessing.context_mm"
+            )
 
         def forward(raw: np.ndarray, statistics: tuple[float, float] | None,
                     spacing: tuple[float, float] | None) -> np.ndarray:
@@ -289,6 +298,8 @@ class SegmentationModel:
 
         # The preprocessing that decides the volume statistics (the members' shared window), else the first's.
         preprocessing = by_volume[0].preprocessing if by_volume else members[0].preprocessing
+        if preprocessing is not None and distances:  # the stack's stride: the members' shared context_mm
+            preprocessing = dataclasses.replace(preprocessing, context=context, context_mm=distances.pop())
         model = cls(members[0].path, "ensemble", preprocessing, forward, context,
                     "+".join(m.name for m in members))
         model.members = members

@@ -161,6 +161,9 @@ def predict_volume(
     prep = model.preprocessing
     if model.needs_volume_statistics:
         statistics = _streaming_volume_statistics(image, prep.window)
+    # Context slices as far apart as in training (context_mm); a SavedModel without its
+    # preprocessing.json takes adjacent ones.
+    stride = 1 if prep is None else prep.context_stride(case.spacing[2])
     # Slice-major memory under the [rows, cols, slices] shape: each batch is written as one
     # block, and on a LiTS-oriented (DICOM LPS) scan the native grid is Fortran-ordered, as
     # NIfTI stores it, so writing the file needs no transposing copy.
@@ -175,11 +178,11 @@ def predict_volume(
     on_grid = model.labels_on_grid is not None and not tta_flip and probabilities is None and sample_voxels <= 0
     with _progress(n_slices, case.case_id, progress) as bar:
         if on_grid:
-            calls = _labels_on_grid(model, image, case.spacing[:2], statistics, batch_size, labels, bar)
+            calls = _labels_on_grid(model, image, case.spacing, statistics, batch_size, labels, bar)
         else:
             for start in range(0, n_slices, batch_size):
                 stop = min(start + batch_size, n_slices)
-                raw = np.stack([context_stack(image, k, model.context) for k in range(start, stop)], axis=0)
+                raw = np.stack([context_stack(image, k, model.context, stride) for k in range(start, stop)], axis=0)
                 batch_p = model.predict_slices(raw, statistics, case.spacing[:2])
                 calls += 1
                 for axes in mirrorings:
@@ -230,19 +233,20 @@ def _labels_on_grid(model: SegmentationModel, image: np.ndarray, spacing: Sequen
                     statistics: tuple[float, float] | None, batch_size: int, labels: np.ndarray, bar) -> int:
     """Fill ``labels`` batch by batch through ``model.labels_on_grid``; returns the forward calls made.
 
-    Each slice is windowed and resampled once and the context channels are picked from the
-    result. (Preparing the next batch in a thread while the network runs gained nothing
-    on 2 cores, where the network already uses both.)
+    ``spacing`` is the volume's ``(row, col, slice)`` mm. Each slice is windowed and resampled
+    once and the context channels are picked from the result. (Preparing the next batch in a
+    thread while the network runs gained nothing on 2 cores, where the network already uses both.)
     """
     rows, cols, n_slices = image.shape
-    half = model.context // 2
+    offsets = model.preprocessing.context_offsets(spacing[2])
+    reach = int(offsets[-1])
     pixel = (float(spacing[0]), float(spacing[1]))
 
     def model_input(start: int) -> np.ndarray:
         stop = min(start + batch_size, n_slices)
-        low, high = max(start - half, 0), min(stop + half, n_slices)
+        low, high = max(start - reach, 0), min(stop + reach, n_slices)
         gridded = model.preprocessing.slices_to_model_grid(image[:, :, low:high], pixel)  # [H, W, high - low]
-        picks = np.clip(np.arange(start, stop)[:, None] + np.arange(-half, half + 1)[None], 0, n_slices - 1)
+        picks = np.clip(np.arange(start, stop)[:, None] + offsets[None], 0, n_slices - 1)
         return np.transpose(gridded[:, :, picks - low], (2, 0, 1, 3))  # [B, H, W, context]
 
     starts = range(0, n_slices, batch_size)

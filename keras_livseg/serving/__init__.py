@@ -26,6 +26,13 @@ of the slices sent: their signature has a second input, ``pixel_spacing_mm: floa
 graph resamples, crops/pads, and maps the probabilities back exactly as ``prepare`` and
 ``predict`` do.
 
+Models whose context slices lie a fixed distance apart (``preprocessing.context_mm``, recorded
+in ``assets.extra/preprocessing.json``) take, as channels, the slices that far apart: a client
+sends ``[B, H, W, context]`` stacks picked with the stride for its scan's slice thickness
+(:meth:`~keras_livseg.data.preprocessing.Preprocessing.context_stride`), or plain slices already
+that far apart (every third slice of a 1.6 mm scan for ``context_mm = 4.5``), which the graph
+stacks as neighbours.
+
 Models trained with ``normalization="volume"`` (each volume standardized with its own
 statistics) are refused: a request holds slices, not the volume, and statistics of the slices
 sent would differ from those of training. Retrain with ``normalization="foreground"`` (the

@@ -52,4 +52,4 @@ PREPARE_DATA_KEYS = frozenset(
 )
 PHANTOM_DATA_KEYS = frozenset({"phantom_cases", "phantom_seed", "phantom_size", "phantom_slices", "phantom_spacing_mm"})
 DATA_KEYS = PREPARE_DATA_KEYS | PHANTOM_DATA_KEYS
-PREPROCESSING_KEYS = frozenset({"window", "image_size", "context", "normalization", "spacing_mm"})
+PREPROCESSING_KEYS = frozenset({"window", "image_size", "context", "normalization", "spacing_mm", "context_mm"})

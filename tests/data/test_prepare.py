@@ -77,6 +77,22 @@ def test_shards_parse_back_to_the_arrays_written(lits_dir, tmp_path):
     assert manifest["cases"][case_id]["tumor_pixels"][5] == int((mask == 2).sum())
 
 
+def test_context_mm_picks_the_context_slices_that_far_apart(lits_dir, tmp_path):
+    # The fixture's slices are 2.5 mm apart: context slices 5 mm apart are two slices away.
+    manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", context=3, context_mm=5.0))
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    assert prep.context_mm == 5.0 and prep.context_stride(2.5) == 2
+    assert manifest["cases"]["0"]["spacing"][2] == 2.5
+    (shard,) = manifest["splits"]["train"]["shards"]
+    for case_id, index, image, _ in _parse_all(tmp_path / "out" / shard)[:12]:
+        case = load_case(next(c for c in discover_cases(lits_dir) if c.case_id == case_id))
+        picks = np.clip([index - 2, index, index + 2], 0, case.image.shape[2] - 1)
+        np.testing.assert_array_equal(image, prep.slices_to_model_grid(case.image[:, :, picks]).astype(np.float16))
+    # Asked again with adjacent slices, the finished folder is not silently reused.
+    with pytest.raises(DataError, match=r"preprocessing.context_mm 5.0 \(asked None\)"):
+        prepare_dataset(_options(lits_dir, tmp_path / "out", context=3, resume=True))
+
+
 def test_spacing_resampling_is_what_the_shards_hold(lits_dir, tmp_path):
     # 0.8 mm pixels at 1.5 mm: a 40x48 slice becomes 21x26, then padded with air to 32x32.
     manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", spacing_mm=1.5))
@@ -265,6 +281,10 @@ def test_recipe_values_and_unknown_keys(lits_dir, tmp_path):
     recipe.write_text(f'[data]\nsrc = "{lits_dir}"\nout = "{tmp_path / "o"}"\nworkers = 1\n[preprocessing]\nimage_size = 16\n')
     assert prepare_cli.main(["--pipeline", str(recipe), "--no-progress"]) == 0
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["preprocessing"]["image_size"] == [16, 16]
+    parse = prepare_cli.build_parser().parse_args
+    recipe.write_text(recipe.read_text() + "context = 3\ncontext_mm = 4.5\n")
+    assert prepare_cli.options_from_args(parse(["--pipeline", str(recipe)])).preprocessing().context_mm == 4.5
+    assert prepare_cli.options_from_args(parse(["--pipeline", str(recipe), "--context-mm", "2"])).context_mm == 2.0
     recipe.write_text('[data]\nsorce = "x"\n')
     with pytest.raises(ValueError, match="unknown key sorce in \\[data\\]; valid keys: .*src"):
         prepare_cli.options_from_args(prepare_cli.build_parser().parse_args(["--pipeline", str(recipe)]))

@@ -139,6 +139,31 @@ def test_spacing_needs_the_slice_spacing_and_a_positive_value():
     assert Preprocessing.from_dict(prep.to_dict()).spacing_mm == 1.5
 
 
+def test_context_slices_are_the_nearest_whole_stride_to_context_mm():
+    prep = Preprocessing(context=3, context_mm=4.5)
+    # 4.5 mm over 1.6 mm slices is 2.8 slices: 3; over 3 mm, 1.5: a tie goes to the nearer slices.
+    assert [prep.context_stride(mm) for mm in (0.7, 1.0, 1.6, 2.0, 3.0, 3.2, 4.5, 9.0)] == [6, 4, 3, 2, 1, 1, 1, 1]
+    assert Preprocessing(context=3).context_stride(0.5) == 1  # without context_mm: adjacent slices
+    assert Preprocessing(context=1, context_mm=4.5).context_stride(0.5) == 1  # one slice has no neighbours
+    assert prep.context_offsets(1.6).tolist() == [-3, 0, 3]
+    assert Preprocessing(context=5, context_mm=2.0).context_offsets(1.0).tolist() == [-4, -2, 0, 2, 4]
+    with pytest.raises(ValueError, match="needs the volume's slice spacing"):
+        prep.context_stride(0.0)
+    with pytest.raises(ValueError, match="context_mm must be a positive"):
+        Preprocessing(context=3, context_mm=-1.0)
+    assert Preprocessing(context=3, context_mm="none").context_mm is None
+    assert Preprocessing.from_dict(prep.to_dict()).context_mm == 4.5
+    legacy = {k: v for k, v in prep.to_dict().items() if k != "context_mm"}  # a preprocessing.json from before
+    assert Preprocessing.from_dict(legacy).context_mm is None
+
+    volume = np.arange(10, dtype=np.float32)[None, None, :] * np.ones((8, 8, 1), np.float32)
+    assert context_stack(volume, 1, 3, stride=3)[0, 0].tolist() == [0, 1, 4]  # the edge repeats
+    assert context_stack(volume, 8, 5, stride=2)[0, 0].tolist() == [4, 6, 8, 9, 9]
+    stacked = Preprocessing(image_size=(8, 8), context=3, normalization="none", window=(-100.0, 100.0),
+                            context_mm=4.5).model_input(volume, [5], (1.0, 1.0, 1.5))
+    np.testing.assert_allclose(stacked[0, 0, 0] * 100.0, [2.0, 5.0, 8.0], atol=1e-5)  # [-1, 1] back to HU
+
+
 @pytest.mark.parametrize("src, dst", [((512, 512), (150, 150)), ((300, 280), (64, 70)), ((40, 48), (64, 64)), ((90, 200), (28, 117))])
 def test_antialiased_resize_matches_tensorflow(src, dst):
     from keras_livseg.data.preprocessing import resize_stack_antialiased

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -912,3 +913,49 @@ def test_postprocessing_memory_scales_with_a_slab_not_the_scan(monkeypatch):
         # labels kept between passes: at most their budget more (for the liver, then the lesions)
         kept = peaks[largest, 256, 5 * slab_label_bytes] - peaks[largest, 256, 0]
         assert 0 < kept <= 5 * slab_label_bytes, peaks
+
+
+def test_context_slices_lie_context_mm_apart_on_both_prediction_paths(tmp_path):
+    """A 1.5 mm scan, a model trained with context_mm 4.5: neighbours 3 slices away, edges repeated."""
+    hu = (np.arange(12, dtype=np.int16) * 10)[None, None, :] * np.ones((16, 16, 1), np.int16)  # slice k holds 10 k HU
+    case = load_case(CaseFiles("z", write_volume(tmp_path / "z.nii.gz", hu, np.diag([-0.8, -0.8, 1.5, 1.0])), None))
+    assert case.spacing[2] == pytest.approx(1.5)
+    prep = Preprocessing(image_size=(16, 16), context=3, normalization="none", window=(-1000.0, 1000.0), context_mm=4.5)
+    expected = [[case.image[0, 0, min(max(k + d, 0), 11)] for d in (-3, 0, 3)] for k in range(12)]
+
+    stacks = []  # the slice-by-slice path: raw HU stacks
+
+    def forward(raw, statistics, spacing=None):
+        stacks.extend(raw[:, 0, 0, :].tolist())
+        return np.eye(3, dtype=np.float32)[np.zeros(raw.shape[:3], np.uint8)]
+
+    predict_volume(SegmentationModel(Path("f.keras"), "keras", prep, forward, 3, "f"), case, batch_size=5,
+                   postprocess=None, progress=False)
+    assert stacks == expected
+
+    gridded = []  # the resample-once path: windowed slices on the model's grid
+
+    def labels_on_grid(windowed, statistics, size, pixel):
+        gridded.extend(windowed[:, 0, 0, :].tolist())
+        return np.zeros((windowed.shape[0], *size), np.uint8)
+
+    model = SegmentationModel(Path("g.keras"), "keras", prep, forward, 3, "g")
+    model.labels_on_grid = labels_on_grid
+    predict_volume(model, case, batch_size=5, postprocess=None, progress=False)
+    np.testing.assert_allclose(gridded, expected, atol=1e-3)
+
+    adjacent = dataclasses.replace(prep, context_mm=None)  # a model from before context_mm: neighbours 1 slice away
+    stacks.clear()
+    predict_volume(SegmentationModel(Path("f.keras"), "keras", adjacent, forward, 3, "f"), case, batch_size=5,
+                   postprocess=None, progress=False)
+    assert stacks[4] == [30.0, 40.0, 50.0]
+
+
+def test_an_ensemble_refuses_members_with_context_slices_at_different_distances():
+    near, far = fake_model(context=3), fake_model(context=3)
+    far.preprocessing = dataclasses.replace(far.preprocessing, context_mm=4.5)
+    with pytest.raises(ValueError, match="different distances.*context_mm"):
+        SegmentationModel.ensemble([near, far])
+    both = fake_model(context=3)
+    both.preprocessing = far.preprocessing
+    assert SegmentationModel.ensemble([far, both]).preprocessing.context_stride(1.5) == 3
