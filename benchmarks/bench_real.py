@@ -266,10 +266,13 @@ def sim2real(checkpoints: list[Path]) -> dict:
         pairs = Path(scratch) / "totalseg.csv"
         folder = REAL / "totalseg-example-ct"
         pairs.write_text(f"image,label,case_id\n{folder / 'example_ct_sm.nii.gz'},{folder / 'example_seg.nii.gz'},totalseg\n")
-        # Each model alone, then all of them as one ensemble (their probabilities averaged).
+        # Each model alone, then all of them as one ensemble (their probabilities averaged), then
+        # each alone taking adjacent context slices, as models did before preprocessing.context_mm.
         candidates = [(c.parent.parent.name, [c]) for c in checkpoints]
         if len(checkpoints) > 1:
             candidates.append((ENSEMBLE, list(checkpoints)))
+        candidates += [(f"{c.parent.parent.name}{ADJACENT}", [adjacent]) for c in checkpoints
+                       if (adjacent := with_adjacent_context(c, Path(scratch) / "adjacent")) is not None]
         for name, members in candidates:
             for data, label_map in ((REAL / "ircadb", None), (pairs, {5: 1})):
                 out = Path(scratch) / f"{name}-{data.stem}"
@@ -282,15 +285,44 @@ def sim2real(checkpoints: list[Path]) -> dict:
                                      "tumor_dice": float(row["tumor_dice"]) if label_map is None else None})
     print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["model", "case", "liver_dice", "tumor_dice"]))
-    per_case, ensemble = {}, {}
+    per_case, ensemble, adjacent = {}, {}, {}
     for case in sorted({r["case"] for r in rows}):
-        values = [r["liver_dice"] for r in rows if r["case"] == case and r["model"] != ENSEMBLE]
+        single = [r for r in rows if r["case"] == case and r["model"] != ENSEMBLE and not r["model"].endswith(ADJACENT)]
+        values = [r["liver_dice"] for r in single]
         per_case[case] = {"liver_dice_mean": float(np.mean(values)), "liver_dice_min": float(np.min(values)),
                           "liver_dice_max": float(np.max(values))}
         ensemble.update({case: r for r in rows if r["case"] == case and r["model"] == ENSEMBLE})
+        moved = [r for r in rows if r["case"] == case and r["model"].endswith(ADJACENT)]
+        if moved:
+            tumours = [r["tumor_dice"] for r in moved if r["tumor_dice"] is not None]
+            adjacent[case] = {"liver_dice_mean": float(np.mean([r["liver_dice"] for r in moved])),
+                              "tumor_dice_mean": float(np.mean(tumours)) if tumours else None}
     return {"models": [str(c.relative_to(ROOT)) for c in checkpoints], "cases": rows, "per_case": per_case,
             "ensemble": {case: {"liver_dice": r["liver_dice"], "tumor_dice": r["tumor_dice"]} for case, r in ensemble.items()},
-            "goal_liver_dice": 0.90}
+            "adjacent_context": adjacent, "goal_liver_dice": 0.90}
+
+
+ADJACENT = " (adjacent slices)"
+
+
+def with_adjacent_context(checkpoint: Path, scratch: Path) -> Path | None:
+    """The same model taking adjacent context slices: a run folder in ``scratch`` with the
+    checkpoint linked and ``preprocessing.context_mm`` removed; ``None`` when it has none.
+
+    The demo's phantom slices are 3.2 - 5 mm thick, so its training took adjacent slices with
+    or without ``context_mm = 4.5``: this is the model the recipe made before that setting,
+    and the comparison isolates how the context is picked on the thin-slice real scans.
+    """
+    source = checkpoint.parent.parent / "preprocessing.json"
+    payload = json.loads(source.read_text())
+    if payload["preprocessing"].get("context_mm") is None:
+        return None
+    payload["preprocessing"]["context_mm"] = None
+    run = scratch / checkpoint.parent.parent.name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "preprocessing.json").write_text(json.dumps(payload))
+    (run / "checkpoints" / checkpoint.name).symlink_to(checkpoint.resolve())
+    return run / "checkpoints" / checkpoint.name
 
 
 def lopo(checkpoint: Path, overrides: Sequence[str] = (), label: str = "") -> dict:

@@ -359,6 +359,14 @@ def render_real_ct(data: dict) -> str:
             f"| sim-to-real liver Dice, {names.get(case, case)}: the {len(sim['models'])} models as one ensemble "
             f"(`predict --model` repeated) | {scores['liver_dice']:.3f} | ≥ {goal:.2f} | {_mark(scores['liver_dice'] >= goal)} |"
         )
+    adjacent = sim.get("adjacent_context") or {}
+    if adjacent:
+        livers = " / ".join(f"{stats['liver_dice_mean']:.3f}" for stats in adjacent.values())
+        tumours = {case: stats["tumor_dice_mean"] for case, stats in adjacent.items() if stats["tumor_dice_mean"] is not None}
+        rows.append(f"| sim-to-real, the same models taking adjacent context slices (as before `preprocessing.context_mm`): "
+                    f"liver Dice, {' / '.join(names.get(c, c) for c in adjacent)} (mean over models)"
+                    f"{'; tumour Dice, ' + ' / '.join(names.get(c, c) for c in tumours) if tumours else ''} | {livers}"
+                    f"{'; ' + ' / '.join(format(v, '.3f') for v in tumours.values()) if tumours else ''} | | |")
     irc = [case for case in tumour if case in ("1", "7")]
     if irc:
         values = " / ".join(f"{tumour[c]:.3f}" for c in irc)
@@ -394,7 +402,8 @@ def _mean_tumour_by_case(sim2real: dict) -> dict[str, float]:
     """Sim-to-real tumour Dice per scan, the mean over the single models (scans with tumour labels only)."""
     values: dict[str, list[float]] = {}
     for entry in sim2real["cases"]:
-        if not entry["model"].startswith("ensemble") and entry["tumor_dice"] is not None:
+        single = not entry["model"].startswith("ensemble") and not entry["model"].endswith(" (adjacent slices)")
+        if single and entry["tumor_dice"] is not None:
             values.setdefault(str(entry["case"]), []).append(entry["tumor_dice"])
     return {case: sum(v) / len(v) for case, v in values.items()}
 

@@ -208,3 +208,36 @@ def test_scoring_finished_demo_runs_again_keeps_the_machine_they_were_timed_on(t
     assert run("trained here") == {"cpu": "trained here"} and len(calls) == 1
     assert run("scored again elsewhere") == {"cpu": "trained here"} and len(calls) == 1  # reused, not trained
     assert run("trained again", "--rerun") == {"cpu": "trained again"} and len(calls) == 2
+
+
+def test_the_adjacent_slices_twin_is_the_same_checkpoint_without_context_mm(tmp_path):
+    run = tmp_path / "runs" / "demo-seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.keras").write_bytes(b"weights")
+    payload = {"preprocessing": {"context": 3, "context_mm": 4.5, "window": [-200.0, 250.0]},
+               "postprocessing": {"min_lesion_mm3": 268.0}}
+    (run / "preprocessing.json").write_text(json.dumps(payload))
+    twin = bench_real.with_adjacent_context(run / "checkpoints" / "best.keras", tmp_path / "scratch")
+    assert twin.read_bytes() == b"weights" and twin.parent.parent.name == "demo-seed0"
+    written = json.loads((twin.parent.parent / "preprocessing.json").read_text())
+    assert written == {**payload, "preprocessing": {**payload["preprocessing"], "context_mm": None}}
+    payload["preprocessing"]["context_mm"] = None  # a model that already takes adjacent slices: no twin
+    (run / "preprocessing.json").write_text(json.dumps(payload))
+    assert bench_real.with_adjacent_context(run / "checkpoints" / "best.keras", tmp_path / "scratch2") is None
+
+
+def test_the_real_ct_table_shows_the_models_with_adjacent_context_slices_beside_them():
+    data = json.loads((ROOT / "benchmarks" / "results" / "real_ct.json").read_text())
+    data["sim2real"]["cases"] = [*data["sim2real"]["cases"],
+                                 {"model": "demo-seed0 (adjacent slices)", "case": "1", "liver_dice": 0.5, "tumor_dice": 0.0}]
+    before = readme_tables._mean_tumour_by_case(data["sim2real"])
+    data["sim2real"]["adjacent_context"] = {"1": {"liver_dice_mean": 0.9, "tumor_dice_mean": 0.55},
+                                            "7": {"liver_dice_mean": 0.85, "tumor_dice_mean": 0.6},
+                                            "totalseg": {"liver_dice_mean": 0.88, "tumor_dice_mean": None}}
+    table = readme_tables.render_real_ct(data)
+    assert ("| sim-to-real, the same models taking adjacent context slices (as before `preprocessing.context_mm`): liver "
+            "Dice, IRCAD patient 1 / IRCAD patient 7 / TotalSegmentator crop (3 mm, model-made labels) (mean over models); "
+            "tumour Dice, IRCAD patient 1 / IRCAD patient 7 | 0.900 / 0.850 / 0.880; 0.550 / 0.600 | | |") in table
+    # The twins' rows stay out of the models' own tumour mean.
+    del data["sim2real"]["cases"][-1]
+    assert readme_tables._mean_tumour_by_case(data["sim2real"]) == before
