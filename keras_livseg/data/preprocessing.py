@@ -55,6 +55,22 @@ PREPROCESSING_VERSION = 2
 DEFAULT_WINDOW = (-200.0, 250.0)
 
 
+def _millimetres_or_none(value: Any, what: str) -> float | None:
+    """A positive finite distance as float, or ``None`` (also from TOML's ``"none"``, as it has no null).
+
+    ``what`` is the error message's start, naming the setting and an example value.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    try:
+        millimetres = float(value)
+    except (TypeError, ValueError):
+        millimetres = float("nan")
+    if not (np.isfinite(millimetres) and millimetres > 0):
+        raise ValueError(f"{what}, got {value}")
+    return millimetres
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """Every parameter of the preprocessing, as stored in ``manifest.json``.
@@ -108,32 +124,10 @@ class Preprocessing:
             object.__setattr__(self, "std", (high - low) / 2.0)
         if not self.std > 0:
             raise ValueError(f"standardization std must be positive, got {self.std}")
-        if isinstance(self.spacing_mm, str) and self.spacing_mm.strip().lower() in ("none", ""):
-            object.__setattr__(self, "spacing_mm", None)  # TOML has no null: recipes write "none"
-        if self.spacing_mm is not None:
-            try:
-                spacing = float(self.spacing_mm)
-            except (TypeError, ValueError):
-                spacing = float("nan")
-            if not (np.isfinite(spacing) and spacing > 0):
-                raise ValueError(
-                    f"spacing_mm must be a positive number of millimetres per pixel (e.g. 1.5) or none, "
-                    f"got {self.spacing_mm}"
-                )
-            object.__setattr__(self, "spacing_mm", spacing)
-        if isinstance(self.context_mm, str) and self.context_mm.strip().lower() in ("none", ""):
-            object.__setattr__(self, "context_mm", None)
-        if self.context_mm is not None:
-            try:
-                distance = float(self.context_mm)
-            except (TypeError, ValueError):
-                distance = float("nan")
-            if not (np.isfinite(distance) and distance > 0):
-                raise ValueError(
-                    "context_mm must be a positive distance in millimetres between context slices "
-                    f"(e.g. 4.5) or none, got {self.context_mm}"
-                )
-            object.__setattr__(self, "context_mm", distance)
+        object.__setattr__(self, "spacing_mm", _millimetres_or_none(
+            self.spacing_mm, "spacing_mm must be a positive number of millimetres per pixel (e.g. 1.5) or none"))
+        object.__setattr__(self, "context_mm", _millimetres_or_none(
+            self.context_mm, "context_mm must be a positive distance in millimetres between context slices (e.g. 4.5) or none"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
