@@ -198,6 +198,15 @@ def test_shipped_recipe_resolves_and_builds_its_model(recipe):
         assert any_size(full, crop).input_shape == (None, None, None, context)
 
 
+def test_the_fine_tuning_recipe_takes_the_demo_models_input():
+    """Warm-started from the demo's checkpoint, it must see what the demo learnt from: the same
+    window, grid and context, the context slices as far apart (``context_mm``), the same network."""
+    demo = fit.resolve_config(PIPELINES / "phantom_demo.toml")
+    tune = fit.resolve_config(PIPELINES / "ircadb_finetune.toml")
+    assert tune["preprocessing"] == demo["preprocessing"]
+    assert tune["model"] == demo["model"]
+
+
 def test_tversky_weights_of_the_recipe_reach_the_loss():
     training = {**fit.DEFAULTS["training"], "fn_weights": [0.5, 0.7]}
     assert fit.build_loss(training, "softmax").fn_weights == [0.5, 0.7]
