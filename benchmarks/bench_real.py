@@ -71,18 +71,27 @@ def recipe_digest(recipe: Path = ROOT / "pipelines" / "phantom_demo.toml") -> st
     return hashlib.sha256(settings.encode()).hexdigest()[:12]
 
 
-def drop_stale_ablations(results: dict) -> list[str]:
-    """Remove the ablations measured against another demo recipe than ``results["demo"]``'s
+def lopo_recipe_digest() -> str:
+    """What a leave-one-patient-out run was measured on: the fine-tuning recipe and the demo
+    recipe of the model it starts from (12 hex digits each)."""
+    return f"{recipe_digest(ROOT / 'pipelines' / 'ircadb_finetune.toml')}+{recipe_digest()}"
+
+
+def drop_stale_ablations(results: dict, ablations: str = "ablations", base: str = "demo") -> list[str]:
+    """Remove the ``results[ablations]`` measured against another recipe than ``results[base]``'s
     (a change beside a recipe that is gone compares nothing); return their labels.
 
     >>> results = {"demo": {"recipe": "aaa"}, "ablations": {"x": {"recipe": "aaa"}, "y": {"recipe": "bbb"}, "z": {}}}
     >>> drop_stale_ablations(results), sorted(results["ablations"])
     (['y', 'z'], ['x'])
+    >>> results = {"lopo": {"recipe": "c+a"}, "lopo_ablations": {"t": {"recipe": "c+b"}}}
+    >>> drop_stale_ablations(results, "lopo_ablations", "lopo"), results["lopo_ablations"]
+    (['t'], {})
     """
-    base = results.get("demo", {}).get("recipe")
-    stale = [label for label, ablation in results.get("ablations", {}).items() if ablation.get("recipe") != base]
+    recipe = results.get(base, {}).get("recipe")
+    stale = [label for label, ablation in results.get(ablations, {}).items() if ablation.get("recipe") != recipe]
     for label in stale:
-        del results["ablations"][label]
+        del results[ablations][label]
     return stale
 
 
@@ -357,6 +366,7 @@ def lopo(checkpoint: Path, overrides: Sequence[str] = (), label: str = "") -> di
     metrics = json.loads((RUNS / name / "eval" / "metrics.json").read_text())
     init_from = checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint
     return {"minutes": round(wall / 60, 2), **({"set": list(overrides)} if overrides else {}), "init_from": str(init_from),
+            "recipe": lopo_recipe_digest(),
             "per_patient": rows, "goal": {"liver_dice": 0.93, "tumor_dice": 0.60},
             "out_of_fold": {"liver_dice": metrics["volume"]["liver"]["dice"], "tumor_dice": metrics["volume"]["tumor"]["dice"],
                             "tumor_dice_global": metrics["volume"]["tumor"]["dice_global"]}}
@@ -433,6 +443,9 @@ def main() -> None:
             results["sim2real"] = sim2real([RUNS / demo_run_name(seed) / "checkpoints" / "best.keras" for seed in args.seeds])
         else:
             results["lopo"] = lopo(checkpoint)
+            for label in drop_stale_ablations(results, "lopo_ablations", "lopo"):
+                print(f"dropped the leave-one-patient-out ablation {label!r}: it was measured beside another recipe; "
+                      f"run it again with: python benchmarks/bench_real.py lopo-ablation --label {label!r} --set ...")
         # Parts are rerun one at a time, possibly on another machine: each keeps its own.
         results[part]["machine"] = earlier if part == "demo" and earlier else machine()
         print(f"wrote {write_json('real_ct', results)}")

@@ -241,3 +241,16 @@ def test_the_real_ct_table_shows_the_models_with_adjacent_context_slices_beside_
     # The twins' rows stay out of the models' own tumour mean.
     del data["sim2real"]["cases"][-1]
     assert readme_tables._mean_tumour_by_case(data["sim2real"]) == before
+
+
+def test_leave_one_patient_out_again_drops_its_ablations_measured_beside_another_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_LIVSEG_BENCH_RESULTS", str(tmp_path))
+    current = bench_real.lopo_recipe_digest()
+    ablations = {"same recipe": {"recipe": current, "per_patient": []}, "old recipe": {"recipe": "0+0", "per_patient": []},
+                 "before digests": {"per_patient": []}}
+    (tmp_path / "real_ct.json").write_text(json.dumps({"lopo_ablations": ablations}))
+    monkeypatch.setattr(bench_real, "lopo", lambda checkpoint: {"minutes": 2.0, "per_patient": [], "recipe": current})
+    monkeypatch.setattr(sys, "argv", ["bench_real.py", "lopo"])
+    bench_real.main()
+    assert sorted(json.loads((tmp_path / "real_ct.json").read_text())["lopo_ablations"]) == ["same recipe"]
+    assert current.count("+") == 1 and current.split("+")[1] == bench_real.recipe_digest()  # the starting model's recipe too
