@@ -60,7 +60,7 @@ def _machine_line(data: dict) -> str:
     cores = machine.get("cores_usable", machine.get("cpus", "?"))
     load = machine.get("load_average_at_write")
     date = machine.get("date")  # older JSON did not record it
-    return (f"_Measured{f' {date}' if date else ''} on {cpu}, {cores} cores{f', load {load[0]:.1f}' if load else ''}"
+    return (f"_Measured on {cpu}, {cores} cores{f', load {load[0]:.1f}' if load else ''}{f', {date}' if date else ''}"
             f"{f'; {versions}' if versions else ''}._")
 
 

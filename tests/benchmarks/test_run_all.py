@@ -170,7 +170,7 @@ def test_the_run_record_keeps_every_benchmarks_last_run_across_invocations():
 
 def test_the_machine_line_says_when_a_figure_was_measured():
     machine = {"cpu": "AMD EPYC", "cores_usable": 2, "date": "2026-12-03"}
-    assert readme_tables._machine_line({"machine": machine}).startswith("_Measured 2026-12-03 on AMD EPYC, 2 cores")
+    assert readme_tables._machine_line({"machine": machine}).startswith("_Measured on AMD EPYC, 2 cores, 2026-12-03")
     sys.path.insert(0, str(ROOT))
     from benchmarks._common import machine as describe
 
