@@ -53,8 +53,7 @@ def _machine_line(data: dict) -> str:
     cpu = machine.get("cpu", "CPU not recorded")
     flags = machine.get("cpu_flags")
     if flags is not None:  # older JSON did not record them
-        wide = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-        cpu += f" ({', '.join(wide) if wide else 'AVX2, no AVX-512'})"
+        cpu += f" ({_cpu_class(flags)})"
     libraries = machine.get("libraries", {})
     versions = ", ".join(f"{k} {v}" for k, v in libraries.items() if k in ("tensorflow", "keras", "torch", "jax"))
     cores = machine.get("cores_usable", machine.get("cpus", "?"))
