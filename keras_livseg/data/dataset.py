@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import tensorflow as tf
 
@@ -60,6 +60,9 @@ FEATURE_SPEC = {
     "volume_std": tf.io.FixedLenFeature([], tf.float32),
 }
 
+
+#: How the tumor quota of a training batch draws its slices (see :func:`make_dataset`).
+TUMOR_SAMPLINGS = ("slice", "case", "stratum")
 
 def parse_example(record: tf.Tensor, context: int, image_size: tuple[int, int]) -> dict[str, tf.Tensor]:
     """Parse one serialized slice example into tensors (image float32, mask int32)."""
@@ -204,14 +207,18 @@ def make_dataset(
             tumor slice as likely as the others, so the cases with the largest lesions (the
             most tumor slices) fill most of it; ``"case"``, every tumor-bearing case as likely
             as the others, then one of its tumor slices, as nnU-Net picks a case before a
-            foreground voxel: cases with a few small lesions are seen as often as a large mass.
+            foreground voxel: cases with a few small lesions are seen as often as a large mass;
+            ``"stratum"``, every stratum of a stratified split (the manifest's ``stratum`` per
+            case: a CSV's column, a phantom's contrast phase and lesion kind) as likely as the
+            others, then one of its tumor slices: a rare kind of lesion (bright ones in the
+            arterial phase) is seen as often as the commonest.
 
     Returns:
         ``tf.data.Dataset`` of ``(images [B, H, W, C] float32, masks [B, H, W] int32)``.
 
     Example:
         >>> ds = make_dataset("shards/phantom", "train", batch_size=8, seed=0)  # doctest: +SKIP
-        >>> images, masks = next(iter(ds))
+        >>> images, masks = next(iter(ds))  # doctest: +SKIP
     """
     if not isinstance(manifest, Mapping):
         manifest = load_manifest(manifest)
@@ -269,8 +276,8 @@ def make_dataset(
         tumor_slices = sum(sum(1 for t in manifest["cases"][cid]["tumor_pixels"] if t > 0) for cid in mine)
     if crop_size and not 1 <= int(crop_size) <= min(prep.image_size):
         raise ValueError(f"crop_size {crop_size} must be between 1 and the slices' size {min(prep.image_size)}")
-    if tumor_sampling not in ("slice", "case"):
-        raise ValueError(f"tumor_sampling must be 'slice' or 'case', got {tumor_sampling!r}")
+    if tumor_sampling not in TUMOR_SAMPLINGS:
+        raise ValueError(f"tumor_sampling must be 'slice', 'case' or 'stratum', got {tumor_sampling!r}")
     if replicas < 1 or batch_size % replicas:
         raise ValueError(f"batch_size {batch_size} must be a multiple of replicas {replicas}")
     files = tf.data.Dataset.from_tensor_slices(paths)
@@ -321,10 +328,10 @@ def make_dataset(
             # and spares re-reading the whole split for them each time round.
             tumor = tumor.cache()
         tumor = tumor.repeat()
-        if tumor_sampling == "case":
+        if tumor_sampling != "slice":
             my_ids = mine if input_shard is not None else manifest["splits"][split]["cases"]
-            tumor = _one_case_at_a_time(tumor, {cid: manifest["cases"][cid]["tumor_pixels"] for cid in my_ids},
-                                        _offset(seed, 13))
+            weights = tumor_case_weights({cid: manifest["cases"][cid] for cid in my_ids}, tumor_sampling)
+            tumor = _kept_by_case(tumor, weights, _offset(seed, 13))
         streams.append(tumor.shuffle(tumor_buffer, seed=_offset(seed, 7)).batch(n_foreground, drop_remainder=True))
     if n_foreground < batch_size:
         buffer = max(1, min(shuffle_buffer, slices))
@@ -360,23 +367,69 @@ def make_dataset(
     return batches.prefetch(autotune).with_options(options)
 
 
-def _one_case_at_a_time(tumor: tf.data.Dataset, tumor_pixels: Mapping[str, Sequence[int]],
-                        seed: int | None) -> tf.data.Dataset:
-    """Keep each slice of the (repeated) tumor stream with probability 1 / its case's tumor slices.
+def tumor_case_weights(cases: Mapping[str, Mapping[str, Any]], sampling: str) -> dict[str, float]:
+    """How likely each case's tumor slices are to be kept, so that the tumor quota follows ``sampling``.
 
-    Every tumor-bearing case then comes out equally often, whatever the size of its lesions;
-    within a case every tumor slice is as likely as the others. The stream is read about
-    ``tumor slices / tumor cases`` times per slice kept (its slices are in memory: cheap).
+    ``"case"``: each tumor-bearing case equally often (weight ``1 / its tumor slices``);
+    ``"stratum"``: each stratum holding tumor equally often (``1 / the stratum's tumor
+    slices``); within a case or stratum every tumor slice alike. Weights are scaled so that
+    the largest is 1: the rarest group's slices are always kept and the stream is read as
+    little as possible.
+
+    Args:
+        cases: manifest entries (``tumor_pixels`` per slice; ``stratum`` for ``"stratum"``).
+        sampling: ``"case"`` or ``"stratum"``.
+
+    Returns:
+        ``{case_id: keep probability in (0, 1]}`` for the cases with tumor slices.
+
+    Raises:
+        DataError: ``"stratum"`` on cases without a stratum (prepared without ``--stratify``).
+
+    Example:
+        >>> cases = {"a": {"tumor_pixels": [0, 5, 5], "stratum": "portal"},
+        ...          "b": {"tumor_pixels": [9, 9, 9, 9], "stratum": "portal"},
+        ...          "c": {"tumor_pixels": [3], "stratum": "arterial"}}
+        >>> tumor_case_weights(cases, "case")
+        {'a': 0.5, 'b': 0.25, 'c': 1.0}
+        >>> tumor_case_weights(cases, "stratum")
+        {'a': 0.16666666666666666, 'b': 0.16666666666666666, 'c': 1.0}
+    """
+    counts = {cid: sum(1 for pixels in case["tumor_pixels"] if pixels > 0) for cid, case in cases.items()}
+    counts = {cid: n for cid, n in counts.items() if n}
+    if sampling == "case":
+        group = {cid: cid for cid in counts}
+    elif sampling == "stratum":
+        unnamed = sorted(cid for cid in counts if not cases[cid].get("stratum"))
+        if unnamed:
+            raise DataError(f"tumor_sampling = 'stratum' needs a stratum for every case, and {len(unnamed)} tumor-bearing "
+                            f"case(s) have none (e.g. {unnamed[0]}): prepare with --stratify (fit: --set data.stratify=true) "
+                            "from a CSV with a 'stratum' column or a phantom, or use tumor_sampling = 'slice'")
+        group = {cid: str(cases[cid]["stratum"]) for cid in counts}
+    else:
+        raise ValueError(f"tumor_sampling must be 'case' or 'stratum' here, got {sampling!r}")
+    per_group: dict[str, int] = {}
+    for cid, n in counts.items():
+        per_group[group[cid]] = per_group.get(group[cid], 0) + n
+    rarest = min(per_group.values(), default=1)
+    return {cid: rarest / per_group[group[cid]] for cid in counts}
+
+
+def _kept_by_case(tumor: tf.data.Dataset, keep: Mapping[str, float], seed: int | None) -> tf.data.Dataset:
+    """Keep each slice of the (repeated) tumor stream with its case's probability in ``keep``.
+
+    With :func:`tumor_case_weights`, every case (or stratum) then comes out equally often,
+    whatever the size of its lesions. The stream is read ``1 / mean keep`` times per slice
+    kept (its slices are in memory: cheap).
 
     Args:
         tumor: serialized tumor slices, repeated.
-        tumor_pixels: the manifest's tumor pixel count per slice, for each case of the stream.
+        keep: keep probability per case id; other cases are dropped.
         seed: seed of the keep-or-drop draws.
     """
-    counts = {cid: sum(1 for pixels in values if pixels > 0) for cid, values in tumor_pixels.items()}
-    ids = sorted(cid for cid, n in counts.items() if n)
+    ids = sorted(keep)
     table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.constant([1.0 / counts[c] for c in ids], tf.float32)),
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.constant([keep[c] for c in ids], tf.float32)),
         default_value=0.0,
     )
     draws = tf.data.Dataset.random(seed=seed).map(lambda x: tf.cast(x % (1 << 24), tf.float32) / float(1 << 24))

@@ -89,8 +89,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # > 0: train on crop_size x crop_size patches (the tumor quota's around their tumor), as
         # nnU-Net does; validation, checkpoints and everything after see whole slices.
         "crop_size": 0,
-        # How the foreground quota draws its tumour slices: "slice" (each alike) or "case" (each
-        # tumour-bearing case alike, then one of its tumour slices, as nnU-Net picks a case first).
+        # How the foreground quota draws its tumour slices: "slice" (each alike), "case" (each
+        # tumour-bearing case alike, then one of its tumour slices, as nnU-Net picks a case first)
+        # or "stratum" (each stratum of a stratified split alike: data.stratify = true).
         "tumor_sampling": "slice",
     },
     "export": {"enabled": True, "out": "saved_models/livseg", "version": 0, "overwrite": False},

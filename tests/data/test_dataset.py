@@ -1,3 +1,4 @@
+import copy
 import nibabel as nib
 import numpy as np
 import pytest
@@ -260,25 +261,43 @@ def _lesion_case(folder, case_id: str, slices: int, lesion_hu: float) -> None:
     nib.save(nib.Nifti1Image(labels, affine), str(folder / f"segmentation-{case_id}.nii.gz"))
 
 
-@pytest.mark.parametrize("sampling, expected_share_of_the_large_case", [("slice", 24 / 28), ("case", 0.5)])
-def test_tumour_quota_samples_slices_or_cases_alike(tmp_path, sampling, expected_share_of_the_large_case):
+@pytest.fixture(scope="module")
+def three_lesion_cases(tmp_path_factory):
+    """Cases with 24, 12 and 4 tumour slices; the last one's lesion is darker (-100 HU against 0)."""
+    tmp_path = tmp_path_factory.mktemp("three_lesion_cases")
     (tmp_path / "src").mkdir()
-    _lesion_case(tmp_path / "src", "large", 32, lesion_hu=0.0)  # 24 tumour slices
-    _lesion_case(tmp_path / "src", "small", 12, lesion_hu=-100.0)  # 4 tumour slices
+    _lesion_case(tmp_path / "src", "large", 32, lesion_hu=0.0)
+    _lesion_case(tmp_path / "src", "medium", 20, lesion_hu=0.0)
+    _lesion_case(tmp_path / "src", "small", 12, lesion_hu=-100.0)
     prepare_dataset(PrepareOptions(tmp_path / "src", tmp_path / "out", image_size=32, workers=1, progress=False,
                                    split=(1.0, 0.0, 0.0), window=(-200.0, 250.0)))
     manifest = load_manifest(tmp_path / "out")
-    assert sorted(manifest["splits"]["train"]["cases"]) == ["large", "small"]
+    assert sorted(manifest["splits"]["train"]["cases"]) == ["large", "medium", "small"]
+    return manifest
+
+
+@pytest.mark.parametrize("sampling, expected_share_of_the_small_case",
+                         [("slice", 4 / 40), ("case", 1 / 3), ("stratum", 1 / 2)])
+def test_tumour_quota_samples_slices_cases_or_strata_alike(three_lesion_cases, sampling,
+                                                           expected_share_of_the_small_case):
+    manifest = copy.deepcopy(three_lesion_cases)
+    for cid, stratum in (("large", "portal"), ("medium", "portal"), ("small", "arterial")):
+        manifest["cases"][cid]["stratum"] = stratum
     ds = make_dataset(manifest, "train", batch_size=4, augmentation=Augmentation.none(), foreground_fraction=1.0,
                       seed=1, tumor_sampling=sampling)
     prep = manifest["preprocessing"]
     lesion_hu = [float(image[..., 0][mask == 2].mean()) * prep["std"] + prep["mean"]
                  for images, masks in ds.take(150) for image, mask in zip(images.numpy(), masks.numpy())]
-    share = np.mean(np.asarray(lesion_hu) > -50.0)
+    share = np.mean(np.asarray(lesion_hu) < -50.0)
     # 600 draws: the binomial standard error is at most 0.02.
-    assert share == pytest.approx(expected_share_of_the_large_case, abs=0.07)
+    assert share == pytest.approx(expected_share_of_the_small_case, abs=0.07)
+
+
+def test_stratum_sampling_without_strata_says_how_to_stratify(three_lesion_cases):
+    with pytest.raises(DataError, match=r"3 tumor-bearing case\(s\) have none \(e.g. large\): prepare with --stratify"):
+        make_dataset(three_lesion_cases, "train", batch_size=4, tumor_sampling="stratum")
 
 
 def test_an_unknown_tumour_sampling_is_refused(shard_dir):
-    with pytest.raises(ValueError, match="tumor_sampling must be 'slice' or 'case', got 'lesion'"):
+    with pytest.raises(ValueError, match="tumor_sampling must be 'slice', 'case' or 'stratum', got 'lesion'"):
         make_dataset(shard_dir, "train", batch_size=4, tumor_sampling="lesion")

@@ -715,7 +715,7 @@ def test_case_balanced_tumour_sampling_trains_and_a_bad_value_is_one_line(cache_
     assert len(read_history(tmp_path / "cases")) == 1
     assert json.loads((tmp_path / "cases" / "config.json").read_text())["training"]["tumor_sampling"] == "case"
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", "training.tumor_sampling=lesion"])
-    assert code == 2 and "tumor_sampling must be 'slice' or 'case', got 'lesion'" in err and "Traceback" not in err
+    assert code == 2 and "tumor_sampling must be 'slice', 'case' or 'stratum', got 'lesion'" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
