@@ -285,6 +285,8 @@ def render_real_ct(data: dict) -> str:
     demo, sim, lopo = data["demo"]["summary"], data["sim2real"], data["lopo"]
 
     def spread(stat: dict, spec: str = ".3f") -> str:
+        if stat["min"] == stat["max"]:  # one seed: no range to show
+            return f"{stat['mean']:{spec}}"
         return f"{stat['mean']:{spec}} ({stat['min']:{spec}} – {stat['max']:{spec}})"
 
     tumour = _mean_tumour_by_case(sim)
@@ -334,7 +336,7 @@ def render_real_ct(data: dict) -> str:
     for label, ablation in data.get("ablations", {}).items():
         stats = ablation["summary"]
         sets = " ".join(f"`--set {change}`" for change in ablation["set"])
-        rows.append(f"| the demo with {label} ({sets}), seeds 0–{len(ablation['runs']) - 1}: held-out liver Dice / tumour Dice "
+        rows.append(f"| the demo with {label} ({sets}), {_seeds(ablation['runs'])}: held-out liver Dice / tumour Dice "
                     f"per case / tumour Dice global | {spread(stats['liver_dice'])} / {spread(stats['tumor_dice'])} / "
                     f"{spread(stats['tumor_dice_global'])} | | |")
         if "unseen_tumor_dice" in stats:
@@ -346,7 +348,7 @@ def render_real_ct(data: dict) -> str:
             scans = " / ".join(f"{stats['liver_dice_mean']:.3f}" for stats in real["per_case"].values())
             tumours = _mean_tumour_by_case(real)
             rows.append(f"| the demo with {label}: sim-to-real liver Dice, {' / '.join(names.get(c, c) for c in real['per_case'])} "
-                        f"(mean over models){'; tumour Dice, ' + ' / '.join(names.get(c, c) for c in tumours) if tumours else ''} | {scans}"
+                        f"({'one model' if len(real.get('models', ())) == 1 else 'mean over models'}){'; tumour Dice, ' + ' / '.join(names.get(c, c) for c in tumours) if tumours else ''} | {scans}"
                         f"{'; ' + ' / '.join(format(v, '.3f') for v in tumours.values()) if tumours else ''} | | |")
     for case, stats in per_case.items():
         rows.append(
@@ -395,6 +397,20 @@ def render_real_ct(data: dict) -> str:
     return "\n".join([*rows, "", _parts_machine_line(parts, ("fresh", "demo", *(p for p in parts if p.startswith("ablation '")),
                                                             "sim2real", "lopo",
                                                             *(p for p in parts if p.startswith("lopo ablation '"))))])
+
+
+def _seeds(runs: list[dict]) -> str:
+    """``"seeds 0–2"``, ``"seeds 0, 2"`` or ``"seed 0"``: the seeds of an ablation's runs.
+
+    >>> _seeds([{"seed": 0}, {"seed": 1}, {"seed": 2}]), _seeds([{"seed": 0}, {"seed": 2}]), _seeds([{"seed": 1}])
+    ('seeds 0–2', 'seeds 0, 2', 'seed 1')
+    """
+    seeds = sorted(int(run.get("seed", i)) for i, run in enumerate(runs))  # older JSON: seeds 0, 1, ...
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]}–{seeds[-1]}"
+    return "seeds " + ", ".join(map(str, seeds))
 
 
 def _mean_tumour_by_case(sim2real: dict) -> dict[str, float]:

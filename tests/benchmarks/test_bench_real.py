@@ -99,6 +99,15 @@ def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
             "0.700 (0.600 – 0.800) | — | |") in table
     assert ("| the demo with soft Dice: on the same unseen phantom cases, liver Dice / tumour Dice per case / tumour Dice "
             "global | 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) | | |") in table
+    # One seed: its seed named, no range, and "one model" on the real scans.
+    single = {key: {"mean": 0.5, "min": 0.5, "max": 0.5} for key in ("liver_dice", "tumor_dice", "tumor_dice_global")}
+    data["ablations"] = {"pilot": {"set": ["training.epochs=3"], "runs": [{"seed": 2}], "summary": single,
+                                   "machine": other, "sim2real": {"models": ["m"], "cases": cases[:3],
+                                                                  "per_case": per_case}}}
+    table = readme_tables.render_real_ct(data)
+    assert ("| the demo with pilot (`--set training.epochs=3`), seed 2: held-out liver Dice / tumour Dice per case / "
+            "tumour Dice global | 0.500 / 0.500 / 0.500 | | |") in table
+    assert "(3 mm, model-made labels) (one model); tumour Dice" in table
 
 
 def test_the_real_ct_table_shows_the_demo_tumour_dice_by_phase_and_by_lesion_kind():
