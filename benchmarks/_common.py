@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,12 +21,20 @@ DATA = Path(os.environ.get("KERAS_LIVSEG_CACHE", ROOT / ".cache" / "keras_livseg
 
 
 def phantom_volumes(cases: int, size: int = 512, slices: tuple[int, int] = (200, 300), seed: int = 7) -> Path:
-    """A cached folder of LiTS-layout phantom volumes of realistic size."""
-    from keras_livseg.data.phantom import write_phantom_dataset
+    """A cached folder of LiTS-layout phantom volumes of realistic size.
 
+    They are made in a child process. Linux carries a process's peak RSS into the children it
+    starts (``subprocess`` spawns through ``vfork``: the child's ``ru_maxrss`` begins at the
+    parent's high-water mark), so a benchmark that made hundreds of MB of volumes itself would
+    report that much as the starting RSS of every process it then measures.
+    """
     folder = DATA / f"bench-phantom-{cases}x{size}-{slices[0]}-{slices[1]}-s{seed}"
     if not (folder / "phantom.json").is_file():
-        write_phantom_dataset(folder, cases, seed, size=size, slices=slices, overwrite=True)
+        code = ("import sys; from pathlib import Path; from keras_livseg.data.phantom import write_phantom_dataset; "
+                "write_phantom_dataset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), size=int(sys.argv[4]), "
+                "slices=(int(sys.argv[5]), int(sys.argv[6])), overwrite=True)")
+        subprocess.run([sys.executable, "-c", code, str(folder), str(cases), str(seed), str(size), *map(str, slices)],
+                       check=True, cwd=ROOT)
     return folder
 
 
