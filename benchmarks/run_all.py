@@ -48,7 +48,7 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("prepare", "bench_prepare.py", what="prepare against the read floor (nibabel and our ISA-L reader), peak RSS per worker"),
+    Benchmark("prepare", "bench_prepare.py", args=("--repeats", "5"), what="prepare against the read floor (nibabel and our ISA-L reader), peak RSS per worker"),
     Benchmark("scale", "bench_scale.py", what="prepare on Beam against local, 1 and 2 workers; fit on two workers"),
     Benchmark("lits_scale", "bench_lits_scale.py",
               what="prepare on a LiTS-sized phantom (131 volumes, 58,638 slices), local and Beam, 1 and 2 workers (~35 min)"),

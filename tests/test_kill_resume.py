@@ -25,3 +25,20 @@ def test_killed_prepare_and_export_lose_nothing(tmp_path):
     assert rows["prepare"]["kills"] + rows["prepare"]["finished_early"] == 2
     assert rows["export"]["kills"] >= 1 and rows["export"]["half_written_versions"] == []
     assert all(row["error"] is None for row in rows.values())
+
+
+@pytest.mark.slow
+def test_the_fit_that_kill_resume_kills_runs_to_the_end(tmp_path):
+    # --quick leaves fit out (it takes minutes): its uninterrupted reference run must still work
+    # with the default recipe of the day, or the full benchmark fails before its first kill.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kill_resume import FIT_ARGS
+
+    done = subprocess.run([sys.executable, "-m", "keras_livseg.fit", *FIT_ARGS, "--epochs", "1",
+                           "--runs-dir", str(tmp_path / "runs"), "--name", "reference"],
+                          env={**os.environ, "KERAS_LIVSEG_CACHE": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = (tmp_path / "runs" / "reference" / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and history[1].startswith("0,")
+    assert (tmp_path / "runs" / "reference" / "complete.json").is_file()
