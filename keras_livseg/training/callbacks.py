@@ -1,16 +1,18 @@
 """Training callbacks: learning rate in the logs, NaN stop, TensorBoard prediction grids.
 
-The rest of the callback list (TensorBoard, BackupAndRestore) is Keras's own, and its
-ModelCheckpoint, EarlyStopping and CSVLogger with the changes :class:`Checkpoint`,
-:class:`EarlyStopping` and :class:`HistoryLogger` describe (epochs without validation);
-:func:`standard_callbacks` assembles it for a run folder.
+TensorBoard is Keras's own; its ModelCheckpoint, EarlyStopping and CSVLogger come with the
+changes :class:`Checkpoint`, :class:`EarlyStopping` and :class:`HistoryLogger` describe (epochs
+without validation, writes that a kill cannot leave half-done), and :class:`RunBackup` takes
+the place of its BackupAndRestore; :func:`standard_callbacks` assembles them for a run folder.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -250,6 +252,8 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
       (the same weights) that ``predict``, ``evaluate`` and the export read.
     - With ``save_best_only``, an epoch that was not validated (``training.validate_last``)
       is skipped: Keras' own would save it as the best, with a warning, whatever it scored.
+    - The file is written under a temporary name and then renamed: Keras writes the ``.keras``
+      archive in place, so a run killed while saving lost its previous best checkpoint.
     """
 
     def __init__(self, *args, saves: keras.Model | None = None, **kwargs):
@@ -263,6 +267,17 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
         if self.save_best_only and self.monitor not in (logs or {}):
             return
         super().on_epoch_end(epoch, logs)
+
+    def _save_model(self, epoch, batch, logs) -> None:
+        final = Path(self.filepath)
+        partial = final.with_name(f".partial-{final.name}")  # Keras wants the .keras ending
+        self.filepath = str(partial)
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.filepath = str(final)
+        if partial.is_file():
+            os.replace(partial, final)
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
@@ -281,11 +296,21 @@ class HistoryLogger(keras.callbacks.CSVLogger):
     learning rate), in the order a validated epoch would give; when a resumed run appends, the
     file's own header is kept, so that its rows stay under the right columns whichever epoch
     comes first. A missing value is written ``NA``.
+
+    ``epochs_kept``: on a resumed run, the epochs the restored backup holds (:class:`RunBackup`).
+    Rows of later epochs (written before a kill, whose epoch now runs again) and a row cut
+    short by the kill are dropped first, so that every epoch appears once.
     """
 
+    def __init__(self, filename: str, append: bool = False, epochs_kept: int | None = None, **kwargs) -> None:
+        super().__init__(filename, append=append, **kwargs)
+        self.epochs_kept = epochs_kept
+
     def on_train_begin(self, logs: dict | None = None) -> None:
-        super().on_train_begin(logs)
         path = Path(self.filename)
+        if self.append and self.epochs_kept is not None and path.is_file():
+            _keep_history_rows(path, self.epochs_kept, self.sep)
+        super().on_train_begin(logs)
         if self.append and path.is_file():
             with path.open() as handle:
                 header = handle.readline().strip()
@@ -297,6 +322,98 @@ class HistoryLogger(keras.callbacks.CSVLogger):
         if self.keys is None and not any(key.startswith("val_") for key in logs):
             self.keys = sorted([*logs, *(f"val_{key}" for key in logs if key != "learning_rate")])
         super().on_epoch_end(epoch, logs)
+
+
+def _keep_history_rows(path: Path, epochs: int, sep: str = ",") -> None:
+    """Rewrite the CSV history at ``path`` with its whole rows of epochs ``0 .. epochs - 1`` only."""
+    lines = path.read_text().splitlines()
+    if not lines:
+        return
+    width = len(lines[0].split(sep))
+    kept = [lines[0]]
+    for line in lines[1:]:
+        cells = line.split(sep)
+        if len(cells) == width and cells[0].isdigit() and int(cells[0]) < epochs:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    logger.info("history.csv: dropped %d row(s) of epochs the backup does not hold", len(lines) - len(kept))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(partial, path)
+
+
+class RunBackup(keras.callbacks.Callback):
+    """The training state after every epoch, for ``fit --resume``; each write is atomic.
+
+    Takes the place of Keras' ``BackupAndRestore``, which writes its weights file in place and
+    its epoch number in a second file, and deletes both when training ends: a run killed inside
+    the weights write could not resume (an unreadable HDF5 file), one killed between the two
+    writes paired one epoch's weights with the previous epoch's number, and one killed after the
+    deletion, before ``complete.json``, started again at epoch 0. Here each epoch's weights
+    (with the optimizer's state) go to a file of their own, ``epoch-0004.weights.h5``, written
+    under a temporary name and renamed; then ``state.json`` (``{"epoch", "weights"}``),
+    replaced atomically, names it. That replacement is the commit: a run killed at any moment
+    restores the last epoch whose ``state.json`` was written. The folder outlives training;
+    ``fit`` removes it once the run's ``complete.json`` is written.
+
+    Args:
+        folder: the backup folder (``<run>/backup``).
+
+    Example:
+        >>> backup = RunBackup("runs/demo/backup")  # doctest: +SKIP
+        >>> model.fit(data, epochs=10, callbacks=[backup])  # doctest: +SKIP
+        >>> backup.restored_epoch  # epochs already done when this fit began  # doctest: +SKIP
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.restored_epoch = 0
+
+    @classmethod
+    def saved_epochs(cls, folder: str | Path) -> int | None:
+        """The epochs the backup in ``folder`` holds, or None when there is none."""
+        state = cls._state(Path(folder))
+        return None if state is None else int(state["epoch"])
+
+    @classmethod
+    def _state(cls, folder: Path) -> dict | None:
+        path = folder / cls.STATE
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        if not (folder / state["weights"]).is_file():
+            raise FileNotFoundError(f"{path} names {state['weights']}, which is missing: the backup is damaged; "
+                                    "delete the run's backup folder to start the run again from epoch 0")
+        return state
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        state = self._state(self.folder)
+        if state is None:
+            return
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)  # its variables must exist to be loaded
+        self.model.load_weights(self.folder / state["weights"])
+        self.restored_epoch = int(state["epoch"])
+        self.model._initial_epoch = self.restored_epoch  # where Keras' fit starts its epoch loop
+        logger.info("resumed from the backup of epoch %d", self.restored_epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{epoch + 1:04d}.weights.h5"
+        partial = self.folder / f".partial-{name}"  # Keras wants the .weights.h5 ending
+        self.model.save_weights(partial, overwrite=True)
+        os.replace(partial, self.folder / name)
+        state = self.folder / f".{self.STATE}.partial"
+        state.write_text(json.dumps({"epoch": epoch + 1, "weights": name}) + "\n")
+        os.replace(state, self.folder / self.STATE)
+        for old in self.folder.glob("*.weights.h5"):  # earlier epochs and partial files of a killed write
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
 
 def validation_epochs(epochs: int, validate_last: int) -> int | list[int]:
@@ -326,7 +443,7 @@ def standard_callbacks(
     extra: Sequence[keras.callbacks.Callback] = (),
     saves: keras.Model | None = None,
 ) -> tuple[list[keras.callbacks.Callback], NaNStop]:
-    """The run's callbacks, in order: LR logger, NaN stop, extras, checkpoints, backup, CSV, TensorBoard.
+    """The run's callbacks, in order: LR logger, NaN stop, extras, checkpoints, CSV, backup, TensorBoard.
 
     ``monitor=None`` (training without validation): ``best.keras`` is the last epoch, as
     nnU-Net keeps its final checkpoint, and there is no early stopping. ``saves``: the model
@@ -351,8 +468,11 @@ def standard_callbacks(
             )
         )
     callbacks.append(checkpoint(str(checkpoints / "last.keras")))
-    callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch", delete_checkpoint=True))
-    callbacks.append(HistoryLogger(str(run_dir / "history.csv"), append=resume))
+    # The history row before the backup: the backup's commit then always has its epoch's row,
+    # and a resumed run drops the rows of epochs the backup does not hold.
+    kept = (RunBackup.saved_epochs(run_dir / "backup") or 0) if resume else None
+    callbacks.append(HistoryLogger(str(run_dir / "history.csv"), append=resume, epochs_kept=kept))
+    callbacks.append(RunBackup(run_dir / "backup"))
     if early_stopping_patience and monitor is not None:
         callbacks.append(
             EarlyStopping(monitor=monitor, mode="max", patience=int(early_stopping_patience))

@@ -7,8 +7,9 @@ runs everything and returns a :class:`FitResult`.
 A run folder ``runs/<name>/`` holds ``config.json``, ``preprocessing.json`` (with the
 post-processing chosen on the validation volumes after training), ``history.csv``,
 ``tensorboard/``, ``checkpoints/best.keras`` (best ``val_tumor_dice``) and ``last.keras``,
-``backup/`` (``BackupAndRestore``: a killed run continues with ``--resume`` at the right
-epoch and learning-rate step) and ``eval/``.
+``backup/`` (:class:`~keras_livseg.training.callbacks.RunBackup`: a killed run continues with
+``--resume`` at the right epoch and learning-rate step; removed once the run is complete) and
+``eval/``.
 """
 
 from __future__ import annotations
@@ -638,6 +639,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     from keras_livseg.training import multi_worker
     from keras_livseg.training.callbacks import (
         PredictionImages,
+        RunBackup,
         TimeBudget,
         UploadRun,
         pick_tumor_slices,
@@ -794,7 +796,9 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
                 f"of the last finished epoch are intact: start every worker again with --resume --name {config['run']['name'] or run_dir.name}"
             ) from None
         raise
-    epochs_done = len(history.epoch) and history.epoch[-1] + 1
+    # A run killed after its last epoch's backup resumes with no epoch left to run.
+    restored = max((c.restored_epoch for c in callbacks if isinstance(c, RunBackup)), default=0)
+    epochs_done = max(len(history.epoch) and history.epoch[-1] + 1, restored)
     digest = multi_worker.weights_digest(model.get_weights())
     logger.info("%sweights sha256 %s after %d epoch(s)", f"{task.name}: " if task else "", digest, epochs_done)
     stopped_early = (budget is not None and budget.stopped_at is not None) or any(
@@ -852,6 +856,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         partial = run_dir / f".{COMPLETE_FILE}.partial"
         partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
         os.replace(partial, run_dir / COMPLETE_FILE)
+        shutil.rmtree(run_dir / "backup", ignore_errors=True)  # complete: nothing left to resume
     if upload_to:
         storage.upload(run_dir, upload_to, last=(COMPLETE_FILE,))  # the held-out scores, complete.json last
     # The export is the command's last step (keras_livseg.fit), not the training stage's.

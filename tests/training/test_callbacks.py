@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 
 import keras
@@ -13,6 +14,7 @@ from keras_livseg.training.callbacks import (
     Checkpoint,
     EarlyStopping,
     HistoryLogger,
+    RunBackup,
     best_value_in_history,
     validation_epochs,
 )
@@ -103,3 +105,79 @@ def test_history_keeps_val_columns_from_an_unvalidated_first_epoch_and_across_a_
     assert rows(path) == [{"epoch": "0", "learning_rate": "0.01", "loss": "0.9", "val_loss": "NA"},
                           {"epoch": "1", "learning_rate": "0.001", "loss": "0.5", "val_loss": "0.6"}]
     assert best_value_in_history(path, "val_loss") == 0.6  # the NA epoch is skipped, not an error
+
+
+def compiled_model() -> keras.Model:
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_run_backup_restores_the_last_committed_epoch_whatever_a_kill_left(tmp_path):
+    folder = tmp_path / "backup"
+    model = compiled_model()
+    backup = RunBackup(folder)
+    backup.set_model(model)
+    backup.on_train_begin()
+    assert backup.restored_epoch == 0 and RunBackup.saved_epochs(folder) is None  # nothing to restore yet
+    backup.on_epoch_end(0)
+    model.set_weights([w + 1.0 for w in model.get_weights()])
+    model.optimizer.iterations.assign(7)
+    backup.on_epoch_end(1)
+    committed = [w.copy() for w in model.get_weights()]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0002.weights.h5", "state.json"]  # epoch 1's file is gone
+    assert json.loads((folder / "state.json").read_text()) == {"epoch": 2, "weights": "epoch-0002.weights.h5"}
+    # Killed inside epoch 3's weights write, and inside its state write: neither is read.
+    (folder / ".partial-epoch-0003.weights.h5").write_bytes(b"\x89HDF\r\n half a file")
+    (folder / ".state.json.partial").write_text('{"epoch": 3, "wei')
+    assert RunBackup.saved_epochs(folder) == 2
+
+    fresh = compiled_model()
+    restored = RunBackup(folder)
+    restored.set_model(fresh)
+    restored.on_train_begin()
+    assert restored.restored_epoch == 2 and fresh._initial_epoch == 2
+    for got, want in zip(fresh.get_weights(), committed):
+        np.testing.assert_array_equal(got, want)
+    assert int(fresh.optimizer.iterations.numpy()) == 7  # the optimizer's state comes back with the weights
+    restored.on_epoch_end(2)
+    restored.on_train_end()
+    # The next commit clears the dead partial weights; the folder outlives training (fit removes it).
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".h5")) == ["epoch-0003.weights.h5"]
+    assert RunBackup.saved_epochs(folder) == 3
+
+
+def test_a_checkpoint_killed_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
+    best = tmp_path / "best.keras"
+    model = tiny_model()
+    checkpoint = Checkpoint(str(best))
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {})
+    before = best.read_bytes()
+    assert keras.saving.load_model(best).count_params() == model.count_params()
+
+    def dies_halfway(self, filepath, *args, **kwargs):
+        with open(filepath, "wb") as handle:
+            handle.write(b"PK half an archive")
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.Model, "save", dies_halfway)
+        with pytest.raises(RuntimeError, match="killed"):
+            checkpoint.on_epoch_end(1, {})
+    assert best.read_bytes() == before  # Keras' own writes the archive in place: it would be ruined
+    checkpoint.on_epoch_end(2, {})
+    assert keras.saving.load_model(best).count_params() == model.count_params()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras"]  # the dead partial file was written over
+
+
+def test_a_resumed_history_drops_the_rows_the_backup_does_not_hold(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss\n0,0.9\n1,0.7\n2,0.5\n3,0.")  # epoch 2 ran again after the kill; 3 was cut short
+    logger = HistoryLogger(str(path), append=True, epochs_kept=2)
+    logger.set_model(tiny_model())
+    logger.on_train_begin()
+    logger.on_epoch_end(2, {"loss": 0.4})
+    logger.on_train_end()
+    assert rows(path) == [{"epoch": "0", "loss": "0.9"}, {"epoch": "1", "loss": "0.7"}, {"epoch": "2", "loss": "0.4"}]

@@ -469,8 +469,7 @@ def test_killed_run_resumes_at_the_saved_epoch_and_learning_rate_step(tmp_path, 
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and process.poll() is None:
-            history = run_dir / "history.csv"
-            if history.is_file() and len(history.read_text().strip().splitlines()) >= 2:  # header + 1 epoch
+            if (run_dir / "backup" / "state.json").is_file():  # the first epoch's backup is committed
                 break
             time.sleep(0.1)
         assert process.poll() is None, "the run finished (or died) before it could be killed: " + \
@@ -481,9 +480,9 @@ def test_killed_run_resumes_at_the_saved_epoch_and_learning_rate_step(tmp_path, 
         if process.poll() is None:
             process.kill()
             process.wait()
-    done_before = len(read_history(run_dir))
+    done_before = json.loads((run_dir / "backup" / "state.json").read_text())["epoch"]
     assert 1 <= done_before < epochs
-    assert (run_dir / "backup").is_dir()
+    assert len(read_history(run_dir)) >= done_before  # a row may be there for an epoch the backup lacks
 
     resumed = subprocess.run([sys.executable, "-m", "keras_livseg.fit", "--runs-dir", str(tmp_path),
                               "--name", "killed", "--resume", "--epochs", str(epochs), "--no-export"],
@@ -503,6 +502,33 @@ def test_killed_run_resumes_at_the_saved_epoch_and_learning_rate_step(tmp_path, 
     np.testing.assert_allclose(logged, expected, rtol=1e-4)
     assert len(set(np.round(expected, 8))) == epochs  # the schedule tells the epochs apart
     assert (run_dir / "checkpoints" / "last.keras").is_file()
+    assert not (run_dir / "backup").exists()  # complete: nothing left to resume
+
+
+def test_a_run_killed_after_its_last_epoch_finishes_on_resume_without_training_again(cache_dir, tmp_path, monkeypatch):
+    from keras_livseg.training import multi_worker
+
+    def killed(weights):
+        raise KeyboardInterrupt  # as a SIGINT right after the last epoch's backup, before complete.json
+
+    args = [*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "late", "--steps-per-epoch", "3",
+            "--set", "training.score_volumes=false"]
+    with monkeypatch.context() as patch:
+        patch.setattr(multi_worker, "weights_digest", killed)
+        code, _, err = run_cli(args)
+    run_dir = tmp_path / "late"
+    assert code != 0 and "interrupted" in err
+    assert not (run_dir / "complete.json").exists()
+    assert json.loads((run_dir / "backup" / "state.json").read_text())["epoch"] == 2
+    history = (run_dir / "history.csv").read_bytes()
+
+    code, out, err = run_cli([*args, "--resume"])
+    assert code == 0, err[-3000:]
+    # Nothing trained again: Keras' own backup was deleted when training ended, and this started over at epoch 0.
+    assert "Epoch 1/2" not in out and "Epoch 2/2" not in out
+    assert json.loads((run_dir / "complete.json").read_text())["epochs_done"] == 2
+    assert (run_dir / "history.csv").read_bytes() == history
+    assert not (run_dir / "backup").exists()
 
 
 # --- TensorBoard ---------------------------------------------------------------------------------
