@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -15,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a checkout without the package installed
     sys.path.append(str(ROOT))
 import keras_livseg  # noqa: E402,F401  before any script imports TensorFlow: the package's oneDNN default
+from keras_livseg.data.atomic import atomic_write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("KERAS_LIVSEG_CACHE", ROOT / ".cache" / "keras_livseg"))
@@ -129,11 +129,4 @@ def results_dir() -> Path:
 
 def write_json(name: str, payload: dict, results: Path | None = None) -> Path:
     """Write ``payload`` with the machine's description to ``results/<name>.json`` (atomically)."""
-    folder = Path(results or results_dir())
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), **payload}
-    path = folder / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(results or results_dir()) / f"{name}.json", {"machine": machine(), **payload})

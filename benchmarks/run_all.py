@@ -33,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import machine, results_dir  # noqa: E402
+from keras_livseg.data.atomic import atomic_write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     now = machine()
     summary = {"machine": now, "quick": args.quick, "runs": runs, "skipped": skipped,
                "benchmarks": benchmark_index(previous, runs, now)}
-    tmp = path.with_suffix(".json.tmp")  # a half-written record would lose every earlier benchmark's entry
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, summary)  # a half-written record would lose every earlier benchmark's entry
 
     print("\n| benchmark | minutes | result |\n| --- | ---: | --- |")
     for run in runs:

@@ -37,6 +37,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from keras_livseg.data.atomic import atomic_path
 from keras_livseg.data.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -455,10 +456,8 @@ def write_segmentation(labels: np.ndarray, series_folder: str | Path, path: str 
         # highdicom warns about the source's own single-component patient names; they are copied as is.
         warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
         segmentation = _segmentation(hd, sources, masks, descriptions, model_name, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    segmentation.save_as(str(partial))
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        segmentation.save_as(str(partial))
     return path
 
 

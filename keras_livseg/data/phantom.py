@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -83,6 +82,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
+from keras_livseg.data.atomic import atomic_write_json
 from keras_livseg.data.cases import lits_names
 
 logger = logging.getLogger(__name__)
@@ -1471,8 +1471,6 @@ def write_phantom_dataset(
     if slice_counts is not None:
         meta["slice_counts"] = [int(n) for n in slice_counts]
     meta_path = out / "phantom.json"
-    tmp = meta_path.with_name(f".phantom.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)
+    atomic_write_json(meta_path, meta, unique=True)  # several processes may make one cache's phantom
     written.append(meta_path)
     return written

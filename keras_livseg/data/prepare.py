@@ -41,6 +41,7 @@ import numpy as np
 
 from keras_livseg import __version__
 from keras_livseg.data import shards
+from keras_livseg.data.atomic import atomic_write_json
 from keras_livseg.data.preprocessing import (
     BodyStatistics,
     ForegroundStatistics,
@@ -464,14 +465,8 @@ def process_case(files: CaseFiles, options: PrepareOptions, work_dir: Path) -> d
             "histogram": stats.histogram.tolist(),
         },
     }
-    _write_json_atomic(work_dir / f"{files.case_id}.json", summary)
+    atomic_write_json(work_dir / f"{files.case_id}.json", summary, sort_keys=True)
     return summary
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    temporary.replace(path)
 
 
 def _worker(arguments: tuple[CaseFiles, PrepareOptions, Path]) -> tuple[str, dict | None, str | None]:
@@ -769,7 +764,7 @@ def start_run(options: PrepareOptions) -> tuple[Path, list[CaseFiles], dict[str,
 
 def finish_run(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest last, atomically, then drop the per-case work files."""
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    atomic_write_json(out / MANIFEST_NAME, manifest, sort_keys=True)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     manifest["_dir"] = str(out)  # as load_manifest sets it; not part of the file
     info = manifest["splits"]

@@ -807,14 +807,9 @@ def write_preprocessing_json(path, prep: Preprocessing, **metadata: Any) -> None
     ``fit`` writes ``<run>/preprocessing.json`` beside ``checkpoints/``; the export copies it
     into the SavedModel's ``assets.extra/``. ``predict`` finds it with :func:`find_preprocessing_json`.
     """
-    import json
-    from pathlib import Path
+    from keras_livseg.data.atomic import atomic_write_json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps({"preprocessing": prep.to_dict(), **metadata}, indent=1, sort_keys=True) + "\n")
-    temporary.replace(path)
+    atomic_write_json(path, {"preprocessing": prep.to_dict(), **metadata}, sort_keys=True)
 
 
 def read_preprocessing_json(path) -> tuple[Preprocessing, dict[str, Any]]:

@@ -34,6 +34,8 @@ from typing import BinaryIO, Mapping, Sequence
 import google_crc32c
 import numpy as np
 
+from keras_livseg.data.atomic import partial_path
+
 IMAGE_DTYPE = np.float16
 MASK_DTYPE = np.uint8
 
@@ -125,7 +127,7 @@ class _HashedFile:
 class TFRecordWriter:
     """Append records to a TFRecord file (optionally GZIP), under a temporary name until closed.
 
-    The file is written as ``.<name>.partial`` and renamed on :meth:`close`, so an interrupted
+    The file is written as ``.partial-<name>`` (:func:`~keras_livseg.data.atomic.partial_path`) and renamed on :meth:`close`, so an interrupted
     run never leaves a shard that looks finished. :attr:`sha256` is the file's SHA-256, kept
     while writing (no second reading of the file) unless ``digest=False``.
 
@@ -136,7 +138,7 @@ class TFRecordWriter:
 
     def __init__(self, path: str | Path, compression: str | None = None, digest: bool = True) -> None:
         self.path = Path(path)
-        self.temporary = self.path.with_name(f".{self.path.name}.partial")
+        self.temporary = partial_path(self.path)
         self.compression = compression
         self._raw: BinaryIO = open(self.temporary, "wb")
         self._hashed = _HashedFile(self._raw, digest)

@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from keras_livseg.data.atomic import atomic_path, atomic_write_json
 from keras_livseg.data.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -117,12 +118,7 @@ def _load_state(folder: Path) -> dict[str, list[int]]:
 
 
 def _save_state(folder: Path, state: dict[str, list[int]]) -> None:
-    import json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f"{_STATE}.partial"
-    partial.write_text(json.dumps(state, sort_keys=True))
-    partial.replace(folder / _STATE)
+    atomic_write_json(folder / _STATE, state, sort_keys=True)
 
 
 def _stamp(path: Path) -> list[int]:
@@ -168,14 +164,11 @@ def download(url: str) -> Path:
         size = int(info.get("size") or 0)
         if target.is_file() and target.stat().st_size == size and (base is None or state.get(relative) == _stamp(target)):
             continue  # fetched before and untouched since
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
         try:
-            fs.get_file(key, str(partial))
+            with atomic_path(target) as partial:
+                fs.get_file(key, str(partial))
         except Exception as error:
-            partial.unlink(missing_ok=True)
             raise _unreachable(url, error) from None
-        partial.replace(target)
         if base is not None:
             state[relative] = _stamp(target)
         fetched += 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import logging
-import os
 import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -36,6 +35,7 @@ except ImportError:  # pragma: no cover - a platform without its wheel falls bac
     IsalError = zlib.error
 
 # Discovery and file names live in cases.py; re-exported here because every stage reads both.
+from keras_livseg.data.atomic import atomic_path
 from keras_livseg.data.cases import CaseFiles, discover_cases  # noqa: F401
 from keras_livseg.data.errors import DataError  # noqa: F401
 from keras_livseg.data.labels import NUM_CLASSES  # noqa: F401
@@ -485,8 +485,7 @@ def write_nifti(image: nib.Nifti1Image, path: str | Path, *, reproducible: bool 
     """
     path = Path(path)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    temporary = path.with_name(f".{path.name[: -len(suffix)]}.partial-{os.getpid()}{suffix}")
-    try:
+    with atomic_path(path, unique=True) as temporary:
         if suffix == ".nii.gz":
             # gzip's header would otherwise hold the temporary's name (with this process's id) and the time.
             fast = igzip is not None and not reproducible
@@ -497,9 +496,6 @@ def write_nifti(image: nib.Nifti1Image, path: str | Path, *, reproducible: bool 
                 image.to_file_map({"image": nib.FileHolder(filename=str(temporary), fileobj=handle)})
         else:
             nib.save(image, str(temporary))
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from keras_livseg.data.atomic import atomic_path
 from keras_livseg.data.labels import LIVER_MIN_LABEL, TUMOR_LABEL
 
 logger = logging.getLogger(__name__)
@@ -49,10 +50,8 @@ def _pyplot():
 
 
 def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.partial.png")
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
-    temporary.replace(path)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=110, bbox_inches="tight")
     return path
 
 

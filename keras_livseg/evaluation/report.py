@@ -62,6 +62,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text
 from keras_livseg.data.cases import discover_cases
 from keras_livseg.data.labels import CLASS_NAMES
 from keras_livseg.data.volumes import (
@@ -451,24 +452,16 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
 def write_per_case_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """One row per case; NaN written as an empty cell."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    temporary = path.with_name(f".{path.name}.partial")
-    with temporary.open("w", newline="") as handle:
+    with atomic_path(path) as partial, partial.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-    temporary.replace(path)
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -790,8 +783,8 @@ def evaluate_folders(
     summary = _json_ready(summary)
     write_per_case_csv(out_dir / "per_case.csv", rows)
     write_per_case_csv(out_dir / "per_lesion.csv", lesion_rows)
-    _write_text(out_dir / "metrics.json", json.dumps(summary, indent=1) + "\n")
-    _write_text(out_dir / "report.md", render_report(summary, compare_entries))
+    atomic_write_json(out_dir / "metrics.json", summary)
+    atomic_write_text(out_dir / "report.md", render_report(summary, compare_entries))
     logger.info("wrote %s, %s, %s", out_dir / "metrics.json", out_dir / "per_case.csv", out_dir / "report.md")
     return summary
 

@@ -20,6 +20,8 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, partial_path
+
 logger = logging.getLogger(__name__)
 
 # RGBA overlay colours: liver green, tumor red.
@@ -269,13 +271,13 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
         super().on_epoch_end(epoch, logs)
 
     def _save_model(self, epoch, batch, logs) -> None:
-        final = Path(self.filepath)
-        partial = final.with_name(f".partial-{final.name}")  # Keras wants the .keras ending
+        final = self.filepath
+        partial = partial_path(final)  # Keras saves to self.filepath; not every epoch is saved
         self.filepath = str(partial)
         try:
             super()._save_model(epoch, batch, logs)
         finally:
-            self.filepath = str(final)
+            self.filepath = final
         if partial.is_file():
             os.replace(partial, final)
 
@@ -338,9 +340,7 @@ def _keep_history_rows(path: Path, epochs: int, sep: str = ",") -> None:
     if len(kept) == len(lines):
         return
     logger.info("history.csv: dropped %d row(s) of epochs the backup does not hold", len(lines) - len(kept))
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(partial, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 class RunBackup(keras.callbacks.Callback):
@@ -405,12 +405,9 @@ class RunBackup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"epoch-{epoch + 1:04d}.weights.h5"
-        partial = self.folder / f".partial-{name}"  # Keras wants the .weights.h5 ending
-        self.model.save_weights(partial, overwrite=True)
-        os.replace(partial, self.folder / name)
-        state = self.folder / f".{self.STATE}.partial"
-        state.write_text(json.dumps({"epoch": epoch + 1, "weights": name}) + "\n")
-        os.replace(state, self.folder / self.STATE)
+        with atomic_path(self.folder / name) as partial:
+            self.model.save_weights(partial, overwrite=True)
+        atomic_write_json(self.folder / self.STATE, {"epoch": epoch + 1, "weights": name})  # the commit
         for old in self.folder.glob("*.weights.h5"):  # earlier epochs and partial files of a killed write
             if old.name != name:
                 old.unlink(missing_ok=True)

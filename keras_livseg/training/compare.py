@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 #: Settings every model of a comparison must share (sections of config.json).
@@ -169,7 +171,7 @@ def run_comparison(
             if result.stopped_on_nan is not None:
                 raise ValueError(f"{run_dir}: the loss became NaN; lower the learning rate "
                                  f"(--set model.{model}... or training.learning_rate) and rerun the same command")
-            _write_json(run_dir / "wall.json", {"seconds": time.perf_counter() - started})
+            atomic_write_json(run_dir / "wall.json", {"seconds": time.perf_counter() - started}, sort_keys=True)
         run_dirs.append(run_dir)
     summary = compare_runs(run_dirs, out_dir, measure_speed=measure_speed,
                            budget=_budget(config["training"]), labels=[f"{m}" for m in models for _ in seeds])
@@ -206,12 +208,6 @@ def _budget(training: Mapping[str, Any]) -> str:
     if minutes > 0:
         budget = f"at most {budget}, each run stopped after the first epoch that ended past {minutes:g} min"
     return budget
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(partial, path)
 
 
 @dataclasses.dataclass
@@ -396,17 +392,14 @@ def compare_runs(
     from keras_livseg.evaluation.report import _json_ready
 
     summary = _json_ready(summary)
-    with (out_dir / ".per_case.csv.partial").open("w", newline="") as handle:
+    with atomic_path(out_dir / "per_case.csv") as partial, partial.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["model", "seed", "case_id", "liver_dice", "tumor_dice"])
         for run in runs:
             for row in run.rows:
                 writer.writerow([run.label, run.seed, row["case_id"], row.get("liver_dice"), row.get("tumor_dice")])
-    os.replace(out_dir / ".per_case.csv.partial", out_dir / "per_case.csv")
-    report = render_comparison(summary)
-    (out_dir / ".report.md.partial").write_text(report)
-    os.replace(out_dir / ".report.md.partial", out_dir / "report.md")
-    _write_json(out_dir / "compare.json", summary)  # last: its presence means the comparison is whole
+    atomic_write_text(out_dir / "report.md", render_comparison(summary))
+    atomic_write_json(out_dir / "compare.json", summary, sort_keys=True, default=str)  # last: its presence means the comparison is whole
     logger.info("wrote %s", out_dir / "report.md")
     return summary
 

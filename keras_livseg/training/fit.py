@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from keras_livseg.data import storage
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -307,10 +308,7 @@ def ensure_source(config: dict) -> Path:
     text = "image,label,case_id,patient,stratum\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
     path = _cache_root() / f"mixed-{_digest(text)}.csv"
     if not path.is_file():  # unchanged content keeps its time stamp, so the shard cache holds
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text)
-        partial.replace(path)
+        atomic_write_text(path, text)
     return path
 
 
@@ -571,9 +569,7 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str,
 
     policy = apply_precision(training["precision"], probe=fastest_cpu_policy)
     config["training"]["resolved_precision"] = policy
-    partial = run_dir / ".config.json.partial"
-    partial.write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(partial, run_dir / "config.json")
+    atomic_write_json(run_dir / "config.json", config, sort_keys=True, default=str)
     from keras_livseg.data.augment import Augmentation
 
     write_preprocessing_json(run_dir / "preprocessing.json", prep, model=config["model"]["name"],
@@ -813,9 +809,8 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         # Stopped (time budget, early stop) before its first validated epoch (training.validate_last).
         logger.warning("no epoch of this run was validated (training.validate_last=%s; %d epoch(s) done): "
                        "best.keras is the last epoch", training["validate_last"], epochs_done)
-        partial = best.with_name(f".{best.name}.partial")
-        shutil.copy2(last, partial)
-        partial.replace(best)
+        with atomic_path(best) as partial:
+            shutil.copy2(last, partial)
     if best.is_file():
         model.load_weights(best)
     if chief and best.is_file() and has_val and bool(training["choose_postprocessing"]):
@@ -853,9 +848,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         record = {"epochs_done": epochs_done, "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
                   "test_metrics": test_metrics, "volume_metrics": volume_metrics, "stopped_early": bool(stopped_early),
                   "weights_sha256": digest, "workers": task.num_workers if task else 1}
-        partial = run_dir / f".{COMPLETE_FILE}.partial"
-        partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-        os.replace(partial, run_dir / COMPLETE_FILE)
+        atomic_write_json(run_dir / COMPLETE_FILE, record, sort_keys=True, default=str)
         shutil.rmtree(run_dir / "backup", ignore_errors=True)  # complete: nothing left to resume
     if upload_to:
         storage.upload(run_dir, upload_to, last=(COMPLETE_FILE,))  # the held-out scores, complete.json last

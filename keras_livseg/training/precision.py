@@ -16,13 +16,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import keras
 import numpy as np
+
+from keras_livseg.data.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +172,7 @@ def choose_cpu_policy(
     policy = "mixed_bfloat16" if bfloat16_s <= margin * float32_s else "float32"
     cache[digest] = {"key": full_key, "float32_s": float32_s, "mixed_bfloat16_s": bfloat16_s, "policy": policy,
                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-    partial.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, cache_file)
+    atomic_write_json(cache_file, cache, sort_keys=True, unique=True)  # workers may measure at once
     logger.info("precision auto: a train step takes %.3f s in float32 and %.3f s in bfloat16 on this CPU: %s",
                 float32_s, bfloat16_s, policy)
     return policy

@@ -223,7 +223,7 @@ def test_written_files_round_trip(tmp_path):
     assert volume.header["sform_code"] == 1 and volume.header["qform_code"] == 1
     meta = json.loads((tmp_path / "phantom.json").read_text())
     assert [c["volume"] for c in meta["cases"]] == ["volume-0.nii.gz", "volume-1.nii.gz"]
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
 def test_lits_slice_counts_have_lits_total_range_and_index_groups():

@@ -14,7 +14,7 @@ def test_tensorflow_reads_what_we_write(tmp_path, compression):
     with shards.TFRecordWriter(path, compression) as writer:
         for k in range(3):
             writer.write(shards.slice_example(image + k, mask, "case-7", k, -12.5, 80.0))
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(tmp_path.glob(".partial-*"))
     from keras_livseg.data.dataset import FEATURE_SPEC
 
     records = list(tf.data.TFRecordDataset(str(path), compression_type=compression or ""))

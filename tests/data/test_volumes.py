@@ -293,14 +293,14 @@ def test_one_image_written_twice_is_the_same_bytes(tmp_path, monkeypatch, deflat
     """The gzip header holds no name (the temporary's carries the process id) and no time."""
     import gzip
 
-    from keras_livseg.data import volumes
+    from keras_livseg.data import atomic, volumes
 
     if deflate == "zlib":
         monkeypatch.setattr(volumes, "igzip", None)
     image = nib.Nifti1Image((np.arange(8 * 6 * 3) % 3).astype(np.uint8).reshape(8, 6, 3), np.eye(4))
     (tmp_path / "first").mkdir()
     first = volumes.write_nifti(image, tmp_path / "first" / "segmentation-1.nii.gz")
-    monkeypatch.setattr(volumes.os, "getpid", lambda: 4242)  # another process
+    monkeypatch.setattr(atomic.os, "getpid", lambda: 4242)  # another process: another temporary name
     monkeypatch.setattr(gzip.time, "time", lambda: 2_000_000_000.0)  # another second
     second = volumes.write_nifti(image, tmp_path / "segmentation-1.nii.gz")
     assert first.read_bytes() == second.read_bytes()

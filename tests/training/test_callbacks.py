@@ -130,7 +130,7 @@ def test_run_backup_restores_the_last_committed_epoch_whatever_a_kill_left(tmp_p
     assert json.loads((folder / "state.json").read_text()) == {"epoch": 2, "weights": "epoch-0002.weights.h5"}
     # Killed inside epoch 3's weights write, and inside its state write: neither is read.
     (folder / ".partial-epoch-0003.weights.h5").write_bytes(b"\x89HDF\r\n half a file")
-    (folder / ".state.json.partial").write_text('{"epoch": 3, "wei')
+    (folder / ".partial-state.json").write_text('{"epoch": 3, "wei')
     assert RunBackup.saved_epochs(folder) == 2
 
     fresh = compiled_model()
