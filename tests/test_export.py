@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_livseg
 from keras_livseg import export as export_cli
 from keras_livseg.data.preprocessing import (
     Preprocessing,
@@ -133,7 +134,8 @@ def test_export_records_preprocessing_in_assets_extra(exported):
     assert metadata["classes"] == ["background", "liver", "tumor"]
     assert metadata["input_name"] == "ct_slices"
     assert metadata["output_names"] == ["probabilities", "mask"]
-    assert metadata["model_name"] == "unet" and metadata["keras_livseg_version"]
+    assert metadata["model_name"] == "unet" and metadata["keras_livseg_version"] == keras_livseg.__version__
+    assert metadata["keras_version"] == keras.__version__ and metadata["tensorflow_version"] == tf.__version__
     assert (version_dir / "saved_model.pb").is_file()
 
 

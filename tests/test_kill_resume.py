@@ -23,7 +23,9 @@ def test_killed_prepare_and_export_lose_nothing(tmp_path):
     assert set(rows) == {"prepare", "export"}
     assert rows["prepare"]["bytes_lost"] == 0 and rows["prepare"]["differing_files"] == []
     assert rows["prepare"]["kills"] + rows["prepare"]["finished_early"] == 2
-    assert rows["export"]["kills"] >= 1 and rows["export"]["half_written_versions"] == []
+    # Kill times are drawn against one uninterrupted run: under load a kill may come after the end.
+    assert rows["export"]["kills"] + rows["export"]["finished_early"] == 2
+    assert rows["export"]["half_written_versions"] == [] and rows["export"]["bytes_lost"] == 0
     assert all(row["error"] is None for row in rows.values())
 
 

@@ -948,7 +948,7 @@ def test_context_slices_lie_context_mm_apart_on_both_prediction_paths(tmp_path):
     stacks.clear()
     predict_volume(SegmentationModel(Path("f.keras"), "keras", adjacent, forward, 3, "f"), case, batch_size=5,
                    postprocess=None, progress=False)
-    assert stacks[4] == [30.0, 40.0, 50.0]
+    assert stacks == [[10.0 * max(k - 1, 0), 10.0 * k, 10.0 * min(k + 1, 11)] for k in range(12)]  # edges repeated
 
 
 def test_an_ensemble_refuses_members_with_context_slices_at_different_distances():

@@ -137,7 +137,9 @@ def test_tiny_fit_beats_chance_and_fills_the_run_folder(tiny_run):
     for part in ("train", "validation", "images"):
         assert list((run_dir / "tensorboard" / part).glob("events.out.tfevents.*")), part
     prep = json.loads((run_dir / "preprocessing.json").read_text())
-    assert "window" in json.dumps(prep) and "tam_unet" in json.dumps(prep)
+    assert prep["model"] == "tam_unet"
+    assert {k: prep["preprocessing"][k] for k in ("window", "image_size", "context", "normalization")} == {
+        "window": [-200.0, 250.0], "image_size": [32, 32], "context": 1, "normalization": "foreground"}  # TINY_RECIPE's
     assert prep["tta_flips"] == []  # trained without flips: test-time augmentation must not mirror it
     # The minimum lesion size was chosen on the validation volumes, every candidate scored.
     chosen = prep["postprocessing"]
@@ -466,16 +468,17 @@ def test_killed_run_resumes_at_the_saved_epoch_and_learning_rate_step(tmp_path, 
     env = {**os.environ, "KERAS_LIVSEG_CACHE": str(cache_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    committed = run_dir / "backup" / "state.json"  # the first epoch's backup
     try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and process.poll() is None:
-            if (run_dir / "backup" / "state.json").is_file():  # the first epoch's backup is committed
-                break
+        deadline = time.monotonic() + 600  # a loaded machine may take minutes to its first epoch
+        while time.monotonic() < deadline and process.poll() is None and not committed.is_file():
             time.sleep(0.1)
-        assert process.poll() is None, "the run finished (or died) before it could be killed: " + \
-            process.stdout.read().decode()[-2000:]
+        alive = process.poll() is None
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
+        output = process.stdout.read().decode()[-2000:]
+        assert alive, "the run finished (or died) before it could be killed: " + output
+        assert committed.is_file(), "no epoch was committed within 600 s: " + output
     finally:
         if process.poll() is None:
             process.kill()
@@ -1009,7 +1012,9 @@ def test_resume_of_a_finished_run_says_so_and_exits_zero(tiny_run):
     code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(run_dir.parent), "--name", run_dir.name, "--resume"])
     assert code == 0, err[-2000:]
     assert f"{run_dir} had already finished its 2 epochs: nothing to do" in out
-    assert "liver" in out  # the held-out figures of the finished run are shown again
+    metrics = json.loads((run_dir / "eval" / "test_metrics.json").read_text())
+    # The held-out figures of the finished run are shown again.
+    assert f"Dice: liver {metrics['liver_dice']:.4f}, tumor {metrics['tumor_dice']:.4f}" in out
     assert {p: p.read_bytes() for p in files} == files
 
 

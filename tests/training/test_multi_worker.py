@@ -232,7 +232,12 @@ def _start(tmp_path: Path, extra: list[list[str]]) -> list[subprocess.Popen]:
         offsets = [(tmp_path / f"worker{i}.log").stat().st_size if (tmp_path / f"worker{i}.log").exists() else 0
                    for i in range(2)]
         processes = _launch(tmp_path, [multi_worker.free_loopback_port(), multi_worker.free_loopback_port()], extra)
-        time.sleep(3)  # the gRPC servers bind at start-up
+        # Wait until both have formed the cluster (their servers bound: the strategy line) or one ended.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and all(p.poll() is None for p in processes) and not all(
+                "strategy:" in (tmp_path / f"worker{i}.log").read_bytes()[offsets[i]:].decode(errors="replace")
+                for i in range(2)):
+            time.sleep(0.2)
         if not (any(p.poll() is not None for p in processes) and _port_lost(tmp_path, offsets)):
             return processes
         for process in processes:
@@ -278,9 +283,11 @@ def test_two_workers_train_one_model_resume_after_a_worker_is_killed_and_only_th
     chief_pids = [processes[0].pid]
     history = tmp_path / "runs" / "mw" / "history.csv"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 3):
+    two_epochs = lambda: history.is_file() and len(history.read_text().splitlines()) >= 3  # noqa: E731
+    while time.monotonic() < deadline and not two_epochs():
         assert all(p.poll() is None for p in processes), _log_tail(tmp_path)
         time.sleep(0.2)
+    assert two_epochs(), "two epochs did not finish within 300 s:\n" + _log_tail(tmp_path)
     processes[1].kill()  # SIGKILL: the worker dies mid-epoch 3
     processes[1].wait()
     # The chief finds its peer gone at its next collective and stops with one line.

@@ -63,7 +63,8 @@ def test_no_warmup_starts_at_peak():
     assert lr(schedule, 0) == pytest.approx(MAX_LR, rel=1e-6)
     assert lr(schedule, TOTAL) == pytest.approx(MINIMUM, rel=1e-4)
     single = OneCycle(MAX_LR, 1)
-    assert math.isfinite(lr(single, 0)) and lr(single, 1) == pytest.approx(MINIMUM, rel=1e-4)
+    # One step: the warm-up ends 0.3 steps in, so step 0 is still at the initial rate.
+    assert lr(single, 0) == pytest.approx(INITIAL, rel=1e-6) and lr(single, 1) == pytest.approx(MINIMUM, rel=1e-4)
 
 
 def test_custom_divisors():
