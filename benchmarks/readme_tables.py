@@ -197,8 +197,21 @@ def render_fit_loop(data: dict) -> str:
         f"| TFRecord shards with augmentation, oversampling and all metrics | {data['shards_steps_per_s']:.2f} | "
         f"{data['shards_steps_per_s'] * batch:.1f} | **{ratio:.2f}** {_mark(ratio >= 0.9)} |",
     ]
+    patches = data.get("patches")
+    if patches:
+        crop, patch_ratio = patches["crop"], patches["ratio"]
+        rows += [
+            f"| {crop}×{crop} patches (as the demo trains), in-memory random tensors, no metrics | "
+            f"{patches['in_memory_steps_per_s']:.2f} | {patches['in_memory_steps_per_s'] * batch:.1f} | 1.00 |",
+            f"| {crop}×{crop} patches from the shards: the recipe's augmentation, tumour sampling, optimizer and loss, all metrics | "
+            f"{patches['shards_steps_per_s']:.2f} | {patches['shards_steps_per_s'] * batch:.1f} | "
+            f"**{patch_ratio:.2f}** {_mark(patch_ratio >= 0.9)} |",
+        ]
     shape = "×".join(map(str, data.get("input", ())))
     head = f"The demo's model ({data.get('model', 'tam_unet')}, {shape}) and data, batch {batch}, {data['policy']}."
+    if patches:
+        head += (f" Patch rows: best of {patches['rounds']} alternating rounds of {patches['steps']} steps, "
+                 "the any-size twin that fit trains.")
     return "\n".join([head, "", *rows, "", _machine_line(data)])
 
 
