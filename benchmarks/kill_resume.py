@@ -167,16 +167,19 @@ def kill_export(work: Path, kills: int, rng: random.Random) -> dict:
     base = work / "saved"
     argv = ["-m", "keras_livseg.export", "--model", str(model), "--out", str(base)]
     seconds = _timed([*argv, "--version", "1"], _env(work), work)
-    half_written, killed = [], 0
+    half_written, killed, finished, error = [], 0, 0, None
     for attempt in range(kills):
         outcome = _run([*argv, "--version", str(attempt + 2)], _env(work), work, rng.uniform(seconds * 0.3, seconds))
         killed += outcome == "killed"
+        finished += outcome == "finished"
+        if outcome.startswith("failed"):  # an export that fails on its own is an error, not an early finish
+            error = error or f"export --version {attempt + 2}: {outcome}"
         for version in (p for p in base.iterdir() if p.is_dir() and p.name.isdigit()):
             complete = (version / "saved_model.pb").is_file() and (version / "assets.extra" / "preprocessing.json").is_file()
             if not complete:
                 half_written.append(version.name)
     hidden = [p.name for p in base.iterdir() if p.name.startswith(".")]
-    return {"command": "export", "kills": killed, "finished_early": kills - killed, "error": None,
+    return {"command": "export", "kills": killed, "finished_early": finished, "error": error,
             "seconds_uninterrupted": round(seconds, 1), "half_written_versions": sorted(set(half_written)),
             "hidden_partials_left": len(hidden), "bytes_lost": 0 if not half_written else -1}
 

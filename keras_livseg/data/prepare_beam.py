@@ -94,7 +94,8 @@ class _Progress:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _count(self) -> int:
-        return sum(1 for p in self.work_dir.glob("*.json") if p.name != _FAILED)
+        # Hidden names are writes in progress (or left by a killed worker): not finished cases.
+        return sum(1 for p in self.work_dir.glob("*.json") if p.name != _FAILED and not p.name.startswith("."))
 
     def _run(self) -> None:
         from tqdm import tqdm

@@ -164,11 +164,11 @@ def download(url: str) -> Path:
         size = int(info.get("size") or 0)
         if target.is_file() and target.stat().st_size == size and (base is None or state.get(relative) == _stamp(target)):
             continue  # fetched before and untouched since
-        try:
-            with atomic_path(target) as partial:
+        with atomic_path(target) as partial:
+            try:
                 fs.get_file(key, str(partial))
-        except Exception as error:
-            raise _unreachable(url, error) from None
+            except Exception as error:  # only the transfer: local disk errors say what they are
+                raise _unreachable(url, error) from None
         if base is not None:
             state[relative] = _stamp(target)
         fetched += 1

@@ -273,6 +273,7 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch, batch, logs) -> None:
         final = self.filepath
         partial = partial_path(final)  # Keras saves to self.filepath; not every epoch is saved
+        partial.unlink(missing_ok=True)  # a half file of a killed save must not be renamed in later
         self.filepath = str(partial)
         try:
             super()._save_model(epoch, batch, logs)

@@ -129,3 +129,11 @@ def test_a_stratified_split_is_the_local_engines(lits_dir, tmp_path):
     assert beam["split"] == local["split"] and beam["split"]["strata"]["test"] == {"A": 1, "B": 2}
     assert {c: r["stratum"] for c, r in beam["cases"].items()} == {c: r["stratum"] for c, r in local["cases"].items()}
     assert beam["splits"] == local["splits"]
+
+
+def test_the_progress_counts_finished_cases_only(tmp_path):
+    from keras_livseg.data.prepare_beam import _FAILED, _Progress
+
+    for name in ("case-1.json", "case-2.json", ".partial-case-3.json", _FAILED):  # a write in progress, a failure
+        (tmp_path / name).write_text("{}")
+    assert _Progress(tmp_path, done_before=0, total=4, enabled=False)._count() == 2

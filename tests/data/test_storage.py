@@ -7,6 +7,7 @@ stopped after them; nothing of our own is mocked.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import urllib.request
@@ -100,6 +101,32 @@ def test_upload_and_download_mirror_a_folder_with_markers_last(s3, tmp_path, mon
     assert sorted(fs.find(url.replace("s3://", ""))) == ["shards/run/a.tfrecord", "shards/run/manifest.json"]
     local = storage.download(url)
     assert local == storage.mirror_path(url) and _tree(local) == _tree(folder)
+
+
+def test_a_transfer_that_fails_leaves_no_file_and_a_local_error_says_what_it_is(s3, tmp_path, monkeypatch):
+    url = s3("bkt") + "/run"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "a.tfrecord").write_bytes(b"a" * 10)
+    storage.upload(folder, url)
+    fs, _ = storage.filesystem(url)
+
+    def cut(rpath, lpath, **kwargs):
+        Path(lpath).write_bytes(b"a" * 3)  # part of the object, then the connection drops
+        raise ConnectionResetError("connection reset by peer")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fs, "get_file", cut)
+        with pytest.raises(storage.DataError, match="cannot reach .*ConnectionResetError"):
+            storage.download(url)
+    mirror = storage.mirror_path(url)
+    assert not [p for p in mirror.rglob("*") if p.is_file() and p.name != ".synced.json"]  # no half object
+    # A local disk problem is not blamed on the storage: here a file stands where the mirror's folder goes.
+    shutil.rmtree(mirror)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    mirror.write_text("in the way")
+    with pytest.raises(OSError):
+        storage.download(url)
 
 
 def test_a_finished_result_in_the_bucket_is_pulled_into_the_mirror(s3, tmp_path):

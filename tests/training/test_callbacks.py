@@ -172,6 +172,19 @@ def test_a_checkpoint_killed_while_saving_keeps_the_previous_file(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras"]  # the dead partial file was written over
 
 
+def test_a_half_file_of_a_killed_save_never_replaces_the_best_checkpoint(tmp_path):
+    best = tmp_path / "best.keras"
+    model = tiny_model()
+    checkpoint = Checkpoint(str(best), monitor="val_loss", save_best_only=True)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_loss": 1.0})
+    before = best.read_bytes()
+    (tmp_path / ".partial-best.keras").write_bytes(b"PK half an archive")  # a run killed while saving
+    checkpoint.on_epoch_end(1, {"val_loss": 2.0})  # not better: Keras saves nothing
+    assert best.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras"]
+
+
 def test_a_resumed_history_drops_the_rows_the_backup_does_not_hold(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,0.9\n1,0.7\n2,0.5\n3,0.")  # epoch 2 ran again after the kill; 3 was cut short

@@ -167,7 +167,7 @@ def test_compare_writes_the_tables_with_the_computed_numbers(tiny_comparison):
     tam_extra = sum(c * c + c for c in (4, 8, 4, 8, 16))
     unet, tam = summary["models"]
     # By hand, U-Net base 4, depth 2, one input channel: encoder 188 + 880, bottom 3,488, decoder
-    # (transposed 2x2 convolution, then two 3x3) 2,264 + 572, head 15.
+    # (upsampling and a 2x2 convolution, then two 3x3) 2,264 + 572, head 15.
     assert unet["parameters"]["trainable"] == 7407
     assert tam["parameters"]["trainable"] - unet["parameters"]["trainable"] == tam_extra
 
