@@ -62,7 +62,7 @@ def main() -> None:
     from keras_livseg.data.dataset import make_dataset
     from keras_livseg.data.prepare import load_manifest
     from keras_livseg.models import build_model
-    from keras_livseg.training.fit import ensure_data, resolve_config
+    from keras_livseg.training.fit import _model_options, ensure_data, resolve_config
     from keras_livseg.training.losses import CombinedCEDiceLoss
     from keras_livseg.training.metrics import default_metrics
     from keras_livseg.training.precision import apply_precision
@@ -79,7 +79,7 @@ def main() -> None:
     context = manifest["preprocessing"]["context"]
     batch = int(config["training"]["batch_size"])
     policy = apply_precision(config["training"]["precision"])
-    options = {k: v for k, v in config["model"].items() if k != "name"}
+    options = _model_options(config)  # what fit passes to build_model
 
     def compiled(with_metrics: bool):
         keras.utils.set_random_seed(0)
@@ -97,7 +97,7 @@ def main() -> None:
 
     memory_rate = steps_per_second(compiled(False), in_memory, args.steps, args.warmup)
     shard_rate = steps_per_second(compiled(True), shards, args.steps, args.warmup)
-    patches = patch_rates(config, manifest, args.patch_steps, args.warmup, args.rounds)
+    patches = patch_rates(config, manifest, options, args.patch_steps, args.warmup, args.rounds)
     rows = [
         {"input": "in-memory random tensors, no metrics", "steps/s": f"{memory_rate:.2f}",
          "slices/s": f"{memory_rate * batch:.1f}", "ratio": "1.00"},
@@ -120,7 +120,7 @@ def main() -> None:
     print(f"\ngoal: ratio >= 0.9 (whole slices {shard_rate / memory_rate:.2f}, patches {patches['ratio']:.2f}) -> {path}")
 
 
-def patch_rates(config: dict, manifest: dict, steps: int, warmup: int, rounds: int) -> dict:
+def patch_rates(config: dict, manifest: dict, options: dict, steps: int, warmup: int, rounds: int) -> dict:
     """Steps/s of the demo's patch training from the shards and from in-memory tensors (best of ``rounds``)."""
     import keras
     import numpy as np
@@ -137,7 +137,6 @@ def patch_rates(config: dict, manifest: dict, steps: int, warmup: int, rounds: i
     crop, batch = int(training["crop_size"]), int(training["batch_size"])
     height, width = manifest["preprocessing"]["image_size"]
     context = manifest["preprocessing"]["context"]
-    options = {k: v for k, v in config["model"].items() if k != "name"}
 
     def trainer(with_metrics: bool):  # compiled as fit compiles it
         keras.utils.set_random_seed(0)

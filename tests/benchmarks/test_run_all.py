@@ -129,7 +129,7 @@ def test_run_all_quick_runs_every_script_and_writes_the_machine(tmp_path):
     patches = fit_loop["patches"]  # the demo's own training: patches of the quick recipe's crop size
     assert patches["crop"] == 16 and len(patches["shards_runs"]) == len(patches["in_memory_runs"]) == patches["rounds"]
     assert patches["ratio"] == pytest.approx(max(patches["shards_runs"]) / max(patches["in_memory_runs"]))
-    assert f"| 16×16 patches from the shards" in readme_tables.render_fit_loop(fit_loop)
+    assert "| 16×16 patches from the shards" in readme_tables.render_fit_loop(fit_loop)
     assert f"**{patches['ratio']:.2f}**" in readme_tables.render_fit_loop(fit_loop)
     pipeline = json.loads((tmp_path / "results" / "pipeline.json").read_text())
     assert pipeline["ratio_typical"] == pytest.approx(pipeline["pipeline_slices_per_s"] / pipeline["naive_typical_slices_per_s"])
