@@ -349,9 +349,11 @@ def render_real_ct(data: dict) -> str:
     for label, ablation in data.get("ablations", {}).items():
         stats = ablation["summary"]
         sets = " ".join(f"`--set {change}`" for change in ablation["set"])
+        # The wall time a seed beside the figures: an ablation of the training budget is about both.
+        wall = (" / wall time a seed (data cached)", f" / {spread(stats['minutes'], '.1f')} min") if "minutes" in stats else ("", "")
         rows.append(f"| the demo with {label} ({sets}), {_seeds(ablation['runs'])}: held-out liver Dice / tumour Dice "
-                    f"per case / tumour Dice global | {spread(stats['liver_dice'])} / {spread(stats['tumor_dice'])} / "
-                    f"{spread(stats['tumor_dice_global'])} | | |")
+                    f"per case / tumour Dice global{wall[0]} | {spread(stats['liver_dice'])} / {spread(stats['tumor_dice'])} / "
+                    f"{spread(stats['tumor_dice_global'])}{wall[1]} | | |")
         if "unseen_tumor_dice" in stats:
             rows.append(f"| the demo with {label}: on the same unseen phantom cases, liver Dice / tumour Dice per case / "
                         f"tumour Dice global | {spread(stats['unseen_liver_dice'])} / {spread(stats['unseen_tumor_dice'])} / "
