@@ -119,6 +119,10 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
         volumes = json.loads((RUNS / name / "eval" / "held_out_volumes.json").read_text())
         report = json.loads((RUNS / name / "eval" / "volumes" / "metrics.json").read_text())
         chosen, plain = default_postprocessing_scores(RUNS / name)
+        plain_report = RUNS / name / "eval_default_postprocessing" / "volumes" / "metrics.json"
+        detection = {**lesion_detection(report),
+                     **{f"{key}_default_postprocessing": value
+                        for key, value in lesion_detection(json.loads(plain_report.read_text())).items()}}
         unseen = unseen_phantom_scores(RUNS / name)
         rows.append({"seed": seed, "minutes": round(wall / 60, 2), "cases": len(volumes["cases"]),
                      "liver_dice": volumes["liver_dice"], "tumor_dice": volumes["tumor_dice"],
@@ -126,7 +130,7 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
                      "min_lesion_mm3": chosen, "tumor_dice_default_postprocessing": plain["tumor_dice"],
                      "tumor_dice_global_default_postprocessing": plain["tumor_dice_global"],
                      "tumor_dice_by_phase": tumour_dice_by_phase(report.get("by_stratum", {})),
-                     "tumor_dice_by_kind": tumour_dice_by_kind(report.get("by_stratum", {})),
+                     "tumor_dice_by_kind": tumour_dice_by_kind(report.get("by_stratum", {})), **detection,
                      **{f"unseen_{key}": value for key, value in unseen.items()}})
     import numpy as np
 
@@ -134,12 +138,24 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
                      "max": float(np.max([r[key] for r in rows]))}
                for key in ("minutes", "liver_dice", "tumor_dice", "liver_dice_global", "tumor_dice_global",
                            "tumor_dice_default_postprocessing", "unseen_liver_dice", "unseen_tumor_dice",
-                           "unseen_tumor_dice_global")}
+                           "unseen_tumor_dice_global", *detection)}
     print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["seed", "minutes", "cases", "liver_dice", "tumor_dice", "liver_dice_global", "tumor_dice_global",
                  "min_lesion_mm3", "tumor_dice_default_postprocessing", "unseen_liver_dice", "unseen_tumor_dice"]))
     return {"runs": rows, "summary": summary, "recipe": recipe_digest(), "unseen_phantom": UNSEEN_PHANTOM,
             "covers": "every slice of the held-out phantom test volumes, native grid, post-processed; mean per case and global"}
+
+
+def lesion_detection(report: dict) -> dict[str, float]:
+    """Lesion detection from a LiTS report (``eval/volumes/metrics.json``), as LiTS counts it: a
+    reference lesion is found when a predicted one overlaps it with IoU > 0.5, the counts summed
+    over the test volumes; recall also for lesions under 10 mm and of 10 mm or more."""
+    found = report["detection"]["iou"]
+    return {"lesion_precision": float(found["precision"]), "lesion_recall": float(found["recall"]),
+            "lesion_recall_small": float(report["strata_3d"]["small"]["detection_recall"]),
+            "lesion_recall_large": float(report["strata_3d"]["large"]["detection_recall"]),
+            "lesions_small": int(report["strata_3d"]["small"]["n_lesions"]),
+            "lesions_large": int(report["strata_3d"]["large"]["n_lesions"])}
 
 
 def demo_runs_finished(seeds: list[int], label: str = "") -> bool:

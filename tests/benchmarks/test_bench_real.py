@@ -20,6 +20,14 @@ def test_docstring_examples_run():
     assert result.attempted >= 2 and result.failed == 0
 
 
+def lits_report(precision: float, recall: float) -> dict:
+    """The parts of a LiTS report (``eval/volumes/metrics.json``) that demo() reads."""
+    return {"by_stratum": {}, "detection": {"iou": {"precision": precision, "recall": recall},
+                                            "any_overlap": {"precision": 1.0, "recall": 1.0}},
+            "strata_3d": {"small": {"n_lesions": 4, "detection_recall": 0.0},
+                          "large": {"n_lesions": 6, "detection_recall": recall + 0.1}}}
+
+
 def fake_fit(calls: list[list[str]], runs: Path):
     """Stands in for ``python -m keras_livseg.fit``: records its arguments, writes what demo() reads."""
 
@@ -32,7 +40,10 @@ def fake_fit(calls: list[list[str]], runs: Path):
         scores = {"cases": {"3": {}, "5": {}}, "liver_dice": 0.9 + seed / 100, "tumor_dice": 0.4 + seed / 10,
                   "liver_dice_global": 0.93, "tumor_dice_global": 0.6 + seed / 10}
         (run / "eval" / "held_out_volumes.json").write_text(json.dumps(scores))
-        (run / "eval" / "volumes" / "metrics.json").write_text(json.dumps({"by_stratum": {}}))
+        (run / "eval" / "volumes" / "metrics.json").write_text(json.dumps(lits_report(0.5 + seed / 10, 0.4)))
+        # What default_postprocessing_scores writes in a real run: the test volumes without the chosen size.
+        (run / "eval_default_postprocessing" / "volumes").mkdir(parents=True)
+        (run / "eval_default_postprocessing" / "volumes" / "metrics.json").write_text(json.dumps(lits_report(0.2, 0.45)))
         return 60.0 * (seed + 1)
 
     return fit
@@ -54,6 +65,11 @@ def test_an_ablation_trains_each_seed_with_its_changes_under_its_own_run_names(t
     # Each model also on the unseen phantom, the same cases whatever the recipe's own split.
     assert result["summary"]["unseen_tumor_dice"] == pytest.approx({"mean": 0.3, "min": 0.2, "max": 0.4})
     assert result["unseen_phantom"] == bench_real.UNSEEN_PHANTOM
+    # Lesion detection as LiTS counts it (IoU > 0.5), with the chosen post-processing and without.
+    assert result["summary"]["lesion_precision"] == pytest.approx({"mean": 0.6, "min": 0.5, "max": 0.7})
+    assert result["summary"]["lesion_recall_large"]["mean"] == pytest.approx(0.5)
+    assert result["summary"]["lesion_precision_default_postprocessing"]["mean"] == pytest.approx(0.2)
+    assert result["runs"][0]["lesions_small"] == 4 and result["runs"][0]["lesion_recall_small"] == 0.0
     # Finished runs are reused, not trained again.
     assert bench_real.demo([0], ["training.fn_weights=[]"], label="soft Dice")["runs"][0]["minutes"] == 1.0
     assert len(calls) == 2
@@ -99,6 +115,17 @@ def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
             "0.700 (0.600 – 0.800) | — | |") in table
     assert ("| the demo with soft Dice: on the same unseen phantom cases, liver Dice / tumour Dice per case / tumour Dice "
             "global | 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) / 0.300 (0.200 – 0.400) | | |") in table
+    # Lesion detection, with the chosen post-processing and with the default one.
+    detection = {"lesion_precision": 0.49, "lesion_recall": 0.37, "lesion_recall_small": 0.0, "lesion_recall_large": 0.54,
+                 "lesions_small": 20, "lesions_large": 43}
+    data["demo"]["summary"].update({key: {"mean": value, "min": value, "max": value} for key, value in detection.items()})
+    data["demo"]["summary"].update({f"{key}_default_postprocessing": {"mean": 0.1, "min": 0.05, "max": 0.15}
+                                    for key in detection if key.startswith("lesion_")})
+    table = readme_tables.render_real_ct(data)
+    assert ("precision / recall / recall of the 20 lesions under 10 mm / of the 43 of 10 mm or more (seeds: mean, range) | "
+            "0.49 / 0.37 / 0.00 / 0.54 | — | |") in table
+    assert ("| the same with the default minimum lesion size (10 mm³) | 0.10 (0.05 – 0.15) / 0.10 (0.05 – 0.15) / "
+            "0.10 (0.05 – 0.15) / 0.10 (0.05 – 0.15) | | |") in table
     # One seed: its seed named, no range, and "one model" on the real scans.
     single = {key: {"mean": 0.5, "min": 0.5, "max": 0.5} for key in ("liver_dice", "tumor_dice", "tumor_dice_global")}
     single["minutes"] = {"mean": 6.14, "min": 6.14, "max": 6.14}
