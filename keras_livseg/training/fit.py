@@ -43,7 +43,7 @@ TRAINING_KEYS = frozenset(
         "fn_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
         "shuffle_buffer", "monitor", "validation", "validate_last", "init_from", "score_volumes", "max_minutes",
-        "choose_postprocessing", "crop_size", "tumor_sampling",
+        "choose_postprocessing", "postprocessing_diameters_mm", "crop_size", "tumor_sampling",
     }
 )
 EXPORT_KEYS = frozenset({"enabled", "out", "version", "overwrite"})
@@ -88,6 +88,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Choose the minimum lesion size on the validation volumes (inference.tuning), as nnU-Net
         # chooses its post-processing; predict, evaluate and the export then apply it.
         "choose_postprocessing": True,
+        # The candidate minimum lesion sizes, as sphere diameters in mm (inference.tuning's
+        # CANDIDATE_DIAMETERS_MM when empty). The largest one caps what the choice may delete:
+        # e.g. [6, 8] never removes a predicted lesion of 8 mm or more.
+        "postprocessing_diameters_mm": [],
         # > 0: train on crop_size x crop_size patches (the tumor quota's around their tumor), as
         # nnU-Net does; validation, checkpoints and everything after see whole slices.
         "crop_size": 0,
@@ -180,6 +184,7 @@ def resolve_config(recipe: str | Path | None = None, overrides: Mapping[str, Map
         raise ValueError(f"run.deterministic must be true or false, got {config['run']['deterministic']!r}")
     if not isinstance(config["data"].get("stratify", False), bool):
         raise ValueError(f"data.stratify must be true or false, got {config['data']['stratify']!r}")
+    postprocessing_diameters(config["training"])  # before any data is made or read
     config["recipe"] = str(path)
     return config
 
@@ -814,7 +819,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     if best.is_file():
         model.load_weights(best)
     if chief and best.is_file() and has_val and bool(training["choose_postprocessing"]):
-        choose_postprocessing(best, manifest, run_dir / "preprocessing.json")
+        choose_postprocessing(best, manifest, run_dir / "preprocessing.json", postprocessing_diameters(training))
     # Held-out figures come from cases the model never trained on: test, else validation
     # (labelled as such: it chose the checkpoint), else none at all. Never the training split.
     held_out = next((split for split in ("test", "val") if manifest["splits"][split]["slices"]), None)
@@ -864,13 +869,36 @@ def _number(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def choose_postprocessing(checkpoint: Path, manifest: Mapping[str, Any], preprocessing_json: Path) -> dict[str, Any]:
+def postprocessing_diameters(training: Mapping[str, Any]) -> tuple[float, ...]:
+    """The candidate minimum lesion sizes of ``training.postprocessing_diameters_mm`` (sphere
+    diameters in mm), or :data:`~keras_livseg.inference.tuning.CANDIDATE_DIAMETERS_MM` when empty.
+
+    Example:
+        >>> postprocessing_diameters({"postprocessing_diameters_mm": [8, 6]})
+        (6.0, 8.0)
+        >>> postprocessing_diameters({"postprocessing_diameters_mm": [0]})
+        Traceback (most recent call last):
+        ValueError: training.postprocessing_diameters_mm must be a list of lesion diameters in mm, each above 0 and at most 100, e.g. [6, 8, 10]; got [0]
+    """
+    from keras_livseg.inference.tuning import CANDIDATE_DIAMETERS_MM
+
+    value = training.get("postprocessing_diameters_mm") or []
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 100 for d in value):
+        raise ValueError("training.postprocessing_diameters_mm must be a list of lesion diameters in mm, each above 0 "
+                         f"and at most 100, e.g. [6, 8, 10]; got {value!r}")
+    return tuple(sorted(float(d) for d in value)) or CANDIDATE_DIAMETERS_MM
+
+
+def choose_postprocessing(checkpoint: Path, manifest: Mapping[str, Any], preprocessing_json: Path,
+                          diameters_mm: Sequence[float] | None = None) -> dict[str, Any]:
     """Choose the minimum lesion size on the validation volumes and record it in the run.
 
     The choice (:func:`~keras_livseg.inference.tuning.choose_min_lesion_size`: every validation
     volume predicted once, each candidate size scored by mean per-case tumour Dice) goes into
     ``preprocessing_json`` under ``postprocessing``, where ``predict``, ``evaluate`` and the
-    export find it. Returns that entry.
+    export find it. ``diameters_mm``: the candidate sizes (default
+    :data:`~keras_livseg.inference.tuning.CANDIDATE_DIAMETERS_MM`). Returns that entry.
     """
     from keras_livseg.data.preprocessing import read_preprocessing_json, write_preprocessing_json
     from keras_livseg.evaluation.pairs import manifest_cases
@@ -879,7 +907,8 @@ def choose_postprocessing(checkpoint: Path, manifest: Mapping[str, Any], preproc
 
     cases = manifest_cases(manifest["_dir"], "val")
     label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
-    choice = choose_min_lesion_size(SegmentationModel.load(checkpoint), cases, label_map=label_map)
+    choice = choose_min_lesion_size(SegmentationModel.load(checkpoint), cases, label_map=label_map,
+                                    **({"diameters_mm": tuple(diameters_mm)} if diameters_mm else {}))
     logger.info("%s", choice.summary())
     prep, metadata = read_preprocessing_json(preprocessing_json)
     metadata["postprocessing"] = choice.to_dict()

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from keras_livseg import fit as fit_cli
+from keras_livseg.inference import tuning as fit_tuning
 from keras_livseg.training import fit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,9 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_run(cache_dir, tmp_path_factory):
     """A finished 2-epoch CLI run: ``(exit code, stdout, stderr, run folder)``."""
     runs = tmp_path_factory.mktemp("runs")
-    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(runs), "--name", "tiny"])
+    # Two candidate lesion sizes, out of order: the run sorts them and offers only those.
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(runs), "--name", "tiny",
+                              "--set", "training.postprocessing_diameters_mm=[8, 6]"])
     assert code == 0, err[-3000:]
     return types.SimpleNamespace(code=code, stdout=out, stderr=err, run_dir=runs / "tiny", runs=runs)
 
@@ -145,7 +148,9 @@ def test_tiny_fit_beats_chance_and_fills_the_run_folder(tiny_run):
     chosen = prep["postprocessing"]
     assert chosen["chosen_on"]["cases"] == manifest["splits"]["val"]["cases"]
     scores = chosen["chosen_on"]["scores"]
-    assert [row["min_lesion_mm3"] for row in scores][0] == 10.0 and len(scores) == 6
+    # The default size first, then the recipe's candidates (training.postprocessing_diameters_mm), smallest first.
+    assert [row["diameter_mm"] for row in scores] == [2.7, 6.0, 8.0] and scores[0]["min_lesion_mm3"] == 10.0
+    assert chosen["min_lesion_mm3"] <= fit_tuning.sphere_mm3(8.0) + 0.1
     top = max(row["tumor_dice"] for row in scores)
     picked = next(row for row in scores if row["min_lesion_mm3"] == chosen["min_lesion_mm3"])
     assert picked["tumor_dice"] == top and all(row["tumor_dice"] < top for row in scores[:scores.index(picked)])
@@ -248,6 +253,11 @@ def test_unknown_recipe_key_names_it_and_the_valid_keys(tmp_path, capsys):
     assert code == 2 and "section.key=value" in err
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "run.deterministic=flase"])
     assert code == 2 and "run.deterministic must be true or false, got 'flase'" in err and "Traceback" not in err
+    for bad in ("[0]", "[6, true]", "8", "[6, 500]"):
+        code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", f"training.postprocessing_diameters_mm={bad}"])
+        assert code == 2 and "training.postprocessing_diameters_mm must be a list of lesion diameters in mm" in err, bad
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # refused before any run folder
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "data.stratify=flase"])
     assert code == 2 and "data.stratify must be true or false, got 'flase'" in err and "Traceback" not in err
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.epochs.first=3"])
