@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 RUNS = ROOT / "runs" / "bench_real"
 ENSEMBLE = "ensemble of the demo models"
+#: A demo run's test volumes scored again with the default minimum lesion size (its folder).
+DEFAULT_POSTPROCESSING_EVAL = "eval_default_postprocessing"
 
 
 def fit(args: list[str], runs: Path = RUNS, env: dict | None = None) -> float:
@@ -119,7 +121,7 @@ def demo(seeds: list[int], overrides: list[str] = (), label: str = "") -> dict:
         volumes = json.loads((RUNS / name / "eval" / "held_out_volumes.json").read_text())
         report = json.loads((RUNS / name / "eval" / "volumes" / "metrics.json").read_text())
         chosen, plain = default_postprocessing_scores(RUNS / name)
-        plain_report = RUNS / name / "eval_default_postprocessing" / "volumes" / "metrics.json"
+        plain_report = RUNS / name / DEFAULT_POSTPROCESSING_EVAL / "volumes" / "metrics.json"
         detection = {**lesion_detection(report),
                      **{f"{key}_default_postprocessing": value
                         for key, value in lesion_detection(json.loads(plain_report.read_text())).items()}}
@@ -243,7 +245,7 @@ def default_postprocessing_scores(run: Path) -> tuple[float, dict]:
     from keras_livseg.training.fit import score_held_out_volumes
 
     chosen = json.loads((run / "preprocessing.json").read_text()).get("postprocessing", {})
-    folder = run / "eval_default_postprocessing"
+    folder = run / DEFAULT_POSTPROCESSING_EVAL
     if not (folder / "held_out_volumes.json").is_file():
         manifest = load_manifest(json.loads((run / "config.json").read_text())["data"]["shards"])
         score_held_out_volumes(run / "checkpoints" / "best.keras", manifest, "test", folder, postprocess=PostProcessing())

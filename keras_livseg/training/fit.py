@@ -882,7 +882,7 @@ def postprocessing_diameters(training: Mapping[str, Any]) -> tuple[float, ...]:
     """
     from keras_livseg.inference.tuning import CANDIDATE_DIAMETERS_MM
 
-    value = training.get("postprocessing_diameters_mm") or []
+    value = training.get("postprocessing_diameters_mm", [])  # not `or []`: 0 or false must be refused, not read as empty
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 100 for d in value):
         raise ValueError("training.postprocessing_diameters_mm must be a list of lesion diameters in mm, each above 0 "
@@ -903,12 +903,12 @@ def choose_postprocessing(checkpoint: Path, manifest: Mapping[str, Any], preproc
     from keras_livseg.data.preprocessing import read_preprocessing_json, write_preprocessing_json
     from keras_livseg.evaluation.pairs import manifest_cases
     from keras_livseg.inference import SegmentationModel
-    from keras_livseg.inference.tuning import choose_min_lesion_size
+    from keras_livseg.inference.tuning import CANDIDATE_DIAMETERS_MM, choose_min_lesion_size
 
     cases = manifest_cases(manifest["_dir"], "val")
     label_map = {int(k): int(v) for k, v in (manifest.get("label_map") or {}).items()} or None
     choice = choose_min_lesion_size(SegmentationModel.load(checkpoint), cases, label_map=label_map,
-                                    **({"diameters_mm": tuple(diameters_mm)} if diameters_mm else {}))
+                                    diameters_mm=tuple(diameters_mm or CANDIDATE_DIAMETERS_MM))
     logger.info("%s", choice.summary())
     prep, metadata = read_preprocessing_json(preprocessing_json)
     metadata["postprocessing"] = choice.to_dict()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from keras_livseg import fit as fit_cli
-from keras_livseg.inference import tuning as fit_tuning
+from keras_livseg.inference import tuning
 from keras_livseg.training import fit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -150,7 +150,7 @@ def test_tiny_fit_beats_chance_and_fills_the_run_folder(tiny_run):
     scores = chosen["chosen_on"]["scores"]
     # The default size first, then the recipe's candidates (training.postprocessing_diameters_mm), smallest first.
     assert [row["diameter_mm"] for row in scores] == [2.7, 6.0, 8.0] and scores[0]["min_lesion_mm3"] == 10.0
-    assert chosen["min_lesion_mm3"] <= fit_tuning.sphere_mm3(8.0) + 0.1
+    assert chosen["min_lesion_mm3"] <= tuning.sphere_mm3(8.0) + 0.1
     top = max(row["tumor_dice"] for row in scores)
     picked = next(row for row in scores if row["min_lesion_mm3"] == chosen["min_lesion_mm3"])
     assert picked["tumor_dice"] == top and all(row["tumor_dice"] < top for row in scores[:scores.index(picked)])
@@ -253,7 +253,7 @@ def test_unknown_recipe_key_names_it_and_the_valid_keys(tmp_path, capsys):
     assert code == 2 and "section.key=value" in err
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "run.deterministic=flase"])
     assert code == 2 and "run.deterministic must be true or false, got 'flase'" in err and "Traceback" not in err
-    for bad in ("[0]", "[6, true]", "8", "[6, 500]"):
+    for bad in ("[0]", "[6, true]", "8", "0", "false", "[6, 500]"):
         code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", f"training.postprocessing_diameters_mm={bad}"])
         assert code == 2 and "training.postprocessing_diameters_mm must be a list of lesion diameters in mm" in err, bad
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
