@@ -21,10 +21,15 @@ already measured are kept, so they can run one at a time):
   what a change of the recipe did, side by side with the recipe as shipped, on one machine.
 - ``lopo-ablation``: ``lopo`` with changes of the fine-tuning recipe (``--set``), from the same
   seed-0 demo model, kept under ``lopo_ablations`` by ``--label``.
+- ``sizes``: the demo models again, each volume (held-out test and unseen phantom) predicted once,
+  then every minimum lesion size of :data:`SWEEP_DIAMETERS_MM` applied to it: per-case tumour Dice
+  and the lesions still found, size by size, on the same predictions. What a larger cut buys in
+  the LiTS score and costs in lesions found, without a training run's noise in between.
 
     python benchmarks/bench_real.py demo fresh sim2real lopo [--seeds 0 1 2] [--rerun] [--fresh-runs 3]
     python benchmarks/bench_real.py ablation --label "soft Dice" --set training.fn_weights=[]
     python benchmarks/bench_real.py lopo-ablation --label "Tversky loss" --set "training.fn_weights=[0.5, 0.7]"
+    python benchmarks/bench_real.py sizes
 
 Finished runs under ``runs/bench_real`` are reused (their recorded wall time with them), so an
 interrupted benchmark continues where it stopped; ``--rerun`` trains them all again.
@@ -252,6 +257,107 @@ def default_postprocessing_scores(run: Path) -> tuple[float, dict]:
     return float(chosen.get("min_lesion_mm3", PostProcessing().min_lesion_mm3)), json.loads((folder / "held_out_volumes.json").read_text())
 
 
+#: Minimum lesion sizes the ``sizes`` part applies, as sphere diameters in mm; 0 is the default
+#: rule (10 mm³). The demo chooses among 6 - 15 mm (``CANDIDATE_DIAMETERS_MM``).
+SWEEP_DIAMETERS_MM = (0.0, 6.0, 10.0, 15.0, 20.0, 25.0)
+
+
+def size_sweep(labels, reference, spacing, diameters_mm: Sequence[float] = SWEEP_DIAMETERS_MM) -> list[dict]:
+    """One prediction (``labels``, post-processed but for the size rule) under each minimum lesion
+    size: tumour Dice and LiTS's lesion counts (IoU > 0.5, and any overlap) against ``reference``.
+
+    A diameter of 0 applies the default rule (10 mm³). Lesions of the reference are counted
+    also by size: under 10 mm, 10 - 20 mm, and 20 mm or more (equivalent sphere diameter).
+
+    >>> import numpy as np
+    >>> ref = np.zeros((20, 20, 20), np.uint8); ref[2:8, 2:8, 2:8] = 2; ref[12:15, 12:15, 12:15] = 2
+    >>> rows = size_sweep(ref.copy(), ref, (1.0, 1.0, 1.0), (0.0, 5.0))
+    >>> [(r["diameter_mm"], round(r["tumor_dice"], 3), r["tp"], r["found_any"]) for r in rows]
+    [(0.0, 1.0, 2, 2), (5.0, 0.941, 1, 1)]
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from keras_livseg.evaluation.metrics.lesions import lesion_detection
+    from keras_livseg.inference.postprocess import PostProcessing, postprocess_labels
+    from keras_livseg.inference.tuning import sphere_mm3
+
+    truth = reference == 2
+    rows = []
+    for diameter in diameters_mm:
+        trial = np.array(labels, copy=True)
+        rule = PostProcessing().min_lesion_mm3 if diameter == 0 else sphere_mm3(diameter)
+        postprocess_labels(trial, spacing, dataclasses.replace(PostProcessing.disabled(), min_lesion_mm3=rule))
+        tumour = trial == 2
+        total = int(tumour.sum()) + int(truth.sum())
+        found = lesion_detection(trial, reference, spacing, lesion_metrics=False)
+        row = {"diameter_mm": float(diameter), "tumor_dice": 1.0 if total == 0 else 2.0 * int((tumour & truth).sum()) / total,
+               "tp": found.tp, "fp": found.fp, "fn": found.fn, "found_any": found.tp_any_overlap}
+        for lesion in found.lesions:
+            size = lesion["equivalent_diameter_mm"]
+            band = "under_10" if size < 10 else ("10_20" if size < 20 else "20_up")
+            row[f"lesions_{band}"] = row.get(f"lesions_{band}", 0) + 1
+            row[f"found_{band}"] = row.get(f"found_{band}", 0) + int(bool(lesion["detected"]))
+            row[f"found_any_{band}"] = row.get(f"found_any_{band}", 0) + int(bool(lesion["detected_any_overlap"]))
+        rows.append(row)
+    return rows
+
+
+def sizes(seeds: list[int]) -> dict:
+    """:func:`size_sweep` over the demo models' held-out test volumes and the unseen phantom cases."""
+    import dataclasses
+
+    import numpy as np
+
+    from keras_livseg.data.cases import discover_cases
+    from keras_livseg.data.prepare import load_manifest
+    from keras_livseg.data.volumes import load_case
+    from keras_livseg.evaluation.pairs import manifest_cases
+    from keras_livseg.inference import PostProcessing, SegmentationModel
+    from keras_livseg.inference.volume import predict_volume
+
+    without_size = dataclasses.replace(PostProcessing(), min_lesion_mm3=0.0)
+    unseen = RUNS / f"unseen-phantom-{UNSEEN_PHANTOM['seed']}"
+    result = {}
+    for data in ("test", "unseen"):
+        per_seed = []
+        for seed in seeds:
+            run = RUNS / demo_run_name(seed)
+            if data == "unseen":
+                unseen_phantom_scores(run)  # makes the unseen cases once
+                cases = discover_cases(unseen)
+            else:
+                cases = manifest_cases(load_manifest(json.loads((run / "config.json").read_text())["data"]["shards"])["_dir"], "test")
+            model = SegmentationModel.load(run / "checkpoints" / "best.keras")
+            rows_by_case = []
+            for files in cases:
+                case = load_case(files)
+                labels = predict_volume(model, case, postprocess=without_size, progress=False).labels
+                rows_by_case.append(size_sweep(labels, case.labels, case.spacing))
+            sizes_rows = []
+            for k, diameter in enumerate(SWEEP_DIAMETERS_MM):
+                rows = [case_rows[k] for case_rows in rows_by_case]
+                summed = {key: sum(r.get(key, 0) for r in rows) for key in
+                          ("tp", "fp", "fn", "found_any", *(f"{w}_{b}" for w in ("lesions", "found", "found_any")
+                                                            for b in ("under_10", "10_20", "20_up")))}
+                sizes_rows.append({"diameter_mm": diameter, "tumor_dice": float(np.mean([r["tumor_dice"] for r in rows])),
+                                   "precision": summed["tp"] / max(summed["tp"] + summed["fp"], 1),
+                                   "recall": summed["tp"] / max(summed["tp"] + summed["fn"], 1), **summed})
+            per_seed.append({"seed": seed, "cases": len(cases), "sizes": sizes_rows})
+        mean = []
+        for k, diameter in enumerate(SWEEP_DIAMETERS_MM):
+            rows = [s["sizes"][k] for s in per_seed]
+            mean.append({"diameter_mm": diameter, **{key: float(np.mean([r[key] for r in rows]))
+                                                     for key in rows[0] if key != "diameter_mm"}})
+        print(f"{data}: mean over seeds {seeds}")
+        print(table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in mean],
+                    ["diameter_mm", "tumor_dice", "precision", "recall", "found_any_10_20", "lesions_10_20", "found_any_20_up",
+                     "lesions_20_up"]))
+        result[data] = {"runs": per_seed, "mean": mean}
+    return {**result, "seeds": seeds, "recipe": recipe_digest(), "unseen_phantom": UNSEEN_PHANTOM}
+
+
 def fresh(repeats: int = 1) -> dict:
     """The demo from an empty cache, as on a new machine: phantom, shards and training all timed.
 
@@ -401,7 +507,7 @@ def lopo_run_name(label: str = "") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo", "ablation", "lopo-ablation"])
+    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo", "ablation", "lopo-ablation", "sizes"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rerun", action="store_true",
                         help="train the demo seeds and the fine-tuning folds again instead of reusing finished runs")
@@ -457,6 +563,8 @@ def main() -> None:
             results.setdefault("lopo_ablations", {})[args.label] = measured
             print(f"wrote {write_json('real_ct', results)}")
             continue
+        elif part == "sizes":
+            results["sizes"] = sizes(args.seeds)
         elif part == "sim2real":
             results["sim2real"] = sim2real([RUNS / demo_run_name(seed) / "checkpoints" / "best.keras" for seed in args.seeds])
         else:

@@ -137,6 +137,10 @@ def test_the_real_ct_table_shows_each_ablation_beside_the_demo():
     assert ("| the demo with pilot (`--set training.epochs=3`), seed 2: held-out liver Dice / tumour Dice per case / "
             "tumour Dice global / wall time a seed (data cached) | 0.500 / 0.500 / 0.500 / 6.1 min | | |") in table
     assert "(3 mm, model-made labels) (one model); tumour Dice" in table
+    assert "the demo with pilot: held-out lesion detection" not in table  # measured before detection was recorded
+    single.update({key: {"mean": value, "min": value, "max": value} for key, value in detection.items()})
+    assert ("| the demo with pilot: held-out lesion detection, precision / recall / recall under 10 mm / of 10 mm or more | "
+            "0.49 / 0.37 / 0.00 / 0.54 | | |") in readme_tables.render_real_ct(data)
 
 
 def test_the_real_ct_table_shows_the_demo_tumour_dice_by_phase_and_by_lesion_kind():
@@ -292,3 +296,48 @@ def test_leave_one_patient_out_again_drops_its_ablations_measured_beside_another
     bench_real.main()
     assert sorted(json.loads((tmp_path / "real_ct.json").read_text())["lopo_ablations"]) == ["same recipe"]
     assert current.count("+") == 1 and current.split("+")[1] == bench_real.recipe_digest()  # the starting model's recipe too
+
+
+def test_the_size_sweep_counts_what_each_minimum_lesion_size_removes_by_lesion_size():
+    import numpy as np
+
+    spacing = (1.0, 1.0, 1.0)
+    reference = np.ones((48, 48, 48), np.uint8)  # liver everywhere
+    reference[2:26, 2:26, 2:26] = 2  # 24 mm cube: a 29.8 mm sphere's volume, "20_up"
+    reference[30:42, 30:42, 30:42] = 2  # 12 mm cube: 14.9 mm, "10_20"
+    reference[30:34, 2:6, 2:6] = 2  # 4 mm cube: 5.0 mm, "under_10", missed below
+    prediction = reference.copy()
+    prediction[30:34, 2:6, 2:6] = 1
+    prediction[40:46, 2:8, 2:8] = 2  # a false lesion of 216 mm³ (7.4 mm)
+    rows = bench_real.size_sweep(prediction, reference, spacing, (0.0, 10.0, 20.0))
+    by = {row["diameter_mm"]: row for row in rows}
+    assert [row["diameter_mm"] for row in rows] == [0.0, 10.0, 20.0]
+    # Every size sees the same reference lesions, one in each band.
+    assert all((row["lesions_under_10"], row["lesions_10_20"], row["lesions_20_up"]) == (1, 1, 1) for row in rows)
+    # The default rule (10 mm³) keeps the false lesion; 10 mm (524 mm³) removes it and keeps the two found ones.
+    assert (by[0.0]["tp"], by[0.0]["fp"], by[0.0]["fn"]) == (2, 1, 1)
+    assert (by[10.0]["tp"], by[10.0]["fp"], by[10.0]["fn"]) == (2, 0, 1)
+    assert by[10.0]["found_10_20"] == by[10.0]["found_any_10_20"] == 1
+    # 20 mm (4189 mm³) removes the 1728 mm³ lesion the model had found as well.
+    assert (by[20.0]["tp"], by[20.0]["found_any_10_20"], by[20.0]["found_any_20_up"]) == (1, 0, 1)
+    truth = int((reference == 2).sum())
+    assert by[0.0]["tumor_dice"] == pytest.approx(2 * (24**3 + 12**3) / (24**3 + 12**3 + 216 + truth))
+    assert by[10.0]["tumor_dice"] == pytest.approx(2 * (24**3 + 12**3) / (24**3 + 12**3 + truth))
+    assert by[20.0]["tumor_dice"] == pytest.approx(2 * 24**3 / (24**3 + truth))
+
+
+def test_the_real_ct_table_shows_the_size_sweep_size_by_size():
+    data = json.loads((ROOT / "benchmarks" / "results" / "real_ct.json").read_text())
+
+    def row(diameter, dice, recall):
+        return {"diameter_mm": diameter, "tumor_dice": dice, "precision": 0.5, "recall": recall,
+                "found_any_10_20": 4.0, "found_any_20_up": 9.0, "lesions_10_20": 7.0, "lesions_20_up": 11.0}
+
+    data["sizes"] = {"seeds": [0, 1, 2], "unseen_phantom": {"cases": 48, "seed": 1000},
+                     "test": {"mean": [row(0.0, 0.5, 0.4), row(20.0, 0.6, 0.3)]},
+                     "unseen": {"mean": [row(0.0, 0.45, 0.4), row(20.0, 0.55, 0.3)]}}
+    table = readme_tables.render_real_ct(data)
+    assert ("(seeds 0–2, `bench_real.py sizes`; 10 mm³ is the default rule, the demo chooses among 6 – 15 mm): tumour Dice "
+            "per case, held-out / 48 unseen phantom cases (mean over models) | 10 mm³ 0.500 / 0.450 · 20 mm 0.600 / 0.550 | | |") in table
+    assert "| the same, held-out: LiTS lesion precision / recall (IoU > 0.5) | 10 mm³ 0.50 / 0.40 · 20 mm 0.50 / 0.30 | | |" in table
+    assert ("the 7 of 10 – 20 mm / the 11 of 20 mm or more (mean over models) | 10 mm³ 4.0 / 9.0 · 20 mm 4.0 / 9.0 | | |") in table
