@@ -280,6 +280,7 @@ def size_sweep(labels, reference, spacing, diameters_mm: Sequence[float] = SWEEP
     import numpy as np
 
     from keras_livseg.evaluation.metrics.lesions import lesion_detection
+    from keras_livseg.evaluation.metrics.overlap import dice
     from keras_livseg.inference.postprocess import PostProcessing, postprocess_labels
     from keras_livseg.inference.tuning import sphere_mm3
 
@@ -289,10 +290,8 @@ def size_sweep(labels, reference, spacing, diameters_mm: Sequence[float] = SWEEP
         trial = np.array(labels, copy=True)
         rule = PostProcessing().min_lesion_mm3 if diameter == 0 else sphere_mm3(diameter)
         postprocess_labels(trial, spacing, dataclasses.replace(PostProcessing.disabled(), min_lesion_mm3=rule))
-        tumour = trial == 2
-        total = int(tumour.sum()) + int(truth.sum())
         found = lesion_detection(trial, reference, spacing, lesion_metrics=False)
-        row = {"diameter_mm": float(diameter), "tumor_dice": 1.0 if total == 0 else 2.0 * int((tumour & truth).sum()) / total,
+        row = {"diameter_mm": float(diameter), "tumor_dice": dice(trial == 2, truth),  # both empty: 1, as LiTS
                "tp": found.tp, "fp": found.fp, "fn": found.fn, "found_any": found.tp_any_overlap}
         for lesion in found.lesions:
             size = lesion["equivalent_diameter_mm"]
@@ -319,17 +318,13 @@ def sizes(seeds: list[int]) -> dict:
 
     without_size = dataclasses.replace(PostProcessing(), min_lesion_mm3=0.0)
     unseen = RUNS / f"unseen-phantom-{UNSEEN_PHANTOM['seed']}"
-    result = {}
-    for data in ("test", "unseen"):
-        per_seed = []
-        for seed in seeds:
-            run = RUNS / demo_run_name(seed)
-            if data == "unseen":
-                unseen_phantom_scores(run)  # makes the unseen cases once
-                cases = discover_cases(unseen)
-            else:
-                cases = manifest_cases(load_manifest(json.loads((run / "config.json").read_text())["data"]["shards"])["_dir"], "test")
-            model = SegmentationModel.load(run / "checkpoints" / "best.keras")
+    per_seed: dict[str, list[dict]] = {"test": [], "unseen": []}
+    for seed in seeds:
+        run = RUNS / demo_run_name(seed)
+        unseen_phantom_scores(run)  # makes the unseen cases once
+        model = SegmentationModel.load(run / "checkpoints" / "best.keras")  # once for both sets of cases
+        shards = load_manifest(json.loads((run / "config.json").read_text())["data"]["shards"])["_dir"]
+        for data, cases in (("test", manifest_cases(shards, "test")), ("unseen", discover_cases(unseen))):
             rows_by_case = []
             for files in cases:
                 case = load_case(files)
@@ -344,17 +339,19 @@ def sizes(seeds: list[int]) -> dict:
                 sizes_rows.append({"diameter_mm": diameter, "tumor_dice": float(np.mean([r["tumor_dice"] for r in rows])),
                                    "precision": summed["tp"] / max(summed["tp"] + summed["fp"], 1),
                                    "recall": summed["tp"] / max(summed["tp"] + summed["fn"], 1), **summed})
-            per_seed.append({"seed": seed, "cases": len(cases), "sizes": sizes_rows})
+            per_seed[data].append({"seed": seed, "cases": len(cases), "sizes": sizes_rows})
+    result = {}
+    for data in ("test", "unseen"):
         mean = []
         for k, diameter in enumerate(SWEEP_DIAMETERS_MM):
-            rows = [s["sizes"][k] for s in per_seed]
+            rows = [s["sizes"][k] for s in per_seed[data]]
             mean.append({"diameter_mm": diameter, **{key: float(np.mean([r[key] for r in rows]))
                                                      for key in rows[0] if key != "diameter_mm"}})
         print(f"{data}: mean over seeds {seeds}")
         print(table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in mean],
                     ["diameter_mm", "tumor_dice", "precision", "recall", "found_any_10_20", "lesions_10_20", "found_any_20_up",
                      "lesions_20_up"]))
-        result[data] = {"runs": per_seed, "mean": mean}
+        result[data] = {"runs": per_seed[data], "mean": mean}
     return {**result, "seeds": seeds, "recipe": recipe_digest(), "unseen_phantom": UNSEEN_PHANTOM}
 
 
