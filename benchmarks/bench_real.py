@@ -102,6 +102,50 @@ def drop_stale_ablations(results: dict, ablations: str = "ablations", base: str 
     return stale
 
 
+def models_digest(checkpoints: Sequence[Path]) -> str:
+    """The checkpoints' bytes as one sha256 (12 hex digits): which trained models a part scored.
+    Retraining with the same recipe makes other weights, so the recipe's digest cannot tell.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a.keras").write_bytes(b"seed 0"), (folder / "b.keras").write_bytes(b"seed 1")
+    >>> models_digest([folder / "a.keras", folder / "b.keras"]) == models_digest([folder / "b.keras", folder / "a.keras"])
+    False
+    >>> len(models_digest([folder / "a.keras"]))
+    12
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for checkpoint in checkpoints:
+        with open(checkpoint, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def drop_parts_of_other_models(results: dict, seeds_digest: str, start_digest: str) -> list[str]:
+    """Remove the parts that scored demo models no longer there (after the demo is trained
+    again): ``sim2real`` and ``sizes`` recorded the seeds' models as ``models_digest``, ``lopo``
+    and each leave-one-patient-out ablation the seed-0 model it starts from. Return what went.
+
+    >>> results = {"sizes": {"models_digest": "old"}, "sim2real": {"models_digest": "new"},
+    ...            "lopo": {"models_digest": "s0"}, "lopo_ablations": {"x": {"models_digest": "s9"}}}
+    >>> drop_parts_of_other_models(results, "new", "s0"), sorted(results), results["lopo_ablations"]
+    (['sizes', 'lopo ablation x'], ['lopo', 'lopo_ablations', 'sim2real'], {})
+    """
+    dropped = [part for part in ("sim2real", "sizes")
+               if part in results and results[part].get("models_digest") != seeds_digest]
+    dropped += [part for part in ("lopo",) if part in results and results[part].get("models_digest") != start_digest]
+    for part in dropped:
+        del results[part]
+    for label, ablation in list(results.get("lopo_ablations", {}).items()):
+        if ablation.get("models_digest") != start_digest:
+            del results["lopo_ablations"][label]
+            dropped.append(f"lopo ablation {label}")
+    return dropped
+
+
 def slug(label: str) -> str:
     """A run-name-safe form of an ablation's label.
 
@@ -352,7 +396,8 @@ def sizes(seeds: list[int]) -> dict:
                     ["diameter_mm", "tumor_dice", "precision", "recall", "found_any_10_20", "lesions_10_20", "found_any_20_up",
                      "lesions_20_up"]))
         result[data] = {"runs": per_seed[data], "mean": mean}
-    return {**result, "seeds": seeds, "recipe": recipe_digest(), "unseen_phantom": UNSEEN_PHANTOM}
+    return {**result, "seeds": seeds, "recipe": recipe_digest(), "unseen_phantom": UNSEEN_PHANTOM,
+            "models_digest": models_digest([RUNS / demo_run_name(seed) / "checkpoints" / "best.keras" for seed in seeds])}
 
 
 def fresh(repeats: int = 1) -> dict:
@@ -427,7 +472,8 @@ def sim2real(checkpoints: list[Path]) -> dict:
             tumours = [r["tumor_dice"] for r in moved if r["tumor_dice"] is not None]
             adjacent[case] = {"liver_dice_mean": float(np.mean([r["liver_dice"] for r in moved])),
                               "tumor_dice_mean": float(np.mean(tumours)) if tumours else None}
-    return {"models": [str(c.relative_to(ROOT)) for c in checkpoints], "cases": rows, "per_case": per_case,
+    return {"models": [str(c.relative_to(ROOT)) for c in checkpoints], "models_digest": models_digest(checkpoints),
+            "cases": rows, "per_case": per_case,
             "ensemble": {case: {"liver_dice": r["liver_dice"], "tumor_dice": r["tumor_dice"]} for case, r in ensemble.items()},
             "adjacent_context": adjacent, "goal_liver_dice": 0.90}
 
@@ -487,7 +533,7 @@ def lopo(checkpoint: Path, overrides: Sequence[str] = (), label: str = "") -> di
     metrics = json.loads((RUNS / name / "eval" / "metrics.json").read_text())
     init_from = checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint
     return {"minutes": round(wall / 60, 2), **({"set": list(overrides)} if overrides else {}), "init_from": str(init_from),
-            "recipe": lopo_recipe_digest(),
+            "recipe": lopo_recipe_digest(), "models_digest": models_digest([checkpoint]),
             "per_patient": rows, "goal": {"liver_dice": 0.93, "tumor_dice": 0.60},
             "out_of_fold": {"liver_dice": metrics["volume"]["liver"]["dice"], "tumor_dice": metrics["volume"]["tumor"]["dice"],
                             "tumor_dice_global": metrics["volume"]["tumor"]["dice_global"]}}
@@ -545,6 +591,12 @@ def main() -> None:
             for label in drop_stale_ablations(results):
                 print(f"dropped the ablation {label!r}: it was measured beside another demo recipe; run it again "
                       f"with: python benchmarks/bench_real.py ablation --label {label!r} --set ...")
+            # The parts that scored the models this replaced (a lone `demo --rerun`) score nothing here now.
+            seeds = [RUNS / demo_run_name(seed) / "checkpoints" / "best.keras" for seed in args.seeds]
+            for part_gone in drop_parts_of_other_models(results, models_digest(seeds), models_digest([checkpoint])):
+                again = "lopo-ablation --label ... --set ..." if part_gone.startswith("lopo ablation") else part_gone
+                print(f"dropped {part_gone!r}: it scored demo models that were trained again; rerun it with: "
+                      f"python benchmarks/bench_real.py {again}")
         elif part == "fresh":
             results["fresh"] = fresh(args.fresh_runs)
         elif part == "ablation":

@@ -44,6 +44,8 @@ def fake_fit(calls: list[list[str]], runs: Path):
         # What default_postprocessing_scores writes in a real run: the test volumes without the chosen size.
         (run / "eval_default_postprocessing" / "volumes").mkdir(parents=True)
         (run / "eval_default_postprocessing" / "volumes" / "metrics.json").write_text(json.dumps(lits_report(0.2, 0.45)))
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "best.keras").write_bytes(f"weights of training {len(calls)}".encode())  # new at every training
         return 60.0 * (seed + 1)
 
     return fit
@@ -201,11 +203,14 @@ def test_a_lopo_ablation_fine_tunes_under_its_own_run_name_with_its_changes(tmp_
 
     monkeypatch.setattr(bench_real, "fit", fit)
     checkpoint = tmp_path / "runs" / "demo-seed0" / "checkpoints" / "best.keras"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"the seed-0 demo model")
     result = bench_real.lopo(checkpoint, ["training.fn_weights=[0.5, 0.7]"], label="Tversky loss")
     assert calls[0][calls[0].index("--name") + 1] == "ircadb-lopo-tversky-loss"
     assert calls[0][-2:] == ["--set", "training.fn_weights=[0.5, 0.7]"]
     assert calls[0][calls[0].index("--init-from") + 1] == str(checkpoint)
     assert result["set"] == ["training.fn_weights=[0.5, 0.7]"]
+    assert result["models_digest"] == bench_real.models_digest([checkpoint])  # what it started from
     assert [(p["held_out_patient"], p["tumor_dice"]) for p in result["per_patient"]] == [("1", 0.55), ("7", 0.43)]
     # Finished: reused, not fine-tuned again.
     bench_real.lopo(checkpoint, ["training.fn_weights=[0.5, 0.7]"], label="Tversky loss")
@@ -250,6 +255,37 @@ def test_scoring_finished_demo_runs_again_keeps_the_machine_they_were_timed_on(t
     assert run("trained here") == {"cpu": "trained here"} and len(calls) == 1
     assert run("scored again elsewhere") == {"cpu": "trained here"} and len(calls) == 1  # reused, not trained
     assert run("trained again", "--rerun") == {"cpu": "trained again"} and len(calls) == 2
+
+
+def test_training_the_demo_again_drops_the_parts_that_scored_the_models_it_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_LIVSEG_BENCH_RESULTS", str(tmp_path / "results"))
+    (tmp_path / "results").mkdir()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(bench_real, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(bench_real, "fit", fake_fit(calls, tmp_path / "runs"))
+    monkeypatch.setattr(bench_real, "default_postprocessing_scores", lambda run: (10.0, {"tumor_dice": 0.3, "tumor_dice_global": 0.5}))
+    monkeypatch.setattr(bench_real, "unseen_phantom_scores",
+                        lambda run: {"liver_dice": 0.8, "tumor_dice": 0.2, "tumor_dice_global": 0.5})
+    monkeypatch.setattr(bench_real, "machine", lambda: {"cpu": "here"})
+    path = tmp_path / "results" / "real_ct.json"
+
+    def run(*argv: str) -> dict:
+        monkeypatch.setattr(sys, "argv", ["bench_real.py", *argv])
+        bench_real.main()
+        return json.loads(path.read_text())
+
+    run("demo", "--seeds", "0", "1")
+    checkpoints = [tmp_path / "runs" / f"demo-seed{seed}" / "checkpoints" / "best.keras" for seed in (0, 1)]
+    results = run("demo", "--seeds", "0", "1")
+    results["sizes"] = {"models_digest": bench_real.models_digest(checkpoints)}
+    results["sim2real"] = {"models_digest": bench_real.models_digest(checkpoints)}
+    results["lopo"] = {"models_digest": bench_real.models_digest(checkpoints[:1]), "recipe": "r"}
+    results["lopo_ablations"] = {"seed 1": {"models_digest": bench_real.models_digest(checkpoints[:1]), "recipe": "r"}}
+    path.write_text(json.dumps(results))
+    kept = run("demo", "--seeds", "0", "1")  # the finished runs scored again: the same models
+    assert {"sizes", "sim2real", "lopo"} <= set(kept) and list(kept["lopo_ablations"]) == ["seed 1"] and len(calls) == 2
+    retrained = run("demo", "--seeds", "0", "1", "--rerun")
+    assert len(calls) == 4 and not {"sizes", "sim2real", "lopo"} & set(retrained) and retrained["lopo_ablations"] == {}
 
 
 def test_the_adjacent_slices_twin_is_the_same_checkpoint_without_context_mm(tmp_path):
