@@ -107,8 +107,9 @@ def format_summary(result) -> str:
         )
         if metrics.get("split") == "val":
             lines.append("                 (the validation cases also chose the checkpoint: add test cases for an unbiased figure)")
-    else:
-        lines.append("held-out Dice:   none (no test or validation cases; every case was used for training)")
+    elif not volumes:
+        lines.append("held-out Dice:   none (no test or validation cases, or training.score_volumes and "
+                     "training.score_slices both false)")
     lines += [
         f"run folder:      {result.run_dir}",
         f"best checkpoint: {result.best_checkpoint}",

@@ -42,7 +42,7 @@ TRAINING_KEYS = frozenset(
         "warmup_fraction", "div_factor", "final_div_factor", "loss", "ce_weight", "dice_weight", "class_weights",
         "fn_weights",
         "foreground_fraction", "augmentation", "precision", "image_every", "early_stopping_patience", "cache",
-        "shuffle_buffer", "monitor", "validation", "validate_last", "init_from", "score_volumes", "max_minutes",
+        "shuffle_buffer", "monitor", "validation", "validate_last", "init_from", "score_volumes", "score_slices", "max_minutes",
         "choose_postprocessing", "postprocessing_diameters_mm", "crop_size", "tumor_sampling",
     }
 )
@@ -84,6 +84,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "validate_last": 0,
         "init_from": "",
         "score_volumes": True,  # also score the held-out cases' whole volumes (native grid, LiTS)
+        # Also evaluate the held-out split's shard slices (model grid; eval/test_metrics.json):
+        # the figures that compare with training's. Off, a run with score_volumes has only those.
+        "score_slices": True,
         "max_minutes": 0.0,  # > 0: stop after the first epoch that ends past this many minutes
         # Choose the minimum lesion size on the validation volumes (inference.tuning), as nnU-Net
         # chooses its post-processing; predict, evaluate and the export then apply it.
@@ -826,7 +829,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     test_metrics: dict[str, Any] = {}
     volume_metrics = None
     (run_dir / "eval").mkdir(exist_ok=True)
-    if held_out is not None:
+    if held_out is not None and bool(training.get("score_slices", True)):
         test_ds = make_dataset(manifest, held_out, global_batch, training=False, input_shard=shard)
         test_steps = math.ceil(manifest["splits"][held_out]["slices"] / global_batch)
         # The trained model's twin (same weights) has built metrics: the fixed-size one, compiled but
@@ -836,10 +839,14 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         test_metrics["split"] = held_out
         test_metrics["covers"] = f"{manifest['selection']['slices']} slices of the shards, {len(manifest['splits'][held_out]['cases'])} case(s), model grid"
         (run_dir / "eval" / "test_metrics.json").write_text(json.dumps(test_metrics, indent=1, sort_keys=True) + "\n")
-        if chief and best.is_file() and bool(training.get("score_volumes", True)):
-            volume_metrics = score_held_out_volumes(best, manifest, held_out, run_dir / "eval")
-    else:
+    if held_out is not None and chief and best.is_file() and bool(training.get("score_volumes", True)):
+        volume_metrics = score_held_out_volumes(best, manifest, held_out, run_dir / "eval")
+    if held_out is None:
         logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
+    elif not (bool(training.get("score_slices", True)) or bool(training.get("score_volumes", True))):
+        logger.warning("training.score_volumes and training.score_slices are both false: the %s cases were not scored "
+                       "(score them with: python -m keras_livseg.evaluate --model %s --data %s --split %s)",
+                       held_out, best, manifest["_dir"], held_out)
 
     result = FitResult(run_dir, best if best.is_file() else None, None, test_metrics, epochs_done,
                        time.perf_counter() - started, volume_metrics=volume_metrics, warm_start=warm_start,

@@ -746,6 +746,24 @@ def test_validating_only_the_last_epochs_chooses_the_best_among_them(cache_dir, 
     assert code == 2 and "training.validate_last=-2 must be a whole number" in err and "Traceback" not in err
 
 
+def test_without_slice_scoring_the_held_out_figures_are_the_whole_volumes_only(cache_dir, tmp_path, caplog):
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "volumes", "--epochs", "1",
+                              "--steps-per-epoch", "3", "--set", "training.score_slices=false"])
+    assert code == 0, err[-2000:]
+    run = tmp_path / "volumes"
+    assert not (run / "eval" / "test_metrics.json").exists()
+    volumes = json.loads((run / "eval" / "held_out_volumes.json").read_text())
+    assert volumes["split"] == "test" and 0.0 <= volumes["liver_dice"] <= 1.0
+    assert "held-out Dice (every slice of" in out and "model grid" not in out and "held-out Dice:   none" not in out
+    complete = json.loads((run / "complete.json").read_text())
+    assert complete["test_metrics"] == {} and complete["volume_metrics"]["split"] == "test"
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "none", "--epochs", "1",
+                              "--steps-per-epoch", "3", "--set", "training.score_slices=false",
+                              "--set", "training.score_volumes=false"])
+    assert code == 0 and "score_volumes and training.score_slices both false" in out
+    assert "the test cases were not scored (score them with: python -m keras_livseg.evaluate --model" in caplog.text
+
+
 def test_case_balanced_tumour_sampling_trains_and_a_bad_value_is_one_line(cache_dir, tmp_path):
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "cases", "--epochs", "1",
                             "--steps-per-epoch", "3", "--set", "training.tumor_sampling=case",
