@@ -19,6 +19,8 @@ already measured are kept, so they can run one at a time):
 - ``ablation``: the demo with recipe changes (``--set KEY=VALUE``, as ``fit`` takes them) over the
   same seeds, scored as ``demo`` and ``sim2real`` are and kept under ``ablations`` by ``--label``:
   what a change of the recipe did, side by side with the recipe as shipped, on one machine.
+- ``lopo-starts``: ``lopo`` from each other demo model (``--seeds`` after the first), kept
+  under ``lopo_starts`` by seed: how much the starting model moves the fine-tuned figures.
 - ``lopo-ablation``: ``lopo`` with changes of the fine-tuning recipe (``--set``), from the same
   seed-0 demo model, kept under ``lopo_ablations`` by ``--label``.
 - ``sizes``: the demo models again, each volume (held-out test and unseen phantom) predicted once,
@@ -124,26 +126,41 @@ def models_digest(checkpoints: Sequence[Path]) -> str:
     return digest.hexdigest()[:12]
 
 
-def drop_parts_of_other_models(results: dict, seeds_digest: str, start_digest: str) -> list[str]:
+def drop_parts_of_other_models(results: dict, seeds_digest: str, start_digests: dict[str, str]) -> list[str]:
     """Remove the parts that scored demo models no longer there (after the demo is trained
-    again): ``sim2real`` and ``sizes`` recorded the seeds' models as ``models_digest``, ``lopo``
-    and each leave-one-patient-out ablation the seed-0 model it starts from. Return what went.
+    again); return what went. ``sim2real`` and ``sizes`` recorded the seeds' models as
+    ``models_digest``; ``lopo``, each ``lopo_starts`` entry and each leave-one-patient-out
+    ablation recorded the model it started from (``init_from``, digest ``models_digest``), which
+    ``start_digests`` maps to its digest now.
 
     >>> results = {"sizes": {"models_digest": "old"}, "sim2real": {"models_digest": "new"},
-    ...            "lopo": {"models_digest": "s0"}, "lopo_ablations": {"x": {"models_digest": "s9"}}}
-    >>> drop_parts_of_other_models(results, "new", "s0"), sorted(results), results["lopo_ablations"]
-    (['sizes', 'lopo ablation x'], ['lopo', 'lopo_ablations', 'sim2real'], {})
+    ...            "lopo": {"init_from": "s0.keras", "models_digest": "a"},
+    ...            "lopo_starts": {"1": {"init_from": "s1.keras", "models_digest": "b"}},
+    ...            "lopo_ablations": {"x": {"init_from": "s0.keras", "models_digest": "z"}}}
+    >>> drop_parts_of_other_models(results, "new", {"s0.keras": "a", "s1.keras": "b"})
+    ['sizes', 'lopo ablation x']
+    >>> sorted(results), results["lopo_starts"], results["lopo_ablations"]
+    (['lopo', 'lopo_ablations', 'lopo_starts', 'sim2real'], {'1': {'init_from': 's1.keras', 'models_digest': 'b'}}, {})
     """
+    def gone(part: dict) -> bool:
+        return part.get("models_digest") != start_digests.get(part.get("init_from"))
+
     dropped = [part for part in ("sim2real", "sizes")
                if part in results and results[part].get("models_digest") != seeds_digest]
-    dropped += [part for part in ("lopo",) if part in results and results[part].get("models_digest") != start_digest]
+    dropped += [part for part in ("lopo",) if part in results and gone(results[part])]
     for part in dropped:
         del results[part]
-    for label, ablation in list(results.get("lopo_ablations", {}).items()):
-        if ablation.get("models_digest") != start_digest:
-            del results["lopo_ablations"][label]
-            dropped.append(f"lopo ablation {label}")
+    for group, name in (("lopo_starts", "lopo start"), ("lopo_ablations", "lopo ablation")):
+        for label, measured in list(results.get(group, {}).items()):
+            if gone(measured):
+                del results[group][label]
+                dropped.append(f"{name} {label}")
     return dropped
+
+
+def relative(path: Path) -> str:
+    """``path`` as the JSON records it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
 def slug(label: str) -> str:
@@ -531,8 +548,7 @@ def lopo(checkpoint: Path, overrides: Sequence[str] = (), label: str = "") -> di
     print(table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["fold", "held_out_patient", "liver_dice", "tumor_dice"]))
     metrics = json.loads((RUNS / name / "eval" / "metrics.json").read_text())
-    init_from = checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint
-    return {"minutes": round(wall / 60, 2), **({"set": list(overrides)} if overrides else {}), "init_from": str(init_from),
+    return {"minutes": round(wall / 60, 2), **({"set": list(overrides)} if overrides else {}), "init_from": relative(checkpoint),
             "recipe": lopo_recipe_digest(), "models_digest": models_digest([checkpoint]),
             "per_patient": rows, "goal": {"liver_dice": 0.93, "tumor_dice": 0.60},
             "out_of_fold": {"liver_dice": metrics["volume"]["liver"]["dice"], "tumor_dice": metrics["volume"]["tumor"]["dice"],
@@ -550,7 +566,7 @@ def lopo_run_name(label: str = "") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo", "ablation", "lopo-ablation", "sizes"])
+    parser.add_argument("parts", nargs="+", choices=["demo", "fresh", "sim2real", "lopo", "lopo-starts", "ablation", "lopo-ablation", "sizes"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rerun", action="store_true",
                         help="train the demo seeds and the fine-tuning folds again instead of reusing finished runs")
@@ -568,6 +584,7 @@ def main() -> None:
         stale += [demo_run_name(seed, args.label) for seed in args.seeds] if "ablation" in args.parts else []
         stale += ["ircadb-lopo"] if "lopo" in args.parts else []
         stale += [lopo_run_name(args.label)] if "lopo-ablation" in args.parts else []
+        stale += [lopo_run_name(f"from demo seed {seed}") for seed in args.seeds[1:]] if "lopo-starts" in args.parts else []
         for name in stale:
             shutil.rmtree(RUNS / name, ignore_errors=True)
     # The in-process scoring imports TensorFlow: quietly, as the commands do (no cuInit lines on a CPU).
@@ -578,7 +595,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     previous = results.pop("machine", None)
     for part, value in results.items():  # parts from before each part kept its own
-        if isinstance(value, dict) and "machine" not in value and previous and part not in ("ablations", "lopo_ablations"):
+        if isinstance(value, dict) and "machine" not in value and previous and part not in ("ablations", "lopo_ablations", "lopo_starts"):
             value["machine"] = previous
     checkpoint = RUNS / demo_run_name(args.seeds[0]) / "checkpoints" / "best.keras"
     earlier = None  # the demo's machine, when its runs are only scored again
@@ -593,8 +610,10 @@ def main() -> None:
                       f"with: python benchmarks/bench_real.py ablation --label {label!r} --set ...")
             # The parts that scored the models this replaced (a lone `demo --rerun`) score nothing here now.
             seeds = [RUNS / demo_run_name(seed) / "checkpoints" / "best.keras" for seed in args.seeds]
-            for part_gone in drop_parts_of_other_models(results, models_digest(seeds), models_digest([checkpoint])):
-                again = "lopo-ablation --label ... --set ..." if part_gone.startswith("lopo ablation") else part_gone
+            starts = {relative(c): models_digest([c]) for c in seeds}
+            for part_gone in drop_parts_of_other_models(results, models_digest(seeds), starts):
+                again = {"lopo ablation": "lopo-ablation --label ... --set ...", "lopo start": "lopo-starts"}.get(
+                    part_gone.rsplit(" ", 1)[0], part_gone)
                 print(f"dropped {part_gone!r}: it scored demo models that were trained again; rerun it with: "
                       f"python benchmarks/bench_real.py {again}")
         elif part == "fresh":
@@ -611,6 +630,14 @@ def main() -> None:
             measured = {**lopo(checkpoint, args.overrides, args.label), "machine": machine()}
             results.setdefault("lopo_ablations", {})[args.label] = measured
             print(f"wrote {write_json('real_ct', results)}")
+            continue
+        elif part == "lopo-starts":
+            # The same fine-tuning from each other demo model: how much the starting model moves it.
+            for seed in args.seeds[1:]:
+                start = RUNS / demo_run_name(seed) / "checkpoints" / "best.keras"
+                measured = {**lopo(start, label=f"from demo seed {seed}"), "machine": machine()}
+                results.setdefault("lopo_starts", {})[str(seed)] = measured
+                print(f"wrote {write_json('real_ct', results)}")
             continue
         elif part == "sizes":
             results["sizes"] = sizes(args.seeds)

@@ -279,13 +279,17 @@ def test_training_the_demo_again_drops_the_parts_that_scored_the_models_it_repla
     results = run("demo", "--seeds", "0", "1")
     results["sizes"] = {"models_digest": bench_real.models_digest(checkpoints)}
     results["sim2real"] = {"models_digest": bench_real.models_digest(checkpoints)}
-    results["lopo"] = {"models_digest": bench_real.models_digest(checkpoints[:1]), "recipe": "r"}
-    results["lopo_ablations"] = {"seed 1": {"models_digest": bench_real.models_digest(checkpoints[:1]), "recipe": "r"}}
+    start = {"init_from": str(checkpoints[0]), "models_digest": bench_real.models_digest(checkpoints[:1]), "recipe": "r"}
+    results["lopo"] = start
+    results["lopo_ablations"] = {"seed 1": start}
+    results["lopo_starts"] = {"1": {"init_from": str(checkpoints[1]), "models_digest": bench_real.models_digest(checkpoints[1:])}}
     path.write_text(json.dumps(results))
     kept = run("demo", "--seeds", "0", "1")  # the finished runs scored again: the same models
-    assert {"sizes", "sim2real", "lopo"} <= set(kept) and list(kept["lopo_ablations"]) == ["seed 1"] and len(calls) == 2
+    assert {"sizes", "sim2real", "lopo"} <= set(kept) and len(calls) == 2
+    assert list(kept["lopo_ablations"]) == ["seed 1"] and list(kept["lopo_starts"]) == ["1"]
     retrained = run("demo", "--seeds", "0", "1", "--rerun")
-    assert len(calls) == 4 and not {"sizes", "sim2real", "lopo"} & set(retrained) and retrained["lopo_ablations"] == {}
+    assert len(calls) == 4 and not {"sizes", "sim2real", "lopo"} & set(retrained)
+    assert retrained["lopo_ablations"] == {} and retrained["lopo_starts"] == {}
 
 
 def test_the_adjacent_slices_twin_is_the_same_checkpoint_without_context_mm(tmp_path):
