@@ -416,6 +416,7 @@ def render_real_ct(data: dict) -> str:
         f"| leave one patient out: wall time, both folds (data, training, whole-volume prediction, LiTS report) | "
         f"{lopo['minutes']:.1f} min | — | |",
     ]
+    rows += _lopo_starts_rows(lopo, data.get("lopo_starts", {}))
     for label, ablation in data.get("lopo_ablations", {}).items():
         sets = " ".join(f"`--set {change}`" for change in ablation["set"])
         held_out = ablation["per_patient"]
@@ -424,10 +425,35 @@ def render_real_ct(data: dict) -> str:
                     f"{' / '.join(format(p['liver_dice'], '.3f') for p in held_out)}; "
                     f"{' / '.join(format(p['tumor_dice'], '.3f') for p in held_out)} ({ablation['minutes']:.1f} min) | | |")
     parts = {**data, **{f"ablation '{label}'": ablation for label, ablation in data.get("ablations", {}).items()},
+             **{f"lopo from demo seed {seed}": start for seed, start in data.get("lopo_starts", {}).items()},
              **{f"lopo ablation '{label}'": ablation for label, ablation in data.get("lopo_ablations", {}).items()}}
     return "\n".join([*rows, "", _parts_machine_line(parts, ("fresh", "demo", *(p for p in parts if p.startswith("ablation '")),
-                                                            "sim2real", "lopo",
+                                                            "sim2real", "lopo", *(p for p in parts if p.startswith("lopo from")),
                                                             *(p for p in parts if p.startswith("lopo ablation '"))))])
+
+
+def _lopo_starts_rows(lopo: dict, starts: dict) -> list[str]:
+    """Leave one patient out from every demo model (``lopo`` from seed 0, ``lopo_starts`` from the
+    others): each patient's Dice as a mean and range over the starting models, and how many of
+    them meet each goal."""
+    import numpy as np
+
+    if not starts:
+        return []
+    runs = [lopo, *starts.values()]
+    seeds = ", ".join(["0", *starts])
+    patients = [str(p["held_out_patient"]) for p in lopo["per_patient"]]
+    rows = []
+    for key, name in (("liver_dice", "liver"), ("tumor_dice", "tumour")):
+        goal = lopo["goal"][key]
+        cells = []
+        for patient in patients:
+            values = [p[key] for run in runs for p in run["per_patient"] if str(p["held_out_patient"]) == patient]
+            cells.append(f"{np.mean(values):.3f} ({min(values):.3f} – {max(values):.3f}; {sum(v >= goal for v in values)} "
+                         f"of {len(values)} ≥ {goal:.2f})")
+        rows.append(f"| leave one patient out from each demo model (seeds {seeds}; `bench_real.py lopo lopo-starts`): "
+                    f"{name} Dice, patient {' / '.join(patients)} (mean, range) | {' / '.join(cells)} | — | |")
+    return rows
 
 
 def _size_sweep_rows(sweep: dict) -> list[str]:

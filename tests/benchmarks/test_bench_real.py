@@ -381,3 +381,20 @@ def test_the_real_ct_table_shows_the_size_sweep_size_by_size():
             "per case, held-out / 48 unseen phantom cases (mean over models) | 10 mm³ 0.500 / 0.450 · 20 mm 0.600 / 0.550 | | |") in table
     assert "| the same, held-out: LiTS lesion precision / recall (IoU > 0.5) | 10 mm³ 0.50 / 0.40 · 20 mm 0.50 / 0.30 | | |" in table
     assert ("the 7 of 10 – 20 mm / the 11 of 20 mm or more (mean over models) | 10 mm³ 4.0 / 9.0 · 20 mm 4.0 / 9.0 | | |") in table
+
+
+def test_the_real_ct_table_shows_leave_one_patient_out_from_each_demo_model():
+    data = json.loads((ROOT / "benchmarks" / "results" / "real_ct.json").read_text())
+    goal = {"liver_dice": 0.93, "tumor_dice": 0.60}
+    data["lopo"] = {**data["lopo"], "goal": goal, "per_patient": [
+        {"held_out_patient": "1", "liver_dice": 0.92, "tumor_dice": 0.64}, {"held_out_patient": "7", "liver_dice": 0.86, "tumor_dice": 0.52}]}
+    data["lopo_starts"] = {seed: {"minutes": 10.0, "machine": data["lopo"]["machine"], "per_patient": [
+        {"held_out_patient": "1", "liver_dice": liver, "tumor_dice": tumour}, {"held_out_patient": "7", "liver_dice": 0.88, "tumor_dice": 0.70}]}
+        for seed, liver, tumour in (("1", 0.94, 0.56), ("2", 0.93, 0.60))}
+    table = readme_tables.render_real_ct(data)
+    assert ("| leave one patient out from each demo model (seeds 0, 1, 2; `bench_real.py lopo lopo-starts`): liver Dice, "
+            "patient 1 / 7 (mean, range) | 0.930 (0.920 – 0.940; 2 of 3 ≥ 0.93) / 0.873 (0.860 – 0.880; 0 of 3 ≥ 0.93) | — | |") in table
+    assert "tumour Dice, patient 1 / 7 (mean, range) | 0.600 (0.560 – 0.640; 2 of 3 ≥ 0.60) / 0.640 (0.520 – 0.700; 2 of 3 ≥ 0.60)" in table
+    assert "lopo from demo seed 1" in table  # the machine each was measured on
+    del data["lopo_starts"]
+    assert "from each demo model" not in readme_tables.render_real_ct(data)
