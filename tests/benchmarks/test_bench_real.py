@@ -235,7 +235,10 @@ def test_a_second_lopo_ablation_keeps_the_first_and_adds_no_machine_entry_beside
     assert ablations["Tversky loss"]["set"] == ["training.fn_weights=[]"] and "cpu" in ablations["Tversky loss"]["machine"]
 
 
-def test_scoring_finished_demo_runs_again_keeps_the_machine_they_were_timed_on(tmp_path, monkeypatch):
+@pytest.fixture
+def demo_calls(tmp_path, monkeypatch) -> list[list[str]]:
+    """``bench_real.main`` writing to ``tmp_path``, its demo runs trained by :func:`fake_fit`
+    (the arguments of each training in the list returned) and scored by stand-ins."""
     monkeypatch.setenv("KERAS_LIVSEG_BENCH_RESULTS", str(tmp_path / "results"))
     (tmp_path / "results").mkdir()
     calls: list[list[str]] = []
@@ -244,6 +247,11 @@ def test_scoring_finished_demo_runs_again_keeps_the_machine_they_were_timed_on(t
     monkeypatch.setattr(bench_real, "default_postprocessing_scores", lambda run: (10.0, {"tumor_dice": 0.3, "tumor_dice_global": 0.5}))
     monkeypatch.setattr(bench_real, "unseen_phantom_scores",
                         lambda run: {"liver_dice": 0.8, "tumor_dice": 0.2, "tumor_dice_global": 0.5})
+    return calls
+
+
+def test_scoring_finished_demo_runs_again_keeps_the_machine_they_were_timed_on(tmp_path, monkeypatch, demo_calls):
+    calls = demo_calls
     monkeypatch.setattr(bench_real, "drop_stale_ablations", lambda results: [])
 
     def run(cpu: str, *extra: str) -> dict:
@@ -257,15 +265,8 @@ def test_scoring_finished_demo_runs_again_keeps_the_machine_they_were_timed_on(t
     assert run("trained again", "--rerun") == {"cpu": "trained again"} and len(calls) == 2
 
 
-def test_training_the_demo_again_drops_the_parts_that_scored_the_models_it_replaced(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_LIVSEG_BENCH_RESULTS", str(tmp_path / "results"))
-    (tmp_path / "results").mkdir()
-    calls: list[list[str]] = []
-    monkeypatch.setattr(bench_real, "RUNS", tmp_path / "runs")
-    monkeypatch.setattr(bench_real, "fit", fake_fit(calls, tmp_path / "runs"))
-    monkeypatch.setattr(bench_real, "default_postprocessing_scores", lambda run: (10.0, {"tumor_dice": 0.3, "tumor_dice_global": 0.5}))
-    monkeypatch.setattr(bench_real, "unseen_phantom_scores",
-                        lambda run: {"liver_dice": 0.8, "tumor_dice": 0.2, "tumor_dice_global": 0.5})
+def test_training_the_demo_again_drops_the_parts_that_scored_the_models_it_replaced(tmp_path, monkeypatch, demo_calls):
+    calls = demo_calls
     monkeypatch.setattr(bench_real, "machine", lambda: {"cpu": "here"})
     path = tmp_path / "results" / "real_ct.json"
 
