@@ -441,7 +441,8 @@ def _lopo_starts_rows(lopo: dict, starts: dict) -> list[str]:
     if not starts:
         return []
     runs = [lopo, *starts.values()]
-    seeds = ", ".join(["0", *starts])
+    # lopo starts from the first --seeds model, recorded as its run folder (demo-seed<N>)
+    seeds = ", ".join([Path(lopo["init_from"]).parent.parent.name.removeprefix("demo-seed"), *starts])
     patients = [str(p["held_out_patient"]) for p in lopo["per_patient"]]
     rows = []
     for key, name in (("liver_dice", "liver"), ("tumor_dice", "tumour")):

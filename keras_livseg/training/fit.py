@@ -183,10 +183,13 @@ def resolve_config(recipe: str | Path | None = None, overrides: Mapping[str, Map
     from keras_livseg.data.augment import Augmentation  # TensorFlow is loaded for the training anyway
 
     Augmentation.from_config(config["training"]["augmentation"])  # its keys and values, before any run folder
-    if not isinstance(config["run"]["deterministic"], bool):  # "flase" would otherwise read as true
-        raise ValueError(f"run.deterministic must be true or false, got {config['run']['deterministic']!r}")
-    if not isinstance(config["data"].get("stratify", False), bool):
-        raise ValueError(f"data.stratify must be true or false, got {config['data']['stratify']!r}")
+    # Every switch (a key whose default is true or false, and data.stratify) must be one: a string
+    # such as "flase" or a number would otherwise read as true.
+    switches = [(section, key) for section, table in DEFAULTS.items() if isinstance(table, dict)
+                for key, default in table.items() if isinstance(default, bool)] + [("data", "stratify")]
+    for section, key in switches:
+        if key in config[section] and not isinstance(config[section][key], bool):
+            raise ValueError(f"{section}.{key} must be true or false, got {config[section][key]!r}")
     postprocessing_diameters(config["training"])  # before any data is made or read
     config["recipe"] = str(path)
     return config
@@ -829,7 +832,8 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
     test_metrics: dict[str, Any] = {}
     volume_metrics = None
     (run_dir / "eval").mkdir(exist_ok=True)
-    if held_out is not None and bool(training.get("score_slices", True)):
+    score_slices, score_volumes = bool(training.get("score_slices", True)), bool(training.get("score_volumes", True))
+    if held_out is not None and score_slices:
         test_ds = make_dataset(manifest, held_out, global_batch, training=False, input_shard=shard)
         test_steps = math.ceil(manifest["splits"][held_out]["slices"] / global_batch)
         # The trained model's twin (same weights) has built metrics: the fixed-size one, compiled but
@@ -839,11 +843,11 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         test_metrics["split"] = held_out
         test_metrics["covers"] = f"{manifest['selection']['slices']} slices of the shards, {len(manifest['splits'][held_out]['cases'])} case(s), model grid"
         (run_dir / "eval" / "test_metrics.json").write_text(json.dumps(test_metrics, indent=1, sort_keys=True) + "\n")
-    if held_out is not None and chief and best.is_file() and bool(training.get("score_volumes", True)):
+    if held_out is not None and chief and best.is_file() and score_volumes:
         volume_metrics = score_held_out_volumes(best, manifest, held_out, run_dir / "eval")
     if held_out is None:
         logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
-    elif not (bool(training.get("score_slices", True)) or bool(training.get("score_volumes", True))):
+    elif not (score_slices or score_volumes):
         logger.warning("training.score_volumes and training.score_slices are both false: the %s cases were not scored "
                        "(score them with: python -m keras_livseg.evaluate --model %s --data %s --split %s)",
                        held_out, best, manifest["_dir"], held_out)

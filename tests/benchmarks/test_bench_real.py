@@ -397,5 +397,7 @@ def test_the_real_ct_table_shows_leave_one_patient_out_from_each_demo_model():
             "patient 1 / 7 (mean, range) | 0.930 (0.920 – 0.940; 2 of 3 ≥ 0.93) / 0.873 (0.860 – 0.880; 0 of 3 ≥ 0.93) | — | |") in table
     assert "tumour Dice, patient 1 / 7 (mean, range) | 0.600 (0.560 – 0.640; 2 of 3 ≥ 0.60) / 0.640 (0.520 – 0.700; 2 of 3 ≥ 0.60)" in table
     assert "lopo from demo seed 1" in table  # the machine each was measured on
+    data["lopo"]["init_from"] = "runs/bench_real/demo-seed3/checkpoints/best.keras"  # lopo --seeds 3 1 2
+    assert "from each demo model (seeds 3, 1, 2;" in readme_tables.render_real_ct(data)
     del data["lopo_starts"]
     assert "from each demo model" not in readme_tables.render_real_ct(data)

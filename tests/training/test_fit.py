@@ -260,6 +260,9 @@ def test_unknown_recipe_key_names_it_and_the_valid_keys(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # refused before any run folder
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "data.stratify=flase"])
     assert code == 2 and "data.stratify must be true or false, got 'flase'" in err and "Traceback" not in err
+    for switch in ("training.score_slices", "training.score_volumes", "training.cache", "export.enabled"):
+        code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", f"{switch}=2"])
+        assert code == 2 and f"{switch} must be true or false, got 2" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.epochs.first=3"])
     assert code == 2 and "training.epochs is a value, not a table" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["--runs-dir", str(tmp_path), "--set", "training.augmentaton.rotation=0.1"])
