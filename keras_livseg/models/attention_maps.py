@@ -124,21 +124,36 @@ def grad_cam(model: keras.Model, images: np.ndarray, class_index: int, layer_nam
     x = tf.convert_to_tensor(np.asarray(images, np.float32))
     with tf.GradientTape() as tape:
         features, probabilities = probe(x, training=False)
-        probabilities = tf.cast(probabilities, tf.float32)
-        # The class's log-probability summed over the pixels assigned to it (the whole slice
-        # when there are none, so that the map still says what pushes towards the class).
-        assigned = tf.cast(tf.argmax(probabilities, axis=-1) == class_index, tf.float32)
-        has_any = tf.reduce_any(assigned > 0, axis=(1, 2), keepdims=True)
-        region = tf.where(has_any, assigned, tf.ones_like(assigned))
-        score = tf.reduce_sum(tf.math.log(probabilities[..., class_index] + 1e-7) * region)
-    gradients = tape.gradient(score, features)
+        score = _class_score(probabilities, class_index)
+    cam = _cam(features, tape.gradient(score, features)).numpy()
+    return _to_input_size(_per_slice_unit(cam), _input_size(model))
+
+
+def _class_score(probabilities, class_index: int):
+    """The class's log-probability summed over the pixels assigned to it (the whole slice when
+    there are none, so that the map still says what pushes towards the class). TensorFlow."""
+    import tensorflow as tf
+
+    probabilities = tf.cast(probabilities, tf.float32)
+    assigned = tf.cast(tf.argmax(probabilities, axis=-1) == class_index, tf.float32)
+    has_any = tf.reduce_any(assigned > 0, axis=(1, 2), keepdims=True)
+    region = tf.where(has_any, assigned, tf.ones_like(assigned))
+    return tf.reduce_sum(tf.math.log(probabilities[..., class_index] + 1e-7) * region)
+
+
+def _cam(features, gradients):
+    """``relu(sum_k w_k A_k)``, ``w_k`` the spatial mean of the gradient: ``[n, h, w]``. TensorFlow."""
+    import tensorflow as tf
+
     features = tf.cast(features, tf.float32)
-    gradients = tf.cast(gradients, tf.float32)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
+    weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
+    return tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+
+
+def _per_slice_unit(cam: np.ndarray) -> np.ndarray:
+    """Each slice's map divided by its peak (all zeros stay zeros)."""
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-    cam = np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0).astype(np.float32)
-    return _to_input_size(cam, _input_size(model))
+    return np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0).astype(np.float32)
 
 
 def attention_maps(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -155,3 +170,61 @@ def attention_maps(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarr
         maps["Grad-CAM tumour"] = grad_cam(model, images, 2)
         maps["Grad-CAM liver"] = grad_cam(model, images, 1)
     return maps
+
+
+class AttentionMaps:
+    """:func:`attention_maps` of one model, prepared once for many calls.
+
+    The probe model is built once and, on TensorFlow, the gates and both Grad-CAMs come from one
+    compiled pass (one forward, two gradients) instead of three eager ones: ``fit``'s TensorBoard
+    callback draws the maps every few epochs, and eagerly they cost ~0.7 s a call on 2 cores (a
+    128 px TAM-U-Net, 4 slices), seconds of a 5-minute run. The maps are :func:`attention_maps`'s.
+
+    Example:
+        >>> from keras_livseg.models import build_model
+        >>> model = build_model("tam_unet", input_shape=(32, 32, 1), filters=4, depth=2)
+        >>> maps = AttentionMaps(model)(np.zeros((2, 32, 32, 1), "float32"))
+        >>> list(maps), maps["Grad-CAM liver"].shape
+        (['attention gates (mean over layers)', 'Grad-CAM tumour', 'Grad-CAM liver'], (2, 32, 32))
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self._compiled = None
+        if keras.backend.backend() != "tensorflow":
+            return  # attention_maps() has the gates only there, eagerly
+        import tensorflow as tf
+
+        gates = attention_layers(model)
+        features = model.get_layer(default_cam_layer(model)).output
+        probe = keras.Model(model.input, {"gates": [layer.input for layer in gates], "features": features,
+                                          "probabilities": model.output})
+        axis = channel_axis()
+
+        def maps(x):
+            with tf.GradientTape(persistent=True) as tape:
+                out = probe(x, training=False)
+                scores = [_class_score(out["probabilities"], class_index) for class_index in (2, 1)]
+            cams = [_cam(out["features"], tape.gradient(score, out["features"])) for score in scores]
+            spatial = []
+            for layer, inputs in zip(gates, out["gates"]):
+                gate = layer.compute_attention(inputs)
+                if len(gate.shape) == 4:  # gate_maps() leaves out MA-Net's positions x positions map
+                    spatial.append(tf.reduce_mean(tf.cast(gate, tf.float32), axis=axis))
+            return spatial, cams
+
+        self._compiled = tf.function(maps, reduce_retracing=True)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``{name: [n, H, W] float32 in [0, 1]}`` for ``[n, H, W, C]`` standardized slices."""
+        if self._compiled is None:
+            return attention_maps(self.model, images)
+        gates, cams = self._compiled(np.asarray(images, np.float32))
+        size = _input_size(self.model)
+        maps: dict[str, np.ndarray] = {}
+        if gates:
+            maps["attention gates (mean over layers)"] = np.mean(
+                np.stack([_to_input_size(np.asarray(gate), size) for gate in gates]), axis=0)
+        maps["Grad-CAM tumour"] = _to_input_size(_per_slice_unit(np.asarray(cams[0])), size)
+        maps["Grad-CAM liver"] = _to_input_size(_per_slice_unit(np.asarray(cams[1])), size)
+        return maps

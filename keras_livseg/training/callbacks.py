@@ -191,6 +191,7 @@ class PredictionImages(keras.callbacks.Callback):
         self.log_dir = Path(log_dir) / "images"
         self.every = max(1, int(every))
         self._writer = None
+        self._maps = None  # AttentionMaps of the drawn model, prepared at the first grid
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if (epoch + 1) % self.every or len(self.images) == 0:
@@ -203,9 +204,11 @@ class PredictionImages(keras.callbacks.Callback):
         grid = prediction_grid(self.images, self.masks, predicted)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
-        from keras_livseg.models.attention_maps import attention_maps
+        if self._maps is None or self._maps.model is not network:
+            from keras_livseg.models.attention_maps import AttentionMaps
 
-        maps = attention_maps(network, self.images)
+            self._maps = AttentionMaps(network)
+        maps = self._maps(self.images)
         with self._writer.as_default():
             tf.summary.image("validation/ct_truth_prediction", grid[None].astype(np.float32), step=epoch)
             if maps:

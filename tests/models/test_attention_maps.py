@@ -56,3 +56,18 @@ def test_default_layer_and_the_maps_of_every_kind():
     assert list(maps) == ["attention gates (mean over layers)", "Grad-CAM tumour", "Grad-CAM liver"]
     for value in maps.values():
         assert value.shape == (3, 32, 32) and value.min() >= 0.0 and value.max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["tam_unet", "attention_unet", "unet_cbam", "unet"])
+def test_the_prepared_maps_equal_the_eager_ones(name):
+    from keras_livseg.models.attention_maps import AttentionMaps
+
+    model = build_model(name, input_shape=(32, 32, 1), filters=4, depth=2)
+    prepared = AttentionMaps(model)
+    for count in (3, 1):  # another batch size through the same prepared maps
+        x = np.random.default_rng(count).normal(size=(count, 32, 32, 1)).astype("float32")
+        eager, fast = attention_maps(model, x), prepared(x)
+        assert list(fast) == list(eager)
+        for key in eager:
+            assert fast[key].shape == (count, 32, 32)
+            np.testing.assert_allclose(fast[key], eager[key], atol=2e-4, err_msg=f"{name}: {key}")
