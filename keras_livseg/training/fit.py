@@ -78,6 +78,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cache": True,
         "shuffle_buffer": 2048,
         "monitor": "val_tumor_dice",
+        # "split": validate on the validation split in model.fit (training.validate_last says which
+        # epochs) and keep the best checkpoint by training.monitor. "none": no validation pass while
+        # training; best.keras is the last epoch, as nnU-Net keeps its final checkpoint. Validation
+        # cases, when the split has any, still choose the post-processing on their whole volumes and
+        # give TensorBoard its images.
         "validation": "split",
         # > 0: validate only in the last this many epochs (the best checkpoint is chosen among
         # them), giving the time of the others' validation to training; 0 validates every epoch.
@@ -730,7 +735,11 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         )
     if training["validation"] not in ("split", "none"):
         raise ValueError(f"training.validation must be 'split' or 'none', got {training['validation']!r}")
-    monitor = training["monitor"] if has_val else None
+    validates = has_val and training["validation"] == "split"
+    monitor = training["monitor"] if validates else None
+    if has_val and not validates:
+        logger.info("training.validation = none: no validation pass while training, best.keras is the last epoch; "
+                    "the %d validation case(s) choose the post-processing", len(manifest["splits"]["val"]["cases"]))
     validation_freq = validation_epochs(epochs, training["validate_last"])
     augmentation = Augmentation.from_config(training["augmentation"])
     # Each worker reads its own shards; every batch is made of one part per replica.
@@ -742,7 +751,9 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
                             shuffle_buffer=int(training["shuffle_buffer"]), replicas=replicas,
                             input_shard=shard, deterministic=config["run"].get("deterministic", False))
     # Several workers split the validation set by batch: a cache of it would hold one worker's part.
-    val_ds = make_dataset(manifest, "val", global_batch, training=False, cache=bool(training["cache"]) and task is None,
+    # Without a validation pass the split is read once, for TensorBoard's images: nothing to cache.
+    val_ds = make_dataset(manifest, "val", global_batch, training=False,
+                          cache=bool(training["cache"]) and task is None and validates,
                           input_shard=shard) if has_val else None
 
     head = model_options.get("head", "softmax")
@@ -791,9 +802,9 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
         callbacks.append(UploadRun(run_dir, upload_to))
     # Exact batch counts of the finite splits: Keras otherwise learns them by running out of
     # data, and warns "Your input ran out of data" on every first pass.
-    val_steps = math.ceil(manifest["splits"]["val"]["slices"] / global_batch) if has_val else None
+    val_steps = math.ceil(manifest["splits"]["val"]["slices"] / global_batch) if validates else None
     try:
-        history = trainer.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
+        history = trainer.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds if validates else None,
                               validation_steps=val_steps, validation_freq=validation_freq, callbacks=callbacks,
                               verbose=verbose, shuffle=False)  # the dataset shuffles itself
     except Exception as error:

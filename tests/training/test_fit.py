@@ -730,6 +730,25 @@ def test_training_without_validation_keeps_the_last_epoch_and_reports_no_held_ou
         np.testing.assert_array_equal(a, b)
 
 
+def test_validation_none_skips_the_pass_but_its_cases_still_choose_the_postprocessing(cache_dir, tmp_path):
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "noval", "--epochs", "2",
+                              "--steps-per-epoch", "4", "--set", "training.validation=none",
+                              "--set", "training.score_volumes=false"])
+    assert code == 0, err[-2000:]
+    run = tmp_path / "noval"
+    history = read_history(run)
+    assert len(history) == 2 and all(value == "NA" for row in history for key, value in row.items() if key.startswith("val_"))
+    assert not list((run / "tensorboard" / "validation").glob("events.out.tfevents.*"))  # no pass, no curve
+    assert list((run / "tensorboard" / "images").glob("events.out.tfevents.*"))  # the validation slices drawn
+    best = keras.saving.load_model(run / "checkpoints" / "best.keras", compile=False)
+    last = keras.saving.load_model(run / "checkpoints" / "last.keras", compile=False)
+    for a, b in zip(best.get_weights(), last.get_weights()):
+        np.testing.assert_array_equal(a, b)  # no validation: the last epoch is the model
+    manifest = json.loads((Path(json.loads((run / "config.json").read_text())["data"]["shards"]) / "manifest.json").read_text())
+    chosen = json.loads((run / "preprocessing.json").read_text())["postprocessing"]
+    assert chosen["chosen_on"]["cases"] == manifest["splits"]["val"]["cases"] != []
+
+
 def test_validating_only_the_last_epochs_chooses_the_best_among_them(cache_dir, tmp_path, caplog):
     code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--name", "late", "--epochs", "3",
                               "--steps-per-epoch", "4", "--set", "training.validate_last=1",
