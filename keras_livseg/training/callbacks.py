@@ -286,6 +286,39 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
             os.replace(partial, final)
 
 
+class BestIsLast(keras.callbacks.Callback):
+    """``best.keras`` as the last epoch's checkpoint, for runs that validate nothing.
+
+    After each epoch's ``last.keras`` is saved (the callback before this one), ``best.keras``
+    becomes a hard link to it (a copy where the filesystem has no links), made under a temporary
+    name and renamed: the same file as saving the model twice, without the second save (~0.35 s an
+    epoch for the demo's 2-million-parameter model). A run killed at any point keeps a
+    ``best.keras`` of a whole epoch. ``last.keras`` is replaced by a rename each epoch, so the link
+    keeps the previous epoch's file until it is made again.
+
+    Example:
+        >>> BestIsLast("runs/x/checkpoints/last.keras", "runs/x/checkpoints/best.keras")  # doctest: +ELLIPSIS
+        <...BestIsLast object at ...>
+    """
+
+    def __init__(self, last: str | Path, best: str | Path) -> None:
+        super().__init__()
+        self.last, self.best = Path(last), Path(best)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.last.is_file():
+            return
+        partial = partial_path(self.best)
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(self.last, partial)
+        except OSError:  # no hard links here (some network and FUSE filesystems)
+            import shutil
+
+            shutil.copy2(self.last, partial)
+        os.replace(partial, self.best)
+
+
 class EarlyStopping(keras.callbacks.EarlyStopping):
     """Keras' ``EarlyStopping``, counting validated epochs only, without a warning for the others."""
 
@@ -457,7 +490,8 @@ def standard_callbacks(
     callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(), nan_stop, *extra]
     checkpoint = functools.partial(Checkpoint, saves=saves)
     if monitor is None:
-        callbacks.append(checkpoint(str(checkpoints / "best.keras")))
+        callbacks += [checkpoint(str(checkpoints / "last.keras")),
+                      BestIsLast(checkpoints / "last.keras", checkpoints / "best.keras")]
     else:
         callbacks.append(
             checkpoint(
@@ -468,7 +502,7 @@ def standard_callbacks(
                 initial_value_threshold=threshold,
             )
         )
-    callbacks.append(checkpoint(str(checkpoints / "last.keras")))
+        callbacks.append(checkpoint(str(checkpoints / "last.keras")))
     # The history row before the backup: the backup's commit then always has its epoch's row,
     # and a resumed run drops the rows of epochs the backup does not hold.
     kept = (RunBackup.saved_epochs(run_dir / "backup") or 0) if resume else None

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 from keras_livseg.training.callbacks import (
+    BestIsLast,
     Checkpoint,
     EarlyStopping,
     HistoryLogger,
@@ -194,3 +196,33 @@ def test_a_resumed_history_drops_the_rows_the_backup_does_not_hold(tmp_path):
     logger.on_epoch_end(2, {"loss": 0.4})
     logger.on_train_end()
     assert rows(path) == [{"epoch": "0", "loss": "0.9"}, {"epoch": "1", "loss": "0.7"}, {"epoch": "2", "loss": "0.4"}]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_without_validation_best_is_the_last_epochs_file_saved_once(tmp_path, monkeypatch, links):
+    from keras_livseg.training.callbacks import standard_callbacks
+
+    if not links:  # a filesystem without hard links: copied instead
+        def no_link(*args):
+            raise OSError("hard links not supported")
+
+        monkeypatch.setattr("os.link", no_link)
+    saves = []
+    real_save = keras.Model.save
+    monkeypatch.setattr(keras.Model, "save", lambda self, path, *a, **k: (saves.append(Path(path).name), real_save(self, path, *a, **k)))
+    callbacks, _ = standard_callbacks(tmp_path, monitor=None)
+    assert [type(c) for c in callbacks if isinstance(c, (Checkpoint, BestIsLast))] == [Checkpoint, BestIsLast]
+    model = tiny_model()
+    checkpoints = tmp_path / "checkpoints"
+    for epoch, value in enumerate((2.0, 5.0)):
+        model.layers[-1].set_weights([np.full((2, 1), value, np.float32), np.zeros(1, np.float32)])
+        for callback in callbacks:
+            if isinstance(callback, (Checkpoint, BestIsLast)):
+                callback.set_model(model)
+                callback.on_epoch_end(epoch, {"loss": 1.0})
+        best = keras.saving.load_model(checkpoints / "best.keras", compile=False)
+        np.testing.assert_array_equal(best.layers[-1].get_weights()[0], np.full((2, 1), value))
+        assert (checkpoints / "best.keras").read_bytes() == (checkpoints / "last.keras").read_bytes()
+    assert len(saves) == 2  # one save an epoch (last.keras's), not two
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.keras", "last.keras"]
+    assert ((checkpoints / "best.keras").stat().st_ino == (checkpoints / "last.keras").stat().st_ino) == links
