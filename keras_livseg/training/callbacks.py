@@ -336,14 +336,18 @@ class HistoryLogger(keras.callbacks.CSVLogger):
     file's own header is kept, so that its rows stay under the right columns whichever epoch
     comes first. A missing value is written ``NA``.
 
+    ``validates=False`` (a run with no validation pass at all): no ``val_`` columns.
+
     ``epochs_kept``: on a resumed run, the epochs the restored backup holds (:class:`RunBackup`).
     Rows of later epochs (written before a kill, whose epoch now runs again) and a row cut
     short by the kill are dropped first, so that every epoch appears once.
     """
 
-    def __init__(self, filename: str, append: bool = False, epochs_kept: int | None = None, **kwargs) -> None:
+    def __init__(self, filename: str, append: bool = False, epochs_kept: int | None = None, validates: bool = True,
+                 **kwargs) -> None:
         super().__init__(filename, append=append, **kwargs)
         self.epochs_kept = epochs_kept
+        self.validates = validates
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         path = Path(self.filename)
@@ -359,7 +363,7 @@ class HistoryLogger(keras.callbacks.CSVLogger):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
         if self.keys is None and not any(key.startswith("val_") for key in logs):
-            self.keys = sorted([*logs, *(f"val_{key}" for key in logs if key != "learning_rate")])
+            self.keys = sorted([*logs, *(f"val_{key}" for key in logs if key != "learning_rate" and self.validates)])
         super().on_epoch_end(epoch, logs)
 
 
@@ -506,7 +510,8 @@ def standard_callbacks(
     # The history row before the backup: the backup's commit then always has its epoch's row,
     # and a resumed run drops the rows of epochs the backup does not hold.
     kept = (RunBackup.saved_epochs(run_dir / "backup") or 0) if resume else None
-    callbacks.append(HistoryLogger(str(run_dir / "history.csv"), append=resume, epochs_kept=kept))
+    callbacks.append(HistoryLogger(str(run_dir / "history.csv"), append=resume, epochs_kept=kept,
+                                   validates=monitor is not None))
     callbacks.append(RunBackup(run_dir / "backup"))
     if early_stopping_patience and monitor is not None:
         callbacks.append(
