@@ -83,7 +83,7 @@ BENCHMARKS = (
               what="phantom intensities against the real scans"),
     Benchmark("compare_phantom", "bench_compare.py", quick_args=None,
               what="every model in the same budget on the phantom: Dice, speed, paired tests (~1 h)"),
-    Benchmark("real_ct", "bench_real.py", args=("demo", "fresh", "sim2real", "lopo", "lopo-starts", "sizes", "--rerun"), quick_args=None,
+    Benchmark("real_ct", "bench_real.py", args=("demo", "fresh", "sim2real", "lopo", "lopo-starts", "sizes", "--rerun", "--fresh-runs", "3"), quick_args=None,
               needs_real_data=True,
               what="the demo's held-out Dice, sim-to-real, leave-one-patient-out on real CT, and each minimum lesion size on the demo models"),
     Benchmark("predict_long_trained", "bench_predict.py", quick_args=None, needs_real_data=True,

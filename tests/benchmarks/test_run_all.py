@@ -168,7 +168,7 @@ def test_the_run_record_keeps_every_benchmarks_last_run_across_invocations():
     assert "| fuzz | `python benchmarks/fuzz_inputs.py` |" in table
     assert "2026-12-01, 1.5 min, ok, AMD EPYC (AVX2, no AVX-512) |" in table
     assert "2026-12-03, 5.0 min, ok, AMD EPYC (avx512f, avx512_bf16) |" in table
-    assert "| real_ct | `python benchmarks/bench_real.py demo fresh sim2real lopo lopo-starts sizes --rerun` (needs `../shared/data/real`) |" in table
+    assert "| real_ct | `python benchmarks/bench_real.py demo fresh sim2real lopo lopo-starts sizes --rerun --fresh-runs 3` (needs `../shared/data/real`) |" in table
     assert table.count("not yet through the runner") == len(run_all.NAMES) - 2
     assert f"2 of {len(run_all.NAMES)} benchmarks timed through the runner: 0.1 h together" in table
 
