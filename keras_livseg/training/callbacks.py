@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -308,15 +309,12 @@ class BestIsLast(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not self.last.is_file():
             return
-        partial = partial_path(self.best)
-        partial.unlink(missing_ok=True)
-        try:
-            os.link(self.last, partial)
-        except OSError:  # no hard links here (some network and FUSE filesystems)
-            import shutil
-
-            shutil.copy2(self.last, partial)
-        os.replace(partial, self.best)
+        with atomic_path(self.best) as partial:
+            partial.unlink(missing_ok=True)  # a killed run's leftover: a link cannot be made over it
+            try:
+                os.link(self.last, partial)
+            except OSError:  # no hard links here (some network and FUSE filesystems)
+                shutil.copy2(self.last, partial)
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):

@@ -214,6 +214,9 @@ def test_without_validation_best_is_the_last_epochs_file_saved_once(tmp_path, mo
     assert [type(c) for c in callbacks if isinstance(c, (Checkpoint, BestIsLast))] == [Checkpoint, BestIsLast]
     model = tiny_model()
     checkpoints = tmp_path / "checkpoints"
+    from keras_livseg.data.atomic import partial_path
+
+    partial_path(checkpoints / "best.keras").write_bytes(b"a killed run's half file")  # written over, never read
     for epoch, value in enumerate((2.0, 5.0)):
         model.layers[-1].set_weights([np.full((2, 1), value, np.float32), np.zeros(1, np.float32)])
         for callback in callbacks:
