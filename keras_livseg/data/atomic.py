@@ -8,7 +8,9 @@ the new one, never half of one.
 The temporary name is ``.partial-<name>``: hidden, in the same folder (so the rename never
 crosses file systems), and ending like the final name, because Keras and matplotlib choose the
 format from the ending. Writers that may run at once for one file (worker processes sharing a
-cache) ask for a ``unique`` name, which adds the process id.
+cache) ask for a ``unique`` name, which adds the process id. Processes that would make the same
+folder of many files (two runs of one recipe started together on an empty cache) take turns
+through :func:`one_maker`.
 
 Example:
     >>> import tempfile, pathlib
@@ -25,12 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["partial_path", "atomic_path", "atomic_write_text", "atomic_write_json"]
+__all__ = ["partial_path", "atomic_path", "atomic_write_text", "atomic_write_json", "one_maker"]
+
+logger = logging.getLogger(__name__)
 
 
 def partial_path(path: str | os.PathLike, *, unique: bool = False) -> Path:
@@ -69,3 +74,47 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, *, sort_keys: bool 
     """Write ``payload`` as JSON (indent 1, a final newline) to ``path`` atomically; returns ``path``."""
     text = json.dumps(payload, indent=1, sort_keys=sort_keys, default=default) + "\n"
     return atomic_write_text(path, text, unique=unique)
+
+
+@contextlib.contextmanager
+def one_maker(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Run the block in one process at a time for ``folder``: a lock on ``.<folder name>.lock`` beside it.
+
+    A cached folder is made by whichever run first finds it missing. Two runs started together
+    would both make it, writing the same temporary files (one of them then fails) or, for the
+    phantom, files with other times and so other cache keys downstream. Inside this block the
+    second run waits until the first is done, then finds the finished folder and reuses it.
+    The lock is the operating system's (POSIX ``flock``): it ends with the process that holds
+    it, so a killed run never leaves the folder locked. The lock file stays (it is empty).
+    Where there is no ``flock`` (Windows) the block runs unguarded.
+
+    Args:
+        folder: the folder the block makes.
+        what: its name in the log line of a process that waits, e.g. ``"the shards"``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "shards"
+        >>> with one_maker(folder, "the shards"):
+        ...     folder.mkdir()
+        >>> sorted(p.name for p in folder.parent.iterdir())
+        ['.shards.lock', 'shards']
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    folder = Path(folder)
+    lock = folder.with_name(f".{folder.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process making %s in %s", what, folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from keras_livseg.data import storage
-from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, one_maker
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -266,15 +266,18 @@ def _phantom_dir(data: Mapping[str, Any]) -> Path:
         "spacing_mm": tuple(data.get("phantom_spacing_mm", (0.6, 1.0))),
     }
     phantom_dir = _cache_root() / f"phantom-{_digest(phantom)}"
-    if not (phantom_dir / "phantom.json").is_file():
-        # data.workers processes, as prepare uses (0: one per CPU, at most 4); a few cases are
-        # made faster in this process than a spawned worker starts.
-        workers = int(data.get("workers") or min(os.cpu_count() or 1, 4)) if phantom["cases"] >= PHANTOM_CASES_PER_WORKER else 1
-        logger.info("generating %d phantom cases in %s (%d process(es))", phantom["cases"], phantom_dir, workers)
-        started = time.perf_counter()
-        write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
-                              slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True, workers=workers)
-        logger.info("generated %d phantom cases in %.0f s", phantom["cases"], time.perf_counter() - started)
+    if (phantom_dir / "phantom.json").is_file():
+        return phantom_dir
+    with one_maker(phantom_dir, "the phantom"):
+        if not (phantom_dir / "phantom.json").is_file():  # another run may have made it meanwhile
+            # data.workers processes, as prepare uses (0: one per CPU, at most 4); a few cases are
+            # made faster in this process than a spawned worker starts.
+            workers = int(data.get("workers") or min(os.cpu_count() or 1, 4)) if phantom["cases"] >= PHANTOM_CASES_PER_WORKER else 1
+            logger.info("generating %d phantom cases in %s (%d process(es))", phantom["cases"], phantom_dir, workers)
+            started = time.perf_counter()
+            write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
+                                  slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True, workers=workers)
+            logger.info("generated %d phantom cases in %.0f s", phantom["cases"], time.perf_counter() - started)
     return phantom_dir
 
 
@@ -395,7 +398,7 @@ def ensure_data(config: dict) -> Path:
 
     out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp, PREPROCESSING_VERSION])}"
     # Shards in a bucket: the mirror holds what is there (reused if finished), and new ones go up after prepare.
-    with storage.local_output(out, pull=True) as local:
+    with storage.local_output(out, pull=True) as local, one_maker(local, "the shards"):
         if (local / MANIFEST_NAME).is_file():
             logger.info("reusing shards in %s", out)
             return local
@@ -433,11 +436,15 @@ def new_run_dir(config: dict, resume: bool, exact_name: bool = False) -> Path:
         raise ValueError(f"{run_dir} exists: pass --resume to continue it, or another --name (several workers "
                          "never pick a new name on their own, so that a restarted job finds its run)")
     suffix = 2
-    while taken(run_dir):
+    while True:
+        if not taken(run_dir):
+            try:
+                run_dir.mkdir(parents=True)
+                return run_dir
+            except FileExistsError:  # a run started at the same moment took this name first
+                pass
         run_dir = runs / f"{name}-{suffix}"
         suffix += 1
-    run_dir.mkdir(parents=True)
-    return run_dir
 
 
 def run_url(config: Mapping[str, Any], run_dir: Path) -> str | None:

@@ -1,9 +1,12 @@
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, partial_path
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, one_maker, partial_path
 
 
 def test_a_write_appears_whole_and_leaves_no_temporary_file(tmp_path):
@@ -36,3 +39,41 @@ def test_the_temporary_name_is_hidden_beside_the_file_and_keeps_its_ending(tmp_p
     partial_path(target).write_text("dead")
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and not partial_path(target).exists()
+
+
+# A process that holds the lock for `hold` seconds, noting when it got in and when it left.
+_MAKER = """
+import sys, time
+from keras_livseg.data.atomic import one_maker
+folder, log, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with one_maker(folder, "the test folder"):
+    entered = time.time()
+    time.sleep(hold)
+    left = time.time()
+open(log, "w").write(f"{entered} {left}")
+"""
+
+
+def test_one_maker_lets_one_process_at_a_time_make_a_folder(tmp_path):
+    folder = tmp_path / "shards"
+    first = subprocess.Popen([sys.executable, "-c", _MAKER, str(folder), str(tmp_path / "first"), "1.5"])
+    deadline = time.time() + 60
+    while not (tmp_path / ".shards.lock").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # the first process is inside its block by now (it took the lock right after creating the file)
+    second = subprocess.run([sys.executable, "-c", _MAKER, str(folder), str(tmp_path / "second"), "0"], timeout=120)
+    assert first.wait(timeout=120) == 0 and second.returncode == 0
+    first_in, first_out = map(float, (tmp_path / "first").read_text().split())
+    second_in, _ = map(float, (tmp_path / "second").read_text().split())
+    assert second_in >= first_out > first_in
+
+
+def test_one_maker_is_released_when_its_block_fails(tmp_path):
+    with pytest.raises(RuntimeError):
+        with one_maker(tmp_path / "phantom", "the phantom"):
+            raise RuntimeError("generation failed")
+    import fcntl
+
+    with open(tmp_path / ".phantom.lock") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if the lock were still held
+    assert [p.name for p in tmp_path.iterdir()] == [".phantom.lock"]

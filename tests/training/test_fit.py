@@ -175,6 +175,19 @@ def test_existing_run_name_gets_a_suffix(tmp_path):
     assert fit.new_run_dir(config, resume=False) == tmp_path / "unet-x"
 
 
+def test_a_run_name_taken_by_another_run_at_the_same_moment_gets_the_next_suffix(tmp_path, monkeypatch):
+    config = {"run": {"name": "exp", "runs_dir": str(tmp_path)}, "model": {"name": "unet"}, "recipe": "x.toml"}
+    mkdir = Path.mkdir
+
+    def other_run_first(self, *args, **kwargs):
+        if self == tmp_path / "exp":  # the other run makes the folder between our look and our mkdir
+            mkdir(self)
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_run_first)
+    assert fit.new_run_dir(config, resume=False) == tmp_path / "exp-2"
+
+
 # --- recipes -------------------------------------------------------------------------------------
 
 
@@ -1101,3 +1114,29 @@ def test_the_phantom_is_made_by_data_workers_processes_when_it_is_large(tmp_path
     training_fit._phantom_dir({"phantom_cases": large - 1, "phantom_size": 32, "workers": 2})
     folder = training_fit._phantom_dir({"phantom_cases": large, "phantom_size": 32, "workers": 2})  # cached
     assert asked == [2, 1] and (folder / "phantom.json").is_file()
+
+
+# Makes (or reuses) the phantom and the shards of a tiny demo recipe, as a run's start does.
+_ENSURE_DATA = """
+import sys
+from keras_livseg.training import fit
+config = fit.resolve_config(sys.argv[1], {
+    "data": {"phantom_cases": 6, "phantom_size": 64, "phantom_slices": [12, 16], "split": [0.5, 0.25, 0.25],
+             "workers": 1, "stratify": False},
+    "preprocessing": {"image_size": 32}})
+print("shards:", fit.ensure_data(config))
+"""
+
+
+def test_two_runs_started_together_make_the_phantom_and_the_shards_once(tmp_path):
+    """Two seeds of one recipe started at once on an empty cache: before, both generated the
+    phantom (other file times, so other shards) or both wrote the same shard files, and one failed."""
+    env = {**os.environ, "KERAS_LIVSEG_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-c", _ENSURE_DATA, str(PIPELINES / "phantom_demo.toml")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outputs]
+    shards = {line for out, _ in outputs for line in out.splitlines() if line.startswith("shards:")}
+    assert len(shards) == 1
+    made = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert made == ["phantom", "shards"]
