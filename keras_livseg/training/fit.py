@@ -398,14 +398,18 @@ def ensure_data(config: dict) -> Path:
 
     out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp, PREPROCESSING_VERSION])}"
     # Shards in a bucket: the mirror holds what is there (reused if finished), and new ones go up after prepare.
-    with storage.local_output(out, pull=True) as local, one_maker(local, "the shards"):
-        if (local / MANIFEST_NAME).is_file():
+    with storage.local_output(out, pull=True) as local:
+        made = False
+        if not (local / MANIFEST_NAME).is_file():  # finished shards are reused without the lock: a read-only cache works
+            with one_maker(local, "the shards"):
+                if not (local / MANIFEST_NAME).is_file():  # a run that waited for the lock finds them made
+                    # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
+                    started = time.perf_counter()
+                    prepare_in_fresh_process(PrepareOptions(out=local, resume=True, **prep_keys))
+                    logger.info("prepared the shards in %.0f s", time.perf_counter() - started)
+                    made = True
+        if not made:
             logger.info("reusing shards in %s", out)
-            return local
-        # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
-        started = time.perf_counter()
-        prepare_in_fresh_process(PrepareOptions(out=local, resume=True, **prep_keys))
-        logger.info("prepared the shards in %.0f s", time.perf_counter() - started)
     return local
 
 

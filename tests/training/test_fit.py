@@ -1140,3 +1140,19 @@ def test_two_runs_started_together_make_the_phantom_and_the_shards_once(tmp_path
     assert len(shards) == 1
     made = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert made == ["phantom", "shards"]
+
+
+def test_finished_data_is_reused_without_writing_to_the_cache(tmp_path, monkeypatch):
+    """A shared, read-only cache: reusing its phantom and shards must not need the lock file."""
+    monkeypatch.setenv("KERAS_LIVSEG_CACHE", str(tmp_path / "cache"))
+    config = fit.resolve_config(PIPELINES / "phantom_demo.toml", {
+        "data": {"phantom_cases": 4, "phantom_size": 64, "phantom_slices": [12, 16], "split": [0.5, 0.25, 0.25],
+                 "workers": 1, "stratify": False},
+        "preprocessing": {"image_size": 32}})
+    shards = fit.ensure_data(config)
+
+    def read_only(folder, what):
+        raise PermissionError(f"{folder}: read-only file system")
+
+    monkeypatch.setattr(fit, "one_maker", read_only)
+    assert fit.ensure_data(config) == shards
