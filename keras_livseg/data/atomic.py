@@ -85,8 +85,9 @@ def one_maker(folder: str | os.PathLike, what: str) -> Iterator[None]:
     phantom, files with other times and so other cache keys downstream. Inside this block the
     second run waits until the first is done, then finds the finished folder and reuses it.
     The lock is the operating system's (POSIX ``flock``): it ends with the process that holds
-    it, so a killed run never leaves the folder locked. The lock file stays (it is empty).
-    Where there is no ``flock`` (Windows) the block runs unguarded.
+    it (or closes the file), so a killed run never leaves the folder locked. The lock file stays
+    (it is empty). It guards processes on one machine; where there is no ``flock`` (Windows, some
+    network file systems) the block runs unguarded.
 
     Args:
         folder: the folder the block makes.
@@ -114,7 +115,7 @@ def one_maker(folder: str | os.PathLike, what: str) -> Iterator[None]:
         except BlockingIOError:
             logger.info("waiting for another process making %s in %s", what, folder)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError as error:  # a network file system without flock (ENOLCK, EOPNOTSUPP)
+            logger.warning("%s: no lock on this file system (%s); making %s unguarded: start runs that share "
+                           "this cache one after the other", lock, error.strerror or error, what)
+        yield

@@ -327,7 +327,9 @@ def ensure_source(config: dict) -> Path:
     text = "image,label,case_id,patient,stratum\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
     path = _cache_root() / f"mixed-{_digest(text)}.csv"
     if not path.is_file():  # unchanged content keeps its time stamp, so the shard cache holds
-        atomic_write_text(path, text)
+        with one_maker(path, "the list of mixed cases"):  # two runs writing it would give it two times
+            if not path.is_file():
+                atomic_write_text(path, text)
     return path
 
 
@@ -398,18 +400,21 @@ def ensure_data(config: dict) -> Path:
 
     out = prep_keys.pop("out", None) or _cache_root() / f"shards-{_digest([prep_keys, stamp, PREPROCESSING_VERSION])}"
     # Shards in a bucket: the mirror holds what is there (reused if finished), and new ones go up after prepare.
-    with storage.local_output(out, pull=True) as local:
-        made = False
-        if not (local / MANIFEST_NAME).is_file():  # finished shards are reused without the lock: a read-only cache works
-            with one_maker(local, "the shards"):
-                if not (local / MANIFEST_NAME).is_file():  # a run that waited for the lock finds them made
-                    # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
-                    started = time.perf_counter()
-                    prepare_in_fresh_process(PrepareOptions(out=local, resume=True, **prep_keys))
-                    logger.info("prepared the shards in %.0f s", time.perf_counter() - started)
-                    made = True
-        if not made:
+    remote = storage.is_url(str(out))
+    if not remote and (Path(out) / MANIFEST_NAME).is_file():  # reused without the lock: a read-only cache works
+        logger.info("reusing shards in %s", out)
+        return Path(out)
+    # One run at a time from here; for a bucket the lock covers the pull and the upload too, or a
+    # second run's pull would clear the first one's shards from the mirror while it writes them.
+    with one_maker(storage.mirror_path(str(out)) if remote else out, "the shards"), \
+            storage.local_output(out, pull=True) as local:
+        if (local / MANIFEST_NAME).is_file():  # made while this run waited, or already in the bucket
             logger.info("reusing shards in %s", out)
+            return local
+        # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
+        started = time.perf_counter()
+        prepare_in_fresh_process(PrepareOptions(out=local, resume=True, **prep_keys))
+        logger.info("prepared the shards in %.0f s", time.perf_counter() - started)
     return local
 
 
@@ -446,7 +451,9 @@ def new_run_dir(config: dict, resume: bool, exact_name: bool = False) -> Path:
                 run_dir.mkdir(parents=True)
                 return run_dir
             except FileExistsError:  # a run started at the same moment took this name first
-                pass
+                if exact_name:
+                    raise ValueError(f"{run_dir} was just made by another run: pass --resume to continue it, or "
+                                     "another --name") from None
         run_dir = runs / f"{name}-{suffix}"
         suffix += 1
 

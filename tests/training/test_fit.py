@@ -180,12 +180,16 @@ def test_a_run_name_taken_by_another_run_at_the_same_moment_gets_the_next_suffix
     mkdir = Path.mkdir
 
     def other_run_first(self, *args, **kwargs):
-        if self == tmp_path / "exp":  # the other run makes the folder between our look and our mkdir
+        if self.name in ("exp", "job") and not self.exists():  # the other run makes it between our look and our mkdir
             mkdir(self)
         return mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", other_run_first)
     assert fit.new_run_dir(config, resume=False) == tmp_path / "exp-2"
+    # Several workers never choose another name on their own: a restarted job must find its run.
+    config["run"]["name"] = "job"
+    with pytest.raises(ValueError, match="job was just made by another run: pass --resume to continue it"):
+        fit.new_run_dir(config, resume=False, exact_name=True)
 
 
 # --- recipes -------------------------------------------------------------------------------------
@@ -1118,8 +1122,9 @@ def test_the_phantom_is_made_by_data_workers_processes_when_it_is_large(tmp_path
 
 # Makes (or reuses) the phantom and the shards of a tiny demo recipe, as a run's start does.
 _ENSURE_DATA = """
-import sys
+import logging, sys
 from keras_livseg.training import fit
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 config = fit.resolve_config(sys.argv[1], {
     "data": {"phantom_cases": 6, "phantom_size": 64, "phantom_slices": [12, 16], "split": [0.5, 0.25, 0.25],
              "workers": 1, "stratify": False},
@@ -1128,16 +1133,23 @@ print("shards:", fit.ensure_data(config))
 """
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_make_the_phantom_and_the_shards_once(tmp_path):
     """Two seeds of one recipe started at once on an empty cache: before, both generated the
     phantom (other file times, so other shards) or both wrote the same shard files, and one failed."""
     env = {**os.environ, "KERAS_LIVSEG_CACHE": str(tmp_path / "cache")}
     runs = [subprocess.Popen([sys.executable, "-c", _ENSURE_DATA, str(PIPELINES / "phantom_demo.toml")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [run.communicate(timeout=600) for run in runs]
+    try:
+        outputs = [run.communicate(timeout=600) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
     assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outputs]
     shards = {line for out, _ in outputs for line in out.splitlines() if line.startswith("shards:")}
     assert len(shards) == 1
+    logs = "".join(err for _, err in outputs)
+    assert logs.count("generating 6 phantom cases") == 1 and logs.count("prepared the shards") == 1
     made = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert made == ["phantom", "shards"]
 
