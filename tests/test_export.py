@@ -281,6 +281,30 @@ def test_versions_count_up_refuse_existing_and_overwrite(tmp_path):
     np.testing.assert_allclose(out["probabilities"].numpy(), keras_reference(other, PREP, hu), atol=1e-4)
 
 
+def test_an_export_finishing_beside_another_takes_the_next_version_and_replaces_nothing(tmp_path, monkeypatch):
+    """Two runs of one recipe export to the same base at once: both chose version 1."""
+    from keras_livseg.serving import saved_model
+
+    base = tmp_path / "livseg"
+    write_json = saved_model.write_preprocessing_json
+
+    def other_export_finishes_first(path, *args, **kwargs):
+        write_json(path, *args, **kwargs)
+        if not (base / "1").exists():  # the other export renames its version 1 into place now
+            (base / "1").mkdir(parents=True)
+            (base / "1" / "saved_model.pb").write_bytes(b"the other run's model")
+
+    monkeypatch.setattr(saved_model, "write_preprocessing_json", other_export_finishes_first)
+    assert export_saved_model(tiny_model(), base, PREP).name == "2"
+    assert (base / "1" / "saved_model.pb").read_bytes() == b"the other run's model"
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]  # no partial or retired folder left
+    # A version asked for by number is refused, not replaced.
+    (base / "1").rename(base / "old-1")
+    with pytest.raises(ValueError, match=r"1 already exists \(another export just wrote it\); pass --overwrite"):
+        export_saved_model(tiny_model(), base, PREP, version=1)
+    assert (base / "1" / "saved_model.pb").read_bytes() == b"the other run's model"
+
+
 # -- the command -----------------------------------------------------------------------------
 
 

@@ -95,7 +95,8 @@ def export_saved_model(
         model = load_keras_model(model_path)
 
     base = Path(out_base)
-    version = next_version(base) if version is None else version
+    chosen = version is None  # the next free version: another export may take it first (see _publish)
+    version = next_version(base) if chosen else version
     target = base / str(version)
     if target.exists() and not overwrite:
         raise ValueError(f"export version {target} already exists; pass --overwrite to replace it, or another --version")
@@ -139,19 +140,42 @@ def export_saved_model(
                 "tensorflow_version": tf.__version__,
             },
         )
-        if target.exists():
+        if overwrite and target.exists():
             # Move the old version aside first so the swap is two renames, then delete it.
             retired = base / f".retired-{version}-{token}"
             target.rename(retired)
             partial.rename(target)
             shutil.rmtree(retired, ignore_errors=True)
         else:
-            partial.rename(target)
+            target = _publish(partial, base, version, chosen)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     logger.info("exported %s (%s, context %d) -> %s", model.name, "x".join(map(str, prep.image_size)), prep.context, target)
     return target
+
+
+def _publish(partial: Path, base: Path, version: int, chosen: bool) -> Path:
+    """Rename the finished ``partial`` export to ``base/<version>`` without replacing a version.
+
+    Another export (a second run of the same recipe, finishing at the same moment) may have
+    taken the version since it was chosen: a rename onto its non-empty folder fails, and a
+    version this export chose itself then moves on to the next free one, so neither export
+    replaces the other. An explicitly asked version that is now taken is refused.
+    """
+    while True:
+        target = base / str(version)
+        try:
+            os.rename(partial, target)
+            return target
+        except OSError:
+            if not target.exists():
+                raise
+            if not chosen:
+                raise ValueError(f"export version {target} already exists (another export just wrote it); pass "
+                                 "--overwrite to replace it, or another --version") from None
+            logger.info("version %d was just taken by another export: trying %d", version, version + 1)
+            version += 1
 
 
 def export_to(
