@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a checkout without the package installed
     sys.path.append(str(ROOT))
 import keras_livseg  # noqa: E402,F401  before any script imports TensorFlow: the package's oneDNN default
-from keras_livseg.data.atomic import atomic_write_json, one_maker  # noqa: E402
+from keras_livseg.data.atomic import atomic_write_json, make_once  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("KERAS_LIVSEG_CACHE", ROOT / ".cache" / "keras_livseg"))
@@ -29,14 +29,12 @@ def phantom_volumes(cases: int, size: int = 512, slices: tuple[int, int] = (200,
     report that much as the starting RSS of every process it then measures.
     """
     folder = DATA / f"bench-phantom-{cases}x{size}-{slices[0]}-{slices[1]}-s{seed}"
-    if not (folder / "phantom.json").is_file():
-        with one_maker(folder, "the benchmark's phantom"):  # two benchmarks started together make it once
-            if not (folder / "phantom.json").is_file():
-                code = ("import sys; from pathlib import Path; from keras_livseg.data.phantom import write_phantom_dataset; "
-                        "write_phantom_dataset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), size=int(sys.argv[4]), "
-                        "slices=(int(sys.argv[5]), int(sys.argv[6])), overwrite=True)")
-                subprocess.run([sys.executable, "-c", code, str(folder), str(cases), str(seed), str(size), *map(str, slices)],
-                               check=True, cwd=ROOT)
+    code = ("import sys; from pathlib import Path; from keras_livseg.data.phantom import write_phantom_dataset; "
+            "write_phantom_dataset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), size=int(sys.argv[4]), "
+            "slices=(int(sys.argv[5]), int(sys.argv[6])), overwrite=True)")
+    make_once(folder, folder / "phantom.json", "the benchmark's phantom",  # two benchmarks started together make it once
+              lambda: subprocess.run([sys.executable, "-c", code, str(folder), str(cases), str(seed), str(size),
+                                      *map(str, slices)], check=True, cwd=ROOT))
     return folder
 
 

@@ -286,7 +286,7 @@ def unseen_phantom_scores(run: Path) -> dict:
     """A demo run's best model on :data:`UNSEEN_PHANTOM` (made once, at the demo recipe's size and
     slice range): liver and tumour Dice per case and global, every slice, post-processed as
     ``predict`` does. Cached in the run's ``eval_unseen_phantom/``."""
-    from keras_livseg.data.atomic import one_maker
+    from keras_livseg.data.atomic import make_once
     from keras_livseg.data.phantom import write_phantom_dataset
     from keras_livseg.evaluation.report import evaluate_model
     from keras_livseg.training.recipe import load_recipe
@@ -295,10 +295,10 @@ def unseen_phantom_scores(run: Path) -> dict:
     if not (folder / "metrics.json").is_file():
         data = load_recipe(ROOT / "pipelines" / "phantom_demo.toml")["data"]
         phantom = RUNS / f"unseen-phantom-{UNSEEN_PHANTOM['seed']}"
-        with one_maker(phantom, "the unseen phantom"):
-            if not (phantom / "phantom.json").is_file():
-                write_phantom_dataset(phantom, UNSEEN_PHANTOM["cases"], UNSEEN_PHANTOM["seed"], size=int(data["phantom_size"]),
-                                      slices=tuple(data["phantom_slices"]), overwrite=True, workers=2)
+        make_once(phantom, phantom / "phantom.json", "the unseen phantom",
+                  lambda: write_phantom_dataset(phantom, UNSEEN_PHANTOM["cases"], UNSEEN_PHANTOM["seed"],
+                                                size=int(data["phantom_size"]), slices=tuple(data["phantom_slices"]),
+                                                overwrite=True, workers=2))
         evaluate_model([run / "checkpoints" / "best.keras"], phantom, folder, figures=False, progress=False, sample_voxels=0)
     volume = json.loads((folder / "metrics.json").read_text())["volume"]
     return {"liver_dice": volume["liver"]["dice"], "tumor_dice": volume["tumor"]["dice"],

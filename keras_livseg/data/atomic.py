@@ -10,7 +10,7 @@ crosses file systems), and ending like the final name, because Keras and matplot
 format from the ending. Writers that may run at once for one file (worker processes sharing a
 cache) ask for a ``unique`` name, which adds the process id. Processes that would make the same
 folder of many files (two runs of one recipe started together on an empty cache) take turns
-through :func:`one_maker`.
+through :func:`one_maker`; :func:`make_once` is the usual check, lock, check again, make.
 
 Example:
     >>> import tempfile, pathlib
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["partial_path", "atomic_path", "atomic_write_text", "atomic_write_json", "one_maker"]
+__all__ = ["partial_path", "atomic_path", "atomic_write_text", "atomic_write_json", "one_maker", "make_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +119,25 @@ def one_maker(folder: str | os.PathLike, what: str) -> Iterator[None]:
             logger.warning("%s: no lock on this file system (%s); making %s unguarded: start runs that share "
                            "this cache one after the other", lock, error.strerror or error, what)
         yield
+
+
+def make_once(folder: str | os.PathLike, finished: str | os.PathLike, what: str, make: Callable[[], object]) -> bool:
+    """Call ``make()`` unless ``finished`` (the file written last) exists, one process at a time.
+
+    Finished work is seen without the lock, so a read-only cache works; a process that waited
+    for :func:`one_maker` looks again and finds the other's work. Returns whether it called ``make``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "phantom"
+        >>> make = lambda: (folder.mkdir(), (folder / "phantom.json").write_text("{}"))
+        >>> make_once(folder, folder / "phantom.json", "the phantom", make), make_once(folder, folder / "phantom.json", "the phantom", make)
+        (True, False)
+    """
+    if Path(finished).exists():
+        return False
+    with one_maker(folder, what):
+        if Path(finished).exists():  # made by another process while this one waited
+            return False
+        make()
+        return True

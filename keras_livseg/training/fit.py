@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from keras_livseg.data import storage
-from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, one_maker
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, make_once, one_maker
 from keras_livseg.training.recipe import DATA_KEYS, PREPROCESSING_KEYS, check_keys, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -266,18 +266,18 @@ def _phantom_dir(data: Mapping[str, Any]) -> Path:
         "spacing_mm": tuple(data.get("phantom_spacing_mm", (0.6, 1.0))),
     }
     phantom_dir = _cache_root() / f"phantom-{_digest(phantom)}"
-    if (phantom_dir / "phantom.json").is_file():
-        return phantom_dir
-    with one_maker(phantom_dir, "the phantom"):
-        if not (phantom_dir / "phantom.json").is_file():  # another run may have made it meanwhile
-            # data.workers processes, as prepare uses (0: one per CPU, at most 4); a few cases are
-            # made faster in this process than a spawned worker starts.
-            workers = int(data.get("workers") or min(os.cpu_count() or 1, 4)) if phantom["cases"] >= PHANTOM_CASES_PER_WORKER else 1
-            logger.info("generating %d phantom cases in %s (%d process(es))", phantom["cases"], phantom_dir, workers)
-            started = time.perf_counter()
-            write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
-                                  slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True, workers=workers)
-            logger.info("generated %d phantom cases in %.0f s", phantom["cases"], time.perf_counter() - started)
+
+    def generate() -> None:
+        # data.workers processes, as prepare uses (0: one per CPU, at most 4); a few cases are
+        # made faster in this process than a spawned worker starts.
+        workers = int(data.get("workers") or min(os.cpu_count() or 1, 4)) if phantom["cases"] >= PHANTOM_CASES_PER_WORKER else 1
+        logger.info("generating %d phantom cases in %s (%d process(es))", phantom["cases"], phantom_dir, workers)
+        started = time.perf_counter()
+        write_phantom_dataset(phantom_dir, phantom["cases"], phantom["seed"], size=phantom["size"],
+                              slices=phantom["slices"], spacing_mm=phantom["spacing_mm"], overwrite=True, workers=workers)
+        logger.info("generated %d phantom cases in %.0f s", phantom["cases"], time.perf_counter() - started)
+
+    make_once(phantom_dir, phantom_dir / "phantom.json", "the phantom", generate)
     return phantom_dir
 
 
@@ -326,10 +326,8 @@ def ensure_source(config: dict) -> Path:
               c.stratum or "") for c in phantom[:mix]]
     text = "image,label,case_id,patient,stratum\n" + "".join(",".join(map(str, row)) + "\n" for row in rows)
     path = _cache_root() / f"mixed-{_digest(text)}.csv"
-    if not path.is_file():  # unchanged content keeps its time stamp, so the shard cache holds
-        with one_maker(path, "the list of mixed cases"):  # two runs writing it would give it two times
-            if not path.is_file():
-                atomic_write_text(path, text)
+    # Written once: unchanged content keeps its time stamp, so the shard cache holds.
+    make_once(path, path, "the list of mixed cases", lambda: atomic_write_text(path, text))
     return path
 
 

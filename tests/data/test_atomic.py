@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, one_maker, partial_path
+from keras_livseg.data.atomic import atomic_path, atomic_write_json, atomic_write_text, make_once, one_maker, partial_path
 
 
 def test_a_write_appears_whole_and_leaves_no_temporary_file(tmp_path):
@@ -89,3 +89,18 @@ def test_one_maker_without_a_lock_on_the_file_system_warns_and_runs_the_block(tm
             ran.append(True)
     assert ran == [True]
     assert "no lock on this file system (No locks available); making the phantom unguarded" in caplog.text
+
+
+def test_make_once_makes_what_is_missing_and_reuses_it_without_the_lock(tmp_path, monkeypatch):
+    from keras_livseg.data import atomic
+
+    made = []
+    make = lambda: (made.append(1), atomic_write_text(tmp_path / "phantom" / "phantom.json", "{}"))  # noqa: E731
+    assert make_once(tmp_path / "phantom", tmp_path / "phantom" / "phantom.json", "the phantom", make)
+
+    def no_lock(folder, what):
+        raise AssertionError("finished work was read under the lock")
+
+    monkeypatch.setattr(atomic, "one_maker", no_lock)
+    assert not make_once(tmp_path / "phantom", tmp_path / "phantom" / "phantom.json", "the phantom", make)
+    assert made == [1]
