@@ -26,6 +26,30 @@ def real_data_dir() -> Path:
     return REAL_DATA
 
 
+@pytest.fixture
+def strip_spacing() -> Callable[[Path], Path]:
+    """Rewrite a NIfTI file as an export that lost its spacing: ``pixdim`` 0, no sform or qform.
+
+    nibabel reads such a header as 1 mm voxels (it logs "setting 0 dims to 1"); the returned
+    function checks that the file really holds the zeros.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    def strip(path: Path) -> Path:
+        stripped = nib.Nifti1Image(np.asanyarray(nib.load(str(path)).dataobj), None)
+        stripped.header.set_sform(None, code=0)
+        stripped.header.set_qform(None, code=0)
+        stripped.header["pixdim"][1:4] = 0.0  # after the constructor, which would fill them in
+        nib.save(stripped, str(path))
+        with nib.openers.ImageOpener(str(path)) as stream:
+            raw = nib.Nifti1Header.from_fileobj(stream, check=False)
+        assert list(raw["pixdim"][1:4]) == [0.0, 0.0, 0.0] and raw["sform_code"] == raw["qform_code"] == 0
+        return path
+
+    return strip
+
+
 #: XLA flags for a child process on the JAX backend in a test: compile fast rather than run fast.
 #: A test's tensors are tiny, so compiling is nearly all of its time, and under JAX even building a
 #: model compiles every initializer op by op: a 7,407-parameter U-Net took 23 s to build with

@@ -188,6 +188,45 @@ def affine_zooms(affine: np.ndarray, source: str | Path = "volume") -> tuple[flo
     return zooms  # type: ignore[return-value]
 
 
+def image_zooms(image: nib.Nifti1Image, source: str | Path = "volume") -> tuple[float, float, float]:
+    """Voxel size in mm along the file's axes, refusing a header that has none.
+
+    Without an sform, nibabel builds the affine from ``pixdim``, and on loading it replaces a
+    zero there by 1 (logging only "setting 0 dims to 1"), so a header without spacing would read
+    as 1 mm voxels. This reads the file's header again, unfixed, in that case (a few hundred
+    bytes) and refuses a zero or non-finite ``pixdim``; then :func:`affine_zooms` checks the
+    affine itself.
+
+    Raises:
+        DataError: the spacing is zero, missing or not finite, naming ``source``.
+
+    Example:
+        >>> image_zooms(nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.diag([0.8, 0.8, 2.5, 1.0])))
+        (0.8, 0.8, 2.5)
+    """
+    header = image.header
+    if isinstance(header, nib.Nifti1Header) and int(header["sform_code"]) == 0:
+        raw = _unfixed_pixdim(image)
+        if raw is not None and not all(np.isfinite(z) and z > 1e-6 for z in raw):
+            raise DataError(
+                f"{source} has voxel spacing {tuple(round(z, 6) for z in raw)} mm in its header (pixdim, and no "
+                "sform); write the scanner's true spacing into the header (e.g. nibabel's "
+                "img.header.set_zooms or img.set_sform with the voxel sizes) and try again"
+            )
+    return affine_zooms(image.affine, source)
+
+
+def _unfixed_pixdim(image: nib.Nifti1Image) -> tuple[float, float, float] | None:
+    """The header's ``pixdim[1:4]`` as the file holds it (``None`` for an in-memory image)."""
+    holder = image.file_map.get("header") or image.file_map.get("image")  # a .nii holds both in one file
+    filename = getattr(holder, "filename", None)
+    if not filename:
+        return None
+    with nib.openers.ImageOpener(filename) as stream:
+        raw = type(image.header).from_fileobj(stream, check=False)
+    return tuple(float(z) for z in raw["pixdim"][1:4])  # type: ignore[return-value]
+
+
 def canonical_spacing(affine: np.ndarray, zooms: Sequence[float]) -> tuple[float, float, float]:
     """Voxel spacing along the canonical axes, from the file's zooms."""
     transform = canonical_transform(affine)
@@ -384,7 +423,7 @@ def load_case(
         ((512, 512, 3), (0.810547, 0.810547, 1.0))
     """
     image_nii = load_nifti(files.image, "volume", files.series_uid)
-    affine_zooms(image_nii.affine, files.image)  # a header without spacing fails before any read
+    image_zooms(image_nii, files.image)  # a header without spacing fails before any read
     labels = None
     if with_labels and files.label is not None:
         label_nii = load_label_image(files.label, files.image, "segmentation", files.series_uid, image_nii)
@@ -409,7 +448,7 @@ def load_case(
         raise DataError(
             f"{files.image} contains NaN or infinite voxels; replace them (e.g. with -1024 HU) before use"
         )
-    spacing = canonical_spacing(image_nii.affine, affine_zooms(image_nii.affine, files.image))
+    spacing = canonical_spacing(image_nii.affine, image_zooms(image_nii, files.image))
     return Case(
         case_id=files.case_id,
         image=to_canonical(volume, image_nii.affine),
@@ -458,7 +497,7 @@ def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:
             check_series(files.image, files.series_uid)
             continue
         image = load_nifti(Path(files.image), what)
-        affine_zooms(image.affine, files.image)
+        image_zooms(image, files.image)
 
 
 def write_nifti(image: nib.Nifti1Image, path: str | Path, *, reproducible: bool = False) -> Path:

@@ -22,6 +22,7 @@ from keras_livseg.data.volumes import (
     DataError,
     apply_label_map,
     canonical_spacing,
+    image_zooms,
     load_label_image,
     read_array,
     to_canonical,
@@ -200,7 +201,7 @@ def load_pair(
     pred = checked_labels(read_array(pred_nii, case.prediction, "prediction"), None, case.prediction)
     ref = checked_labels(read_array(ref_nii, case.reference, "reference"), label_map, case.reference)
     affine = ref_nii.affine
-    spacing = canonical_spacing(affine, ref_nii.header.get_zooms()[:3])
+    spacing = canonical_spacing(affine, image_zooms(ref_nii, case.reference))
     return to_canonical(pred, affine), to_canonical(ref, affine), spacing
 
 

@@ -125,6 +125,16 @@ def test_zero_spacing_in_a_header_is_one_clear_error(tmp_path):
         prepare_dataset(_options(tmp_path / "src", tmp_path / "out", split=(1, 0, 0)))
 
 
+def test_cli_refuses_a_header_without_spacing_in_one_line(lits_dir, tmp_path, capsys, strip_spacing):
+    strip_spacing(lits_dir / "volume-3.nii.gz")  # nibabel alone would read it as 1 mm voxels
+    code = prepare_cli.main(["--src", str(lits_dir), "--out", str(tmp_path / "out"), "--image-size", "32",
+                             "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("prepare: error: ") and "volume-3.nii.gz has voxel spacing (0.0, 0.0, 0.0) mm" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_byte_identical_whatever_the_workers(lits_dir, tmp_path):
     prepare_dataset(_options(lits_dir, tmp_path / "a", workers=1, compression="GZIP"))
     prepare_dataset(_options(lits_dir, tmp_path / "b", workers=2, compression="GZIP"))

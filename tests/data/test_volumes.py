@@ -13,6 +13,7 @@ from keras_livseg.data.volumes import (
     check_headers,
     discover_cases,
     from_canonical,
+    image_zooms,
     load_case,
     load_nifti,
     parse_label_map,
@@ -344,3 +345,47 @@ def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypat
         volumes.write_nifti(image, path)
     assert path.read_bytes() == b"the previous prediction"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_header_without_spacing_is_refused_not_read_as_1_mm(tmp_path, strip_spacing):
+    image_path, _ = write_case(tmp_path, "0")
+    strip_spacing(image_path)
+    assert nib.load(str(image_path)).header.get_zooms()[:3] == (1.0, 1.0, 1.0)  # what nibabel alone reads
+    with pytest.raises(DataError, match=r"volume-0\.nii\.gz has voxel spacing \(0\.0, 0\.0, 0\.0\) mm .*pixdim"):
+        image_zooms(nib.load(str(image_path)), image_path)
+    with pytest.raises(DataError, match=r"volume-0\.nii\.gz has voxel spacing"):
+        load_case(discover_cases(tmp_path)[0])
+    with pytest.raises(DataError, match=r"volume-0\.nii\.gz has voxel spacing"):
+        check_headers(discover_cases(tmp_path))
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    image = nib.Nifti1Image(np.asanyarray(nib.load(str(path)).dataobj), None)
+    edit(image.header)  # after the constructor, which would fill pixdim in
+    nib.save(image, str(path))
+
+
+def test_a_qform_only_header_with_zero_pixdim_is_refused(tmp_path):
+    image_path, _ = write_case(tmp_path, "0")
+
+    def qform_only(header):
+        header.set_qform(np.diag([-0.8, -0.8, 2.5, 1.0]), code=1)
+        header.set_sform(None, code=0)
+        header["pixdim"][3] = 0.0  # the qform takes its scales from pixdim
+
+    _rewrite_header(image_path, qform_only)
+    with pytest.raises(DataError, match=r"\(0\.8, 0\.8, 0\.0\) mm"):
+        image_zooms(nib.load(str(image_path)), image_path)
+
+
+def test_pixdim_alone_gives_the_spacing_when_it_is_set(tmp_path):
+    def pixdim_only(header):
+        header.set_sform(None, code=0)
+        header.set_qform(None, code=0)
+        header.set_zooms((0.7, 0.75, 3.0))
+
+    for path in write_case(tmp_path, "0"):
+        _rewrite_header(path, pixdim_only)
+    image_path = tmp_path / "volume-0.nii.gz"
+    assert image_zooms(nib.load(str(image_path)), image_path) == pytest.approx((0.7, 0.75, 3.0))
+    assert sorted(load_case(discover_cases(tmp_path)[0]).spacing) == pytest.approx([0.7, 0.75, 3.0])

@@ -231,6 +231,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert err.startswith("evaluate: error:") and "Traceback" not in err
 
 
+def test_cli_refuses_a_reference_without_spacing_in_one_line(tmp_path, capsys, strip_spacing):
+    """Surface distances in mm need the reference's spacing: a header without it is not 1 mm."""
+    _, labels = reference(0)
+    for folder in ("ref", "pred"):  # both stripped alike, so they are on one grid
+        save(tmp_path / folder / "segmentation-1.nii.gz", labels)
+        strip_spacing(tmp_path / folder / "segmentation-1.nii.gz")
+    code, _, err = run_cli(["--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--out", tmp_path / "out",
+                            "--no-figures"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("evaluate: error:") and "ref/segmentation-1.nii.gz has voxel spacing (0.0, 0.0, 0.0)" in err
+
+
 def test_evaluate_model_predicts_then_scores_with_curves(folders, tmp_path):
     from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
     from keras_livseg.models import build_model

@@ -393,6 +393,16 @@ def test_cli_model_neither_keras_nor_saved_model(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_cli_refuses_a_volume_without_spacing_before_loading_the_model(tmp_path, capsys, strip_spacing):
+    model = tmp_path / "model.keras"
+    model.write_text("never read: the headers are checked first")
+    volume = strip_spacing(write_volume(tmp_path / "data" / "volume-1.nii.gz", planted_volume()))
+    code, _, err = run_cli(["--model", model, tmp_path / "data", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("predict: error:") and f"{volume} has voxel spacing (0.0, 0.0, 0.0) mm" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_folder_without_cases(tmp_path, capsys, keras_checkpoint):
     empty = tmp_path / "empty"
     empty.mkdir()
