@@ -231,6 +231,17 @@ def test_the_fine_tuning_recipe_takes_the_demo_models_input():
     assert tune["model"] == demo["model"]
 
 
+def test_the_fine_tuning_recipe_trains_its_final_model_on_every_case_and_exports_it():
+    """Without --folds it is the final model: no case held out, no validation asked of an empty
+    split (which fit would refuse), the model exported beside the demo's, not over it."""
+    tune = fit.resolve_config(PIPELINES / "ircadb_finetune.toml")
+    assert list(tune["data"]["split"]) == [1.0, 0.0, 0.0] and tune["training"]["validation"] == "none"
+    assert tune["export"]["enabled"] and tune["export"]["out"] == "saved_models/livseg_ircadb"
+    demo = fit.resolve_config(PIPELINES / "phantom_demo.toml")
+    assert tune["export"]["out"] != demo["export"]["out"]
+    assert tune["training"]["init_from"].endswith("phantom_demo/checkpoints/best.keras")
+
+
 def test_tversky_weights_of_the_recipe_reach_the_loss():
     training = {**fit.DEFAULTS["training"], "fn_weights": [0.5, 0.7]}
     assert fit.build_loss(training, "softmax").fn_weights == [0.5, 0.7]
@@ -964,6 +975,31 @@ def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(cache_dir, tmp_pa
     bogus.write_text("not a model")
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--init-from", str(bogus)])
     assert code == 2 and "notes.txt" in err and ".keras" in err and "Traceback" not in err
+
+
+def test_the_demo_checkpoint_missing_says_to_run_the_demo_first(cache_dir, tmp_path):
+    missing = tmp_path / "runs" / "tam_unet-phantom_demo" / "checkpoints" / "best.keras"
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", f"training.init_from={missing}"])
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
+    assert "does not exist yet: run the phantom demo first" in err and "--init-from none" in err
+
+
+def test_init_from_a_checkpoint_sharing_no_layer_is_one_line(cache_dir, tmp_path):
+    inputs = keras.Input((4,), name="unrelated_input")
+    other = keras.Model(inputs, keras.layers.Dense(2, name="unrelated_dense")(inputs), name="unrelated")
+    other.save(tmp_path / "unrelated.keras")
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--init-from", str(tmp_path / "unrelated.keras")])
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
+    assert "unrelated.keras: nothing matched" in err and "no layer name is shared" in err
+
+
+def test_a_volume_normalized_model_with_export_on_is_refused_before_training(cache_dir, tmp_path):
+    argv = [arg for arg in TINY_ARGS if arg != "--no-export"]
+    code, _, err = run_cli([*argv, "--runs-dir", str(tmp_path), "--name", "vol", "--set", "export.enabled=true",
+                            "--set", "preprocessing.normalization=volume"])
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
+    assert "normalization='volume' models cannot be exported" in err and "--no-export" in err
+    assert not list(tmp_path.glob("vol*/checkpoints/*.keras")) and not (tmp_path / "saved_models").exists()
 
 
 def test_mixed_phantom_cases_always_train_and_are_never_held_out(tmp_path, monkeypatch):
