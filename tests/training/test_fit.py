@@ -970,6 +970,33 @@ def test_cross_validation_bad_input_is_one_line(cache_dir, tmp_path, extra, frag
     assert code == 2 and fragment in err and "Traceback" not in err
 
 
+def test_cross_validation_keeps_a_patients_scans_in_one_fold(cache_dir, tmp_path):
+    """Six scans of three patients (a CSV's patient column): three folds, a patient each, also
+    through the mixed-in phantom's CSV."""
+    from keras_livseg.data.phantom import write_phantom_dataset
+    from keras_livseg.data.volumes import discover_cases
+
+    scans = tmp_path / "scans"
+    write_phantom_dataset(scans, 6, seed=7, size=48, slices=(8, 8))
+    owner = {str(i): f"P{i // 2}" for i in range(6)}  # scans 0 and 1 are patient P0's, and so on
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("image,label,case_id,patient\n" + "".join(
+        f"{scans}/volume-{cid}.nii.gz,{scans}/segmentation-{cid}.nii.gz,{cid},{who}\n" for cid, who in owner.items()))
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), "--data", str(csv_path), "--folds", "4"])
+    assert code == 2 and "--folds 4 needs at least 4 patients but the data holds 3" in err, err[-2000:]
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), "--name", "cv", "--data", str(csv_path),
+                            "--folds", "3", "--fold", "0", "--epochs", "1", "--steps-per-epoch", "2"])
+    assert code == 0, err[-3000:]
+    plan = json.loads((tmp_path / "runs" / "cv" / "folds.json").read_text())
+    assert sorted(sorted({owner[cid] for cid in fold}) for fold in plan["folds"]) == [["P0"], ["P1"], ["P2"]]
+    assert sorted(len(fold) for fold in plan["folds"]) == [2, 2, 2]
+    # Mixed with phantom cases, the source is another CSV: it keeps the patients.
+    config = fit.resolve_config(PIPELINES / "phantom_demo.toml", {"data": {
+        "src": str(csv_path), "mix_phantom": 2, "phantom_cases": 2, "phantom_size": 48, "phantom_slices": [8, 8]}})
+    mixed = {c.case_id: c.patient for c in discover_cases(fit.ensure_source(config))}
+    assert {cid: mixed[cid] for cid in owner} == owner and len(mixed) == 8
+
+
 def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(cache_dir, tmp_path):
     bogus = tmp_path / "notes.txt"
     bogus.write_text("not a model")
