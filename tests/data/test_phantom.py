@@ -465,3 +465,61 @@ def test_new_fields_are_deterministic_and_json_friendly(tmp_path):
     write_phantom_dataset(tmp_path, cases=1, seed=0, **TINY)
     meta = json.loads((tmp_path / "phantom.json").read_text())
     assert meta["cases"][0]["phase"] in PHASES
+
+
+def test_top_slice_shows_the_heart_as_a_large_blood_pool_in_front():
+    """Above the liver, contrast-filled heart chambers: a blob at the phase's blood HU larger
+    than the aorta (a 30 mm disc at least, the aorta's ~25 mm), in front of the body's centre."""
+    checked = 0
+    for _, case in iter_phantom_cases(10, seed=0, **MID):
+        if case.phase not in ("portal", "delayed"):  # unenhanced blood is soft tissue's HU; arterial-phase
+            continue                                  # chambers fill unevenly (a smaller pool at one HU)
+        top = ndimage.median_filter(case.volume_hu[:, :, -1].astype(np.float32), 3)
+        band = np.abs(top - case.anatomy["hu"]["heart_blood"]) < 30
+        blobs, count = ndimage.label(band)
+        assert count, case.phase
+        sizes = ndimage.sum_labels(band, blobs, range(1, count + 1))
+        heart = blobs == 1 + int(np.argmax(sizes))
+        assert heart.sum() * case.spacing[0] * case.spacing[1] > np.pi * 15.0**2
+        body_rows = np.nonzero(top > -500)[1]
+        assert np.nonzero(heart)[1].mean() < body_rows.mean()  # anterior: smaller row index
+        checked += 1
+    assert checked >= 5
+
+
+def test_gas_lies_in_the_bowel_and_stomach_at_the_front():
+    """Air-dense voxels inside the body below the diaphragm (the lower half of the liver's slices,
+    below the lung bases) in most cases, more of them in front of the body's centre than behind."""
+    with_gas = 0
+    for _, case in iter_phantom_cases(8, seed=4, **MID):
+        liver_slices = np.flatnonzero((case.labels >= 1).any(axis=(0, 1)))
+        low = case.volume_hu[:, :, liver_slices[0] : liver_slices[len(liver_slices) // 2]]
+        body = ndimage.binary_fill_holes(low > -500, structure=np.ones((3, 3, 1), bool))
+        gas = body & (low < -950)  # air, not lung parenchyma (-920 .. -760) nor fat
+        if gas.sum() < 5:
+            continue
+        rows = np.nonzero(gas)[1]
+        centre = np.nonzero(body)[1].mean()
+        assert (rows < centre).mean() > 0.5, case.phase
+        with_gas += 1
+    assert with_gas >= 6
+
+
+def test_streaks_fan_out_as_stripes_that_change_from_slice_to_slice(monkeypatch):
+    """The same case rendered with and without its streaks differs inside the body only, by
+    stripes (the sign flips many times across a row) that move from slice to slice."""
+    from keras_livseg.data import phantom as phantom_module
+
+    seed = next(s for s in range(40) if make_phantom_case(s, **MID).anatomy["streaks"])
+    streaked = make_phantom_case(seed, **MID).volume_hu.astype(np.float32)
+    monkeypatch.setattr(phantom_module._Builder, "_streak_plane", lambda self, k: np.zeros_like(self.streak_theta))
+    plain = make_phantom_case(seed, **MID).volume_hu.astype(np.float32)  # the same noise: only the streaks differ
+    difference = streaked - plain
+    body = ndimage.binary_erosion(plain > -500, iterations=2)
+    assert difference[body].std() > 2.0
+    assert (difference[plain <= -1000] == 0).all()  # padding and outside air untouched
+    k = plain.shape[2] // 2
+    centre_row = int(round(np.nonzero(body[:, :, k])[1].mean()))
+    across = difference[:, centre_row, k][body[:, centre_row, k]]
+    assert (np.diff(np.sign(across - across.mean())) != 0).sum() >= 6
+    assert np.abs(difference[:, :, k] - difference[:, :, k - 8])[body[:, :, k] & body[:, :, k - 8]].mean() > 1.0
