@@ -545,10 +545,8 @@ def _check_output(out: Path, options: PrepareOptions, case_ids: set[str], strata
             )
         if not options.overwrite:
             raise DataError(f"{manifest} already exists; pass --overwrite to replace it or choose another --out")
-        # The manifest goes first: from now on the folder reads as unfinished, never as stale-but-finished.
-        manifest.unlink()
-        for old in out.glob("*-of-*.tfrecord*"):
-            old.unlink()
+        # The finished run stays until every new case has been read (remove_finished_run): a bad
+        # case that stops this run then leaves the old shards as they were.
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     elif (out / WORK_DIR).exists() and not (options.resume or options.overwrite):
         raise DataError(
@@ -557,6 +555,17 @@ def _check_output(out: Path, options: PrepareOptions, case_ids: set[str], strata
     elif options.overwrite:
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return False
+
+
+def remove_finished_run(out: Path) -> None:
+    """Delete a finished run's manifest, then its shards, before new shards are written over them.
+
+    The manifest goes first: from then on the folder reads as unfinished, never as stale-but-finished.
+    ``--overwrite`` calls this only once every case of the new run has been read and split.
+    """
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for old in out.glob("*-of-*.tfrecord*"):
+        old.unlink()
 
 
 def _progress(iterable: Iterable, total: int, enabled: bool, description: str) -> Iterable:
@@ -806,6 +815,7 @@ def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
     prep = standardized_preprocessing(options, foreground)
     members = {split: [by_id[cid] for cid in splits[split]] for split in SPLITS}
     plans = {split: plan_split_shards(split, members[split], options) for split in SPLITS}
+    remove_finished_run(out)
     # Shards are written by threads, two at a time: copying, hashing (hashlib lets go of the
     # GIL) and fsync of one overlap with the next instead of running one after another.
     with ThreadPoolExecutor(max_workers=2) as threads:

@@ -51,6 +51,7 @@ from keras_livseg.data.prepare import (
     finish_run,
     load_manifest,
     plan_split_shards,
+    remove_finished_run,
     split_record,
     standardized_preprocessing,
     start_run,
@@ -145,6 +146,7 @@ def _plan(outcomes: Sequence[tuple], options: PrepareOptions, case_order: Sequen
         for split in SPLITS
         for name, case_ids in plan_split_shards(split, [by_id[cid] for cid in splits[split]], options)
     ]
+    remove_finished_run(Path(options.out))  # --overwrite: the old run stays until every case was read
     return {
         "by_id": by_id,
         "splits": splits,
@@ -337,9 +339,9 @@ def prepare_with_beam(options: PrepareOptions, runner: str = "DirectRunner",
             )
         )
 
+    failed = work_dir / _FAILED
+    if failed.is_file():  # first: under --overwrite the old run's manifest is still there
+        raise DataError(json.loads(failed.read_text())["error"])
     if (out / MANIFEST_NAME).is_file():
         return load_manifest(out)
-    failed = work_dir / _FAILED
-    if failed.is_file():
-        raise DataError(json.loads(failed.read_text())["error"])
     raise DataError(f"the Beam pipeline finished without writing {out / MANIFEST_NAME}; rerun with --resume")

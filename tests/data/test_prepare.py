@@ -169,6 +169,21 @@ def test_refuses_finished_output_without_overwrite(lits_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["preprocessing"]["image_size"] == [16, 16]
 
 
+def test_overwrite_stopped_by_a_bad_case_leaves_the_finished_run_as_it_was(lits_dir, tmp_path):
+    """--overwrite removes the old run only once every new case has been read: a bad scan in the
+    new source stops the run and the old manifest and shards are still there, byte for byte."""
+    out = tmp_path / "out"
+    prepare_dataset(_options(lits_dir, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "manifest.json" in before and any(".tfrecord" in name for name in before)
+    (lits_dir / "segmentation-4.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="segmentation-4.nii.gz"):
+        prepare_dataset(_options(lits_dir, out, overwrite=True, image_size=16))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    load_manifest = prepare_module.load_manifest
+    assert load_manifest(out)["preprocessing"]["image_size"] == [32, 32]
+
+
 def test_resume_of_a_finished_identical_run_is_success(lits_dir, tmp_path, capsys):
     """A scheduler reruns a job with --resume: a complete output is reported and left as it is."""
     out = tmp_path / "out"

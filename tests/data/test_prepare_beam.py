@@ -80,6 +80,17 @@ def test_a_bad_case_stops_without_a_manifest_then_resume_redoes_only_it(lits_dir
     assert again["splits"] == reference["splits"]
 
 
+def test_overwrite_stopped_by_a_bad_case_leaves_the_finished_run_as_it_was(lits_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_with_beam(_options(lits_dir, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (lits_dir / "segmentation-4.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="segmentation-4.nii.gz"):
+        prepare_with_beam(_options(lits_dir, out, overwrite=True, image_size=16))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert load_manifest(out)["preprocessing"]["image_size"] == [32, 32]
+
+
 def test_bad_runner_options_are_one_clear_line(lits_dir, tmp_path):
     with pytest.raises(DataError, match="unknown Beam runner 'Sparkk'; use one of DirectRunner"):
         prepare_with_beam(_options(lits_dir, tmp_path / "o"), runner="Sparkk")
