@@ -427,16 +427,7 @@ def load_case(
     labels = None
     if with_labels and files.label is not None:
         label_nii = load_label_image(files.label, files.image, "segmentation", files.series_uid, image_nii)
-        if tuple(label_nii.shape[:3]) != tuple(image_nii.shape[:3]):
-            raise DataError(
-                f"{files.label} has shape {tuple(label_nii.shape[:3])} but {files.image} has "
-                f"{tuple(image_nii.shape[:3])}; they must be on the same grid (resample the segmentation)"
-            )
-        if not np.allclose(label_nii.affine, image_nii.affine, atol=1e-3, rtol=1e-4):
-            raise DataError(
-                f"{files.label} and {files.image} have different affines; resample the segmentation "
-                "onto the volume's grid (same origin, spacing and orientation)"
-            )
+        _check_same_grid(label_nii, image_nii, files)
         raw_labels = read_array(label_nii, files.label, "segmentation")
         if raw_labels.dtype.kind == "f":
             if not np.array_equal(raw_labels, np.round(raw_labels)):
@@ -464,6 +455,36 @@ def load_case(
 #: level 1 (nibabel's default) and compresses label maps at least as tightly.
 _ISAL_WRITE_LEVEL = 1
 _ZLIB_WRITE_LEVEL = 1  # nibabel's own default for .gz
+
+
+def _check_same_grid(label_nii: nib.Nifti1Image, image_nii: nib.Nifti1Image, files: CaseFiles) -> None:
+    if tuple(label_nii.shape[:3]) != tuple(image_nii.shape[:3]):
+        raise DataError(
+            f"{files.label} has shape {tuple(label_nii.shape[:3])} but {files.image} has "
+            f"{tuple(image_nii.shape[:3])}; they must be on the same grid (resample the segmentation)"
+        )
+    if not np.allclose(label_nii.affine, image_nii.affine, atol=1e-3, rtol=1e-4):
+        raise DataError(
+            f"{files.label} and {files.image} have different affines; resample the segmentation "
+            "onto the volume's grid (same origin, spacing and orientation)"
+        )
+
+
+def check_label_grids(cases: Sequence[CaseFiles]) -> None:
+    """Check, from the headers alone, that every NIfTI case's segmentation lies on its volume's grid.
+
+    What :func:`load_case` checks before reading, for a command that reads the segmentations only
+    after a long step (``evaluate --model`` predicts first). Cases of a DICOM series are skipped: a
+    DICOM-SEG is placed on its series' grid when read.
+
+    Raises:
+        DataError: a shape or affine differs, naming both files and the fix.
+    """
+    for files in cases:
+        if files.label is None or Path(files.image).is_dir() or Path(files.label).is_dir():
+            continue
+        image_nii = load_nifti(Path(files.image), "volume")
+        _check_same_grid(load_nifti(Path(files.label), "segmentation"), image_nii, files)
 
 
 def check_headers(cases: Sequence[CaseFiles], what: str = "volume") -> None:

@@ -189,8 +189,10 @@ def load_pair(
     pred_nii = load_label_image(case.prediction, case.image, "prediction")
     ref_nii = load_label_image(case.reference, case.image, "reference")
     pred_shape, ref_shape = tuple(pred_nii.shape[:3]), tuple(ref_nii.shape[:3])
-    pred_zooms = tuple(round(float(z), 4) for z in pred_nii.header.get_zooms()[:3])
-    ref_zooms = tuple(round(float(z), 4) for z in ref_nii.header.get_zooms()[:3])
+    # A header without spacing is named as such, before the grids are compared (nibabel reads it as 1 mm).
+    ref_spacing = image_zooms(ref_nii, case.reference)
+    pred_zooms = tuple(round(z, 4) for z in image_zooms(pred_nii, case.prediction))
+    ref_zooms = tuple(round(z, 4) for z in ref_spacing)
     if pred_shape != ref_shape or not np.allclose(pred_nii.affine, ref_nii.affine, atol=1e-3, rtol=1e-4):
         raise DataError(
             f"case {case.case_id}: prediction {case.prediction} (shape {pred_shape}, spacing "
@@ -201,7 +203,7 @@ def load_pair(
     pred = checked_labels(read_array(pred_nii, case.prediction, "prediction"), None, case.prediction)
     ref = checked_labels(read_array(ref_nii, case.reference, "reference"), label_map, case.reference)
     affine = ref_nii.affine
-    spacing = canonical_spacing(affine, image_zooms(ref_nii, case.reference))
+    spacing = canonical_spacing(affine, ref_spacing)
     return to_canonical(pred, affine), to_canonical(ref, affine), spacing
 
 

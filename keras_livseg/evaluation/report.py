@@ -67,6 +67,7 @@ from keras_livseg.data.cases import discover_cases
 from keras_livseg.data.labels import CLASS_NAMES
 from keras_livseg.data.volumes import (
     DataError,
+    check_label_grids,
     load_label_image,
     read_array,
     to_canonical,
@@ -878,6 +879,7 @@ def evaluate_model(
                            "%s only (pass --train-manifest to choose)", manifests[0])
         training_manifest = manifests[0] if manifests else None
     labels_of = {Path(c.image).resolve(): c.label for c in cases}
+    check_label_grids(cases)  # a mask off its volume's grid is named now, not after predicting every case
     model = SegmentationModel.ensemble([SegmentationModel.load(path) for path in paths])
     postprocess = resolve_postprocess(model, postprocess)  # "model": what the model's run chose
     if postprocess is not None and postprocess != PostProcessing():

@@ -241,6 +241,11 @@ def test_cli_refuses_a_reference_without_spacing_in_one_line(tmp_path, capsys, s
                             "--no-figures"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("evaluate: error:") and "ref/segmentation-1.nii.gz has voxel spacing (0.0, 0.0, 0.0)" in err
+    # Only the prediction's header lost it: that file is named, not a grid mismatch of 1 mm voxels.
+    save(tmp_path / "ref" / "segmentation-1.nii.gz", labels)
+    code, _, err = run_cli(["--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--out", tmp_path / "out",
+                            "--no-figures"], capsys)
+    assert code == 2 and "pred/segmentation-1.nii.gz has voxel spacing (0.0, 0.0, 0.0)" in err, err
 
 
 def test_evaluate_model_predicts_then_scores_with_curves(folders, tmp_path):
@@ -265,6 +270,26 @@ def test_evaluate_model_predicts_then_scores_with_curves(folders, tmp_path):
     # A drawn figure: several hundred pixels a side, and curves in colour, not a blank canvas.
     assert min(roc.shape[:2]) > 200 and (np.ptp(roc, axis=-1) > 0.2).mean() > 0.001
     assert re.search(r"\| background \| [0-9.]+ \|", (tmp_path / "eval" / "report.md").read_text())
+
+
+def test_cli_model_on_a_mask_off_its_volumes_grid_is_one_line_before_predicting(tmp_path, capsys):
+    from keras_livseg.data.preprocessing import Preprocessing, write_preprocessing_json
+    from keras_livseg.models import build_model
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    build_model("unet", input_shape=(32, 32, 1), filters=4, depth=2).save(str(run / "checkpoints" / "last.keras"))
+    write_preprocessing_json(run / "preprocessing.json", Preprocessing(image_size=(32, 32), mean=40.0, std=50.0))
+    hu, labels = reference(0)
+    save(tmp_path / "lits" / "volume-1.nii.gz", hu)
+    save(tmp_path / "lits" / "segmentation-1.nii.gz", labels)
+    save(tmp_path / "lits" / "volume-2.nii.gz", hu)
+    save(tmp_path / "lits" / "segmentation-2.nii.gz", labels[:, :, :-1])  # one slice short
+    code, _, err = run_cli(["--model", run / "checkpoints" / "last.keras", "--data", tmp_path / "lits",
+                            "--out", tmp_path / "eval", "--no-figures"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "segmentation-2.nii.gz has shape" in err and "same grid" in err
+    assert not (tmp_path / "eval" / "predictions").exists()
 
 
 # ---------------------------------------------------------------------------------------------
