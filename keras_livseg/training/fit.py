@@ -548,8 +548,10 @@ def _model_options(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str, Any]:
+def _chief_setup(config: dict, resume: bool, several_workers: bool, made: list[Path]) -> dict[str, Any]:
     """The run folder, the data and the precision: what the chief (or a lone process) decides.
+
+    A new run folder is appended to ``made`` (see :func:`train`).
 
     Returns ``{"finished": FitResult | None, "run_dir", "config", "shards", "precision"}``.
     """
@@ -575,6 +577,7 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool) -> dict[str,
         training = config["training"]
     else:
         run_dir = new_run_dir(config, resume=False, exact_name=several_workers)
+        made.append(run_dir)
     keras.utils.set_random_seed(int(config["run"]["seed"]))
     shard_dir = ensure_data(config)
     manifest = load_manifest(shard_dir)
@@ -632,8 +635,26 @@ def train(config: dict, resume: bool = False, verbose: int | str | None = None) 
         >>> result = train(resolve_config("pipelines/phantom_demo.toml"))  # doctest: +SKIP
         >>> result.test_metrics["tumor_dice"]  # doctest: +SKIP
     """
-    with op_determinism(config["run"].get("deterministic", False)):
-        return _train(config, resume, verbose)
+    made: list[Path] = []
+    try:
+        with op_determinism(config["run"].get("deterministic", False)):
+            return _train(config, resume, verbose, made)
+    except ValueError:  # bad input, refused in one line (DataError too)
+        for run_dir in made:
+            _discard_untrained(run_dir)
+        raise
+
+
+def _discard_untrained(run_dir: Path) -> None:
+    """Remove a run folder that this call made and that holds nothing trained.
+
+    A run refused before its first epoch (a bad --init-from, crop size or recipe value) then leaves
+    no folder behind, and the corrected command takes the same name instead of ``NAME-2``.
+    """
+    if (run_dir / "history.csv").exists() or list(run_dir.glob("checkpoints/*.keras")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logger.debug("removed %s: the run stopped before training", run_dir)
 
 
 @contextlib.contextmanager
@@ -657,7 +678,7 @@ def op_determinism(enabled: bool) -> Iterator[None]:
             tf_config.disable_op_determinism()
 
 
-def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
+def _train(config: dict, resume: bool, verbose: int | str | None, made: list[Path]) -> FitResult:
     import keras
 
     from keras_livseg.data.dataset import Augmentation, make_dataset, steps_per_epoch
@@ -698,7 +719,7 @@ def _train(config: dict, resume: bool, verbose: int | str | None) -> FitResult:
 
     if chief:
         try:
-            setup = _chief_setup(config, resume, several_workers=task is not None)
+            setup = _chief_setup(config, resume, several_workers=task is not None, made=made)
         except Exception as error:  # the others must stop too, with the reason, not wait for the chief
             if task is not None:
                 multi_worker.share_from_chief(strategy, True, {"error": str(error)})

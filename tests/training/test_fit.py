@@ -900,8 +900,9 @@ def test_patch_training_fits_patches_and_keeps_whole_slice_checkpoints(cache_dir
      ("16.5", "training.crop_size must be a whole number of pixels")],
 )
 def test_bad_crop_size_is_one_line(cache_dir, tmp_path, value, fragment):
-    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", f"training.crop_size={value}"])
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), "--set", f"training.crop_size={value}"])
     assert code == 2 and fragment in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # no run folder left behind
 
 
 def test_a_model_that_cannot_take_patches_trains_on_whole_slices_and_says_so(cache_dir, tmp_path, caplog):
@@ -1000,8 +1001,14 @@ def test_cross_validation_keeps_a_patients_scans_in_one_fold(cache_dir, tmp_path
 def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(cache_dir, tmp_path):
     bogus = tmp_path / "notes.txt"
     bogus.write_text("not a model")
-    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--init-from", str(bogus)])
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), "--name", "warm", "--init-from", str(bogus)])
     assert code == 2 and "notes.txt" in err and ".keras" in err and "Traceback" not in err
+    # Refused before training: no folder is left, so the corrected command gets the name it asked for.
+    assert not (tmp_path / "runs" / "warm").exists()
+    code, out, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), "--name", "warm", "--epochs", "1",
+                              "--steps-per-epoch", "2"])
+    assert code == 0 and (tmp_path / "runs" / "warm" / "checkpoints" / "best.keras").is_file(), err[-2000:]
+    assert not (tmp_path / "runs" / "warm-2").exists()
 
 
 def test_the_demo_checkpoint_missing_says_to_run_the_demo_first(cache_dir, tmp_path):
