@@ -95,13 +95,19 @@ def parse_label_map(text: str | None) -> dict[int, int] | None:
     return mapping
 
 
-def apply_label_map(labels: np.ndarray, mapping: Mapping[int, int] | None, source: str = "labels") -> np.ndarray:
+#: What to do about labels outside 0..2 in a segmentation (a reference, or a training mask).
+REMAP_ADVICE = "remap them with --label-map SRC:DST,... (e.g. --label-map 5:1 for TotalSegmentator's liver)"
+
+
+def apply_label_map(labels: np.ndarray, mapping: Mapping[int, int] | None, source: str = "labels",
+                    advice: str = REMAP_ADVICE) -> np.ndarray:
     """Remap label values; without a mapping, check that labels are in ``0..2``.
 
     Args:
         labels: integer label array of any shape.
         mapping: ``{source_label: class}``; every label not listed becomes 0.
         source: the file name used in error messages.
+        advice: the fix the error message gives for labels outside ``0..2``.
 
     Returns:
         uint8 array of the same shape with values in ``{0, 1, 2}``.
@@ -122,8 +128,7 @@ def apply_label_map(labels: np.ndarray, mapping: Mapping[int, int] | None, sourc
         if bad:
             shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
             raise DataError(
-                f"{source} holds labels {shown} outside 0 (background), 1 (liver), 2 (tumor); "
-                "remap them with --label-map SRC:DST,... (e.g. --label-map 5:1 for TotalSegmentator's liver)"
+                f"{source} holds labels {shown} outside 0 (background), 1 (liver), 2 (tumor); {advice}"
             )
         return labels.astype(np.uint8, copy=False)
     lookup_size = int(max(int(labels.max(initial=0)), max(mapping, default=0))) + 1

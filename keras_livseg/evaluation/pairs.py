@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_livseg.data.cases import CaseFiles, case_key, discover_cases, lits_id, natural_key, nifti_files
 from keras_livseg.data.volumes import (
+    REMAP_ADVICE,
     DataError,
     apply_label_map,
     canonical_spacing,
@@ -200,19 +201,25 @@ def load_pair(
             f"{ref_zooms} mm) are not on the same grid; predict on the reference's own volume, "
             "or resample the prediction onto the reference grid"
         )
-    pred = checked_labels(read_array(pred_nii, case.prediction, "prediction"), None, case.prediction)
+    pred = checked_labels(read_array(pred_nii, case.prediction, "prediction"), None, case.prediction, PREDICTION_ADVICE)
     ref = checked_labels(read_array(ref_nii, case.reference, "reference"), label_map, case.reference)
     affine = ref_nii.affine
     spacing = canonical_spacing(affine, ref_spacing)
     return to_canonical(pred, affine), to_canonical(ref, affine), spacing
 
 
-def checked_labels(array: np.ndarray, label_map: Mapping[int, int] | None, source: Path) -> np.ndarray:
+#: A prediction's labels are scored as they are: --label-map remaps references only.
+PREDICTION_ADVICE = ("a prediction is scored with the model's own labels: write it without predict's --label-map "
+                     "(or map it back to 0, 1, 2 yourself)")
+
+
+def checked_labels(array: np.ndarray, label_map: Mapping[int, int] | None, source: Path,
+                   advice: str = REMAP_ADVICE) -> np.ndarray:
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise DataError(f"{source} holds non-integer labels; save it as an integer label map")
         array = array.astype(np.int32)
-    return apply_label_map(array, label_map, str(source))
+    return apply_label_map(array, label_map, str(source), advice)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,6 +231,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert err.startswith("evaluate: error:") and "Traceback" not in err
 
 
+def test_a_prediction_with_other_labels_is_told_to_drop_predicts_label_map(tmp_path, capsys):
+    """--label-map remaps references only: for a prediction the advice is predict's own option."""
+    _, labels = reference(0)
+    save(tmp_path / "ref" / "segmentation-1.nii.gz", labels)
+    save(tmp_path / "pred" / "segmentation-1.nii.gz", (labels * 3).astype(np.uint8))  # predict --label-map 1:3,2:6
+    code, _, err = run_cli(["--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--out", tmp_path / "out",
+                            "--no-figures"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "pred/segmentation-1.nii.gz holds labels 3, 6 outside 0" in err and "without predict's --label-map" in err
+    save(tmp_path / "pred" / "segmentation-1.nii.gz", labels)
+    save(tmp_path / "ref" / "segmentation-1.nii.gz", (labels * 3).astype(np.uint8))
+    code, _, err = run_cli(["--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--out", tmp_path / "out",
+                            "--no-figures"], capsys)
+    assert code == 2 and "ref/segmentation-1.nii.gz holds labels 3, 6" in err and "remap them with --label-map" in err
+
+
 def test_cli_refuses_a_reference_without_spacing_in_one_line(tmp_path, capsys, strip_spacing):
     """Surface distances in mm need the reference's spacing: a header without it is not 1 mm."""
     _, labels = reference(0)
