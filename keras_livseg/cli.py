@@ -135,6 +135,12 @@ def configure_logging(verbose: bool = False, tensorflow: bool = False) -> None:
     # three-epoch run ("Collective all_reduce tensors: 1 all_reduces, ..." at every step). Its
     # warnings and errors still show; -v shows everything.
     logging.getLogger("tensorflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # nibabel reports the header fields it repairs on loading ("pixdim[1,2,3] should be non-zero;
+    # setting 0 dims to 1") through a handler of its own and again through ours. The stages check
+    # what matters themselves (a missing spacing is refused, naming the file); -v shows nibabel's.
+    nibabel_logger = logging.getLogger("nibabel.global")
+    nibabel_logger.propagate = False
+    nibabel_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
     if tensorflow:
         quiet_tensorflow(verbose)
     elif not verbose:

@@ -654,7 +654,13 @@ def assign_splits(options: PrepareOptions, order: Sequence[str], patients: Mappi
         DataError: the assignment misses a case or leaves train empty.
     """
     if options.assignment is None:
-        return split_cases(order, options.split, options.seed, patients, strata)
+        splits = split_cases(order, options.split, options.seed, patients, strata)
+        for split, fraction in zip(SPLITS, options.split):
+            if fraction > 0 and not splits[split]:
+                count = len({patients.get(cid, cid) for cid in order})
+                logger.warning("the %s split gets no case: %g of %d patient(s) rounds to none; give it a larger "
+                               "fraction, or more cases, or measure with fit --folds", split, fraction, count)
+        return splits
     missing = [cid for cid in order if cid not in options.assignment]
     if missing:
         raise DataError(f"the split assignment has no entry for cases {', '.join(missing[:8])}; assign every case")

@@ -133,6 +133,13 @@ def test_cli_refuses_a_header_without_spacing_in_one_line(lits_dir, tmp_path, ca
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("prepare: error: ") and "volume-3.nii.gz has voxel spacing (0.0, 0.0, 0.0) mm" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+    # In a process of its own, where nibabel's own handler writes to the real stderr: still one line.
+    done = subprocess.run([sys.executable, "-m", "keras_livseg.prepare", "--src", str(lits_dir), "--out",
+                           str(tmp_path / "out2"), "--image-size", "32", "--no-progress"], capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "nibabel" not in done.stderr and "setting 0 dims" not in done.stderr, done.stderr
+    assert [line for line in lines if not line.startswith("I ")] == [lines[-1]]  # progress lines, then the error
+    assert lines[-1].startswith("prepare: error: ") and "volume-3.nii.gz has voxel spacing" in lines[-1]
 
 
 def test_byte_identical_whatever_the_workers(lits_dir, tmp_path):
@@ -143,6 +150,21 @@ def test_byte_identical_whatever_the_workers(lits_dir, tmp_path):
     assert any(n.endswith(".tfrecord.gz") for n in names)
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_split_asked_for_that_rounds_to_no_case_is_warned_about(lits_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="keras_livseg.data.prepare"):
+        manifest = prepare_dataset(_options(lits_dir, tmp_path / "out", split=(0.85, 0.05, 0.1)))
+    assert manifest["splits"]["val"]["cases"] == [] and len(manifest["splits"]["test"]["cases"]) == 1
+    warned = [r.getMessage() for r in caplog.records if "gets no case" in r.getMessage()]
+    assert warned == ["the val split gets no case: 0.05 of 6 patient(s) rounds to none; give it a larger fraction, "
+                      "or more cases, or measure with fit --folds"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keras_livseg.data.prepare"):
+        prepare_dataset(_options(lits_dir, tmp_path / "none", split=(1.0, 0.0, 0.0)))  # asked for none: no warning
+    assert not [r for r in caplog.records if "gets no case" in r.getMessage()]
 
 
 def test_split_is_by_patient_and_seeded():
