@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -101,7 +102,8 @@ def _pick_cases(rows: Sequence[Mapping[str, Any]], per_side: int) -> list[tuple[
         return -1.0 if value is None or not math.isfinite(value) else float(value)
 
     order = sorted(range(len(rows)), key=lambda i: score(rows[i]))
-    best = list(reversed(order))[:per_side]
+    # Fewer cases than both sides want: share them, the odd one to "best" (two cases: one each).
+    best = list(reversed(order))[: per_side if len(rows) >= 2 * per_side else min(per_side, (len(rows) + 1) // 2)]
     worst = [i for i in order[:per_side] if i not in best]
     return [("best", i) for i in best] + [("worst", i) for i in worst]
 
@@ -144,13 +146,15 @@ def _ct_slice(case: Any, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
     if getattr(case, "image", None) is None:
         return None
     image_nii = load_nifti(case.image)
-    if tuple(image_nii.shape[:3]) != tuple(shape):
+    # ``shape`` is the reference's in canonical orientation: compare the CT's, reoriented alike
+    # (a scan stored in another axis order, RAS say, has the same voxels in another shape).
+    volume = to_canonical(read_array(image_nii, case.image), image_nii.affine)
+    if tuple(volume.shape[:3]) != tuple(shape):
         logger.warning(
-            "case %s: CT %s has shape %s but the reference %s; overlay drawn without the CT",
-            case.case_id, case.image, tuple(image_nii.shape[:3]), tuple(shape),
+            "case %s: CT %s has shape %s but the reference %s (both reoriented); overlay drawn without the CT",
+            case.case_id, case.image, tuple(volume.shape[:3]), tuple(shape),
         )
         return None
-    volume = to_canonical(read_array(image_nii, case.image), image_nii.affine)
     return np.clip(np.asarray(volume[:, :, k], dtype=np.float32), *_WINDOW)
 
 
@@ -166,7 +170,9 @@ def _draw_overlay(axis, ct: np.ndarray | None, ref_slice: np.ndarray, pred_slice
                 colour = _CONTOUR_COLOURS[(region, style)]
                 axis.contour(test.astype(np.float32), levels=[0.5], colors=[colour],
                              linewidths=1.2, linestyles=style)
-    axis.set_title(title, fontsize=8)
+    # Wrapped: side by side in overlays.png, long titles ("case 7, slice 63: largest tumour
+    # area in the reference (worst tumour Dice case, Dice 0.024)") ran into each other.
+    axis.set_title("\n".join(textwrap.wrap(title, 52)), fontsize=8)
     axis.axis("off")
 
 

@@ -528,6 +528,34 @@ def test_overlays_show_the_ct_with_contours_and_say_why(folders, tmp_path):
     assert f"![{worst}](figures/overlay_worst_0.png)" in (tmp_path / "a" / "report.md").read_text()
 
 
+def test_best_and_worst_share_few_cases():
+    from keras_livseg.evaluation.plots import _pick_cases
+
+    rows = [{"tumor_ref_voxels": 5, "tumor_dice": d} for d in (0.2, 0.9, 0.5, 0.7)]
+    assert _pick_cases(rows[:2], 2) == [("best", 1), ("worst", 0)]  # not both "best"
+    assert _pick_cases(rows[:3], 2) == [("best", 1), ("best", 2), ("worst", 0)]
+    assert _pick_cases(rows, 2) == [("best", 1), ("best", 3), ("worst", 0), ("worst", 2)]
+    assert _pick_cases(rows[:1], 2) == [("best", 0)]
+
+
+def test_overlays_show_the_ct_of_a_scan_stored_in_another_axis_order(tmp_path):
+    """A RAS-stored scan (the TotalSegmentator crop's order) has another array shape than its
+    canonical reference; the CT still shows behind the contours."""
+    hu, labels = reference(0)
+    # RAS: the array's axes run to the patient's right, front and head; the canonical order
+    # (posterior, left, superior) swaps the first two, so a non-square slice changes shape.
+    ras = np.diag([1.5, 1.5, 2.0, 1.0])
+    lab, ct = np.ascontiguousarray(labels[:, :36]), np.ascontiguousarray(hu[:, :36])
+    assert lab.shape[0] != lab.shape[1]
+    save(tmp_path / "ref" / "segmentation-1.nii.gz", lab, ras)
+    save(tmp_path / "pred" / "segmentation-1.nii.gz", lab, ras)
+    save(tmp_path / "ct" / "volume-1.nii.gz", ct, ras)
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "out", images=tmp_path / "ct")
+    titles = [t for t in summary["figures"] if t.startswith("case ")]
+    assert titles and not any("[no CT]" in t for t in titles)
+    assert mid_gray_fraction(tmp_path / "out" / summary["figures"][titles[0]]) > 0.2
+
+
 def test_cli_images_and_training_manifest(folders, tmp_path, capsys):
     pred_dir, ref_dir, _ = folders
     labels_only = tmp_path / "labels"
