@@ -12,21 +12,23 @@ detected lesion, averaged over detected lesions. A case whose prediction or refe
 diagonal of the volume's extent in mm) and stays in the means; both empty scores Dice 1 and
 distance 0. RVD with an empty reference is undefined and left out of the RVD mean (counted).
 
-``--data`` (or ``--ref``) may be a prepared shard folder (manifest.json): ``--split`` then picks
-the cases, read from the source NIfTI files. A checkpoint under ``runs/<name>/checkpoints/`` is
+``--data`` (or ``--ref``) may be a prepared shard folder (manifest.json), or with ``--model`` the
+folder of a ``fit`` run (the shards it trained on): ``--split`` then picks the cases, read from the
+source NIfTI files. A checkpoint under ``runs/<name>/checkpoints/`` is
 checked against its run's training manifest, and scored training cases are flagged.
 
 Examples:
     python -m keras_livseg.evaluate --model runs/tam_unet/checkpoints/best.keras \\
         --data data/LiTS-test --out runs/tam_unet/eval --history runs/tam_unet/history.csv
     python -m keras_livseg.evaluate --model runs/tam_unet/checkpoints/best.keras \\
-        --data runs/tam_unet/shards --split test --out runs/tam_unet/eval
+        --data runs/tam_unet --split test --out runs/tam_unet/eval   # a fit run: the shards it trained on
     python -m keras_livseg.evaluate --pred predictions --ref data/LiTS-test --out eval
     python -m keras_livseg.evaluate --pred predictions --ref labels/ --images ct/ --out eval
     python -m keras_livseg.evaluate --pred predictions --ref data/LiTS-test --out eval/all \\
         --compare runs/unet runs/effb0_pan
     python -m keras_livseg.evaluate --model saved_models/tam_unet \\
-        --data ../shared/data/real/totalseg-example-ct/pairs.csv --label-map 5:1 --out eval/ts
+        --data ts.csv --label-map 5:1 --out eval/ts   # ts.csv: image,label rows (a TotalSegmentator
+                                                      # folder holds the CT and its label map side by side)
     python -m keras_livseg.evaluate --model runs/demo-seed0/checkpoints/best.keras \\
         --model runs/demo-seed1/checkpoints/best.keras --data ../shared/data/real/ircadb --out eval/ens
 """
@@ -47,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append",
                         help=".keras checkpoint or SavedModel: predict --data first; repeat it to score the "
                              "average of several models (an ensemble of folds or seeds)")
-    parser.add_argument("--data", help="labelled dataset (LiTS, MSD or .csv) or prepared shard folder "
-                        "(manifest.json, with --split) to predict and score")
+    parser.add_argument("--data", help="labelled dataset (LiTS, MSD or .csv), prepared shard folder "
+                        "(manifest.json, with --split), or a fit run's folder (its shards) to predict and score")
     parser.add_argument("--split", metavar="SPLIT",
                         help="with a shard folder as --data/--ref: score the cases of this split "
                         "(train, val or test; an error lists the splits the manifest has)")

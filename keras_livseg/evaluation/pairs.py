@@ -237,6 +237,26 @@ def is_manifest(path: str | Path) -> bool:
     )
 
 
+def run_shards(path: str | Path) -> Path | None:
+    """The shard folder a ``fit`` run trained on, when ``path`` is that run's folder; else None.
+
+    A run folder holds ``config.json`` whose ``data.shards`` names the shards (in the cache,
+    under a digest of their settings, where a user would not look for them).
+
+    Example:
+        >>> run_shards("runs/tam_unet-phantom_demo")  # doctest: +SKIP
+        PosixPath('.cache/keras_livseg/shards-5c1f0e9a7b2d')
+    """
+    path = Path(path)
+    if not path.is_dir() or (path / "manifest.json").exists() or not (path / "config.json").is_file():
+        return None
+    try:
+        shards = json.loads((path / "config.json").read_text())["data"]["shards"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return Path(shards) if shards and is_manifest(shards) else None
+
+
 def _load_manifest(path: str | Path) -> dict[str, Any]:
     from keras_livseg.data.prepare import load_manifest
 

@@ -81,6 +81,7 @@ from keras_livseg.evaluation.pairs import (  # noqa: F401  (re-exported: the rep
     load_pair,
     manifest_cases,
     match_cases,
+    run_shards,
     training_manifest_for_model,
 )
 
@@ -854,6 +855,10 @@ def evaluate_model(
     from keras_livseg.inference.volume import resolve_postprocess
 
     out_dir = Path(out_dir)
+    shards = run_shards(data)
+    if shards is not None:
+        logger.info("%s is a fit run: scoring the shards it trained on, %s", data, shards)
+        data = shards
     if is_manifest(data):
         cases = manifest_cases(data, split)  # fails on a bad split before the model loads
         missing_images = [c.case_id for c in cases if not c.image.is_file()]
@@ -867,7 +872,7 @@ def evaluate_model(
         if split is not None:
             raise DataError(
                 f"--split {split} needs a prepared shard folder holding manifest.json, but {data} has none; "
-                "drop --split, or pass the folder prepare wrote"
+                "drop --split, or pass the folder prepare wrote (or the run folder of fit, which names its shards)"
             )
         cases = discover_cases(data, require_labels=True)
         inputs = [data]
