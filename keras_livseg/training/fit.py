@@ -447,6 +447,9 @@ def new_run_dir(config: dict, resume: bool, exact_name: bool = False) -> Path:
         if not taken(run_dir):
             try:
                 run_dir.mkdir(parents=True)
+                if run_dir.name != name:  # else only the last lines of a long run would say where it went
+                    logger.info("%s exists: this run is %s (--resume --name %s continues that one)",
+                                runs / name, run_dir, name)
                 return run_dir
             except FileExistsError:  # a run started at the same moment took this name first
                 if exact_name:

@@ -166,10 +166,12 @@ def test_cli_summary_prints_dice_folder_checkpoint_and_tensorboard(tiny_run):
     assert "finished 2 epochs" in out
 
 
-def test_existing_run_name_gets_a_suffix(tmp_path):
+def test_existing_run_name_gets_a_suffix(tmp_path, caplog):
     config = {"run": {"name": "exp", "runs_dir": str(tmp_path)}, "model": {"name": "unet"}, "recipe": "x.toml"}
     assert fit.new_run_dir(config, resume=False) == tmp_path / "exp"
-    assert fit.new_run_dir(config, resume=False) == tmp_path / "exp-2"
+    with caplog.at_level("INFO", logger="keras_livseg.training.fit"):
+        assert fit.new_run_dir(config, resume=False) == tmp_path / "exp-2"
+    assert f"{tmp_path / 'exp'} exists: this run is {tmp_path / 'exp-2'} (--resume --name exp" in caplog.text
     assert fit.new_run_dir(config, resume=False) == tmp_path / "exp-3"
     config["run"]["name"] = ""
     assert fit.new_run_dir(config, resume=False) == tmp_path / "unet-x"
