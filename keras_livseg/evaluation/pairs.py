@@ -343,6 +343,9 @@ def training_manifest_for_model(model_path: str | Path) -> Path | None:
     """
     model_path = Path(model_path)
     run_dir = model_path.parent.parent if model_path.parent.name == "checkpoints" else model_path.parent
+    exported_by = _exporting_run(model_path) if model_path.is_dir() else None
+    if exported_by is not None:  # a SavedModel that fit exported: its run is recorded in it
+        run_dir = exported_by
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         return None
@@ -363,6 +366,20 @@ def training_manifest_for_model(model_path: str | Path) -> Path | None:
         )
         return None
     return manifest
+
+
+def _exporting_run(model_dir: Path) -> Path | None:
+    """The run folder a SavedModel (or a base folder of versions) records in its metadata, if any."""
+    candidates = [model_dir] + sorted((c for c in model_dir.iterdir() if c.name.isdigit()), key=lambda c: -int(c.name))
+    for folder in candidates:
+        record = folder / "assets.extra" / "preprocessing.json"
+        if (folder / "saved_model.pb").is_file() and record.is_file():
+            try:
+                run = json.loads(record.read_text()).get("run")
+            except (json.JSONDecodeError, AttributeError):
+                return None
+            return Path(run) if run else None
+    return None
 
 
 def find_training_cases(

@@ -458,6 +458,26 @@ def test_evaluate_model_on_a_shard_split_flags_its_own_training_cases(folders, t
     assert by_run["cases"] == ["2"] and by_run["split"] == "test" and not by_run["scored_training_cases"]
 
 
+def test_an_exported_saved_model_leads_back_to_its_runs_training_manifest(folders, tmp_path):
+    """fit's export records its run: scoring the SavedModel flags training cases as the checkpoint does."""
+    from keras_livseg.evaluation.pairs import training_manifest_for_model
+
+    _, ref_dir, _ = folders
+    shards = write_manifest(tmp_path / "shards", ref_dir, {"train": ["0"], "val": ["1"], "test": ["2"]})
+    run = tmp_path / "runs" / "tam"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"shards": str(shards)}}))
+    for version in ("1", "2"):
+        extra = tmp_path / "saved_models" / "livseg" / version / "assets.extra"
+        extra.mkdir(parents=True)
+        (extra.parent / "saved_model.pb").write_bytes(b"")
+        (extra / "preprocessing.json").write_text(json.dumps({"run": str(run) if version == "2" else None}))
+    base = tmp_path / "saved_models" / "livseg"
+    assert training_manifest_for_model(base) == shards / "manifest.json"  # the highest version's run
+    assert training_manifest_for_model(base / "2") == shards / "manifest.json"
+    assert training_manifest_for_model(base / "1") is None  # exported without a run: nothing to check
+
+
 def test_evaluate_model_scores_an_ensemble_and_flags_its_members_training_cases(folders, tmp_path):
     """Two checkpoints: one prediction from their averaged probabilities, named after both;
     a member's run still flags the cases it trained on."""
