@@ -143,6 +143,8 @@ def case_key(path: Path) -> str:
         >>> case_key(Path("segmentation-12.nii.gz")), case_key(Path("liver_3_0000.nii.gz"))
         ('12', 'liver_3')
     """
+    if path.name.endswith(DICOM_SEG_SUFFIX):  # predict --format dicom-seg writes <case>_seg.dcm
+        return path.name[: -len(DICOM_SEG_SUFFIX)]
     match = _NIFTI.match(path.name)
     stem = match.group("stem") if match else path.stem
     lits = _LITS_STEM.match(stem)
@@ -154,6 +156,17 @@ def case_key(path: Path) -> str:
 def is_probability_file(name: str) -> bool:
     """Whether a file is a probability map written by ``predict`` (never a label map)."""
     return name.startswith("probabilities-") or "_probabilities." in name
+
+
+#: The name ending of a DICOM-SEG that ``predict --format dicom-seg`` writes for a case.
+DICOM_SEG_SUFFIX = "_seg.dcm"
+
+
+def prediction_files(folder: Path) -> list[Path]:
+    """The label maps ``predict`` wrote in ``folder``: NIfTI files and ``<case>_seg.dcm`` DICOM-SEGs (sorted)."""
+    segs = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(DICOM_SEG_SUFFIX)
+            and not p.name.startswith(".")]
+    return sorted(nifti_files(folder) + segs)
 
 
 def nifti_files(folder: Path) -> list[Path]:
@@ -218,7 +231,7 @@ def plan_outputs(cases: Sequence[CaseFiles], out_dir: str | Path, output_format:
             raise DataError("--label-map does not apply to DICOM-SEG, whose segments are coded concepts; drop it")
     outputs = []
     for files in cases:
-        name = f"{files.case_id}_seg.dcm" if output_format == "dicom-seg" else output_names(files)[0]
+        name = f"{files.case_id}{DICOM_SEG_SUFFIX}" if output_format == "dicom-seg" else output_names(files)[0]
         output = Path(out_dir) / name
         if output.resolve() == files.image.resolve() or (files.label and output.resolve() == files.label.resolve()):
             raise DataError(f"writing {output} would overwrite the input {files.image} or its label; choose "

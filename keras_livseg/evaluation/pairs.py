@@ -17,7 +17,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keras_livseg.data.cases import CaseFiles, case_key, discover_cases, lits_id, natural_key, nifti_files
+from keras_livseg.data.cases import (
+    CaseFiles,
+    case_key,
+    discover_cases,
+    lits_id,
+    natural_key,
+    nifti_files,
+    prediction_files,
+)
 from keras_livseg.data.volumes import (
     REMAP_ADVICE,
     DataError,
@@ -59,8 +67,8 @@ def match_cases(
     """Pair prediction files with reference label maps by case.
 
     Args:
-        pred_dir: Folder of predicted label maps (``segmentation-N.nii[.gz]`` or ``<case>.nii.gz``;
-            probability maps are skipped).
+        pred_dir: Folder of predicted label maps (``segmentation-N.nii[.gz]``, ``<case>.nii.gz``, or
+            ``<case>_seg.dcm``, the DICOM-SEG of a case's DICOM series; probability maps are skipped).
         ref: A dataset (LiTS folder, MSD folder, ``.csv``; its CT volumes then feed the overlay
             figure), a plain folder of reference label maps (``volume-N`` files beside
             ``segmentation-N`` are taken as the CT), or a prepared shard folder holding
@@ -84,9 +92,10 @@ def match_cases(
     pred_dir, ref = Path(pred_dir), Path(ref)
     if not pred_dir.is_dir():
         raise DataError(f"prediction folder {pred_dir} does not exist; pass the folder predict wrote")
-    predictions = nifti_files(pred_dir)
+    predictions = prediction_files(pred_dir)
     if not predictions:
-        raise DataError(f"no cases found in {pred_dir}: it holds no .nii/.nii.gz prediction")
+        raise DataError(f"no cases found in {pred_dir}: it holds no .nii/.nii.gz prediction (nor a <case>_seg.dcm "
+                        "DICOM-SEG)")
     if not ref.exists():
         raise DataError(f"reference {ref} does not exist; pass the dataset or folder of label maps")
     references: dict[str, tuple[Path, Path | None]] = {}

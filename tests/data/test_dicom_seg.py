@@ -134,3 +134,19 @@ def test_seg_refusals_are_one_clear_line(series, real_data_dir, tmp_path, monkey
     empty.mkdir()
     with pytest.raises(DataError, match="is a folder without DICOM files"):
         discover_cases(_pairs(tmp_path, empty, series / "liver-seg.dcm"))
+
+
+def test_evaluate_scores_a_folder_of_dicom_seg_predictions(series, tmp_path):
+    """What predict --format dicom-seg writes (<case>_seg.dcm) is scored against a CSV reference
+    whose image is the series and whose label is a SEG of it."""
+    from keras_livseg.evaluation.report import evaluate_folders
+
+    labels = dcmqi_liver(series)
+    labels[250:260, 250:260, 1] = 2 * labels[250:260, 250:260, 1]  # a little tumour, inside the liver
+    (tmp_path / "pred").mkdir()
+    write_segmentation(labels, series, tmp_path / "pred" / "dicom_seg.dcm", model_name="test")
+    (tmp_path / "pairs.csv").write_text(f"image,label\n{series},{series / 'liver-seg.dcm'}\n")
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "pairs.csv", tmp_path / "eval", figures=False)
+    assert summary["cases"] == ["dicom"]
+    # The liver (labels 1 and 2 together) is dcmqi's own; the SEG reference has no tumour.
+    assert summary["volume"]["liver"]["dice"] == pytest.approx(1.0)
