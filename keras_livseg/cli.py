@@ -141,6 +141,8 @@ def configure_logging(verbose: bool = False, tensorflow: bool = False) -> None:
     nibabel_logger = logging.getLogger("nibabel.global")
     nibabel_logger.propagate = False
     nibabel_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # highdicom narrates each DICOM-SEG it builds (nine INFO lines a file); its warnings still show.
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if tensorflow:
         quiet_tensorflow(verbose)
     elif not verbose:

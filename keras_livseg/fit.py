@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"])
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--export-dir", help="TF Serving base folder for the export (default saved_models/livseg)")
+    parser.add_argument("--export-dir", help="TF Serving base folder for the export (default: the recipe's "
+                        "export.out; saved_models/livseg for the demo)")
     parser.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     parser.add_argument("--resume", action="store_true", help="continue the run --name where it stopped")
     parser.add_argument("--folds", type=int, help="K-fold cross-validation by patient (K = patients: leave one out)")

@@ -566,6 +566,7 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool, made: list[P
     from keras_livseg.training.precision import apply_precision, choose_cpu_policy
 
     training = config["training"]
+    _check_init_from(str(training.get("init_from") or ""), resume)  # before the data and the timing, ~15 s
     if resume:
         run_dir = new_run_dir(config, resume=True)
         finished = _finished_run(run_dir, int(training["epochs"]))
@@ -615,6 +616,22 @@ def _chief_setup(config: dict, resume: bool, several_workers: bool, made: list[P
                              tta_flips=Augmentation.from_config(config["training"]["augmentation"]).flips)
     return {"finished": None, "run_dir": str(run_dir), "config": config, "shards": str(shard_dir), "precision": policy,
             "crop_size": crop}
+
+
+def _check_init_from(init_from: str, resume: bool) -> None:
+    """Refuse a warm-start source that does not exist, before any data is prepared.
+
+    The fine-tuning recipe names the demo's checkpoint: missing, it asks for the demo first.
+    """
+    if init_from.lower() in ("", "none") or resume or storage.is_url(init_from) or Path(init_from).exists():
+        return
+    if init_from.endswith("phantom_demo/checkpoints/best.keras"):
+        raise ValueError(
+            f"training.init_from {init_from} does not exist yet: run the phantom demo first "
+            "(python -m keras_livseg.fit), pass --init-from CHECKPOINT, or --init-from none to train from scratch"
+        )
+    raise ValueError(f"--init-from {init_from} does not exist; pass a .keras checkpoint, or --init-from none to "
+                     "train from scratch")
 
 
 def _copy_resume_state(chief_run: Path, scratch: Path) -> None:
@@ -815,11 +832,6 @@ def _train(config: dict, resume: bool, verbose: int | str | None, made: list[Pat
     if init_from.lower() not in ("", "none") and not resume:  # a resumed run restores its own weights
         from keras_livseg.training.warm_start import load_matching_weights
 
-        if not Path(init_from).exists() and init_from.endswith("phantom_demo/checkpoints/best.keras"):
-            raise ValueError(
-                f"training.init_from {init_from} does not exist yet: run the phantom demo first "
-                "(python -m keras_livseg.fit), pass --init-from CHECKPOINT, or --init-from none to train from scratch"
-            )
         report = load_matching_weights(model, init_from)
         warm_start = report.summary()
         logger.info("%s", warm_start)
@@ -897,7 +909,10 @@ def _train(config: dict, resume: bool, verbose: int | str | None, made: list[Pat
     if held_out is not None and chief and best.is_file() and score_volumes:
         volume_metrics = score_held_out_volumes(best, manifest, held_out, run_dir / "eval")
     if held_out is None:
-        logger.warning("no held-out cases (test and val splits are empty): no held-out figures for this run")
+        # Asked for (every case trains, no validation: a final model) it is not a warning.
+        log = logger.info if training["validation"] == "none" else logger.warning
+        log("no held-out cases (test and val splits are empty): no held-out figures for this run; measure with "
+            "--folds K")
     elif not (score_slices or score_volumes):
         logger.warning("training.score_volumes and training.score_slices are both false: the %s cases were not scored "
                        "(score them with: python -m keras_livseg.evaluate --model %s --data %s --split %s)",

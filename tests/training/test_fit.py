@@ -1013,11 +1013,15 @@ def test_init_from_a_file_that_is_not_a_checkpoint_is_one_line(cache_dir, tmp_pa
     assert not (tmp_path / "runs" / "warm-2").exists()
 
 
-def test_the_demo_checkpoint_missing_says_to_run_the_demo_first(cache_dir, tmp_path):
+def test_the_demo_checkpoint_missing_says_to_run_the_demo_first(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fit, "ensure_data", lambda *a, **k: pytest.fail("the data was prepared before the refusal"))
     missing = tmp_path / "runs" / "tam_unet-phantom_demo" / "checkpoints" / "best.keras"
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--set", f"training.init_from={missing}"])
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
     assert "does not exist yet: run the phantom demo first" in err and "--init-from none" in err
+    other = tmp_path / "elsewhere.keras"
+    code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--init-from", str(other)])
+    assert code == 2 and f"--init-from {other} does not exist; pass a .keras checkpoint" in err, err[-2000:]
 
 
 def test_init_from_a_checkpoint_sharing_no_layer_is_one_line(cache_dir, tmp_path):
