@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 WORK_DIR = ".work"
+#: In the work folder while an --overwrite run has not yet replaced the finished run beside it:
+#: --resume then continues that run instead of comparing itself with the old manifest.
+REPLACING = "replacing"
 SPLITS = ("train", "val", "test")
 SLICE_SELECTIONS = ("all", "liver")
 _CHUNK_SLICES = 32  # slices windowed and resized at once: bounds float32 temporaries
@@ -534,6 +537,8 @@ def _check_output(out: Path, options: PrepareOptions, case_ids: set[str], strata
     """Make ``out`` ready for a run; True when ``--resume`` finds the same run already complete."""
     manifest = out / MANIFEST_NAME
     if manifest.exists():
+        if options.resume and not options.overwrite and (out / WORK_DIR / REPLACING).exists():
+            return False  # an --overwrite run stopped before it replaced the finished one: continue it
         if options.resume and not options.overwrite:
             # A scheduler simply reruns a job: a finished identical run is success, not an error.
             differences = _finished_run_differences(json.loads(manifest.read_text()), options, case_ids, strata)
@@ -558,14 +563,24 @@ def _check_output(out: Path, options: PrepareOptions, case_ids: set[str], strata
 
 
 def remove_finished_run(out: Path) -> None:
-    """Delete a finished run's manifest, then its shards, before new shards are written over them.
+    """Delete the finished run that ``--overwrite`` replaces: its manifest, then the shards it lists.
 
-    The manifest goes first: from then on the folder reads as unfinished, never as stale-but-finished.
-    ``--overwrite`` calls this only once every case of the new run has been read and split.
+    Called once every case of the new run has been read and split, just before the new shards
+    are written. The manifest goes first: from then on the folder reads as unfinished, never as
+    stale-but-finished. Files the manifest does not list are never touched (without a manifest,
+    nothing is removed).
     """
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for old in out.glob("*-of-*.tfrecord*"):
-        old.unlink()
+    manifest = out / MANIFEST_NAME
+    if not manifest.is_file():
+        return
+    try:
+        shards = [name for split in json.loads(manifest.read_text()).get("splits", {}).values()
+                  for name in split.get("shards", [])]
+    except (ValueError, AttributeError):
+        shards = []  # unreadable: the new run's shards replace whatever has the same names
+    manifest.unlink()
+    for name in shards:
+        (out / Path(name).name).unlink(missing_ok=True)
 
 
 def _progress(iterable: Iterable, total: int, enabled: bool, description: str) -> Iterable:
@@ -767,6 +782,8 @@ def start_run(options: PrepareOptions) -> tuple[Path, list[CaseFiles], dict[str,
         return out, all_cases, None, strata
     work_dir = out / WORK_DIR
     work_dir.mkdir(exist_ok=True)
+    if (out / MANIFEST_NAME).exists():
+        (work_dir / REPLACING).touch()
     reused: dict[str, dict] = {}
     if options.resume:
         for files in all_cases:

@@ -623,15 +623,16 @@ def _check_init_from(init_from: str, resume: bool) -> None:
 
     The fine-tuning recipe names the demo's checkpoint: missing, it asks for the demo first.
     """
-    if init_from.lower() in ("", "none") or resume or storage.is_url(init_from) or Path(init_from).exists():
+    if init_from.lower() in ("", "none") or resume or storage.is_url(init_from):
         return
-    if init_from.endswith("phantom_demo/checkpoints/best.keras"):
+    from keras_livseg.training.warm_start import check_source_exists
+
+    if init_from.endswith("phantom_demo/checkpoints/best.keras") and not Path(init_from).expanduser().exists():
         raise ValueError(
             f"training.init_from {init_from} does not exist yet: run the phantom demo first "
             "(python -m keras_livseg.fit), pass --init-from CHECKPOINT, or --init-from none to train from scratch"
         )
-    raise ValueError(f"--init-from {init_from} does not exist; pass a .keras checkpoint, or --init-from none to "
-                     "train from scratch")
+    check_source_exists(Path(init_from).expanduser())  # as the warm start itself reads it
 
 
 def _copy_resume_state(chief_run: Path, scratch: Path) -> None:

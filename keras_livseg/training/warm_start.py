@@ -274,12 +274,17 @@ def weighted_layers(model: keras.Model, prefix: str = "") -> dict[str, keras.Lay
     return keyed
 
 
-def _load_checkpoint(path: Path) -> keras.Model:
+def check_source_exists(path: Path) -> None:
+    """Raise the warm start's one-line error when ``path`` (``~`` expanded by the caller) is missing."""
     if not path.exists():
         raise FileNotFoundError(
             f"warm start source {str(path)!r} does not exist; pass a .keras checkpoint from "
             f"{CHECKPOINT_HINT}."
         )
+
+
+def _load_checkpoint(path: Path) -> keras.Model:
+    check_source_exists(path)
     if path.is_dir():
         kind = "a SavedModel/export folder" if (path / "saved_model.pb").exists() else "a folder"
         raise ValueError(

@@ -191,19 +191,40 @@ def test_refuses_finished_output_without_overwrite(lits_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["preprocessing"]["image_size"] == [16, 16]
 
 
-def test_overwrite_stopped_by_a_bad_case_leaves_the_finished_run_as_it_was(lits_dir, tmp_path):
+def test_overwrite_stopped_by_a_bad_case_leaves_the_finished_run_as_it_was(lits_dir, tmp_path, monkeypatch):
     """--overwrite removes the old run only once every new case has been read: a bad scan in the
     new source stops the run and the old manifest and shards are still there, byte for byte."""
     out = tmp_path / "out"
     prepare_dataset(_options(lits_dir, out))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert "manifest.json" in before and any(".tfrecord" in name for name in before)
-    (lits_dir / "segmentation-4.nii.gz").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="segmentation-4.nii.gz"):
+    (lits_dir / "segmentation-5.nii.gz").write_bytes(b"garbage")  # the last case: 0-4 are done
+    with pytest.raises(DataError, match="segmentation-5.nii.gz"):
         prepare_dataset(_options(lits_dir, out, overwrite=True, image_size=16))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    load_manifest = prepare_module.load_manifest
-    assert load_manifest(out)["preprocessing"]["image_size"] == [32, 32]
+    assert prepare_module.load_manifest(out)["preprocessing"]["image_size"] == [32, 32]
+    # The scan fixed, --resume continues the replacement: only that case is read again.
+    from data_helpers import write_case
+
+    write_case(lits_dir, "5", seed=5, tumor=False)
+    calls, real = [], prepare_module.process_case
+    monkeypatch.setattr(prepare_module, "process_case", lambda f, o, w: (calls.append(f.case_id), real(f, o, w))[1])
+    replaced = prepare_dataset(_options(lits_dir, out, resume=True, image_size=16))
+    assert calls == ["5"] and replaced["preprocessing"]["image_size"] == [16, 16]
+    names = {p.name for p in out.iterdir()}
+    listed = {name for split in replaced["splits"].values() for name in split["shards"]}
+    assert names == listed | {"manifest.json"}  # the old shards are gone, nothing else is left
+
+
+def test_a_fresh_run_leaves_files_it_did_not_write_alone(lits_dir, tmp_path):
+    """Only the shards a replaced run's manifest lists are removed: a foreign shard-like file stays."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-00000-of-00009.tfrecord").write_bytes(b"someone else's")
+    prepare_dataset(_options(lits_dir, out))
+    assert (out / "train-00000-of-00009.tfrecord").read_bytes() == b"someone else's"
+    prepare_dataset(_options(lits_dir, out, overwrite=True, image_size=16))
+    assert (out / "train-00000-of-00009.tfrecord").read_bytes() == b"someone else's"
 
 
 def test_resume_of_a_finished_identical_run_is_success(lits_dir, tmp_path, capsys):

@@ -1021,7 +1021,16 @@ def test_the_demo_checkpoint_missing_says_to_run_the_demo_first(cache_dir, tmp_p
     assert "does not exist yet: run the phantom demo first" in err and "--init-from none" in err
     other = tmp_path / "elsewhere.keras"
     code, _, err = run_cli([*TINY_ARGS, "--runs-dir", str(tmp_path), "--init-from", str(other)])
-    assert code == 2 and f"--init-from {other} does not exist; pass a .keras checkpoint" in err, err[-2000:]
+    assert code == 2 and f"warm start source '{other}' does not exist; pass a .keras checkpoint" in err, err[-2000:]
+
+
+def test_init_from_with_a_home_folder_is_found_as_the_warm_start_finds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ck.keras").write_bytes(b"checked later, by the warm start")
+    fit._check_init_from("~/ck.keras", resume=False)  # exists: no error
+    with pytest.raises(FileNotFoundError, match="warm start source .*missing.keras' does not exist"):
+        fit._check_init_from("~/missing.keras", resume=False)
+    fit._check_init_from("~/missing.keras", resume=True)  # a resumed run restores its own weights
 
 
 def test_init_from_a_checkpoint_sharing_no_layer_is_one_line(cache_dir, tmp_path):
@@ -1039,7 +1048,7 @@ def test_a_volume_normalized_model_with_export_on_is_refused_before_training(cac
                             "--set", "preprocessing.normalization=volume"])
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
     assert "normalization='volume' models cannot be exported" in err and "--no-export" in err
-    assert not list(tmp_path.glob("vol*/checkpoints/*.keras")) and not (tmp_path / "saved_models").exists()
+    assert not list(tmp_path.glob("vol*")) and not (tmp_path / "saved_models").exists()  # refused, nothing left
 
 
 def test_mixed_phantom_cases_always_train_and_are_never_held_out(tmp_path, monkeypatch):
