@@ -117,6 +117,13 @@ def quiet_tensorflow(verbose: bool = False) -> None:
                     sys.stderr.write(line)
 
 
+class _ZeroSpacingNote(logging.Filter):
+    """Drops nibabel's note that it read a zero spacing as 1 (image_zooms refuses such a header)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be non-zero; setting 0 dims to 1" not in record.getMessage()
+
+
 def configure_logging(verbose: bool = False, tensorflow: bool = False) -> None:
     """INFO (or DEBUG) messages to stderr, short format; with ``tensorflow``, load it quietly.
 
@@ -135,12 +142,14 @@ def configure_logging(verbose: bool = False, tensorflow: bool = False) -> None:
     # three-epoch run ("Collective all_reduce tensors: 1 all_reduces, ..." at every step). Its
     # warnings and errors still show; -v shows everything.
     logging.getLogger("tensorflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    # nibabel reports the header fields it repairs on loading ("pixdim[1,2,3] should be non-zero;
-    # setting 0 dims to 1") through a handler of its own and again through ours. The stages check
-    # what matters themselves (a missing spacing is refused, naming the file); -v shows nibabel's.
+    # nibabel reports the header fields it repairs on loading through a handler of its own, and
+    # again through ours: once is enough. Its zero-spacing note ("pixdim[1,2,3] should be non-zero;
+    # setting 0 dims to 1") is dropped unless -v: the stages refuse that header themselves, naming
+    # the file. Its other repairs (an sform code reset, say) still show.
     nibabel_logger = logging.getLogger("nibabel.global")
     nibabel_logger.propagate = False
-    nibabel_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose and not any(isinstance(f, _ZeroSpacingNote) for f in nibabel_logger.filters):
+        nibabel_logger.addFilter(_ZeroSpacingNote())
     # highdicom narrates each DICOM-SEG it builds (nine INFO lines a file); its warnings still show.
     logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if tensorflow:

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from keras_livseg import cli
@@ -157,7 +158,7 @@ def export_trained(config: Mapping[str, Any], result):
     prep, stored = read_preprocessing_json(find_preprocessing_json(result.best_checkpoint))
     target = export_to(result.best_checkpoint, export["out"], prep, version=int(export["version"]) or None,
                                 overwrite=bool(export["overwrite"]),
-                                metadata={"model": config["model"]["name"], "run": str(result.run_dir), **model_record(stored)})
+                                metadata={"model": config["model"]["name"], "run": str(Path(result.run_dir).resolve()), **model_record(stored)})
     return dataclasses.replace(result, export_dir=target)
 
 

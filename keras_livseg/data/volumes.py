@@ -212,7 +212,8 @@ def image_zooms(image: nib.Nifti1Image, source: str | Path = "volume") -> tuple[
     header = image.header
     if isinstance(header, nib.Nifti1Header) and int(header["sform_code"]) == 0:
         raw = _unfixed_pixdim(image)
-        if raw is not None and not all(np.isfinite(z) and z > 1e-6 for z in raw):
+        # A negative pixdim (old Analyze-derived files) nibabel reads as its size: only zero is missing.
+        if raw is not None and not all(np.isfinite(z) and abs(z) > 1e-6 for z in raw):
             raise DataError(
                 f"{source} has voxel spacing {tuple(round(z, 6) for z in raw)} mm in its header (pixdim, and no "
                 "sform); write the scanner's true spacing into the header (e.g. nibabel's "
@@ -428,7 +429,7 @@ def load_case(
         ((512, 512, 3), (0.810547, 0.810547, 1.0))
     """
     image_nii = load_nifti(files.image, "volume", files.series_uid)
-    image_zooms(image_nii, files.image)  # a header without spacing fails before any read
+    zooms = image_zooms(image_nii, files.image)  # a header without spacing fails before any read
     labels = None
     if with_labels and files.label is not None:
         label_nii = load_label_image(files.label, files.image, "segmentation", files.series_uid, image_nii)
@@ -444,7 +445,7 @@ def load_case(
         raise DataError(
             f"{files.image} contains NaN or infinite voxels; replace them (e.g. with -1024 HU) before use"
         )
-    spacing = canonical_spacing(image_nii.affine, image_zooms(image_nii, files.image))
+    spacing = canonical_spacing(image_nii.affine, zooms)
     return Case(
         case_id=files.case_id,
         image=to_canonical(volume, image_nii.affine),

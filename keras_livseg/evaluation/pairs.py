@@ -252,6 +252,9 @@ def run_shards(path: str | Path) -> Path | None:
     A run folder holds ``config.json`` whose ``data.shards`` names the shards (in the cache,
     under a digest of their settings, where a user would not look for them).
 
+    Raises:
+        DataError: the run names shards that are not there any more (or not from here).
+
     Example:
         >>> run_shards("runs/tam_unet-phantom_demo")  # doctest: +SKIP
         PosixPath('.cache/keras_livseg/shards-5c1f0e9a7b2d')
@@ -259,11 +262,30 @@ def run_shards(path: str | Path) -> Path | None:
     path = Path(path)
     if not path.is_dir() or (path / "manifest.json").exists() or not (path / "config.json").is_file():
         return None
+    shards, manifest = _recorded_shards(path)
+    if shards and manifest is None:
+        raise DataError(
+            f"{path} is a fit run whose shards {shards} are not there: run this from the folder fit ran in "
+            "(with KERAS_LIVSEG_CACHE as it was then), or pass the shard folder itself"
+        )
+    return manifest.parent if manifest is not None else None
+
+
+def _recorded_shards(run_dir: Path) -> tuple[str | None, Path | None]:
+    """``(shards as the run's config.json names them, their manifest.json if it is there)``.
+
+    A relative name is read from here, then from the run folder.
+    """
     try:
-        shards = json.loads((path / "config.json").read_text())["data"]["shards"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return Path(shards) if shards and is_manifest(shards) else None
+        shards = (json.loads((run_dir / "config.json").read_text()).get("data") or {}).get("shards")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None, None
+    if not shards:
+        return None, None
+    manifest = Path(shards) if Path(shards).name == "manifest.json" else Path(shards) / "manifest.json"
+    if not manifest.is_absolute() and not manifest.is_file():
+        manifest = run_dir / manifest
+    return str(shards), (manifest if manifest.is_file() else None)
 
 
 def _load_manifest(path: str | Path) -> dict[str, Any]:
@@ -355,20 +377,12 @@ def training_manifest_for_model(model_path: str | Path) -> Path | None:
     exported_by = _exporting_run(model_path) if model_path.is_dir() else None
     if exported_by is not None:  # a SavedModel that fit exported: its run is recorded in it
         run_dir = exported_by
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
+    if not (run_dir / "config.json").is_file():
         return None
-    try:
-        shards = (json.loads(config_path.read_text()).get("data") or {}).get("shards")
-    except (json.JSONDecodeError, AttributeError):
-        logger.warning("%s is not a readable run config; training cases are not checked", config_path)
+    shards, manifest = _recorded_shards(run_dir)
+    if shards is None:
         return None
-    if not shards:
-        return None
-    manifest = Path(shards) if Path(shards).name == "manifest.json" else Path(shards) / "manifest.json"
-    if not manifest.is_absolute() and not manifest.is_file():
-        manifest = run_dir / manifest
-    if not manifest.is_file():
+    if manifest is None:
         logger.warning(
             "the run %s trained on %s, which holds no manifest.json any more; cannot check whether "
             "scored cases were training cases", run_dir, shards,
@@ -381,13 +395,14 @@ def _exporting_run(model_dir: Path) -> Path | None:
     """The run folder a SavedModel (or a base folder of versions) records in its metadata, if any."""
     candidates = [model_dir] + sorted((c for c in model_dir.iterdir() if c.name.isdigit()), key=lambda c: -int(c.name))
     for folder in candidates:
-        record = folder / "assets.extra" / "preprocessing.json"
-        if (folder / "saved_model.pb").is_file() and record.is_file():
-            try:
-                run = json.loads(record.read_text()).get("run")
-            except (json.JSONDecodeError, AttributeError):
-                return None
-            return Path(run) if run else None
+        if not (folder / "saved_model.pb").is_file():
+            continue
+        # The version that is scored (the highest), whatever it records: never an older one's run.
+        try:
+            run = json.loads((folder / "assets.extra" / "preprocessing.json").read_text()).get("run")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+        return Path(run) if run else None
     return None
 
 

@@ -389,3 +389,15 @@ def test_pixdim_alone_gives_the_spacing_when_it_is_set(tmp_path):
     image_path = tmp_path / "volume-0.nii.gz"
     assert image_zooms(nib.load(str(image_path)), image_path) == pytest.approx((0.7, 0.75, 3.0))
     assert sorted(load_case(discover_cases(tmp_path)[0]).spacing) == pytest.approx([0.7, 0.75, 3.0])
+
+
+def test_a_negative_pixdim_is_read_as_its_size_as_nibabel_reads_it(tmp_path):
+    def negative(header):
+        header.set_sform(None, code=0)
+        header.set_qform(None, code=0)
+        header["pixdim"][1:4] = [-0.7, 0.75, 3.0]
+
+    for path in write_case(tmp_path, "0"):
+        _rewrite_header(path, negative)
+    image_path = tmp_path / "volume-0.nii.gz"
+    assert image_zooms(nib.load(str(image_path)), image_path) == pytest.approx((0.7, 0.75, 3.0))

@@ -456,6 +456,9 @@ def test_evaluate_model_on_a_shard_split_flags_its_own_training_cases(folders, t
     by_run = evaluate_model(run / "checkpoints" / "last.keras", run, tmp_path / "eval3", split="test",
                             sample_voxels=0, progress=False, figures=False)
     assert by_run["cases"] == ["2"] and by_run["split"] == "test" and not by_run["scored_training_cases"]
+    (run / "config.json").write_text(json.dumps({"data": {"shards": str(tmp_path / "cleared-cache" / "shards-1")}}))
+    with pytest.raises(DataError, match=r"run is a fit run whose shards .*cleared-cache/shards-1 are not there"):
+        evaluate_model(run / "checkpoints" / "last.keras", run, tmp_path / "eval4", split="test", progress=False)
 
 
 def test_an_exported_saved_model_leads_back_to_its_runs_training_manifest(folders, tmp_path):
@@ -476,6 +479,9 @@ def test_an_exported_saved_model_leads_back_to_its_runs_training_manifest(folder
     assert training_manifest_for_model(base) == shards / "manifest.json"  # the highest version's run
     assert training_manifest_for_model(base / "2") == shards / "manifest.json"
     assert training_manifest_for_model(base / "1") is None  # exported without a run: nothing to check
+    (base / "3").mkdir()
+    (base / "3" / "saved_model.pb").write_bytes(b"")  # the newest export records nothing: not version 2's run
+    assert training_manifest_for_model(base) is None
 
 
 def test_evaluate_model_scores_an_ensemble_and_flags_its_members_training_cases(folders, tmp_path):

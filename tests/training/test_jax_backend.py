@@ -43,4 +43,4 @@ def test_fit_on_jax_trains_scores_and_exports(tmp_path, jax_env):
     # The SavedModel, written by a TensorFlow-backend process from the backend-neutral checkpoint.
     assert (tmp_path / "models" / "1" / "saved_model.pb").is_file()
     extra = json.loads((tmp_path / "models" / "1" / "assets.extra" / "preprocessing.json").read_text())
-    assert extra["model"] == "unet" and extra["run"] == str(run)
+    assert extra["model"] == "unet" and extra["run"] == str(run.resolve())  # found from any folder
