@@ -128,14 +128,15 @@ def test_zero_spacing_in_a_header_is_one_clear_error(tmp_path):
 def test_cli_refuses_a_header_without_spacing_in_one_line(lits_dir, tmp_path, capsys, strip_spacing):
     strip_spacing(lits_dir / "volume-3.nii.gz")  # nibabel alone would read it as 1 mm voxels
     code = prepare_cli.main(["--src", str(lits_dir), "--out", str(tmp_path / "out"), "--image-size", "32",
-                             "--no-progress"])
+                             "--workers", "1", "--no-progress"])  # no worker processes forked from pytest's
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("prepare: error: ") and "volume-3.nii.gz has voxel spacing (0.0, 0.0, 0.0) mm" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
     # In a process of its own, where nibabel's own handler writes to the real stderr: still one line.
     done = subprocess.run([sys.executable, "-m", "keras_livseg.prepare", "--src", str(lits_dir), "--out",
-                           str(tmp_path / "out2"), "--image-size", "32", "--no-progress"], capture_output=True, text=True)
+                           str(tmp_path / "out2"), "--image-size", "32", "--no-progress"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "nibabel.global" not in done.stderr and "setting 0 dims" not in done.stderr, done.stderr
     assert [line for line in lines if not line.startswith("I ")] == [lines[-1]]  # progress lines, then the error
