@@ -392,18 +392,20 @@ def training_manifest_for_model(model_path: str | Path) -> Path | None:
 
 
 def _exporting_run(model_dir: Path) -> Path | None:
-    """The run folder a SavedModel (or a base folder of versions) records in its metadata, if any."""
-    candidates = [model_dir] + sorted((c for c in model_dir.iterdir() if c.name.isdigit()), key=lambda c: -int(c.name))
-    for folder in candidates:
-        if not (folder / "saved_model.pb").is_file():
-            continue
-        # The version that is scored (the highest), whatever it records: never an older one's run.
-        try:
-            run = json.loads((folder / "assets.extra" / "preprocessing.json").read_text()).get("run")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return None
-        return Path(run) if run else None
-    return None
+    """The run folder a SavedModel (or a base folder of versions) records in its metadata, if any.
+
+    Read from the version that is scored, the one predict loads: never an older version's run.
+    """
+    from keras_livseg.inference.predictor import saved_model_dir  # only for a model: TensorFlow is loaded anyway
+
+    folder = saved_model_dir(model_dir, announce=False)
+    if folder is None:
+        return None
+    try:
+        run = json.loads((folder / "assets.extra" / "preprocessing.json").read_text()).get("run")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return Path(run) if run else None
 
 
 def find_training_cases(

@@ -103,7 +103,7 @@ def _pick_cases(rows: Sequence[Mapping[str, Any]], per_side: int) -> list[tuple[
 
     order = sorted(range(len(rows)), key=lambda i: score(rows[i]))
     # Fewer cases than both sides want: share them, the odd one to "best" (two cases: one each).
-    best = list(reversed(order))[: per_side if len(rows) >= 2 * per_side else min(per_side, (len(rows) + 1) // 2)]
+    best = list(reversed(order))[: min(per_side, (len(rows) + 1) // 2)]
     worst = [i for i in order[:per_side] if i not in best]
     return [("best", i) for i in best] + [("worst", i) for i in worst]
 

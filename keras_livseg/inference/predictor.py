@@ -125,7 +125,7 @@ class SegmentationModel:
         if path.is_file() and path.suffix == ".keras":
             return cls._load_keras(path, preprocessing)
         if path.is_dir():
-            saved_model = _saved_model_dir(path)
+            saved_model = saved_model_dir(path)
             if saved_model is not None:
                 return cls._load_saved_model(saved_model, preprocessing)
         raise ValueError(
@@ -396,8 +396,11 @@ def stored_tta_flips(model_path: str | Path) -> tuple[str, ...] | None:
     return tuple(f for f in FLIPS if f in entry)
 
 
-def _saved_model_dir(path: Path) -> Path | None:
-    """``path`` itself when it is a SavedModel, else its highest numbered version, else None."""
+def saved_model_dir(path: Path, announce: bool = True) -> Path | None:
+    """``path`` itself when it is a SavedModel, else its highest numbered version, else None.
+
+    ``announce`` logs which version of several is used (once, where the model is loaded).
+    """
     if (path / "saved_model.pb").is_file():
         return path
     versions = [
@@ -407,7 +410,8 @@ def _saved_model_dir(path: Path) -> Path | None:
     if not versions:
         return None
     chosen = max(versions, key=lambda child: int(child.name))
-    logger.info("%s: using version %s of %d", path, chosen.name, len(versions))
+    if announce:
+        logger.info("%s: using version %s of %d", path, chosen.name, len(versions))
     return chosen
 
 

@@ -412,7 +412,7 @@ def ensure_data(config: dict) -> Path:
         # resume=True: an interrupted earlier preparation of the same data continues where it stopped.
         started = time.perf_counter()
         prepare_in_fresh_process(PrepareOptions(out=local, resume=True, **prep_keys))
-        logger.info("prepared the shards in %s in %.0f s", out, time.perf_counter() - started)
+        logger.info("prepared the shards %s (%.0f s)", out, time.perf_counter() - started)
     return local
 
 
